@@ -1,0 +1,339 @@
+"""Corpora (built-in python-docs, local files, Hugging Face datasets), tokenise, pack, split."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import inspect
+import io
+import json
+import logging
+import pkgutil
+import re
+import sys
+import warnings
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from compactlm.errors import CompactLMError
+
+log = logging.getLogger(__name__)
+
+PYTHON_DOCS = "python-docs"
+FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
+MIN_DOC_CHARS = 200  # python-docs: shorter topics/docstrings are dropped
+TXT_DOC_CHARS = 2000  # .txt: paragraphs are merged into documents of at least this many characters
+_HASH_BUCKETS = 10_000
+# Never imported for python-docs: GUI, side effects on import or on the terminal, tests, slow shims.
+_SKIP_MODULES = frozenset({
+    "antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "lib2to3", "test", "tests",
+    "idle_test", "distutils", "readline", "rlcompleter", "pydoc_data", "ensurepip", "venv", "site",
+    "sitecustomize", "usercustomize",
+})
+_PATH_LIKE_SUFFIXES = FILE_SUFFIXES + (".json", ".csv", ".tsv", ".gz", ".md", ".arrow")
+
+
+# ---------------------------------------------------------------- loading
+
+def load_texts(source: str, *, text_field: str = "text", split: str = "train",
+               max_chars: int | None = None) -> list[str]:
+    """Documents from "python-docs", a .txt/.jsonl/.parquet file or folder, or a HF dataset ("name[:config]")."""
+    if max_chars is not None and max_chars < 1:
+        raise CompactLMError(f"max_chars must be a positive number of characters, got {max_chars}")
+    path = Path(source).expanduser()
+    if source == PYTHON_DOCS:
+        docs: Iterable[str] = _python_docs()
+    elif path.exists():
+        docs = _dir_docs(path, text_field) if path.is_dir() else _file_docs(path, text_field)
+    elif source.startswith(("/", ".", "~")) or path.suffix.lower() in _PATH_LIKE_SUFFIXES:
+        raise CompactLMError(f"data file not found: {source}")
+    else:
+        docs = _hub_docs(source, text_field, split)
+    texts = _prefix(docs, max_chars)
+    if not texts:
+        raise CompactLMError(f"no non-empty text in data source {source} (field '{text_field}')")
+    log.info("loaded %d documents, %d characters from %s", len(texts), sum(map(len, texts)), source)
+    return texts
+
+
+def _prefix(docs: Iterable[str], max_chars: int | None) -> list[str]:
+    """Non-blank documents in order, cut so that their total length is at most max_chars."""
+    texts, total = [], 0
+    for doc in docs:
+        if not doc.strip():
+            continue
+        if max_chars is not None and total + len(doc) >= max_chars:
+            texts.append(doc[: max_chars - total])
+            break
+        texts.append(doc)
+        total += len(doc)
+    return texts
+
+
+def _dir_docs(folder: Path, text_field: str) -> Iterator[str]:
+    """Documents of every supported file under folder, in sorted path order."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in FILE_SUFFIXES
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    if not files:
+        raise CompactLMError(f"no {'/'.join(FILE_SUFFIXES)} files in data folder {folder}")
+    for file in files:
+        yield from _file_docs(file, text_field)
+
+
+def _file_docs(path: Path, text_field: str) -> Iterator[str]:
+    """Documents of one .txt/.jsonl/.parquet file."""
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        return iter(_txt_docs(path))
+    if suffix == ".jsonl":
+        return _jsonl_docs(path, text_field)
+    if suffix == ".parquet":
+        return _parquet_docs(path, text_field)
+    raise CompactLMError(f"unsupported data file extension '{path.suffix}' in {path} "
+                         f"(use {', '.join(FILE_SUFFIXES)}, a folder of them, or a dataset name)")
+
+
+def _txt_docs(path: Path) -> list[str]:
+    """Paragraphs (split at blank lines) merged into documents of at least TXT_DOC_CHARS characters."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CompactLMError(f"{path} is not UTF-8 text (byte {e.start})") from None
+    docs, current = [], []
+    size = 0
+    for paragraph in re.split(r"\n[ \t\r\f\v]*\n", text):
+        paragraph = paragraph.strip("\n")
+        if not paragraph.strip():
+            continue
+        current.append(paragraph)
+        size += len(paragraph) + 2
+        if size >= TXT_DOC_CHARS:
+            docs.append("\n\n".join(current))
+            current, size = [], 0
+    if current:  # a short tail joins the previous document
+        tail = "\n\n".join(current)
+        docs[-1:] = [docs[-1] + "\n\n" + tail] if docs else [tail]
+    return docs
+
+
+def _jsonl_docs(path: Path, text_field: str) -> Iterator[str]:
+    """The text_field of every JSON object, one per line."""
+    with path.open(encoding="utf-8", errors="strict") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CompactLMError(f"{path}:{lineno}: corrupt JSON line ({e.msg})") from None
+            if not isinstance(record, dict) or text_field not in record:
+                raise CompactLMError(f"{path}:{lineno}: no field '{text_field}' in JSON line")
+            value = record[text_field]
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                raise CompactLMError(f"{path}:{lineno}: field '{text_field}' is {type(value).__name__}, "
+                                     "not a string")
+            yield value
+
+
+def _parquet_docs(path: Path, text_field: str) -> Iterator[str]:
+    """The text_field column of a parquet file, read in batches."""
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for a corrupt file
+        raise CompactLMError(f"cannot read parquet file {path}: {_one_line(e)}") from None
+    if text_field not in parquet.schema_arrow.names:
+        raise CompactLMError(f"{path}: no column '{text_field}' (columns: {parquet.schema_arrow.names})")
+    for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
+        for value in batch.column(0).to_pylist():
+            if value is not None:
+                yield str(value)
+
+
+def _hub_docs(source: str, text_field: str, split: str) -> Iterator[str]:
+    """The text_field column of a Hugging Face dataset split; source is "name" or "name:config"."""
+    import datasets
+
+    name, _, config = source.partition(":")
+    try:
+        dataset = datasets.load_dataset(name, config or None, split=split)
+    except Exception as e:  # offline, unknown name, unknown split or config: all one-line errors
+        raise CompactLMError(f"cannot load dataset '{source}' split '{split}' (not a local file, offline "
+                             f"or not found): {_one_line(e)}") from None
+    if text_field not in dataset.column_names:
+        raise CompactLMError(f"dataset '{source}' has no column '{text_field}' "
+                             f"(columns: {dataset.column_names})")
+    for batch in dataset.select_columns([text_field]).iter(batch_size=1024):
+        for value in batch[text_field]:
+            if value is not None:
+                yield str(value)
+
+
+def _one_line(error: Exception, limit: int = 200) -> str:
+    """First line of an exception's message, shortened."""
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0] if lines else ''}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ---------------------------------------------------------------- python-docs
+
+def _python_docs() -> list[str]:
+    """A copy of the cached python-docs corpus (so callers may mutate it)."""
+    return list(_python_docs_cached())
+
+
+@functools.lru_cache(maxsize=1)
+def _python_docs_cached() -> tuple[str, ...]:
+    """pydoc topics then stdlib docstrings (modules, public classes, their methods, functions), deduplicated."""
+    from pydoc_data.topics import topics
+
+    docs = [topics[key] for key in sorted(topics)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        seen: set[int] = set()
+        for module in _stdlib_modules():
+            docs.extend(_module_docstrings(module, seen))
+    unique = dict.fromkeys(doc.strip() for doc in docs)
+    return tuple(doc for doc in unique if len(doc) >= MIN_DOC_CHARS)
+
+
+def _stdlib_modules() -> list:
+    """Public stdlib modules and submodules that import cleanly, in sorted depth-first name order."""
+    modules = []
+
+    def visit(name: str) -> None:
+        if any(part.startswith("_") or part in _SKIP_MODULES for part in name.split(".")):
+            return
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                module = importlib.import_module(name)
+        except BaseException:  # noqa: BLE001 - platform-specific modules fail here (winreg, ...); skip
+            return
+        modules.append(module)
+        for sub in sorted(info.name for info in pkgutil.iter_modules(getattr(module, "__path__", []) or [])):
+            visit(f"{name}.{sub}")
+
+    for name in sorted(sys.stdlib_module_names):
+        visit(name)
+    return modules
+
+
+def _module_docstrings(module, seen: set[int]) -> list[str]:
+    """Docstrings of a module, its public classes (and their methods) and functions not seen before."""
+    docs = []
+
+    def add(obj) -> None:
+        if id(obj) not in seen:
+            seen.add(id(obj))
+            doc = getattr(obj, "__doc__", None)
+            if isinstance(doc, str):
+                docs.append(inspect.cleandoc(doc))
+
+    add(module)
+    namespace = vars(module)
+    for name in sorted(namespace):
+        obj = namespace[name]
+        if name.startswith("_"):
+            continue
+        if inspect.isclass(obj):
+            add(obj)
+            members = vars(obj)
+            for member in sorted(members):
+                attr = members[member]
+                if isinstance(attr, (staticmethod, classmethod)):
+                    attr = attr.__func__
+                if inspect.isroutine(attr) or isinstance(attr, property):
+                    add(attr)
+        elif inspect.isroutine(obj):
+            add(obj)
+    return docs
+
+
+# ---------------------------------------------------------------- splits
+
+@dataclass(frozen=True, eq=False)  # eq=False: comparing tensors element-wise has no single truth value
+class Splits:
+    """Packed token rows for calibration (a sample of train), training and validation."""
+
+    calib: torch.Tensor  # (N_calib, seq_len) int64
+    train: torch.Tensor  # (N_train, seq_len) int64
+    val: torch.Tensor  # (N_val, seq_len) int64
+
+
+def doc_hash(text: str) -> int:
+    """Stable bucket in [0, 10_000) of a document: zlib.crc32 of its UTF-8 bytes."""
+    return zlib.crc32(text.encode("utf-8")) % _HASH_BUCKETS
+
+
+def assign_val(texts: list[str], val_fraction: float) -> list[bool]:
+    """Per document: True if it belongs to validation (by doc_hash only; never depends on seed or seq_len)."""
+    if not 0.0 < val_fraction < 1.0:
+        raise CompactLMError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    hashes = [doc_hash(t) for t in texts]
+    is_val = [h < val_fraction * _HASH_BUCKETS for h in hashes]
+    if len(texts) >= 2 and not any(is_val):  # smallest hash goes to val (first one on ties)
+        is_val[min(range(len(texts)), key=lambda i: hashes[i])] = True
+    if len(texts) >= 2 and all(is_val):  # largest hash goes back to train
+        is_val[max(range(len(texts)), key=lambda i: hashes[i])] = False
+    return is_val
+
+
+def make_splits(texts: list[str], tokenizer, seq_len: int, *, val_fraction: float = 0.05,
+                calib_sequences: int = 128, seed: int = 0) -> Splits:
+    """Split documents by hash into train/val, tokenise, pack into (N, seq_len) rows; calib samples train."""
+    if seq_len < 1:
+        raise CompactLMError(f"seq_len must be >= 1, got {seq_len}")
+    if calib_sequences < 0:
+        raise CompactLMError(f"calib_sequences must be >= 0, got {calib_sequences}")
+    if not any(t.strip() for t in texts):
+        raise CompactLMError("no non-empty text to split into train and validation")
+    is_val = assign_val(texts, val_fraction)
+    val = _pack(_token_stream([t for t, v in zip(texts, is_val) if v], tokenizer), seq_len, "validation")
+    train = _pack(_token_stream([t for t, v in zip(texts, is_val) if not v], tokenizer), seq_len, "train")
+    generator = torch.Generator().manual_seed(seed)
+    keep = torch.randperm(len(train), generator=generator)[:calib_sequences].sort().values
+    log.info("splits: %d train, %d val, %d calib rows of %d tokens", len(train), len(val), len(keep), seq_len)
+    return Splits(calib=train[keep], train=train, val=val)
+
+
+def _token_stream(texts: list[str], tokenizer) -> torch.Tensor:
+    """(T,) int64 ids of all documents concatenated, each followed by eos when the tokenizer has one."""
+    if not texts:
+        return torch.zeros(0, dtype=torch.long)
+    ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+    eos = getattr(tokenizer, "eos_token_id", None)
+    flat: list[int] = []
+    for doc in ids:
+        flat.extend(doc)
+        if eos is not None:
+            flat.append(eos)
+    return torch.tensor(flat, dtype=torch.long)
+
+
+def _pack(stream: torch.Tensor, seq_len: int, split: str) -> torch.Tensor:
+    """(N, seq_len) rows of a token stream; the remainder shorter than seq_len is dropped."""
+    rows = len(stream) // seq_len
+    if rows == 0:
+        raise CompactLMError(f"{split} split has {len(stream)} tokens, fewer than seq_len={seq_len}: "
+                             "use more text, a smaller seq_len or a larger val_fraction")
+    return stream[: rows * seq_len].view(rows, seq_len)
+
+
+def batches(tokens: torch.Tensor, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """In-order batches {"input_ids", "attention_mask"}, each (B, S) long; the last may be smaller."""
+    if batch_size < 1:
+        raise CompactLMError(f"batch_size must be >= 1, got {batch_size}")
+    if tokens.dim() != 2:
+        raise CompactLMError(f"token rows must be 2-D (N, seq_len), got shape {tuple(tokens.shape)}")
+    for start in range(0, len(tokens), batch_size):
+        input_ids = tokens[start: start + batch_size].long()
+        yield {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}

@@ -1,0 +1,221 @@
+"""Distillation losses as pure functions (METHOD.md section 5).
+
+`kd_loss` is the memory-efficient logit loss: it never materialises full-size logits. It walks the tokens in
+chunks, computes student and teacher logits of one chunk from the final hidden states and the lm_head
+weights, adds the chunk's loss, and computes the chunk's gradient wrt the student hidden states and head
+right away (as Liger-Kernel's fused linear cross-entropy does). Backward only scales the stored gradients.
+
+Definitions (T = temperature, p = softmax(teacher_logits / T), q = softmax(student_logits / T)):
+
+    kl[i]   = T^2 * sum_v p[i,v] * (log p[i,v] - log q[i,v])      # forward KL(teacher || student), Hinton's T^2
+    ce[i]   = -log softmax(student_logits[i])[labels[i]]          # at temperature 1, not T
+    loss    = sum_{mask[i]=1} kl[i] / n_mask + ce_weight * sum_{mask[i]=1, labels[i]!=-100} ce[i] / n_ce
+
+The T^2 factor keeps the gradient scale independent of T (the gradient wrt the logits is T * (q - p)).
+`labels` are already aligned with the positions (labels[i] is the token that position i predicts, i.e.
+shifted by the caller), -100 ignored. Token positions with mask == 0 contribute nothing to loss or grads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from compactlm.errors import CompactLMError
+
+IGNORE_INDEX = -100
+
+__all__ = ["kd_loss", "kd_loss_reference", "cosine_loss", "dynamic_alpha", "default_layer_map", "IGNORE_INDEX"]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half types, else the input dtype (float64 stays float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _logits(hidden: Tensor, head: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """(c, H) @ (V, H).T in the inputs' own dtype (as the model's lm_head does), upcast -> (c, V) `dtype`."""
+    out = F.linear(hidden, head, bias)
+    return out.to(dtype)
+
+
+def _chunk_loss_and_grad(
+    s: Tensor, t: Tensor, labels: Tensor | None, temperature: float, kl_scale: float, ce_scale: float,
+    need_grad: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """Loss sum of one chunk and its gradient wrt the student logits s (c, V); t is overwritten in place."""
+    inv_t = 1.0 / temperature
+    log_q = torch.log_softmax(s * inv_t if temperature != 1.0 else s, dim=-1)  # (c, V)
+    log_p = t.mul_(inv_t) if temperature != 1.0 else t
+    log_p = log_p.sub_(torch.logsumexp(log_p, dim=-1, keepdim=True))  # in place: (c, V) log p
+    diff = log_p - log_q  # (c, V)
+    p = log_p.exp_()  # in place: t now holds p
+    loss = diff.mul_(p).sum() * kl_scale
+    del diff
+    log_q_ce = None
+    if ce_scale:
+        log_q_ce = log_q if temperature == 1.0 else torch.log_softmax(s, dim=-1)
+        valid = labels != IGNORE_INDEX
+        rows = valid.nonzero().squeeze(1)
+        loss = loss - log_q_ce[rows, labels[rows]].sum() * ce_scale
+    if not need_grad:
+        return loss, None
+    # d kl_scale*T^2*KL / ds = kl_scale * T * (q - p)
+    grad = log_q.exp_().sub_(p).mul_(kl_scale * temperature)  # reuses log_q's storage
+    if ce_scale:
+        q1 = grad.div_(kl_scale * temperature).add_(p) if temperature == 1.0 else log_q_ce.exp_()
+        ce_grad = q1 if temperature != 1.0 else None
+        if temperature == 1.0:  # grad currently holds q: rebuild both terms from it
+            ce_grad = q1.clone()
+            grad = q1.sub_(p).mul_(kl_scale * temperature)
+        ce_grad[rows, labels[rows]] -= 1.0
+        ce_grad[~valid] = 0.0
+        grad.add_(ce_grad, alpha=ce_scale)
+    return loss, grad
+
+
+class _ChunkedKD(torch.autograd.Function):
+    """Forward computes loss and grads chunk by chunk; backward scales the stored grads by grad_output."""
+
+    @staticmethod
+    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, rows, labels, temperature, ce_weight, chunk):  # noqa: D102
+        need_grad = any(ctx.needs_input_grad[:3])
+        dtype = _compute_dtype(h_s.dtype)
+        n_kl = max(int(rows.numel()), 1)
+        n_ce = max(int((labels != IGNORE_INDEX).sum()), 1) if ce_weight else 1
+        kl_scale, ce_scale = 1.0 / n_kl, (ce_weight / n_ce if ce_weight else 0.0)
+        loss = torch.zeros((), dtype=dtype, device=h_s.device)
+        grad_h = torch.zeros_like(h_s) if need_grad else None  # (N, H_s), input dtype
+        grad_w = torch.zeros(w_s.shape, dtype=dtype, device=w_s.device) if need_grad else None  # fp32 accum
+        grad_b = torch.zeros(b_s.shape, dtype=dtype, device=b_s.device) if need_grad and b_s is not None else None
+        for start in range(0, rows.numel(), chunk):
+            idx = rows[start:start + chunk]  # (c,) token positions
+            hs_c = h_s.index_select(0, idx)  # (c, H_s)
+            s = _logits(hs_c, w_s, b_s, dtype)  # (c, V)
+            t = _logits(h_t.index_select(0, idx), w_t, b_t, dtype)  # (c, V)
+            lab = labels.index_select(0, idx) if ce_weight else None
+            part, g = _chunk_loss_and_grad(s, t, lab, temperature, kl_scale, ce_scale, need_grad)
+            loss += part
+            del s, t
+            if g is None:
+                continue
+            g = g.to(h_s.dtype)  # (c, V)
+            grad_h.index_copy_(0, idx, g @ w_s)  # (c, H_s)
+            grad_w.add_(g.t() @ hs_c)  # (V, H_s)
+            if grad_b is not None:
+                grad_b.add_(g.sum(0))
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (w_s.dtype, None if b_s is None else b_s.dtype)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):  # noqa: D102
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        scale = None if torch.equal(grad_out, torch.ones_like(grad_out)) else grad_out
+        out = []
+        for g, dt in ((grad_h, grad_h.dtype if grad_h is not None else None), (grad_w, ctx.dtypes[0]),
+                      (grad_b, ctx.dtypes[1])):
+            if g is not None:
+                g = (g * scale.to(g.dtype) if scale is not None else g).to(dt)
+            out.append(g)
+        return (*out, None, None, None, None, None, None, None, None)
+
+
+def _flat(x: Tensor, width: int | None) -> Tensor:
+    """Flatten leading dims: (..., W) -> (N, W), or (...) -> (N,) when width is None."""
+    return x.reshape(-1) if width is None else x.reshape(-1, width)
+
+
+def kd_loss(
+    student_hidden: Tensor, student_head: Tensor, teacher_hidden: Tensor, teacher_head: Tensor, mask: Tensor,
+    *, student_bias: Tensor | None = None, teacher_bias: Tensor | None = None, temperature: float = 1.0,
+    ce_weight: float = 0.0, labels: Tensor | None = None, chunk_tokens: int = 256,
+) -> Tensor:
+    """Chunked KL(teacher||student)*T^2 (+ ce_weight*CE): hidden (..., H_s)/(..., H_t) after the final norm,
+    heads (V, H_s)/(V, H_t), mask and labels (...); scalar in float32 (float64 for float64 inputs).
+
+    Peak extra memory is a few (chunk_tokens, V) float32 buffers plus one (V, H_s) float32 gradient
+    accumulator. Teacher inputs are constants (no grad). A tied student head receives its gradient through
+    the Parameter passed as `student_head`. Matmuls run in the inputs' dtype (bf16 on GPU uses tensor
+    cores); softmax, KL, CE and the head-gradient accumulation run in float32; grads come back in the
+    dtype of each input.
+    """
+    hs, ht = student_hidden.shape[-1], teacher_hidden.shape[-1]
+    if student_head.shape[0] != teacher_head.shape[0]:
+        raise CompactLMError(f"kd_loss: student vocab {student_head.shape[0]} != teacher vocab {teacher_head.shape[0]}")
+    if student_head.shape[1] != hs or teacher_head.shape[1] != ht:
+        raise CompactLMError("kd_loss: lm_head width does not match the hidden states' last dim")
+    if temperature <= 0 or chunk_tokens < 1:
+        raise CompactLMError(f"kd_loss: need temperature > 0 and chunk_tokens >= 1, got {temperature}, {chunk_tokens}")
+    if ce_weight and labels is None:
+        raise CompactLMError("kd_loss: ce_weight > 0 needs labels")
+    h_s, h_t, m = _flat(student_hidden, hs), _flat(teacher_hidden, ht).detach(), _flat(mask, None)
+    if not (h_s.shape[0] == h_t.shape[0] == m.shape[0]):
+        raise CompactLMError("kd_loss: student hidden, teacher hidden and mask cover different token counts")
+    rows = m.nonzero().squeeze(1)  # (n,) positions with mask != 0
+    lab = _flat(labels, None).to(torch.long) if labels is not None else torch.empty(0, dtype=torch.long)
+    lab = lab.to(h_s.device)
+    tb = teacher_bias.detach() if teacher_bias is not None else None
+    return _ChunkedKD.apply(h_s, student_head, student_bias, h_t, teacher_head.detach(), tb, rows, lab,
+                            float(temperature), float(ce_weight), int(chunk_tokens))
+
+
+def kd_loss_reference(
+    student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, temperature: float = 1.0,
+    ce_weight: float = 0.0, labels: Tensor | None = None,
+) -> Tensor:
+    """Plain full-logit version of `kd_loss` (tests, benchmark): logits (..., V), mask/labels (...); scalar."""
+    v = student_logits.shape[-1]
+    s, t = student_logits.reshape(-1, v).float(), teacher_logits.reshape(-1, v).float()
+    m = mask.reshape(-1).to(s.dtype)
+    log_q = F.log_softmax(s / temperature, dim=-1)
+    log_p = F.log_softmax(t / temperature, dim=-1)
+    kl = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)  # (N,)
+    loss = (kl * m).sum() / m.sum().clamp_min(1) * temperature**2
+    if ce_weight:
+        lab = labels.reshape(-1).masked_fill(m == 0, IGNORE_INDEX)
+        ce = F.cross_entropy(s, lab, ignore_index=IGNORE_INDEX, reduction="sum")
+        loss = loss + ce_weight * ce / (lab != IGNORE_INDEX).sum().clamp_min(1)
+    return loss
+
+
+def cosine_loss(student_states: Tensor, teacher_states: Tensor, mask: Tensor) -> Tensor:
+    """Mean over mask==1 tokens of 1 - cos(s, t): states (..., H) at teacher width, mask (...); fp32 scalar."""
+    cos = F.cosine_similarity(student_states.float(), teacher_states.float(), dim=-1, eps=1e-8)  # (...)
+    m = mask.to(cos.dtype)
+    return ((1.0 - cos) * m).sum() / m.sum().clamp_min(1)
+
+
+def dynamic_alpha(logit_loss: Tensor, intermediate_loss: Tensor) -> Tensor:
+    """alpha = L_logits / L_intermediate, detached; 0 when L_intermediate == 0 (then alpha*L_int stays 0)."""
+    num, den = logit_loss.detach(), intermediate_loss.detach()
+    positive = den > 0
+    return torch.where(positive, num / torch.where(positive, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+def default_layer_map(
+    student_layers: int, teacher_layers: int, pairs: Sequence[tuple[int, int]] | None = None,
+) -> list[tuple[int, int]]:
+    """(student, teacher) indices into HF `output_hidden_states`: [(L_s-2, L_t-2)] unless `pairs` is given.
+
+    Index 0 is the embedding output and index i the output of block i counting from 1, so L-2 is the block
+    two before the last. Explicit `pairs` (e.g. from YAML `[[0, 0], [10, 28]]`; (0, 0) is the
+    embedding-output loss) are validated against 0 <= i <= layers - 1 and returned as tuples.
+    """
+    if pairs is None:
+        if student_layers < 2 or teacher_layers < 2:
+            raise CompactLMError(f"layer_map: need >= 2 layers, got student {student_layers}, teacher {teacher_layers}")
+        return [(student_layers - 2, teacher_layers - 2)]
+    out = []
+    for pair in pairs:
+        if len(pair) != 2 or not all(isinstance(i, int) for i in pair):
+            raise CompactLMError(f"layer_map: pair {pair!r} is not two integers")
+        s, t = pair
+        if not (0 <= s < student_layers and 0 <= t < teacher_layers):
+            raise CompactLMError(f"layer_map: pair {pair!r} out of range for {student_layers}/{teacher_layers} layers")
+        out.append((s, t))
+    return out

@@ -1,0 +1,47 @@
+"""Importance scores: one record per model, saved to disk and reused for any number of pruning targets."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from compactlm.errors import CompactLMError
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Higher means more important. Width scores are float32; layer metrics map a name to (layers,)."""
+
+    hidden: torch.Tensor  # (hidden,) one global ranking of residual channels
+    heads: torch.Tensor  # (layers, heads) query heads, ranked within their layer
+    ffn: torch.Tensor  # (layers, ffn) MLP neurons, ranked within their layer
+    layers: dict[str, torch.Tensor] = field(default_factory=dict)  # metric -> (layers,)
+    meta: dict[str, str] = field(default_factory=dict)  # method, aggregation, model, ...
+
+    def save(self, path: str | Path) -> None:
+        """Write scores as safetensors with the metadata in the header."""
+        tensors = {"hidden": self.hidden, "heads": self.heads, "ffn": self.ffn}
+        tensors |= {f"layers.{k}": v for k, v in self.layers.items()}
+        tensors = {k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}
+        save_file(tensors, str(path), metadata={"meta": json.dumps(self.meta, sort_keys=True)})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Scores":
+        """Read scores written by `save`."""
+        path = Path(path)
+        if not path.is_file():
+            raise CompactLMError(f"scores file {path} does not exist")
+        try:
+            tensors = load_file(str(path))
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+        except Exception as e:  # safetensors raises several types for a corrupt file
+            raise CompactLMError(f"scores file {path} is corrupt: {str(e).splitlines()[0]}") from None
+        layers = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("layers.")}
+        return cls(tensors["hidden"], tensors["heads"], tensors["ffn"], layers, meta)

@@ -1,0 +1,217 @@
+"""Model families as data: where each family keeps its weights, and what every weight's axes mean.
+
+One `Family` record per architecture. Surgery, importance hooks and config edits read these records and
+never sniff module names. Axis labels used in `layer_params` / `global_params`:
+
+- "hidden": a residual-stream channel (one global keep shared by every layer)
+- "ffn":    an MLP neuron (each layer keeps its own)
+- "q":      a query/attention-output channel, heads * head_dim, sliced in head_dim blocks
+- "kv":     a key/value channel, kv_heads * head_dim
+- "qkv":    a fused [q | k | v] axis (GPT-2's c_attn)
+- None:     an axis that pruning never touches (vocabulary, positions, head_dim of q/k norms)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from compactlm.errors import CompactLMError
+
+Axes = tuple[str | None, ...]
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The shape of a model: what a pruning target names and the parameter count depends on."""
+
+    hidden: int
+    ffn: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    layers: int
+    vocab: int
+
+    @property
+    def groups(self) -> int:
+        """Query heads per KV group."""
+        return self.heads // self.kv_heads
+
+
+@dataclass(frozen=True)
+class Family:
+    """Everything compactlm needs to know about one Hugging Face model family."""
+
+    name: str
+    model_types: tuple[str, ...]
+    base_path: str  # the decoder without the LM head: returns last_hidden_state (after the final norm)
+    layers_path: str
+    embed_path: str
+    lm_head_path: str
+    final_norm_path: str
+    attn_out_path: str  # per layer: module whose *input* is the attention output before its projection
+    mlp_out_path: str  # per layer: module whose *input* is the post-activation MLP neurons
+    norm_paths: tuple[str, str]  # per layer: pre-attention and pre-MLP norms
+    layer_params: dict[str, Axes]  # per layer, suffix after "<layers_path>.<i>."
+    global_params: dict[str, Axes]
+    keys: dict[str, str]  # Dims field -> config attribute
+    explicit_head_dim: bool  # config has a head_dim key (False: head_dim = hidden / heads)
+    hidden_divisible_by_heads: bool  # the config class rejects hidden % heads != 0
+    gated_mlp: bool = True
+
+    def dims(self, config) -> Dims:
+        """Read a config's shape."""
+        get = lambda field: getattr(config, self.keys[field]) if field in self.keys else None  # noqa: E731
+        hidden, heads = get("hidden"), get("heads")
+        ffn = get("ffn") or 4 * hidden  # GPT-2's n_inner=None means 4 * n_embd
+        head_dim = (get("head_dim") if self.explicit_head_dim else None) or hidden // heads
+        kv_heads = get("kv_heads") or heads
+        return Dims(hidden, ffn, heads, kv_heads, head_dim, get("layers"), get("vocab"))
+
+    def config_updates(self, dims: Dims) -> dict[str, int]:
+        """Config attributes that describe `dims` (head_dim written explicitly where the family has it)."""
+        out = {self.keys[f]: getattr(dims, f) for f in ("hidden", "ffn", "heads", "layers", "vocab")}
+        if "kv_heads" in self.keys:
+            out[self.keys["kv_heads"]] = dims.kv_heads
+        if self.explicit_head_dim:
+            out["head_dim"] = dims.head_dim
+        return out
+
+    def check(self, dims: Dims) -> None:
+        """Raise a one-line error naming the constraint `dims` breaks for this family's config class."""
+        if min(dims.hidden, dims.ffn, dims.heads, dims.kv_heads, dims.layers) < 1:
+            raise CompactLMError(f"target {dims} has a size below 1")
+        if dims.heads % dims.kv_heads:
+            raise CompactLMError(
+                f"target.num_attention_heads={dims.heads} is not a multiple of "
+                f"target.num_key_value_heads={dims.kv_heads} (grouped-query attention)"
+            )
+        if not self.explicit_head_dim and dims.hidden != dims.heads * dims.head_dim:
+            raise CompactLMError(
+                f"{self.name} ties attention width to hidden size: target.hidden_size={dims.hidden} must equal "
+                f"heads x head_dim = {dims.heads} x {dims.head_dim} = {dims.heads * dims.head_dim}"
+            )
+        if self.hidden_divisible_by_heads and dims.hidden % dims.heads:
+            raise CompactLMError(
+                f"{self.name} configs require hidden_size % num_attention_heads == 0: "
+                f"target.hidden_size={dims.hidden} is not a multiple of target.num_attention_heads={dims.heads}"
+            )
+
+
+def _llama_like(name: str, model_types: tuple[str, ...], *, qk_norm: bool, hidden_divisible_by_heads: bool) -> Family:
+    attn = {
+        "self_attn.q_proj.weight": ("q", "hidden"),
+        "self_attn.q_proj.bias": ("q",),
+        "self_attn.k_proj.weight": ("kv", "hidden"),
+        "self_attn.k_proj.bias": ("kv",),
+        "self_attn.v_proj.weight": ("kv", "hidden"),
+        "self_attn.v_proj.bias": ("kv",),
+        "self_attn.o_proj.weight": ("hidden", "q"),
+        "self_attn.o_proj.bias": ("hidden",),
+    }
+    if qk_norm:
+        attn |= {"self_attn.q_norm.weight": (None,), "self_attn.k_norm.weight": (None,)}
+    mlp = {
+        "mlp.gate_proj.weight": ("ffn", "hidden"),
+        "mlp.gate_proj.bias": ("ffn",),
+        "mlp.up_proj.weight": ("ffn", "hidden"),
+        "mlp.up_proj.bias": ("ffn",),
+        "mlp.down_proj.weight": ("hidden", "ffn"),
+        "mlp.down_proj.bias": ("hidden",),
+    }
+    norms = {"input_layernorm.weight": ("hidden",), "post_attention_layernorm.weight": ("hidden",)}
+    return Family(
+        name=name,
+        model_types=model_types,
+        base_path="model",
+        layers_path="model.layers",
+        embed_path="model.embed_tokens",
+        lm_head_path="lm_head",
+        final_norm_path="model.norm",
+        attn_out_path="self_attn.o_proj",
+        mlp_out_path="mlp.down_proj",
+        norm_paths=("input_layernorm", "post_attention_layernorm"),
+        layer_params=attn | mlp | norms,
+        global_params={
+            "model.embed_tokens.weight": (None, "hidden"),
+            "model.norm.weight": ("hidden",),
+            "lm_head.weight": (None, "hidden"),
+        },
+        keys={
+            "hidden": "hidden_size",
+            "ffn": "intermediate_size",
+            "heads": "num_attention_heads",
+            "kv_heads": "num_key_value_heads",
+            "head_dim": "head_dim",
+            "layers": "num_hidden_layers",
+            "vocab": "vocab_size",
+        },
+        explicit_head_dim=True,
+        hidden_divisible_by_heads=hidden_divisible_by_heads,
+    )
+
+
+GPT2 = Family(
+    name="gpt2",
+    model_types=("gpt2",),
+    base_path="transformer",
+    layers_path="transformer.h",
+    embed_path="transformer.wte",
+    lm_head_path="lm_head",
+    final_norm_path="transformer.ln_f",
+    attn_out_path="attn.c_proj",
+    mlp_out_path="mlp.c_proj",
+    norm_paths=("ln_1", "ln_2"),
+    # GPT-2 uses Conv1D: weights are stored (in_features, out_features), the transpose of nn.Linear.
+    layer_params={
+        "ln_1.weight": ("hidden",),
+        "ln_1.bias": ("hidden",),
+        "attn.c_attn.weight": ("hidden", "qkv"),
+        "attn.c_attn.bias": ("qkv",),
+        "attn.c_proj.weight": ("q", "hidden"),
+        "attn.c_proj.bias": ("hidden",),
+        "ln_2.weight": ("hidden",),
+        "ln_2.bias": ("hidden",),
+        "mlp.c_fc.weight": ("hidden", "ffn"),
+        "mlp.c_fc.bias": ("ffn",),
+        "mlp.c_proj.weight": ("ffn", "hidden"),
+        "mlp.c_proj.bias": ("hidden",),
+    },
+    global_params={
+        "transformer.wte.weight": (None, "hidden"),
+        "transformer.wpe.weight": (None, "hidden"),
+        "transformer.ln_f.weight": ("hidden",),
+        "transformer.ln_f.bias": ("hidden",),
+        "lm_head.weight": (None, "hidden"),
+    },
+    keys={"hidden": "n_embd", "ffn": "n_inner", "heads": "n_head", "layers": "n_layer", "vocab": "vocab_size"},
+    explicit_head_dim=False,
+    hidden_divisible_by_heads=True,
+    gated_mlp=False,
+)
+
+FAMILIES: tuple[Family, ...] = (
+    _llama_like("llama", ("llama",), qk_norm=False, hidden_divisible_by_heads=True),
+    _llama_like("mistral", ("mistral",), qk_norm=False, hidden_divisible_by_heads=False),
+    _llama_like("qwen2", ("qwen2",), qk_norm=False, hidden_divisible_by_heads=False),
+    _llama_like("qwen3", ("qwen3",), qk_norm=True, hidden_divisible_by_heads=False),
+    GPT2,
+)
+
+
+def family_of(model_or_config) -> Family:
+    """The family record for a model or config; a one-line error lists the supported model types."""
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(config, "model_type", None)
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            return family
+    supported = ", ".join(t for f in FAMILIES for t in f.model_types)
+    raise CompactLMError(f"unsupported model family '{model_type}': compactlm supports {supported}")
+
+
+def get_module(root, path: str):
+    """Resolve a dotted path such as 'model.layers' (numeric parts index ModuleLists)."""
+    for part in path.split("."):
+        root = root[int(part)] if part.isdigit() else getattr(root, part)
+    return root

