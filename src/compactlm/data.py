@@ -12,6 +12,7 @@ import logging
 import pkgutil
 import re
 import sys
+import types
 import warnings
 import zlib
 from collections.abc import Iterable, Iterator
@@ -68,7 +69,8 @@ def _prefix(docs: Iterable[str], max_chars: int | None) -> list[str]:
         if not doc.strip():
             continue
         if max_chars is not None and total + len(doc) >= max_chars:
-            texts.append(doc[: max_chars - total])
+            if doc[: max_chars - total].strip():
+                texts.append(doc[: max_chars - total])
             break
         texts.append(doc)
         total += len(doc)
@@ -105,16 +107,16 @@ def _txt_docs(path: Path) -> list[str]:
     except UnicodeDecodeError as e:
         raise CompactLMError(f"{path} is not UTF-8 text (byte {e.start})") from None
     docs, current = [], []
-    size = 0
+    size = -2  # "\n\n" joins paragraphs: n paragraphs add 2 * (n - 1) characters
     for paragraph in re.split(r"\n[ \t\r\f\v]*\n", text):
-        paragraph = paragraph.strip("\n")
+        paragraph = paragraph.strip("\r\n")
         if not paragraph.strip():
             continue
         current.append(paragraph)
         size += len(paragraph) + 2
         if size >= TXT_DOC_CHARS:
             docs.append("\n\n".join(current))
-            current, size = [], 0
+            current, size = [], -2
     if current:  # a short tail joins the previous document
         tail = "\n\n".join(current)
         docs[-1:] = [docs[-1] + "\n\n" + tail] if docs else [tail]
@@ -206,7 +208,7 @@ def _python_docs_cached() -> tuple[str, ...]:
     return tuple(doc for doc in unique if len(doc) >= MIN_DOC_CHARS)
 
 
-def _stdlib_modules() -> list:
+def _stdlib_modules() -> list[types.ModuleType]:
     """Public stdlib modules and submodules that import cleanly, in sorted depth-first name order."""
     modules = []
 
@@ -227,11 +229,11 @@ def _stdlib_modules() -> list:
     return modules
 
 
-def _module_docstrings(module, seen: set[int]) -> list[str]:
+def _module_docstrings(module: types.ModuleType, seen: set[int]) -> list[str]:
     """Docstrings of a module, its public classes (and their methods) and functions not seen before."""
     docs = []
 
-    def add(obj) -> None:
+    def add(obj: object) -> None:
         if id(obj) not in seen:
             seen.add(id(obj))
             doc = getattr(obj, "__doc__", None)
@@ -324,7 +326,7 @@ def _pack(stream: torch.Tensor, seq_len: int, split: str) -> torch.Tensor:
     rows = len(stream) // seq_len
     if rows == 0:
         raise CompactLMError(f"{split} split has {len(stream)} tokens, fewer than seq_len={seq_len}: "
-                             "use more text, a smaller seq_len or a larger val_fraction")
+                             "use more text or a smaller seq_len")
     return stream[: rows * seq_len].view(rows, seq_len)
 
 

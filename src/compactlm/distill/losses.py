@@ -38,42 +38,42 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _logits(hidden: Tensor, head: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
     """(c, H) @ (V, H).T in the inputs' own dtype (as the model's lm_head does), upcast -> (c, V) `dtype`."""
-    out = F.linear(hidden, head, bias)
-    return out.to(dtype)
+    return F.linear(hidden, head, bias).to(dtype)
 
 
 def _chunk_loss_and_grad(
     s: Tensor, t: Tensor, labels: Tensor | None, temperature: float, kl_scale: float, ce_scale: float,
     need_grad: bool,
 ) -> tuple[Tensor, Tensor | None]:
-    """Loss sum of one chunk and its gradient wrt the student logits s (c, V); t is overwritten in place."""
-    inv_t = 1.0 / temperature
-    log_q = torch.log_softmax(s * inv_t if temperature != 1.0 else s, dim=-1)  # (c, V)
-    log_p = t.mul_(inv_t) if temperature != 1.0 else t
+    """Loss sum of one chunk and its gradient wrt the student logits s (c, V); s and t are consumed."""
+    log_q = torch.log_softmax(s / temperature if temperature != 1.0 else s, dim=-1)  # (c, V) log q_T
+    log_q1 = None  # log softmax(s) at T=1, only for CE with T != 1
+    if ce_scale:
+        log_q1 = log_q if temperature == 1.0 else torch.log_softmax(s, dim=-1)
+        valid = labels != IGNORE_INDEX  # (c,)
+        rows = valid.nonzero().squeeze(1)
+        ce_sum = -log_q1[rows, labels[rows]].sum()
+    del s
+    log_p = t.div_(temperature) if temperature != 1.0 else t
     log_p = log_p.sub_(torch.logsumexp(log_p, dim=-1, keepdim=True))  # in place: (c, V) log p
     diff = log_p - log_q  # (c, V)
     p = log_p.exp_()  # in place: t now holds p
-    loss = diff.mul_(p).sum() * kl_scale
+    coef = kl_scale * temperature  # d(kl_scale * T^2 * KL)/ds = coef * (q_T - p)
+    loss = diff.mul_(p).sum() * (kl_scale * temperature**2)
     del diff
-    log_q_ce = None
     if ce_scale:
-        log_q_ce = log_q if temperature == 1.0 else torch.log_softmax(s, dim=-1)
-        valid = labels != IGNORE_INDEX
-        rows = valid.nonzero().squeeze(1)
-        loss = loss - log_q_ce[rows, labels[rows]].sum() * ce_scale
+        loss = loss + ce_sum * ce_scale
     if not need_grad:
         return loss, None
-    # d kl_scale*T^2*KL / ds = kl_scale * T * (q - p)
-    grad = log_q.exp_().sub_(p).mul_(kl_scale * temperature)  # reuses log_q's storage
-    if ce_scale:
-        q1 = grad.div_(kl_scale * temperature).add_(p) if temperature == 1.0 else log_q_ce.exp_()
-        ce_grad = q1 if temperature != 1.0 else None
-        if temperature == 1.0:  # grad currently holds q: rebuild both terms from it
-            ce_grad = q1.clone()
-            grad = q1.sub_(p).mul_(kl_scale * temperature)
-        ce_grad[rows, labels[rows]] -= 1.0
-        ce_grad[~valid] = 0.0
-        grad.add_(ce_grad, alpha=ce_scale)
+    q = log_q.exp_()  # in place: (c, V) q_T
+    if not ce_scale:
+        return loss, q.sub_(p).mul_(coef)
+    w_ce = valid.to(q.dtype).unsqueeze(1) * ce_scale  # (c, 1)
+    if temperature == 1.0:  # q is also softmax(s): coef*(q - p) + w_ce*q
+        grad = q.mul_(w_ce + coef).sub_(p, alpha=coef)
+    else:
+        grad = q.sub_(p).mul_(coef).add_(log_q1.exp_().mul_(w_ce))
+    grad[rows, labels[rows]] -= ce_scale  # d CE / ds = q1 - onehot
     return loss, grad
 
 
@@ -84,22 +84,19 @@ class _ChunkedKD(torch.autograd.Function):
     def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, rows, labels, temperature, ce_weight, chunk):  # noqa: D102
         need_grad = any(ctx.needs_input_grad[:3])
         dtype = _compute_dtype(h_s.dtype)
-        n_kl = max(int(rows.numel()), 1)
-        n_ce = max(int((labels != IGNORE_INDEX).sum()), 1) if ce_weight else 1
-        kl_scale, ce_scale = 1.0 / n_kl, (ce_weight / n_ce if ce_weight else 0.0)
+        kl_scale = 1.0 / max(int(rows.numel()), 1)
+        ce_scale = ce_weight / max(int((labels.index_select(0, rows) != IGNORE_INDEX).sum()), 1) if ce_weight else 0.0
         loss = torch.zeros((), dtype=dtype, device=h_s.device)
         grad_h = torch.zeros_like(h_s) if need_grad else None  # (N, H_s), input dtype
-        grad_w = torch.zeros(w_s.shape, dtype=dtype, device=w_s.device) if need_grad else None  # fp32 accum
+        grad_w = torch.zeros(w_s.shape, dtype=dtype, device=w_s.device) if need_grad else None  # accumulator
         grad_b = torch.zeros(b_s.shape, dtype=dtype, device=b_s.device) if need_grad and b_s is not None else None
         for start in range(0, rows.numel(), chunk):
             idx = rows[start:start + chunk]  # (c,) token positions
             hs_c = h_s.index_select(0, idx)  # (c, H_s)
-            s = _logits(hs_c, w_s, b_s, dtype)  # (c, V)
-            t = _logits(h_t.index_select(0, idx), w_t, b_t, dtype)  # (c, V)
-            lab = labels.index_select(0, idx) if ce_weight else None
-            part, g = _chunk_loss_and_grad(s, t, lab, temperature, kl_scale, ce_scale, need_grad)
+            part, g = _chunk_loss_and_grad(
+                _logits(hs_c, w_s, b_s, dtype), _logits(h_t.index_select(0, idx), w_t, b_t, dtype),  # (c, V) x2
+                labels.index_select(0, idx) if ce_weight else None, temperature, kl_scale, ce_scale, need_grad)
             loss += part
-            del s, t
             if g is None:
                 continue
             g = g.to(h_s.dtype)  # (c, V)
@@ -107,22 +104,20 @@ class _ChunkedKD(torch.autograd.Function):
             grad_w.add_(g.t() @ hs_c)  # (V, H_s)
             if grad_b is not None:
                 grad_b.add_(g.sum(0))
+            del g
+        if need_grad:
+            grad_w = grad_w.to(w_s.dtype)
+            grad_b = grad_b.to(b_s.dtype) if grad_b is not None else None
         ctx.save_for_backward(grad_h, grad_w, grad_b)
-        ctx.dtypes = (w_s.dtype, None if b_s is None else b_s.dtype)
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):  # noqa: D102
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        scale = None if torch.equal(grad_out, torch.ones_like(grad_out)) else grad_out
-        out = []
-        for g, dt in ((grad_h, grad_h.dtype if grad_h is not None else None), (grad_w, ctx.dtypes[0]),
-                      (grad_b, ctx.dtypes[1])):
-            if g is not None:
-                g = (g * scale.to(g.dtype) if scale is not None else g).to(dt)
-            out.append(g)
-        return (*out, None, None, None, None, None, None, None, None)
+        grads = ctx.saved_tensors
+        if not torch.equal(grad_out, torch.ones_like(grad_out)):
+            grads = [None if g is None else g * grad_out.to(g.dtype) for g in grads]
+        return (*grads, None, None, None, None, None, None, None, None)
 
 
 def _flat(x: Tensor, width: int | None) -> Tensor:
@@ -158,6 +153,8 @@ def kd_loss(
         raise CompactLMError("kd_loss: student hidden, teacher hidden and mask cover different token counts")
     rows = m.nonzero().squeeze(1)  # (n,) positions with mask != 0
     lab = _flat(labels, None).to(torch.long) if labels is not None else torch.empty(0, dtype=torch.long)
+    if ce_weight and lab.shape[0] != h_s.shape[0]:
+        raise CompactLMError("kd_loss: labels cover a different token count than the hidden states")
     lab = lab.to(h_s.device)
     tb = teacher_bias.detach() if teacher_bias is not None else None
     return _ChunkedKD.apply(h_s, student_head, student_bias, h_t, teacher_head.detach(), tb, rows, lab,
@@ -170,7 +167,8 @@ def kd_loss_reference(
 ) -> Tensor:
     """Plain full-logit version of `kd_loss` (tests, benchmark): logits (..., V), mask/labels (...); scalar."""
     v = student_logits.shape[-1]
-    s, t = student_logits.reshape(-1, v).float(), teacher_logits.reshape(-1, v).float()
+    dtype = _compute_dtype(student_logits.dtype)
+    s, t = student_logits.reshape(-1, v).to(dtype), teacher_logits.reshape(-1, v).to(dtype)
     m = mask.reshape(-1).to(s.dtype)
     log_q = F.log_softmax(s / temperature, dim=-1)
     log_p = F.log_softmax(t / temperature, dim=-1)

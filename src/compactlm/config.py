@@ -1,0 +1,249 @@
+"""The one schema: frozen dataclasses filled from YAML plus `key=value` overrides, validated with dotted paths.
+
+Target keys (`target.*`) are named as in Hugging Face configs. A value is an absolute size (int) or a
+fraction of the teacher's size to KEEP (float in (0, 1]); a key not given keeps the teacher's value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from compactlm.errors import CompactLMError
+
+
+def choice(default: Any, *choices: Any) -> Any:
+    """A field whose value must be one of `choices`."""
+    return field(default=default, metadata={"choices": choices})
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    val_fraction: float = 0.05  # share of documents held out for validation (by a stable hash of their text)
+    text_field: str = "text"  # column of .jsonl / .parquet / hub datasets
+    split: str = "train"  # hub dataset split
+    max_chars: int | None = None  # use only this many characters of the corpus
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    sequences: int = 128  # calibration sequences (P1 used 1024)
+    seq_len: int = 256
+    batch_size: int = 8
+
+
+@dataclass(frozen=True)
+class ImportanceConfig:
+    method: str = choice("activation", "activation", "magnitude", "random")
+    aggregation: str = choice(
+        "l2_mean", *(f"{b}_{s}" for b in ("mean", "l2", "var") for s in ("mean", "l2", "var"))
+    )  # "<batch>_<sequence>"
+    head_score: str = choice("paper", "paper", "channel")  # per-token head norm (P1) or per-channel (Model Optimizer)
+    layer_metrics: tuple[str, ...] = ("lm_loss", "block_importance")
+    scores: str | None = None  # reuse a saved scores.safetensors instead of calibrating again
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    hidden_size: int | float | None = None
+    intermediate_size: int | float | None = None
+    num_attention_heads: int | float | None = None
+    num_key_value_heads: int | float | None = None  # fewer than the teacher's drops whole KV groups
+    num_hidden_layers: int | float | None = None
+    drop_layers: tuple[int, ...] | None = None  # explicit layers to remove (instead of a metric)
+    layer_metric: str = choice("lm_loss", "lm_loss", "block_importance", "contiguous", "magnitude", "random")
+    keep_last_layer: bool = True  # the contiguous-block search never drops the final layer (P2)
+    round_to: int | None = None  # round hidden and ffn targets down to a multiple (Model Optimizer: 64)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    sequences: int = 64  # validation sequences
+    seq_len: int = 256
+    batch_size: int = 8
+    speed: bool = True  # measure generation tokens/s
+    gen_tokens: int = 32
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    tokens: int = 2_000_000  # token budget; `steps` wins when given
+    steps: int | None = None
+    batch_size: int = 8  # global batch, in sequences
+    micro_batch_size: int | None = None  # per process and forward; gradient accumulation fills the rest
+    seq_len: int = 256
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup_steps: int = 10
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    eval_every: int = 50  # steps
+    eval_sequences: int = 32
+    save_every: int = 50  # steps between checkpoints
+    log_every: int = 1
+    activation_checkpointing: bool = False
+
+
+@dataclass(frozen=True)
+class DistillConfig(TrainConfig):
+    temperature: float = 1.0
+    ce_weight: float = 0.0  # optional cross-entropy term mixed with the KL
+    chunk_tokens: int = 1024  # KD loss computed over this many tokens at a time
+    intermediate: bool = False  # cosine loss on hidden states through a learned linear map
+    layer_map: tuple[tuple[int, int], ...] | None = None  # (student, teacher) block outputs; default last-2 of each
+    embedding_loss: bool = False  # also match the embedding outputs
+    teacher_sharded: bool = False  # FSDP-shard the teacher too (default: replicate it)
+
+
+@dataclass(frozen=True)
+class Config:
+    model: str = "smollm2-135m"  # hub id, local directory, .gguf file, or a built-in name
+    tokenizer: str | None = None  # default: the model's
+    teacher: str | None = None
+    student: str | None = None
+    data: str = "python-docs"  # built-in corpus, a .txt/.jsonl/.parquet path, or a hub dataset name
+    out_dir: str = "runs/compactlm"
+    seed: int = 0
+    device: str = "auto"  # auto: cuda when available
+    dtype: str = choice("float32", "float32", "bfloat16", "float16")
+    resume: bool = False
+    init: str = choice("pretrained", "pretrained", "random")
+    dataset: DatasetConfig = DatasetConfig()
+    calib: CalibConfig = CalibConfig()
+    importance: ImportanceConfig = ImportanceConfig()
+    target: TargetConfig = TargetConfig()
+    eval: EvalConfig = EvalConfig()
+    distill: DistillConfig = DistillConfig()
+    train: TrainConfig = TrainConfig(lr=2e-5, min_lr=2e-6)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    """Check `value` against the annotation `tp`; return it converted (lists to tuples, ints to floats)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):  # exact types first: 3 stays an int in int|float
+            if isinstance(value, arg) and not (arg is int and isinstance(value, bool)):
+                return value
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arg, path)
+            except CompactLMError:
+                pass
+        raise CompactLMError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise CompactLMError(f"{path}: expected a list, got {value!r}")
+        item_types = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if len(item_types) != len(value):
+            raise CompactLMError(f"{path}: expected {len(item_types)} items, got {value!r}")
+        return tuple(_convert(v, t, f"{path}[{i}]") for i, (v, t) in enumerate(zip(value, item_types)))
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, str) and value.strip()[-1:] in "KMB" and value.strip()[:-1].replace(".", "").isdigit():
+        return int(float(value.strip()[:-1]) * {"K": 1e3, "M": 1e6, "B": 1e9}[value.strip()[-1]])  # "70M"
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise CompactLMError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: Any, path: str = "") -> Any:
+    """Build dataclass `cls` from a (nested) dict, rejecting unknown keys with their dotted path."""
+    if not isinstance(data, dict):
+        raise CompactLMError(f"{path or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            raise CompactLMError(f"unknown config key '{dotted}'")
+        value = _convert(value, hints[key], dotted)
+        choices = fields[key].metadata.get("choices")
+        if choices and value not in choices:
+            raise CompactLMError(f"{dotted}: {value!r} is not one of {', '.join(map(str, choices))}")
+        kwargs[key] = value
+    for name, f in fields.items():  # nested sections keep their defaults when absent
+        if name not in kwargs and dataclasses.is_dataclass(hints[name]) and f.default is not dataclasses.MISSING:
+            kwargs[name] = f.default
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain dict (tuples as lists) that `from_dict` reads back to an equal config."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    return {
+        f.name: to_dict(getattr(cfg, f.name)) if dataclasses.is_dataclass(getattr(cfg, f.name)) else plain(getattr(cfg, f.name))
+        for f in dataclasses.fields(cfg)
+    }
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`["a.b=3", "c=x"]` -> nested dict; values parsed as YAML scalars or lists."""
+    out: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise CompactLMError(f"override '{item}' is not of the form key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise CompactLMError(f"override '{item}' conflicts with another override")
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A YAML mapping from a file, with one-line errors naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CompactLMError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise CompactLMError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise CompactLMError(f"config file {path} must hold a mapping of keys")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), cls: type = Config) -> Any:
+    """YAML file (optional) + `key=value` overrides -> a validated frozen config."""
+    data = read_yaml(path) if path else {}
+    return from_dict(cls, _merge(data, parse_overrides(list(overrides))))
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config beside a run's outputs."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,104 @@
+"""Pure surgery: (config, state_dict, plan) -> (new config, new state_dict), and a model built from them.
+
+Every weight's axes are labelled in its family record (models/family.py); slicing a weight means indexing
+each labelled axis with the plan's keep indices for that label. Nothing is patched in place: the pruned
+model is built fresh from its new config and loaded with strict=True, which is the shape check.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import torch
+
+from compactlm.errors import CompactLMError
+from compactlm.models.family import Dims, Family, family_of
+from compactlm.pruning.plan import Plan
+
+
+def head_channels(keep_heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Channel indices of the kept heads: (k,) head ids -> (k * head_dim,) sorted channel ids."""
+    offsets = torch.arange(head_dim)
+    return (keep_heads[:, None] * head_dim + offsets[None, :]).reshape(-1)  # (k, head_dim) -> (k*head_dim,)
+
+
+def _axis_index(label: str, plan: Plan, layer: int | None, dims: Dims) -> torch.Tensor:
+    if label == "hidden":
+        return plan.hidden
+    if label == "ffn":
+        return plan.ffn[layer]
+    q = head_channels(plan.heads[layer], dims.head_dim)
+    kv = head_channels(plan.kv_heads[layer], dims.head_dim)
+    if label == "q":
+        return q
+    if label == "kv":
+        return kv
+    if label == "qkv":  # fused [q | k | v]
+        q_width, kv_width = dims.heads * dims.head_dim, dims.kv_heads * dims.head_dim
+        return torch.cat([q, q_width + kv, q_width + kv_width + kv])
+    raise ValueError(f"unknown axis label {label!r}")
+
+
+def _slice(tensor: torch.Tensor, axes: tuple, plan: Plan, layer: int | None, dims: Dims) -> torch.Tensor:
+    if len(axes) != tensor.ndim:
+        raise ValueError(f"axes {axes} do not match a tensor of shape {tuple(tensor.shape)}")
+    for dim, label in enumerate(axes):
+        if label is not None:
+            tensor = tensor.index_select(dim, _axis_index(label, plan, layer, dims).to(tensor.device))
+    return tensor.contiguous()
+
+
+def prune_state_dict(
+    family: Family, dims: Dims, state_dict: dict[str, torch.Tensor], plan: Plan
+) -> dict[str, torch.Tensor]:
+    """Slice every weight to the plan and renumber the kept layers 0..n-1."""
+    layer_key = re.compile(rf"^{re.escape(family.layers_path)}\.(\d+)\.(.+)$")
+    new_index = {int(old): new for new, old in enumerate(plan.layers.tolist())}
+    out = {}
+    for key, tensor in state_dict.items():
+        match = layer_key.match(key)
+        if match:
+            layer, suffix = int(match.group(1)), match.group(2)
+            if layer not in new_index:
+                continue
+            axes = family.layer_params.get(suffix)
+            new_key = f"{family.layers_path}.{new_index[layer]}.{suffix}"
+        else:
+            layer, axes, new_key = None, family.global_params.get(key), key
+        if axes is None:
+            raise CompactLMError(f"{family.name}: weight '{key}' is not described in the family record; cannot prune it")
+        out[new_key] = _slice(tensor, axes, plan, layer, dims)
+    return out
+
+
+def prune_config(config, family: Family, plan: Plan):
+    """A new config of the same class describing the pruned shape (head_dim explicit where the family has it)."""
+    dims = family.dims(config)
+    new_dims = plan.dims(dims)
+    family.check(new_dims)
+    new = copy.deepcopy(config)
+    for key, value in family.config_updates(new_dims).items():
+        setattr(new, key, value)
+    kept = plan.layers.tolist()
+    if isinstance(getattr(new, "layer_types", None), list):  # per-layer attention kinds follow their layers
+        new.layer_types = [config.layer_types[i] for i in kept]
+    return new
+
+
+def prune_model(model, plan: Plan):
+    """Build a new model of the pruned shape and load the sliced weights strictly; `model` is not changed."""
+    from transformers import AutoModelForCausalLM
+
+    family = family_of(model)
+    dims = family.dims(model.config)
+    plan.validate(dims)
+    new_config = prune_config(model.config, family, plan)
+    state_dict = prune_state_dict(family, dims, model.state_dict(), plan)
+    param = next(model.parameters())
+    with torch.device(param.device):
+        new = AutoModelForCausalLM.from_config(new_config, dtype=param.dtype)
+    new.load_state_dict(state_dict, strict=True)
+    if getattr(new_config, "tie_word_embeddings", False):
+        new.tie_weights()
+    return new.eval()

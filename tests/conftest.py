@@ -1,0 +1,71 @@
+"""The one tiny-model factory: every family, several (heads, kv_heads) layouts, tied and untied heads."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
+LAYOUTS = ((4, 4), (4, 2), (4, 1))
+VOCAB = 64
+
+
+def tiny_config(family: str, heads: int = 4, kv_heads: int = 2, tied: bool = False, layers: int = 3):
+    """A tiny random config of `family`: hidden 32, head_dim 8, ffn 48, `layers` layers."""
+    from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    head_dim, hidden = 8, 32
+    if family == "gpt2":
+        # GPT-2 has no GQA and ties attention width to hidden: hidden = heads * head_dim.
+        return GPT2Config(
+            n_embd=heads * head_dim, n_head=heads, n_layer=layers, n_inner=48, vocab_size=VOCAB,
+            n_positions=128, tie_word_embeddings=tied, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+            bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        )
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[family]
+    return cls(
+        hidden_size=hidden, intermediate_size=48, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        head_dim=head_dim, num_hidden_layers=layers, vocab_size=VOCAB, max_position_embeddings=128,
+        tie_word_embeddings=tied, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    )
+
+
+def tiny_model(family: str, heads: int = 4, kv_heads: int = 2, tied: bool = False, layers: int = 3, seed: int = 0):
+    """A tiny random model in eval mode, float32, with non-trivial norm weights and biases."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, heads, kv_heads, tied, layers))
+    with torch.no_grad():  # norms start at exactly 1 and biases at 0: perturb them so slicing errors show
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def model_params():
+    """(family, heads, kv_heads, tied) for every family and layout; GPT-2 only has heads == kv_heads."""
+    out = []
+    for family in FAMILIES:
+        for heads, kv in LAYOUTS:
+            if family == "gpt2" and kv != heads:
+                continue
+            for tied in (False, True):
+                out.append(pytest.param(family, heads, kv, tied, id=f"{family}-{heads}x{kv}-{'tied' if tied else 'untied'}"))
+    return out
+
+
+@pytest.fixture
+def token_batch():
+    """A (3, 16) batch of token ids with an attention mask that pads the tail of two rows."""
+    torch.manual_seed(1)
+    ids = torch.randint(2, VOCAB, (3, 16))
+    mask = torch.ones_like(ids)
+    mask[1, 12:] = 0
+    mask[2, 9:] = 0
+    return {"input_ids": ids, "attention_mask": mask}

@@ -1,0 +1,186 @@
+"""Invariants of the distillation losses: chunked == plain, KL(p,p)=0, padding contributes nothing."""
+
+import pytest
+import torch
+
+from compactlm.distill.losses import (
+    IGNORE_INDEX,
+    cosine_loss,
+    default_layer_map,
+    dynamic_alpha,
+    kd_loss,
+    kd_loss_reference,
+)
+from compactlm.errors import CompactLMError
+
+N, V, HS, HT = 23, 40, 6, 10
+
+
+def _inputs(dtype=torch.float64, seed=0, n=N):
+    """Student hidden/head (grad), teacher hidden/head, mask with padding, labels with -100."""
+    g = torch.Generator().manual_seed(seed)
+    h_s = torch.randn(n, HS, generator=g, dtype=dtype).requires_grad_()
+    w_s = torch.randn(V, HS, generator=g, dtype=dtype).requires_grad_()
+    h_t = torch.randn(n, HT, generator=g, dtype=dtype)
+    w_t = torch.randn(V, HT, generator=g, dtype=dtype)
+    mask = (torch.rand(n, generator=g) > 0.3).long()
+    labels = torch.randint(0, V, (n,), generator=g)
+    labels[::4] = IGNORE_INDEX
+    return h_s, w_s, h_t, w_t, mask, labels
+
+
+def _reference(h_s, w_s, h_t, w_t, mask, **kw):
+    return kd_loss_reference(h_s @ w_s.T, h_t @ w_t.T, mask, kw.get("temperature", 1.0),
+                             kw.get("ce_weight", 0.0), kw.get("labels"))
+
+
+def test_kl_of_identical_distributions_is_zero():
+    logits = torch.randn(3, 5, V, dtype=torch.float64)
+    mask = torch.ones(3, 5)
+    assert kd_loss_reference(logits, logits, mask).abs() < 1e-12
+    h_s, w_s, *_ = _inputs()
+    loss = kd_loss(h_s, w_s, h_s.detach(), w_s.detach(), torch.ones(N), temperature=2.0, chunk_tokens=5)
+    assert loss.abs() < 1e-12
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 7, N, 1024])
+@pytest.mark.parametrize("temperature,ce_weight", [(1.0, 0.0), (2.5, 0.0), (1.0, 0.7), (0.5, 0.3)])
+def test_chunked_matches_reference_in_loss_and_grads(chunk, temperature, ce_weight):
+    h_s, w_s, h_t, w_t, mask, labels = _inputs()
+    kw = dict(temperature=temperature, ce_weight=ce_weight, labels=labels)
+    loss = kd_loss(h_s, w_s, h_t, w_t, mask, chunk_tokens=chunk, **kw)
+    grads = torch.autograd.grad(loss * 1.7, (h_s, w_s))  # grad_output != 1 exercises the backward scaling
+    ref = _reference(h_s, w_s, h_t, w_t, mask, **kw)
+    ref_grads = torch.autograd.grad(ref * 1.7, (h_s, w_s))
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-10)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+
+
+def test_float32_matches_reference_and_bias_grad():
+    h_s, w_s, h_t, w_t, mask, labels = _inputs(torch.float32)
+    b_s = torch.randn(V, requires_grad=True)
+    loss = kd_loss(h_s, w_s, h_t, w_t, mask, student_bias=b_s, chunk_tokens=6, ce_weight=0.2, labels=labels)
+    ref = kd_loss_reference(h_s @ w_s.T + b_s, h_t @ w_t.T, mask, ce_weight=0.2, labels=labels)
+    torch.testing.assert_close(loss, ref)
+    for g, r in zip(torch.autograd.grad(loss, (h_s, w_s, b_s)), torch.autograd.grad(ref, (h_s, w_s, b_s))):
+        torch.testing.assert_close(g, r)
+
+
+def test_batched_shapes_and_tied_head():
+    """(B, S, H) inputs; a head tied to the embedding gets both gradient paths through one Parameter."""
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(V, HS, dtype=torch.float64)
+    ids = torch.randint(0, V, (2, 5))
+    h_t, w_t = torch.randn(2, 5, HT, dtype=torch.float64), torch.randn(V, HT, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
+    loss = kd_loss(torch.tanh(emb(ids)), emb.weight, h_t, w_t, mask, chunk_tokens=3)
+    (grad,) = torch.autograd.grad(loss, emb.weight)
+    h = torch.tanh(emb(ids))
+    ref = kd_loss_reference(h @ emb.weight.T, h_t @ w_t.T, mask)
+    (ref_grad,) = torch.autograd.grad(ref, emb.weight)
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(grad, ref_grad)
+
+
+def test_padding_contributes_nothing():
+    h_s, w_s, h_t, w_t, mask, labels = _inputs()
+    kw = dict(temperature=2.0, ce_weight=0.5, labels=labels, chunk_tokens=4)
+    loss = kd_loss(h_s, w_s, h_t, w_t, mask, **kw)
+    g_h, g_w = torch.autograd.grad(loss, (h_s, w_s))
+    pad = mask == 0
+    assert pad.any() and torch.all(g_h[pad] == 0)
+    # scramble hidden states and labels at padded positions: loss and grads unchanged
+    h_s2 = h_s.detach().clone()
+    h_s2[pad] = 100 * torch.randn(int(pad.sum()), HS, dtype=h_s.dtype)
+    h_s2.requires_grad_()
+    h_t2 = h_t.clone()
+    h_t2[pad] = -50.0
+    labels2 = labels.clone()
+    labels2[pad] = 3
+    loss2 = kd_loss(h_s2, w_s, h_t2, w_t, mask, **{**kw, "labels": labels2})
+    g_h2, g_w2 = torch.autograd.grad(loss2, (h_s2, w_s))
+    torch.testing.assert_close(loss2, loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_h2, g_h, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_w2, g_w, rtol=1e-12, atol=1e-12)
+    # the same holds for the plain reference with arbitrary logits at padded positions
+    s, t = (h_s @ w_s.T).detach(), h_t @ w_t.T
+    s2, t2 = s.clone(), t.clone()
+    s2[pad], t2[pad] = 1e3, -1e3
+    ref = kd_loss_reference(s, t, mask, 2.0, 0.5, labels)
+    torch.testing.assert_close(kd_loss_reference(s2, t2, mask, 2.0, 0.5, labels), ref)
+
+
+def test_appending_padded_positions_leaves_loss_unchanged():
+    h_s, w_s, h_t, w_t, mask, labels = _inputs()
+    kw = dict(ce_weight=0.5, chunk_tokens=5)
+    loss = kd_loss(h_s, w_s, h_t, w_t, mask, labels=labels, **kw)
+    extra = 9
+    h_s_pad = torch.cat([h_s, torch.randn(extra, HS, dtype=h_s.dtype)])
+    h_t_pad = torch.cat([h_t, torch.randn(extra, HT, dtype=h_t.dtype)])
+    mask_pad = torch.cat([mask, torch.zeros(extra, dtype=mask.dtype)])
+    labels_pad = torch.cat([labels, torch.randint(0, V, (extra,))])
+    loss_pad = kd_loss(h_s_pad, w_s, h_t_pad, w_t, mask_pad, labels=labels_pad, **kw)
+    torch.testing.assert_close(loss_pad, loss, rtol=1e-12, atol=1e-12)
+
+
+def test_all_padding_gives_zero_loss_and_grads():
+    h_s, w_s, h_t, w_t, _, _ = _inputs()
+    loss = kd_loss(h_s, w_s, h_t, w_t, torch.zeros(N))
+    g_h, g_w = torch.autograd.grad(loss, (h_s, w_s))
+    assert loss == 0 and torch.all(g_h == 0) and torch.all(g_w == 0)
+
+
+def test_bf16_runs_and_returns_input_dtype_grads():
+    h_s, w_s, h_t, w_t, mask, labels = _inputs(torch.float32)
+    bf = [x.detach().to(torch.bfloat16).requires_grad_(x.requires_grad) for x in (h_s, w_s, h_t, w_t)]
+    loss = kd_loss(*bf, mask, ce_weight=0.3, labels=labels, chunk_tokens=8)
+    g_h, g_w = torch.autograd.grad(loss, (bf[0], bf[1]))
+    assert loss.dtype == torch.float32 and g_h.dtype == g_w.dtype == torch.bfloat16
+    ref = kd_loss(h_s, w_s, h_t, w_t, mask, ce_weight=0.3, labels=labels)
+    torch.testing.assert_close(loss, ref.detach(), rtol=0.05, atol=0.05)
+
+
+def test_no_grad_path_gives_the_same_loss():
+    h_s, w_s, h_t, w_t, mask, _ = _inputs()
+    with torch.no_grad():
+        loss = kd_loss(h_s, w_s, h_t, w_t, mask, chunk_tokens=3)
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, _reference(h_s, w_s, h_t, w_t, mask).detach())
+
+
+def test_kd_loss_rejects_mismatched_vocab():
+    h_s, w_s, h_t, w_t, mask, _ = _inputs()
+    with pytest.raises(CompactLMError, match="vocab"):
+        kd_loss(h_s, w_s, h_t, w_t[:-1], mask)
+
+
+def test_cosine_loss_identical_is_zero_and_ignores_padding():
+    torch.manual_seed(0)
+    s = torch.randn(2, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]])
+    assert cosine_loss(s, s.clone(), mask).abs() < 1e-6
+    t = s.clone()
+    t[mask == 0] = torch.randn(int((mask == 0).sum()), 8)
+    assert cosine_loss(s, t, mask).abs() < 1e-6
+    assert torch.isclose(cosine_loss(s, -s, mask), torch.tensor(2.0))
+
+
+def test_dynamic_alpha_is_detached_and_safe():
+    logit = torch.tensor(3.0, requires_grad=True)
+    inter = torch.tensor(0.5, requires_grad=True)
+    alpha = dynamic_alpha(logit * 1.0, inter * 1.0)
+    assert not alpha.requires_grad and alpha.item() == pytest.approx(6.0)
+    (alpha * inter).backward()
+    assert inter.grad.item() == pytest.approx(6.0) and logit.grad is None
+    zero = dynamic_alpha(logit, torch.tensor(0.0))
+    assert zero.item() == 0.0 and torch.isfinite(zero)
+
+
+def test_default_layer_map_and_explicit_pairs():
+    assert default_layer_map(12, 30) == [(10, 28)]
+    assert default_layer_map(12, 30, pairs=[[0, 0], [10, 28]]) == [(0, 0), (10, 28)]
+    with pytest.raises(CompactLMError, match="out of range"):
+        default_layer_map(12, 30, pairs=[(12, 5)])
+    with pytest.raises(CompactLMError):
+        default_layer_map(1, 30)
