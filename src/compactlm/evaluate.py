@@ -22,6 +22,7 @@ from collections.abc import Iterable, Iterator, Mapping
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from compactlm.errors import CompactLMError
 from compactlm.models.family import family_of, get_module
@@ -111,8 +112,6 @@ def _scan(model, teacher, batches: Iterable[Batch], chunk_tokens: int, progress:
         raise CompactLMError(
             f"teacher vocabulary size {_vocab(teacher)} != student vocabulary size {_vocab(model)}: "
             "KL needs the same tokenizer")
-    from tqdm.auto import tqdm
-
     total = {"ce": 0.0, "targets": 0, "kl": 0.0, "top1": 0.0, "positions": 0}
     models = (model,) if teacher is None else (model, teacher)
     with _eval_mode(*models):

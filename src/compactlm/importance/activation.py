@@ -1,0 +1,237 @@
+"""Activation importance (METHOD.md section 2): forward hooks that aggregate |activations| per channel.
+
+Sequence aggregation turns a (B, S, C) activation into (B, C) per-sequence scores over non-padding tokens;
+batch aggregation reduces those rows across every calibration batch from float32 running sums, so scoring
+two batches gives the same result as scoring their concatenation. An aggregation is named
+"<batch>_<seq>", e.g. "l2_mean" (the paper's best: L2 over the batch of the per-sequence mean of |a|).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from compactlm.errors import CompactLMError
+from compactlm.importance.scores import Scores
+from compactlm.models.family import Family, family_of, get_module
+
+log = logging.getLogger(__name__)
+
+HOWS = ("mean", "l2", "var")
+AGGREGATIONS = tuple(f"{batch}_{seq}" for batch in HOWS for seq in HOWS)
+HEAD_SCORES = ("paper", "channel")
+
+
+def parse_aggregation(aggregation: str) -> tuple[str, str]:
+    """Split "<batch>_<seq>" into (batch, seq); a one-line error lists the valid names."""
+    if aggregation not in AGGREGATIONS:
+        raise CompactLMError(f"unknown aggregation '{aggregation}' (choose one of {', '.join(AGGREGATIONS)})")
+    batch, seq = aggregation.split("_")
+    return batch, seq
+
+
+def _weights(mask: torch.Tensor, how: str) -> torch.Tensor:
+    """(B, 1, S) float32 token weights: mask / tokens for "mean"/"var", the 0/1 mask for "l2"."""
+    m = mask.to(torch.float32)
+    if how != "l2":
+        m = m / m.sum(1, keepdim=True).clamp(min=1.0)  # an all-padding row scores 0
+    return m.unsqueeze(1)
+
+
+def _seq_reduce(a: torch.Tensor, w: torch.Tensor, how: str) -> torch.Tensor:
+    """(B, S, C) activation and (B, 1, S) weights from `_weights` -> (B, C) float32, in a few fused ops."""
+    if how == "mean":
+        return torch.bmm(w, a.abs().float()).squeeze(1)  # abs before the cast: exact, and no alias of `a`
+    if how == "l2":
+        return torch.bmm(w, a.float().square()).squeeze(1).sqrt()
+    a = a.float()
+    mean = torch.bmm(w, a)  # (B, 1, C)
+    return torch.bmm(w, (a - mean).square()).squeeze(1)  # population variance, centred: no cancellation
+
+
+def aggregate_sequence(a: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    """(B, S, C) activation, (B, S) 0/1 mask -> (B, C) float32: mean |a|, L2 norm or variance over real tokens."""
+    if how not in HOWS:
+        raise CompactLMError(f"unknown sequence aggregation '{how}' (choose one of {', '.join(HOWS)})")
+    return _seq_reduce(a, _weights(mask.to(a.device), how), how)
+
+
+class BatchStats:
+    """Float32 running sums over sequences of (B, *shape) per-sequence scores: sum, sum of squares, count."""
+
+    def __init__(self, shape: tuple[int, ...], device: torch.device | str = "cpu"):
+        self.sum = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.sumsq = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.count = torch.zeros((), dtype=torch.float32, device=device)
+
+    def add_(self, s: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """Add (B, *shape) scores; `rows` (a 0-d tensor) overrides the count, e.g. to skip all-padding rows."""
+        s = s.float()
+        self.sum += s.sum(0)
+        self.sumsq += s.square().sum(0)
+        self.count += s.shape[0] if rows is None else rows
+
+    def result(self, how: str) -> torch.Tensor:
+        """(*shape) float32: mean, L2 (sqrt of the sum of squares) or population variance over all sequences."""
+        if how == "l2":
+            return self.sumsq.sqrt()
+        if how not in HOWS:
+            raise CompactLMError(f"unknown batch aggregation '{how}' (choose one of {', '.join(HOWS)})")
+        if float(self.count) == 0:
+            raise CompactLMError("importance: the calibration batches hold no non-padding token")
+        mean = self.sum / self.count
+        # Variance from running sums: float32 cancellation costs ~1e-7 * E[s^2], far below score spreads.
+        return mean if how == "mean" else (self.sumsq / self.count - mean.square()).clamp(min=0.0)
+
+
+def aggregate(a: torch.Tensor, mask: torch.Tensor, aggregation: str = "l2_mean") -> torch.Tensor:
+    """(B, S, C) activation, (B, S) mask -> (C,) float32 score under "<batch>_<seq>" (one-batch convenience)."""
+    batch, seq = parse_aggregation(aggregation)
+    stats = BatchStats((a.shape[-1],), a.device)
+    stats.add_(aggregate_sequence(a, mask, seq), (mask.sum(1) > 0).sum())
+    return stats.result(batch)
+
+
+class ActivationCollector:
+    """Hooks' state: per-site (B, C) rows of the current batch, folded into float32 `BatchStats` per batch."""
+
+    def __init__(self, model, family: Family, aggregation: str, head_score: str):
+        if head_score not in HEAD_SCORES:
+            raise CompactLMError(f"unknown head_score '{head_score}' (choose one of {', '.join(HEAD_SCORES)})")
+        self.batch_how, self.seq_how = parse_aggregation(aggregation)
+        self.head_score = head_score
+        self.dims = family.dims(model.config)
+        d = self.dims
+        device = get_module(model, family.embed_path).weight.device
+        head_width = d.heads if head_score == "paper" else d.heads * d.head_dim
+        self.sizes = {"ffn": d.layers, "heads": d.layers, "hidden": d.layers * len(family.norm_paths)}
+        self.stats = {
+            "ffn": BatchStats((d.layers, d.ffn), device),
+            "heads": BatchStats((d.layers, head_width), device),
+            "hidden": BatchStats((self.sizes["hidden"], d.hidden), device),
+        }
+        self.pending: dict[str, list[torch.Tensor | None]] = {k: [None] * n for k, n in self.sizes.items()}
+        self._w: dict[torch.device, torch.Tensor] = {}
+        self._rows: torch.Tensor | None = None
+
+    def set_mask(self, mask: torch.Tensor) -> None:
+        """Fold the previous batch in, then take the (B, S) mask of the batch about to run."""
+        self.flush()
+        w = _weights(mask, self.seq_how)
+        self._w = {w.device: w}
+        self._rows = (mask.sum(1) > 0).sum().float()
+
+    def _weights_on(self, device: torch.device) -> torch.Tensor:
+        if device not in self._w:  # a model split across devices
+            self._w[device] = next(iter(self._w.values())).to(device)
+        return self._w[device]
+
+    def flush(self) -> None:
+        """Fold the current batch's per-sequence rows into the running sums (one stack per site kind)."""
+        if self._rows is None:
+            return
+        for kind, rows in self.pending.items():
+            missing = [i for i, r in enumerate(rows) if r is None]
+            if missing:
+                raise CompactLMError(f"importance: {kind} hooks at sites {missing} did not run in the forward pass")
+            stats = self.stats[kind]
+            stacked = torch.stack([r.to(stats.sum.device) for r in rows], 1)  # (B, sites, C)
+            stats.add_(stacked, self._rows.to(stats.sum.device))
+            self.pending[kind] = [None] * len(rows)
+        self._rows = None
+
+    def record(self, kind: str, site: int, a: torch.Tensor) -> None:
+        """Reduce one (B, S, C) activation over the sequence and keep its (B, C) rows for this batch."""
+        w = self._w.get(a.device)
+        w = self._weights_on(a.device) if w is None else w
+        if kind == "heads" and self.head_score == "paper":
+            B, S, _ = a.shape
+            a = torch.linalg.vector_norm(a.view(B, S, self.dims.heads, -1), dim=-1, dtype=torch.float32)  # (B,S,H)
+        self.pending[kind][site] = _seq_reduce(a, w, self.seq_how)
+
+    def scores(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(hidden,), (layers, heads), (layers, ffn) float32 on CPU, after folding the last batch in."""
+        self.flush()
+        how = self.batch_how
+        hidden = self.stats["hidden"].result(how).sum(0)  # one score per norm, summed over every norm
+        heads = self.stats["heads"].result(how)
+        if self.head_score == "channel":  # Model Optimizer: L2 over the head's channel scores
+            heads = torch.linalg.vector_norm(heads.view(self.dims.layers, self.dims.heads, -1), dim=-1)
+        return hidden.cpu(), heads.cpu(), self.stats["ffn"].result(how).cpu()
+
+
+def _hooks(model, family: Family, collector: ActivationCollector) -> Iterator[torch.utils.hooks.RemovableHandle]:
+    """Register pre-hooks on the MLP and attention output projections and hooks on every norm (all return None)."""
+
+    def pre(kind: str, site: int):
+        def hook(module, args) -> None:
+            collector.record(kind, site, args[0])
+
+        return hook
+
+    def post(site: int):
+        def hook(module, args, output) -> None:
+            collector.record("hidden", site, output)
+
+        return hook
+
+    layers = get_module(model, family.layers_path)
+    for i in range(collector.dims.layers):
+        layer = layers[i]
+        yield get_module(layer, family.mlp_out_path).register_forward_pre_hook(pre("ffn", i))
+        yield get_module(layer, family.attn_out_path).register_forward_pre_hook(pre("heads", i))
+        for j, path in enumerate(family.norm_paths):
+            yield get_module(layer, path).register_forward_hook(post(i * len(family.norm_paths) + j))
+
+
+@contextlib.contextmanager
+def collect_activations(model, family: Family, aggregation: str = "l2_mean",
+                        head_score: str = "paper") -> Iterator[ActivationCollector]:
+    """Hooks that feed an `ActivationCollector`; call `set_mask` before each forward. Always unregisters."""
+    collector = ActivationCollector(model, family, aggregation, head_score)
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+    try:
+        for handle in _hooks(model, family, collector):
+            handles.append(handle)
+        yield collector
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A batch's input_ids and attention_mask on `device`, ready for a forward without cache."""
+    if "input_ids" not in batch:
+        raise CompactLMError("importance: a calibration batch has no 'input_ids'")
+    ids = batch["input_ids"].to(device)
+    mask = batch.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask.to(device)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def activation_scores(model, batches: Iterable[dict[str, torch.Tensor]], *, aggregation: str = "l2_mean",
+                      head_score: str = "paper", progress: bool = False) -> Scores:
+    """Score hidden (hidden,), heads (layers, heads) and ffn (layers, ffn) from no-grad forwards of the decoder."""
+    family = family_of(model)
+    base = get_module(model, family.base_path)  # the decoder without the LM head: scores never need logits
+    device = get_module(model, family.embed_path).weight.device
+    was_training = model.training
+    model.eval()
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc="importance", unit="batch")
+    try:
+        with torch.no_grad(), collect_activations(model, family, aggregation, head_score) as collector:
+            for batch in batches:
+                inputs = model_inputs(batch, device)
+                collector.set_mask(inputs["attention_mask"])
+                base(**inputs, use_cache=False)
+            hidden, heads, ffn = collector.scores()
+    finally:
+        model.train(was_training)
+    meta = {"method": "activation", "aggregation": aggregation, "head_score": head_score}
+    return Scores(hidden=hidden, heads=heads, ffn=ffn, meta=meta)

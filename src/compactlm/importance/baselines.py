@@ -1,0 +1,70 @@
+"""Baselines that need no calibration data: seeded random scores and weight magnitude.
+
+Magnitude scores (float32, from the family's axis labels, tied weights counted once):
+- ffn neuron: L2 norm of every parameter entry on its "ffn" axis (gate/up rows and biases, down column;
+  GPT-2's Conv1D c_fc column and bias, c_proj row).
+- head: L2 norm of its q rows (and q bias) plus its o_proj columns, a head_dim block each (GPT-2: the q
+  third of c_attn's fused axis and c_proj's rows).
+- hidden channel: L2 norm of every parameter entry that reads or writes the channel: embedding (and
+  position embedding) column, q/k/v/gate/up columns, o/down rows and biases, every norm weight and bias, the
+  final norm and an untied lm_head column.
+- layer metric "magnitude": L2 norm of all of the layer's parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from compactlm.importance.scores import Scores
+from compactlm.models.family import Axes, family_of
+
+
+def random_scores(model, seed: int = 0) -> Scores:
+    """Uniform [0, 1) scores of every shape from a seeded generator, with a "random" layer metric."""
+    d = family_of(model).dims(model.config)
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.rand(shape, generator=g, dtype=torch.float32)  # noqa: E731
+    return Scores(hidden=rand(d.hidden), heads=rand(d.layers, d.heads), ffn=rand(d.layers, d.ffn),
+                  layers={"random": rand(d.layers)}, meta={"method": "random", "seed": str(seed)})
+
+
+def _sumsq_along(p: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sum of squares over every axis but `dim`: (p.shape[dim],) float32."""
+    sq = p.detach().float().square()
+    return sq.sum([d for d in range(sq.ndim) if d != dim]) if sq.ndim > 1 else sq
+
+
+def _axis_sumsq(p: torch.Tensor, axes: Axes, axis: str, q_width: int) -> torch.Tensor | None:
+    """Per-channel sum of squares along `axis` ("q" also reads the q part of a fused "qkv" axis), or None."""
+    if axis in axes:
+        return _sumsq_along(p, axes.index(axis))
+    if axis == "q" and "qkv" in axes:
+        dim = axes.index("qkv")
+        return _sumsq_along(p.narrow(dim, 0, q_width), dim)  # fused [q | k | v]: q comes first
+    return None
+
+
+def magnitude_scores(model) -> Scores:
+    """Weight-magnitude scores hidden (hidden,), heads (layers, heads), ffn (layers, ffn), layer "magnitude"."""
+    family = family_of(model)
+    d = family.dims(model.config)
+    params = dict(model.named_parameters())  # tied weights appear once
+    q_width = d.heads * d.head_dim
+    hidden = torch.zeros(d.hidden)
+    heads, ffn, total = torch.zeros(d.layers, q_width), torch.zeros(d.layers, d.ffn), torch.zeros(d.layers)
+    for name, axes in family.global_params.items():
+        if name in params and (s := _axis_sumsq(params[name], axes, "hidden", q_width)) is not None:
+            hidden += s
+    for i in range(d.layers):
+        prefix = f"{family.layers_path}.{i}."
+        total[i] = sum(float(p.detach().float().square().sum()) for n, p in params.items() if n.startswith(prefix))
+        for suffix, axes in family.layer_params.items():
+            p = params.get(prefix + suffix)
+            if p is None:  # an optional bias this config has not got
+                continue
+            for axis, out in (("hidden", hidden), ("q", heads[i]), ("ffn", ffn[i])):
+                if (s := _axis_sumsq(p, axes, axis, q_width)) is not None:
+                    out += s
+    heads = heads.view(d.layers, d.heads, d.head_dim).sum(-1)
+    return Scores(hidden=hidden.sqrt(), heads=heads.sqrt(), ffn=ffn.sqrt(), layers={"magnitude": total.sqrt()},
+                  meta={"method": "magnitude"})

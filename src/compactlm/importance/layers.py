@@ -1,0 +1,187 @@
+"""Depth importance (METHOD.md section 2): LM loss when layers are skipped, and Block Importance (cosine).
+
+Every metric returns a (layers,)-like float32 tensor on CPU, higher = more important. A layer is skipped by
+a forward hook on the decoder layer that replaces its output hidden states by its input; hooks are always
+removed. Batches are materialised once (each metric runs several passes over them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from compactlm.errors import CompactLMError
+from compactlm.importance.activation import model_inputs
+from compactlm.models.family import family_of, get_module
+
+log = logging.getLogger(__name__)
+
+Batches = Iterable[dict[str, torch.Tensor]]
+
+
+def _hidden_in(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states a decoder layer was called with (positional or keyword)."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _hidden_out(output) -> torch.Tensor:
+    """The hidden states a decoder layer returned: a tensor in transformers 5.x, a tuple in older blocks."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _skip_hook(module, args, kwargs, output):
+    """Replace a decoder layer's output hidden states by its input (keeps a tuple output's other fields)."""
+    hidden = _hidden_in(args, kwargs)
+    return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
+
+
+@contextlib.contextmanager
+def skip_layers(model, layers: Iterable[int]) -> Iterator[None]:
+    """Within the block, the given decoder layers pass their input through unchanged."""
+    modules = get_module(model, family_of(model).layers_path)
+    handles = []
+    try:
+        for i in layers:
+            handles.append(modules[i].register_forward_hook(_skip_hook, with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def _eval(model) -> Iterator[None]:
+    """No-grad, eval mode; the model's training flag is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _device(model) -> torch.device:
+    return get_module(model, family_of(model).embed_path).weight.device
+
+
+def lm_loss(model, batches: Batches) -> float:
+    """Mean next-token cross-entropy (nats) over non-padding targets of every batch."""
+    device = _device(model)
+    total = torch.zeros((), dtype=torch.float64)
+    count = torch.zeros((), dtype=torch.float64)
+    with _eval(model):
+        for batch in batches:
+            inputs = model_inputs(batch, device)
+            logits = model(**inputs, use_cache=False).logits[:, :-1]  # (B, S-1, vocab)
+            mask = inputs["attention_mask"]
+            valid = (mask[:, :-1] > 0) & (mask[:, 1:] > 0)  # input and target are both real tokens
+            targets = inputs["input_ids"][:, 1:][valid]
+            ce = F.cross_entropy(logits[valid].float(), targets, reduction="sum")
+            total += ce.cpu().double()
+            count += valid.sum().cpu()
+    if count == 0:
+        raise CompactLMError("lm_loss: the batches hold no next-token target (sequences of one token or all padding)")
+    return float(total / count)
+
+
+def _num_layers(model) -> int:
+    return family_of(model).dims(model.config).layers
+
+
+def lm_loss_importance(model, batches: Batches) -> torch.Tensor:
+    """(layers,) float32: LM loss with that layer alone skipped minus the loss of the full model."""
+    batches = list(batches)
+    baseline = lm_loss(model, batches)
+    out = []
+    for i in range(_num_layers(model)):
+        with skip_layers(model, [i]):
+            out.append(lm_loss(model, batches) - baseline)
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def contiguous_block_losses(model, batches: Batches, n: int) -> torch.Tensor:
+    """(layers - n + 1,) float32: LM loss with layers s..s+n-1 skipped, for every start s."""
+    layers = _num_layers(model)
+    if not 1 <= n <= layers:
+        raise CompactLMError(f"block size n={n} must be between 1 and the model's {layers} layers")
+    batches = list(batches)
+    out = []
+    for start in range(layers - n + 1):
+        with skip_layers(model, range(start, start + n)):
+            out.append(lm_loss(model, batches))
+    return torch.tensor(out, dtype=torch.float32)
+
+
+class _CosineTracker:
+    """Hook state: inputs of the last n layers and float32 sums of masked cos(x_i, x_{i+n}) per start i."""
+
+    def __init__(self, layers: int, n: int, device: torch.device):
+        self.n = n
+        self.inputs: dict[int, torch.Tensor] = {}
+        self.sums = torch.zeros(layers - n + 1, dtype=torch.float32, device=device)
+        self.tokens = torch.zeros((), dtype=torch.float32, device=device)
+        self.mask: torch.Tensor | None = None
+
+    def pre(self, i: int):
+        def hook(module, args, kwargs) -> None:
+            self.inputs[i] = _hidden_in(args, kwargs)
+
+        return hook
+
+    def post(self, j: int):
+        def hook(module, args, kwargs, output) -> None:
+            start = j - self.n + 1
+            if start < 0:
+                return
+            x, y = self.inputs.pop(start), _hidden_out(output)
+            cos = F.cosine_similarity(x.float(), y.float(), dim=-1)  # (B, S)
+            self.sums[start] += (cos * self.mask.to(cos.device)).sum().to(self.sums.device)
+
+        return hook
+
+
+def block_importance(model, batches: Batches, n: int = 1) -> torch.Tensor:
+    """(layers - n + 1,) float32 BI: 1 - mean over real tokens of cos(input of layer i, output of layer i+n-1)."""
+    family = family_of(model)
+    layers = _num_layers(model)
+    if not 1 <= n <= layers:
+        raise CompactLMError(f"block size n={n} must be between 1 and the model's {layers} layers")
+    modules = get_module(model, family.layers_path)
+    base = get_module(model, family.base_path)
+    device = _device(model)
+    tracker = _CosineTracker(layers, n, device)
+    handles = []
+    try:
+        for i in range(layers):
+            handles.append(modules[i].register_forward_pre_hook(tracker.pre(i), with_kwargs=True))
+            handles.append(modules[i].register_forward_hook(tracker.post(i), with_kwargs=True))
+        with _eval(model):
+            for batch in batches:
+                inputs = model_inputs(batch, device)
+                tracker.mask = inputs["attention_mask"].float()
+                tracker.tokens += tracker.mask.sum()
+                base(**inputs, use_cache=False)
+                tracker.inputs.clear()
+    finally:
+        for handle in handles:
+            handle.remove()
+    if float(tracker.tokens) == 0:
+        raise CompactLMError("block_importance: the batches hold no non-padding token")
+    return (1.0 - tracker.sums / tracker.tokens).float().cpu()
+
+
+LAYER_METRICS = {"lm_loss": lm_loss_importance, "block_importance": block_importance}
+
+
+def layer_metrics(model, batches: Batches, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The named depth metrics ("lm_loss", "block_importance"), each (layers,) float32."""
+    unknown = [m for m in names if m not in LAYER_METRICS]
+    if unknown:
+        raise CompactLMError(f"unknown layer metric '{unknown[0]}' (choose from {', '.join(LAYER_METRICS)})")
+    batches = list(batches)
+    return {name: LAYER_METRICS[name](model, batches) for name in names}

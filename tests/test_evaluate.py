@@ -1,0 +1,155 @@
+"""Evaluation invariants: loss equals HF's own, batch split and padding change nothing, KL(p, p) = 0."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import VOCAB, model_params, tiny_config, tiny_model
+
+from compactlm.errors import CompactLMError
+from compactlm.evaluate import evaluate, generation_speed, perplexity, sample_text, teacher_agreement
+from compactlm.models.loading import num_params
+
+WORDS = ["the", "king", "queen", "speaks", "of", "love", "and", "war", "to", "his", "her", "people"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """A tiny offline word-level tokenizer: ids 0 <unk>, 1 </s> (eos and pad), then WORDS; fits VOCAB."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "</s>": 1} | {w: i + 2 for i, w in enumerate(WORDS)}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>", pad_token="</s>")
+
+
+def _rows(batch):
+    """Each row alone with its right padding trimmed: a different batch split of the same tokens."""
+    out = []
+    for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
+        n = int(mask.sum())
+        out.append({"input_ids": ids[None, :n], "attention_mask": mask[None, :n]})
+    return out
+
+
+@pytest.mark.parametrize("family,heads,kv_heads,tied", model_params()[::3])
+def test_loss_equals_hf_loss_without_padding(family, heads, kv_heads, tied, token_batch):
+    model = tiny_model(family, heads, kv_heads, tied)
+    ids = token_batch["input_ids"]
+    with torch.no_grad():
+        hf_loss = model(input_ids=ids, labels=ids).loss.item()
+    out = perplexity(model, [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}])
+    assert out["loss"] == pytest.approx(hf_loss, rel=1e-5)
+    assert out["perplexity"] == pytest.approx(math.exp(hf_loss), rel=1e-5)
+    assert out["tokens"] == ids.shape[0] * (ids.shape[1] - 1)
+
+
+def test_loss_with_padding_equals_hf_loss_with_masked_labels(token_batch):
+    model = tiny_model("llama")
+    ids, mask = token_batch["input_ids"], token_batch["attention_mask"]
+    labels = ids.masked_fill(mask == 0, -100)
+    with torch.no_grad():
+        hf_loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
+    out = perplexity(model, [token_batch])
+    assert out["loss"] == pytest.approx(hf_loss, rel=1e-5)
+    assert out["tokens"] == int(mask.sum()) - ids.shape[0]
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gpt2"])
+def test_results_do_not_depend_on_batch_split(family, token_batch):
+    model, teacher = tiny_model(family), tiny_model(family, seed=1)
+    whole = evaluate(model, [token_batch], teacher=teacher, speed=False)
+    split = evaluate(model, _rows(token_batch), teacher=teacher, speed=False)
+    assert whole["tokens"] == split["tokens"]
+    for key in ("loss", "perplexity", "kl", "top1_agreement"):
+        assert split[key] == pytest.approx(whole[key], rel=1e-5, abs=1e-7), key
+
+
+def test_padded_positions_are_ignored(token_batch):
+    model, teacher = tiny_model("mistral"), tiny_model("mistral", seed=1)
+    noisy = {k: v.clone() for k, v in token_batch.items()}
+    pad = noisy["attention_mask"] == 0
+    noisy["input_ids"][pad] = torch.randint(2, VOCAB, (int(pad.sum()),))
+    a = evaluate(model, [token_batch], teacher=teacher, speed=False)
+    b = evaluate(model, [noisy], teacher=teacher, speed=False)
+    for key in ("loss", "tokens", "kl", "top1_agreement"):
+        assert a[key] == pytest.approx(b[key], rel=1e-6), key
+
+
+def test_kl_of_a_model_with_itself_is_zero(token_batch):
+    model = tiny_model("qwen2")
+    out = teacher_agreement(model, model, [token_batch])
+    assert abs(out["kl"]) < 1e-6
+    assert out["top1_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 5, 2048])
+def test_kl_matches_direct_computation(chunk_tokens, token_batch):
+    student, teacher = tiny_model("llama", tied=True), tiny_model("llama", seed=1)
+    ids, mask = token_batch["input_ids"], token_batch["attention_mask"]
+    with torch.no_grad():
+        log_q = F.log_softmax(student(input_ids=ids, attention_mask=mask).logits.float(), -1)  # (B, S, V)
+        log_p = F.log_softmax(teacher(input_ids=ids, attention_mask=mask).logits.float(), -1)
+    keep = mask.bool()
+    kl = F.kl_div(log_q[keep], log_p[keep], reduction="batchmean", log_target=True).item()
+    top1 = (log_q.argmax(-1) == log_p.argmax(-1))[keep].float().mean().item()
+    out = teacher_agreement(student, teacher, [token_batch], chunk_tokens=chunk_tokens)
+    assert out["kl"] > 0
+    assert out["kl"] == pytest.approx(kl, rel=1e-5)
+    assert out["top1_agreement"] == pytest.approx(top1)
+
+
+def test_bfloat16_models_work(token_batch):
+    model = tiny_model("llama")
+    ref = teacher_agreement(model, tiny_model("llama", seed=1), [token_batch])
+    half, teacher = tiny_model("llama").to(torch.bfloat16), tiny_model("llama", seed=1).to(torch.bfloat16)
+    out = evaluate(half, [token_batch], teacher=teacher, speed=False)
+    assert out["loss"] == pytest.approx(perplexity(model, [token_batch])["loss"], rel=2e-2)
+    assert out["kl"] == pytest.approx(ref["kl"], rel=0.2)
+
+
+def test_vocab_mismatch_raises(token_batch):
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config("llama")
+    config.vocab_size = VOCAB + 8
+    bigger = AutoModelForCausalLM.from_config(config).eval()
+    with pytest.raises(CompactLMError, match=rf"{VOCAB + 8}.*{VOCAB}"):
+        teacher_agreement(tiny_model("llama"), bigger, [token_batch])
+
+
+def test_no_tokens_raises():
+    ids = torch.full((2, 4), 3)
+    with pytest.raises(CompactLMError, match="no non-padding"):
+        perplexity(tiny_model("gpt2"), [{"input_ids": ids, "attention_mask": torch.zeros_like(ids)}])
+
+
+def test_training_mode_is_restored(token_batch):
+    model = tiny_model("gpt2").train()
+    perplexity(model, [token_batch])
+    assert model.training
+
+
+def test_generation_speed_and_sample_text(tokenizer):
+    model = tiny_model("llama", layers=1)
+    out = generation_speed(model, tokenizer, prompt="the king", new_tokens=4, repeats=1)
+    assert out["tokens_per_s"] > 0
+    text = sample_text(model, tokenizer, "the king", new_tokens=5)
+    assert isinstance(text, str)
+    assert len(text.split()) <= 5
+
+
+def test_evaluate_merges_keys(tokenizer, token_batch):
+    model, teacher = tiny_model("gpt2", layers=1), tiny_model("gpt2", layers=1, seed=1)
+    batches = iter([token_batch])  # a one-shot iterator: evaluate walks the batches once
+    out = evaluate(model, batches, teacher=teacher, tokenizer=tokenizer)
+    assert set(out) == {"params", "loss", "perplexity", "tokens", "kl", "top1_agreement", "tokens_per_s"}
+    assert out["params"] == num_params(model)
+    assert out["loss"] == pytest.approx(perplexity(model, [token_batch])["loss"], rel=1e-6)
+    assert set(evaluate(model, [token_batch], tokenizer=tokenizer, speed=False)) == {
+        "params", "loss", "perplexity", "tokens"}

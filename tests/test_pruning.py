@@ -1,0 +1,174 @@
+"""Surgery invariants (STYLE.md): keep-all is identity, pruning zeroed units changes nothing, reload keeps logits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import model_params, tiny_model
+from transformers import AutoModelForCausalLM
+
+from compactlm.config import TargetConfig
+from compactlm.errors import CompactLMError
+from compactlm.importance.scores import Scores
+from compactlm.models.family import family_of, get_module
+from compactlm.pruning import keep_all, make_plan, prune_model, resolve_target
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def scores_for(model, seed: int = 0) -> Scores:
+    """Random positive scores of the right shapes."""
+    dims = family_of(model).dims(model.config)
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: 1.0 + torch.rand(*shape, generator=g)  # noqa: E731
+    return Scores(rand(dims.hidden), rand(dims.layers, dims.heads), rand(dims.layers, dims.ffn), {"x": rand(dims.layers)})
+
+
+def zero_columns_(weight: torch.Tensor, channels: torch.Tensor, conv1d: bool) -> None:
+    """Zero the input channels of a projection (rows of a Conv1D weight, columns of a Linear weight)."""
+    with torch.no_grad():
+        if conv1d:
+            weight[channels] = 0.0
+        else:
+            weight[:, channels] = 0.0
+
+
+@pytest.mark.parametrize("family,heads,kv,tied", model_params())
+def test_keep_all_plan_is_identity(family, heads, kv, tied, token_batch):
+    model = tiny_model(family, heads, kv, tied)
+    dims = family_of(model).dims(model.config)
+    pruned = prune_model(model, keep_all(dims))
+    torch.testing.assert_close(logits(pruned, token_batch), logits(model, token_batch), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family,heads,kv,tied", model_params())
+def test_pruning_zeroed_neurons_changes_nothing(family, heads, kv, tied, token_batch):
+    model = tiny_model(family, heads, kv, tied)
+    fam = family_of(model)
+    dims = fam.dims(model.config)
+    scores = scores_for(model)
+    for layer in range(dims.layers):
+        dead = torch.randperm(dims.ffn)[: dims.ffn // 3]
+        scores.ffn[layer, dead] = 0.0
+        mlp_out = get_module(model, f"{fam.layers_path}.{layer}.{fam.mlp_out_path}")
+        zero_columns_(mlp_out.weight, dead, conv1d=family == "gpt2")
+    target = resolve_target(TargetConfig(intermediate_size=dims.ffn - dims.ffn // 3), dims, fam)
+    pruned = prune_model(model, make_plan(scores, dims, target, drop_layers=[]))
+    assert fam.dims(pruned.config).ffn == dims.ffn - dims.ffn // 3
+    torch.testing.assert_close(logits(pruned, token_batch), logits(model, token_batch), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family,heads,kv,tied", model_params())
+def test_pruning_zeroed_heads_changes_nothing(family, heads, kv, tied, token_batch):
+    """Half the query heads: inside each KV group when it has 2+ heads, else whole KV groups."""
+    if family == "gpt2":
+        pytest.skip("GPT-2 ties hidden to heads x head_dim: heads cannot shrink alone (covered by the reload test)")
+    model = tiny_model(family, heads, kv, tied)
+    fam = family_of(model)
+    dims = fam.dims(model.config)
+    new_kv = kv if dims.groups >= 2 else kv // 2
+    target = resolve_target(TargetConfig(num_attention_heads=heads // 2, num_key_value_heads=new_kv), dims, fam)
+    scores = scores_for(model)
+    plan = make_plan(scores, dims, target, drop_layers=[])
+    for layer in range(dims.layers):
+        dead = torch.tensor(sorted(set(range(heads)) - set(plan.heads[layer].tolist())))
+        channels = (dead[:, None] * dims.head_dim + torch.arange(dims.head_dim)).reshape(-1)
+        attn_out = get_module(model, f"{fam.layers_path}.{layer}.{fam.attn_out_path}")
+        zero_columns_(attn_out.weight, channels, conv1d=family == "gpt2")
+    pruned = prune_model(model, plan)
+    assert (fam.dims(pruned.config).heads, fam.dims(pruned.config).kv_heads) == (heads // 2, new_kv)
+    torch.testing.assert_close(logits(pruned, token_batch), logits(model, token_batch), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family,heads,kv,tied", model_params())
+def test_dropping_a_zeroed_layer_changes_nothing(family, heads, kv, tied, token_batch):
+    model = tiny_model(family, heads, kv, tied)
+    fam = family_of(model)
+    dims = fam.dims(model.config)
+    with torch.no_grad():
+        for path in (fam.attn_out_path, fam.mlp_out_path):
+            module = get_module(model, f"{fam.layers_path}.1.{path}")
+            module.weight.zero_()
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+    plan = keep_all(dims)
+    plan = type(plan)(plan.hidden, plan.heads, plan.kv_heads, plan.ffn, torch.tensor([0, 2]))
+    pruned = prune_model(model, plan)
+    assert fam.dims(pruned.config).layers == 2
+    torch.testing.assert_close(logits(pruned, token_batch), logits(model, token_batch), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family,heads,kv,tied", model_params())
+def test_pruned_model_reloads_with_plain_from_pretrained(family, heads, kv, tied, token_batch, tmp_path):
+    model = tiny_model(family, heads, kv, tied)
+    fam = family_of(model)
+    dims = fam.dims(model.config)
+    # hidden 24 with heads x head_dim = 32 for the explicit-head_dim families; GPT-2 needs hidden = heads x head_dim
+    new_heads = heads if family != "gpt2" else 3
+    target = resolve_target(
+        TargetConfig(hidden_size=24, intermediate_size=0.5, num_attention_heads=new_heads, num_hidden_layers=2,
+                     num_key_value_heads=None if family != "gpt2" else 3),
+        dims, fam,
+    ) if family != "llama" else resolve_target(TargetConfig(hidden_size=24, intermediate_size=0.5, num_hidden_layers=2), dims, fam)
+    pruned = prune_model(model, make_plan(scores_for(model), dims, target, drop_layers=[1]))
+    pruned.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert "quantization_config" not in config
+    if fam.explicit_head_dim:
+        assert config["head_dim"] == dims.head_dim
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert fam.dims(reloaded.config) == target
+    torch.testing.assert_close(logits(reloaded, token_batch), logits(pruned, token_batch), rtol=0, atol=0)
+    if tied:
+        assert reloaded.lm_head.weight.data_ptr() == reloaded.get_input_embeddings().weight.data_ptr()
+
+
+def test_pruning_does_not_change_the_source(token_batch):
+    model = tiny_model("qwen3", 4, 2, False)
+    before = logits(model, token_batch)
+    dims = family_of(model).dims(model.config)
+    target = resolve_target(TargetConfig(hidden_size=16, num_attention_heads=2, intermediate_size=16), dims, family_of(model))
+    prune_model(model, make_plan(scores_for(model), dims, target, drop_layers=[0]))
+    torch.testing.assert_close(logits(model, token_batch), before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "family,target,message",
+    [
+        ("llama", TargetConfig(hidden_size=64), "larger than the source"),
+        ("llama", TargetConfig(num_attention_heads=3), "not a multiple of"),
+        ("llama", TargetConfig(num_hidden_layers=0), "at least 1"),
+        ("llama", TargetConfig(drop_layers=(0, 1, 2)), "drops 3 of 3"),
+        ("llama", TargetConfig(drop_layers=(7,)), "out of range"),
+        ("llama", TargetConfig(hidden_size=30), "hidden_size % num_attention_heads"),
+        ("llama", TargetConfig(intermediate_size=1.5), "fraction"),
+        ("gpt2", TargetConfig(hidden_size=24), "heads x head_dim"),
+        ("mistral", TargetConfig(num_attention_heads=4, num_key_value_heads=1), "query heads per KV group"),
+    ],
+)
+def test_bad_targets_name_the_key(family, target, message):
+    model = tiny_model(family, 4, 2 if family != "gpt2" else 4)
+    fam = family_of(model)
+    with pytest.raises(CompactLMError, match=message):
+        resolve_target(target, fam.dims(model.config), fam)
+
+
+def test_fraction_and_rounding():
+    model = tiny_model("mistral", 4, 2)
+    fam = family_of(model)
+    dims = fam.dims(model.config)
+    target = resolve_target(TargetConfig(hidden_size=0.5, intermediate_size=0.7, round_to=8), dims, fam)
+    assert (target.hidden, target.ffn) == (16, 32)
+
+
+def test_unsupported_family_lists_supported():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=16, num_attention_heads=2, num_hidden_layers=1, intermediate_size=32, vocab_size=32))
+    with pytest.raises(CompactLMError, match="supports llama, mistral, qwen2, qwen3, gpt2"):
+        family_of(model)
