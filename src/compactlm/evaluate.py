@@ -79,7 +79,7 @@ def _targets(ids: Tensor, mask: Tensor) -> Tensor:
 
 
 def _batch_sums(model, teacher, batch: Batch, chunk_tokens: int) -> dict[str, float]:
-    """Sums over one batch: CE (nats) and target count; KL, top-1 matches and positions when a teacher is given."""
+    """One batch's sums: CE (nats) and targets; KL, top-1 matches and positions with a teacher."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
     targets = _targets(ids, mask)
     rows = mask.bool() if teacher is not None else targets != IGNORE_INDEX  # (B, S) positions to evaluate
@@ -101,7 +101,8 @@ def _batch_sums(model, teacher, batch: Batch, chunk_tokens: int) -> dict[str, fl
         sums[2] += (log_q.argmax(-1) == log_p.argmax(-1)).sum().double()
         del log_p
     ce, kl, top1 = sums.cpu().tolist()
-    return {"ce": ce, "targets": int((tgt != IGNORE_INDEX).sum()), "kl": kl, "top1": top1, "positions": tgt.shape[0]}
+    targets_counted = int((tgt != IGNORE_INDEX).sum())
+    return {"ce": ce, "targets": targets_counted, "kl": kl, "top1": top1, "positions": tgt.shape[0]}
 
 
 def _scan(model, teacher, batches: Iterable[Batch], chunk_tokens: int, progress: bool) -> dict[str, float]:
@@ -119,7 +120,7 @@ def _scan(model, teacher, batches: Iterable[Batch], chunk_tokens: int, progress:
             for key, value in _batch_sums(model, teacher, batch, chunk_tokens).items():
                 total[key] += value
     if total["targets"] == 0:
-        raise CompactLMError("evaluation batches hold no non-padding target tokens (need >= 2 unmasked per row)")
+        raise CompactLMError("evaluation batches hold no non-padding target tokens (rows need 2+)")
     loss = total["ce"] / total["targets"]
     out = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": total["targets"]}
     if teacher is not None:
@@ -134,7 +135,7 @@ def perplexity(model, batches: Iterable[Batch], *, progress: bool = False) -> di
 
 def teacher_agreement(student, teacher, batches: Iterable[Batch], *, chunk_tokens: int = 2048,
                       progress: bool = False) -> dict:
-    """{"kl": mean KL(teacher || student) per non-padding token (nats), "top1_agreement": argmax match rate}."""
+    """{"kl": mean KL(teacher || student) per non-padding token (nats), "top1_agreement": match rate}."""
     out = _scan(student, teacher, batches, chunk_tokens, progress)
     return {"kl": out["kl"], "top1_agreement": out["top1_agreement"]}
 
@@ -151,8 +152,8 @@ def _generate(model, tokenizer, prompt: str, new_tokens: int, exact: bool) -> tu
         pad = eos[0] if isinstance(eos, (list, tuple)) else eos
     out = model.generate(
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens if exact else None, do_sample=False, temperature=None, top_p=None, top_k=None,
-        use_cache=True, pad_token_id=pad,
+        min_new_tokens=new_tokens if exact else None, do_sample=False, use_cache=True, pad_token_id=pad,
+        temperature=None, top_p=None, top_k=None,  # greedy: ignore sampling defaults
     )
     return out, ids.shape[1]
 
@@ -162,10 +163,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def generation_speed(model, tokenizer, *, prompt: str = "The", new_tokens: int = 64, repeats: int = 2) -> dict:
-    """{"tokens_per_s": greedy decode throughput, batch 1, KV cache, exactly `new_tokens` per run, after a warm-up}."""
+def generation_speed(model, tokenizer, *, prompt: str = "The", new_tokens: int = 64,
+                     repeats: int = 2) -> dict:
+    """{"tokens_per_s": greedy decode rate: batch 1, KV cache, `new_tokens` a run, after a warm-up}."""
     if new_tokens < 1 or repeats < 1:
-        raise CompactLMError(f"generation_speed needs new_tokens >= 1 and repeats >= 1, got {new_tokens}, {repeats}")
+        raise CompactLMError(f"generation_speed: need new_tokens, repeats >= 1, got {new_tokens}, {repeats}")
     device = _device(model)
     with _eval_mode(model):
         _generate(model, tokenizer, prompt, new_tokens, exact=True)  # warm-up: kernels, allocator, caches
@@ -181,7 +183,7 @@ def generation_speed(model, tokenizer, *, prompt: str = "The", new_tokens: int =
 
 
 def sample_text(model, tokenizer, prompt: str, *, new_tokens: int = 40) -> str:
-    """The greedy continuation of `prompt` (without the prompt), at most `new_tokens` tokens, special tokens dropped."""
+    """The greedy continuation of `prompt` (prompt excluded): <= `new_tokens` tokens, no specials."""
     with _eval_mode(model):
         out, prompt_len = _generate(model, tokenizer, prompt, new_tokens, exact=False)
     return tokenizer.decode(out[0, prompt_len:].tolist(), skip_special_tokens=True)
@@ -189,8 +191,8 @@ def sample_text(model, tokenizer, prompt: str, *, new_tokens: int = 40) -> str:
 
 def evaluate(model, batches: Iterable[Batch], *, teacher=None, tokenizer=None, speed: bool = True,
              progress: bool = False) -> dict:
-    """params, loss, perplexity, tokens; kl and top1_agreement with a teacher; tokens_per_s with speed and a tokenizer."""
-    out = {"params": num_params(model)} | _scan(model, teacher, batches, 2048, progress)  # one pass over batches
+    """params, loss, perplexity, tokens; + kl, top1_agreement (teacher); + tokens_per_s (speed, tokenizer)."""
+    out = {"params": num_params(model)} | _scan(model, teacher, batches, 2048, progress)  # one pass
     if speed and tokenizer is not None:
         out |= generation_speed(model, tokenizer)
     log.info("evaluation: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()})

@@ -115,16 +115,22 @@ def _cache_builtin(model, name: str) -> None:
         log.warning("could not cache %s: %s", name, e)
 
 
+def write_checkpoint(model, tokenizer, directory: str | Path) -> None:
+    """save_pretrained the model (and tokenizer) into `directory`, with no quantization entry in config.json."""
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    _strip_quantization(directory / "config.json")
+
+
 def save_checkpoint(model, tokenizer, out: str | Path) -> Path:
     """Write a plain Hugging Face checkpoint atomically: to a temp dir beside `out`, then rename."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        _strip_quantization(tmp / "config.json")
+        write_checkpoint(model, tokenizer, tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

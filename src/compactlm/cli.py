@@ -1,0 +1,91 @@
+"""`compactlm <command> [--config FILE.yaml] [key=value ...]`: thin functions over the library's stages."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+from compactlm.config import load_config
+from compactlm.errors import CompactLMError
+
+log = logging.getLogger("compactlm")
+
+
+def _score(cfg) -> None:
+    from compactlm import stages
+
+    scores = stages.score(cfg)
+    print(json.dumps({"scores": f"{cfg.out_dir}/{stages.SCORES_FILE}", **scores.meta}))
+
+
+def _prune(cfg) -> None:
+    from compactlm import stages
+
+    out = stages.prune(cfg)
+    plan = json.loads((out / stages.PLAN_FILE).read_text())
+    print(json.dumps({"out_dir": str(out), "target_shape": plan["target_shape"], "params": plan["params"]}))
+
+
+def _eval(cfg) -> None:
+    from compactlm import stages
+
+    print(json.dumps(stages.evaluate(cfg)))
+
+
+def _distill(cfg) -> None:
+    from compactlm.distill.run import run_distill
+
+    print(json.dumps(run_distill(cfg)))
+
+
+def _train(cfg) -> None:
+    from compactlm.distill.run import run_train
+
+    print(json.dumps(run_train(cfg)))
+
+
+COMMANDS: dict[str, tuple[Callable, str]] = {
+    "score": (_score, "compute importance scores of model= on data= and save them to out_dir"),
+    "prune": (_prune, "prune model= to target.* and write a Hugging Face checkpoint to out_dir"),
+    "eval": (_eval, "perplexity, parameters, speed (and KL/agreement to teacher=) as JSON on the last line"),
+    "distill": (_distill, "retrain student= from teacher= by knowledge distillation"),
+    "train": (_train, "train model= with plain cross-entropy (teacher correction, baselines, from scratch)"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="compactlm", description="Minitron-style pruning and distillation")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    for name, (_, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", help="YAML file of keys (see configs/)")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="override any key, e.g. target.hidden_size=384")
+        p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else (logging.INFO if rank == 0 else logging.WARNING),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+    )
+    try:
+        cfg = load_config(args.config, args.overrides)
+        COMMANDS[args.command][0](cfg)
+    except CompactLMError as e:
+        print(f"compactlm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"compactlm {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""The pipeline's stages as functions of a resolved `Config`: score, prune, evaluate.
+
+Each stage validates its inputs before any heavy work, writes into `cfg.out_dir` through a staging
+directory (so a failure leaves no partial output), and writes the resolved config beside its outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from compactlm import data
+from compactlm.config import Config, save_config
+from compactlm.errors import CompactLMError
+from compactlm.importance.scores import Scores
+from compactlm.models.family import family_of
+from compactlm.models.loading import load_model, load_tokenizer, num_params, write_checkpoint
+from compactlm.pruning import layers_to_drop, make_plan, prune_model, resolve_target
+
+log = logging.getLogger(__name__)
+
+SCORES_FILE = "scores.safetensors"
+PLAN_FILE = "plan.json"
+CONFIG_FILE = "compactlm.yaml"
+
+
+def pick_device(name: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@contextlib.contextmanager
+def staged_output(out_dir: str | Path) -> Iterator[Path]:
+    """Yield a temp dir beside `out_dir`; on success move its entries into `out_dir`, on failure delete it."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging.", dir=out.parent))
+    try:
+        yield tmp
+        out.mkdir(exist_ok=True)
+        for entry in tmp.iterdir():
+            target = out / entry.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            entry.replace(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_seq_len(model, seq_len: int, key: str) -> None:
+    """A sequence length above the model's maximum position is an error naming the key."""
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if limit is not None and seq_len > limit:
+        raise CompactLMError(f"{key}={seq_len} exceeds the model's maximum sequence length {limit}")
+
+
+def load_splits(cfg: Config, tokenizer, seq_len: int) -> data.Splits:
+    """Tokenised, packed calibration/train/validation splits of `cfg.data` at `seq_len`."""
+    texts = data.load_texts(
+        cfg.data, text_field=cfg.dataset.text_field, split=cfg.dataset.split, max_chars=cfg.dataset.max_chars
+    )
+    return data.make_splits(
+        texts, tokenizer, seq_len, val_fraction=cfg.dataset.val_fraction,
+        calib_sequences=cfg.calib.sequences, seed=cfg.seed,
+    )
+
+
+def load(cfg: Config, spec: str | None = None):
+    """(model, tokenizer) for `spec` (default cfg.model) on the configured device and dtype."""
+    spec = spec or cfg.model
+    model = load_model(spec, dtype=cfg.dtype, device=pick_device(cfg.device))
+    return model, load_tokenizer(cfg.tokenizer or spec)
+
+
+def compute_scores(cfg: Config, model, tokenizer) -> Scores:
+    """Importance of every channel, head, neuron and layer of `model` on the calibration split."""
+    from compactlm.importance import score
+
+    check_seq_len(model, cfg.calib.seq_len, "calib.seq_len")
+    splits = load_splits(cfg, tokenizer, cfg.calib.seq_len)
+    imp = cfg.importance
+    scores = score(
+        model, list(data.batches(splits.calib, cfg.calib.batch_size)), method=imp.method,
+        aggregation=imp.aggregation, head_score=imp.head_score, layer_metrics=imp.layer_metrics,
+        seed=cfg.seed, progress=True,
+    )
+    return Scores(scores.hidden, scores.heads, scores.ffn, scores.layers, scores.meta | {"model": cfg.model})
+
+
+def score(cfg: Config) -> Scores:
+    """`compactlm score`: compute and save importance scores to out_dir/scores.safetensors."""
+    model, tokenizer = load(cfg)
+    scores = compute_scores(cfg, model, tokenizer)
+    with staged_output(cfg.out_dir) as out:
+        scores.save(out / SCORES_FILE)
+        save_config(cfg, out / CONFIG_FILE)
+    return scores
+
+
+def _with_contiguous(cfg: Config, model, tokenizer, scores: Scores, n: int) -> Scores:
+    """Add LM losses of every contiguous block of n layers removed (computed on the calibration split)."""
+    from compactlm.importance.layers import contiguous_block_losses
+
+    key = f"contiguous_{n}"
+    if key in scores.layers:
+        return scores
+    splits = load_splits(cfg, tokenizer, cfg.calib.seq_len)
+    losses = contiguous_block_losses(model, list(data.batches(splits.calib, cfg.calib.batch_size)), n)
+    return Scores(scores.hidden, scores.heads, scores.ffn, scores.layers | {key: losses}, scores.meta)
+
+
+def prune(cfg: Config) -> Path:
+    """`compactlm prune`: score (or reuse scores), cut to `cfg.target`, save a plain HF checkpoint + plan.json."""
+    if cfg.importance.scores and not Path(cfg.importance.scores).is_file():
+        raise CompactLMError(f"importance.scores: file {cfg.importance.scores} does not exist")
+    model, tokenizer = load(cfg)
+    family = family_of(model)
+    source = family.dims(model.config)
+    target = resolve_target(cfg.target, source, family)  # every shape error before any scoring
+    scores = Scores.load(cfg.importance.scores) if cfg.importance.scores else compute_scores(cfg, model, tokenizer)
+    if scores.hidden.numel() != source.hidden or scores.ffn.shape != (source.layers, source.ffn):
+        raise CompactLMError(f"importance.scores: {cfg.importance.scores} was computed for a different model shape")
+    n_drop = source.layers - target.layers
+    if cfg.target.layer_metric == "contiguous" and n_drop and cfg.target.drop_layers is None:
+        scores = _with_contiguous(cfg, model, tokenizer, scores, n_drop)
+    drop = layers_to_drop(cfg.target, source, target.layers, scores)
+    plan = make_plan(scores, source, target, drop)
+    pruned = prune_model(model, plan)
+    log.info("pruned %s: %d -> %d parameters", cfg.model, num_params(model), num_params(pruned))
+    with staged_output(cfg.out_dir) as out:
+        write_checkpoint(pruned, tokenizer, out)
+        plan.save(
+            out / PLAN_FILE, source=cfg.model, source_shape=vars(source), target_shape=vars(target),
+            dropped_layers=drop, params={"source": num_params(model), "pruned": num_params(pruned)},
+            importance=scores.meta,
+        )
+        scores.save(out / SCORES_FILE)
+        save_config(cfg, out / CONFIG_FILE)
+    return Path(cfg.out_dir)
+
+
+def evaluate(cfg: Config) -> dict:
+    """`compactlm eval`: perplexity, params, speed, and KL/agreement against `cfg.teacher` when given."""
+    from compactlm.evaluate import evaluate as evaluate_model
+
+    model, tokenizer = load(cfg)
+    teacher = load(cfg, cfg.teacher)[0] if cfg.teacher else None
+    check_seq_len(model, cfg.eval.seq_len, "eval.seq_len")
+    splits = load_splits(cfg, tokenizer, cfg.eval.seq_len)
+    val = splits.val[: cfg.eval.sequences]
+    metrics = evaluate_model(
+        model, list(data.batches(val, cfg.eval.batch_size)), teacher=teacher, tokenizer=tokenizer,
+        speed=cfg.eval.speed, progress=True,
+    )
+    metrics = {"model": cfg.model, **metrics}
+    if cfg.out_dir and cfg.out_dir != Config.out_dir:
+        with staged_output(cfg.out_dir) as out:
+            (out / "eval.json").write_text(json.dumps(metrics, indent=1) + "\n")
+            save_config(cfg, out / CONFIG_FILE)
+    return metrics
