@@ -69,3 +69,47 @@ def token_batch():
     mask[1, 12:] = 0
     mask[2, 9:] = 0
     return {"input_ids": ids, "attention_mask": mask}
+
+
+SHAKESPEARE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "tinyshakespeare.txt")
+
+
+def tiny_tokenizer(vocab_size: int = 300):
+    """An offline byte-level BPE tokenizer (any text encodes) trained on a slice of Tiny Shakespeare."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    with open(SHAKESPEARE, encoding="utf-8") as f:
+        text = f.read(50_000)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(text.split("\n\n"), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny random Llama (4 heads in 2 KV groups) with a real tokenizer, saved as a HF checkpoint dir."""
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tok = tiny_tokenizer()
+    config = tiny_config("llama", 4, 2, tied=True)
+    config.vocab_size, config.eos_token_id, config.pad_token_id, config.bos_token_id = len(tok), 0, 0, 0
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory):
+    """A 60 KB slice of Tiny Shakespeare as a .txt corpus."""
+    path = tmp_path_factory.mktemp("data") / "shakespeare.txt"
+    with open(SHAKESPEARE, encoding="utf-8") as f:
+        path.write_text(f.read(60_000))
+    return path

@@ -68,6 +68,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_transformers() -> None:
+    """Our own progress bars and errors only: no per-file loading bars or advisory warnings from transformers."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
@@ -75,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else (logging.INFO if rank == 0 else logging.WARNING),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
     )
+    _quiet_transformers()
     try:
         cfg = load_config(args.config, args.overrides)
         COMMANDS[args.command][0](cfg)

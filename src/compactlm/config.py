@@ -133,7 +133,8 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        for arg in (a for a in args if a is not type(None)):  # exact types first: 3 stays an int in int|float
+        plain = [a for a in args if isinstance(a, type) and a is not type(None)]
+        for arg in plain:  # exact types first: 3 stays an int in int|float
             if isinstance(value, arg) and not (arg is int and isinstance(value, bool)):
                 return value
         for arg in (a for a in args if a is not type(None)):

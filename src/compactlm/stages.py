@@ -21,7 +21,7 @@ from compactlm.config import Config, save_config
 from compactlm.errors import CompactLMError
 from compactlm.importance.scores import Scores
 from compactlm.models.family import family_of
-from compactlm.models.loading import load_model, load_tokenizer, num_params, write_checkpoint
+from compactlm.models.loading import load_model, load_model_config, load_tokenizer, num_params, write_checkpoint
 from compactlm.pruning import layers_to_drop, make_plan, prune_model, resolve_target
 
 log = logging.getLogger(__name__)
@@ -56,9 +56,10 @@ def staged_output(out_dir: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def check_seq_len(model, seq_len: int, key: str) -> None:
+def check_seq_len(model_or_config, seq_len: int, key: str) -> None:
     """A sequence length above the model's maximum position is an error naming the key."""
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    config = getattr(model_or_config, "config", model_or_config)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if limit is not None and seq_len > limit:
         raise CompactLMError(f"{key}={seq_len} exceeds the model's maximum sequence length {limit}")
 
@@ -122,10 +123,12 @@ def prune(cfg: Config) -> Path:
     """`compactlm prune`: score (or reuse scores), cut to `cfg.target`, save a plain HF checkpoint + plan.json."""
     if cfg.importance.scores and not Path(cfg.importance.scores).is_file():
         raise CompactLMError(f"importance.scores: file {cfg.importance.scores} does not exist")
+    config = load_model_config(cfg.model)
+    family = family_of(config)
+    source = family.dims(config)
+    target = resolve_target(cfg.target, source, family)  # every shape error before loading any weights
+    check_seq_len(config, cfg.calib.seq_len, "calib.seq_len")
     model, tokenizer = load(cfg)
-    family = family_of(model)
-    source = family.dims(model.config)
-    target = resolve_target(cfg.target, source, family)  # every shape error before any scoring
     scores = Scores.load(cfg.importance.scores) if cfg.importance.scores else compute_scores(cfg, model, tokenizer)
     if scores.hidden.numel() != source.hidden or scores.ffn.shape != (source.layers, source.ffn):
         raise CompactLMError(f"importance.scores: {cfg.importance.scores} was computed for a different model shape")

@@ -60,38 +60,50 @@ def aggregate_sequence(a: torch.Tensor, mask: torch.Tensor, how: str) -> torch.T
 
 
 class BatchStats:
-    """Float32 running sums over sequences of (B, *shape) per-sequence scores: sum, sum of squares, count."""
+    """Float32 running (count, mean, M2) over sequences of (B, *shape) per-sequence scores.
+
+    Batches merge with Chan et al.'s parallel update, so the order and split of batches does not matter and
+    the variance has no E[s^2] - E[s]^2 cancellation; mean, L2 (sqrt of the sum of squares = sqrt(M2 +
+    count * mean^2)) and population variance all finalise from it.
+    """
 
     def __init__(self, shape: tuple[int, ...], device: torch.device | str = "cpu"):
-        self.sum = torch.zeros(shape, dtype=torch.float32, device=device)
-        self.sumsq = torch.zeros(shape, dtype=torch.float32, device=device)
         self.count = torch.zeros((), dtype=torch.float32, device=device)
+        self.mean = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.m2 = torch.zeros(shape, dtype=torch.float32, device=device)
 
-    def add_(self, s: torch.Tensor, rows: torch.Tensor | None = None) -> None:
-        """Add (B, *shape) scores; `rows` (a 0-d tensor) overrides the count, e.g. to skip all-padding rows."""
+    def add_(self, s: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Merge (B, *shape) scores; `valid` (B,) 0/1 leaves rows out (sequences without a real token)."""
         s = s.float()
-        self.sum += s.sum(0)
-        self.sumsq += s.square().sum(0)
-        self.count += s.shape[0] if rows is None else rows
+        v = torch.ones(s.shape[0], device=s.device) if valid is None else valid.to(s.device, torch.float32)
+        v = v.view(-1, *([1] * (s.ndim - 1)))  # (B, 1, ...)
+        n_b = v.sum()
+        mean_b = (v * s).sum(0) / n_b.clamp(min=1.0)
+        m2_b = (v * (s - mean_b).square()).sum(0)
+        n = self.count + n_b
+        delta = mean_b - self.mean
+        self.mean += delta * (n_b / n.clamp(min=1.0))
+        self.m2 += m2_b + delta.square() * (self.count * n_b / n.clamp(min=1.0))
+        self.count = n
 
     def result(self, how: str) -> torch.Tensor:
-        """(*shape) float32: mean, L2 (sqrt of the sum of squares) or population variance over all sequences."""
-        if how == "l2":
-            return self.sumsq.sqrt()
+        """(*shape) float32: mean, L2 norm or population variance over all sequences added so far."""
         if how not in HOWS:
             raise CompactLMError(f"unknown batch aggregation '{how}' (choose one of {', '.join(HOWS)})")
         if float(self.count) == 0:
             raise CompactLMError("importance: the calibration batches hold no non-padding token")
-        mean = self.sum / self.count
-        # Variance from running sums: float32 cancellation costs ~1e-7 * E[s^2], far below score spreads.
-        return mean if how == "mean" else (self.sumsq / self.count - mean.square()).clamp(min=0.0)
+        if how == "mean":
+            return self.mean.clone()
+        if how == "var":
+            return self.m2 / self.count
+        return (self.m2 + self.count * self.mean.square()).sqrt()
 
 
 def aggregate(a: torch.Tensor, mask: torch.Tensor, aggregation: str = "l2_mean") -> torch.Tensor:
     """(B, S, C) activation, (B, S) mask -> (C,) float32 score under "<batch>_<seq>" (one-batch convenience)."""
     batch, seq = parse_aggregation(aggregation)
     stats = BatchStats((a.shape[-1],), a.device)
-    stats.add_(aggregate_sequence(a, mask, seq), (mask.sum(1) > 0).sum())
+    stats.add_(aggregate_sequence(a, mask, seq), mask.to(a.device).sum(1) > 0)
     return stats.result(batch)
 
 
@@ -115,14 +127,14 @@ class ActivationCollector:
         }
         self.pending: dict[str, list[torch.Tensor | None]] = {k: [None] * n for k, n in self.sizes.items()}
         self._w: dict[torch.device, torch.Tensor] = {}
-        self._rows: torch.Tensor | None = None
+        self._rows: torch.Tensor | None = None  # (B,) bool, set between set_mask and flush
 
     def set_mask(self, mask: torch.Tensor) -> None:
         """Fold the previous batch in, then take the (B, S) mask of the batch about to run."""
         self.flush()
         w = _weights(mask, self.seq_how)
         self._w = {w.device: w}
-        self._rows = (mask.sum(1) > 0).sum().float()
+        self._rows = mask.sum(1) > 0  # (B,) sequences with at least one real token
 
     def _weights_on(self, device: torch.device) -> torch.Tensor:
         if device not in self._w:  # a model split across devices
@@ -138,8 +150,8 @@ class ActivationCollector:
             if missing:
                 raise CompactLMError(f"importance: {kind} hooks at sites {missing} did not run in the forward pass")
             stats = self.stats[kind]
-            stacked = torch.stack([r.to(stats.sum.device) for r in rows], 1)  # (B, sites, C)
-            stats.add_(stacked, self._rows.to(stats.sum.device))
+            stacked = torch.stack([r.to(stats.mean.device) for r in rows], 1)  # (B, sites, C)
+            stats.add_(stacked, self._rows)
             self.pending[kind] = [None] * len(rows)
         self._rows = None
 

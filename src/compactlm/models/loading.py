@@ -77,6 +77,19 @@ def load_tokenizer(spec: str):
     return tok
 
 
+def load_model_config(spec: str):
+    """Only the config of a model spec (cheap): lets shape checks run before any weights load."""
+    from transformers import AutoConfig
+
+    path, gguf = resolve(spec)
+    try:
+        config = AutoConfig.from_pretrained(path, gguf_file=gguf) if gguf else AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, json.JSONDecodeError) as e:
+        raise CompactLMError(f"cannot load model config from {spec}: {str(e).splitlines()[0]}") from None
+    family_of(config)
+    return config
+
+
 def load_model(spec: str, *, dtype: str = "float32", device: str | torch.device = "cpu"):
     """Load a causal LM from a hub id, directory, .gguf file or built-in name, in eval mode."""
     from transformers import AutoModelForCausalLM
@@ -87,7 +100,7 @@ def load_model(spec: str, *, dtype: str = "float32", device: str | torch.device 
         kwargs["gguf_file"] = gguf
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, json.JSONDecodeError, RuntimeError) as e:
+    except Exception as e:  # corrupt files surface as OSError, ValueError, SafetensorError, RuntimeError...
         raise CompactLMError(f"cannot load model from {spec}: {str(e).splitlines()[0]}") from None
     family_of(model)  # unsupported families fail here, before any work
     if gguf:

@@ -1,0 +1,116 @@
+"""The CLI end to end on a tiny model, and its one-line errors for bad input (no partial output)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from compactlm.cli import main
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def common(tiny_checkpoint, text_file, out_dir) -> list[str]:
+    return [f"model={tiny_checkpoint}", f"data={text_file}", f"out_dir={out_dir}", "calib.sequences=8",
+            "calib.seq_len=32", "calib.batch_size=4", "eval.seq_len=32", "eval.sequences=8", "eval.speed=false"]
+
+
+def test_score_prune_eval_end_to_end(capsys, tiny_checkpoint, text_file, tmp_path):
+    code, out, err = run(capsys, "score", *common(tiny_checkpoint, text_file, tmp_path / "scores"))
+    assert code == 0, err
+    scores = tmp_path / "scores" / "scores.safetensors"
+    assert scores.is_file() and (tmp_path / "scores" / "compactlm.yaml").is_file()
+
+    config = tmp_path / "prune.yaml"
+    config.write_text(yaml.safe_dump({"target": {"hidden_size": 16, "intermediate_size": 0.5, "num_attention_heads": 2}}))
+    pruned = tmp_path / "pruned"
+    code, out, err = run(
+        capsys, "prune", "--config", str(config), *common(tiny_checkpoint, text_file, pruned),
+        f"importance.scores={scores}", "target.num_hidden_layers=2",
+    )
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["target_shape"]["hidden"] == 16
+    model = AutoModelForCausalLM.from_pretrained(pruned)
+    assert (model.config.hidden_size, model.config.intermediate_size, model.config.num_attention_heads,
+            model.config.num_key_value_heads, model.config.num_hidden_layers, model.config.head_dim) == (16, 24, 2, 2, 2, 8)
+    plan = json.loads((pruned / "plan.json").read_text())
+    assert len(plan["dropped_layers"]) == 1 and len(plan["hidden"]) == 16
+    resolved = yaml.safe_load((pruned / "compactlm.yaml").read_text())
+    assert resolved["target"]["hidden_size"] == 16 and resolved["target"]["num_hidden_layers"] == 2
+
+    code, out, err = run(capsys, "eval", *common(pruned, text_file, tmp_path / "eval"), f"teacher={tiny_checkpoint}")
+    assert code == 0, err
+    metrics = json.loads(out.strip().splitlines()[-1])
+    assert metrics["params"] == sum(p.numel() for p in model.parameters())
+    assert metrics["perplexity"] > 1 and metrics["kl"] > 0 and 0 <= metrics["top1_agreement"] <= 1
+
+
+def test_prune_with_contiguous_block_metric(capsys, tiny_checkpoint, text_file, tmp_path):
+    code, out, err = run(
+        capsys, "prune", *common(tiny_checkpoint, text_file, tmp_path / "p"), "target.num_hidden_layers=1",
+        "target.layer_metric=contiguous",
+    )
+    assert code == 0, err
+    plan = json.loads((tmp_path / "p" / "plan.json").read_text())
+    assert plan["dropped_layers"] == [0, 1]  # the final layer is kept by default
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["target.bogus=1"], "unknown config key 'target.bogus'"),
+        (["calib.seq_len=abc"], "calib.seq_len: expected int"),
+        (["target.hidden_size=4096"], "larger than the source"),
+        (["target.num_attention_heads=3"], "not a multiple of"),
+        (["target.drop_layers=[0,1,2,3]"], "out of range"),
+        (["target.drop_layers=[0,1,2]"], "drops 3 of 3 layers"),
+        (["calib.seq_len=4096"], "calib.seq_len=4096 exceeds the model's maximum"),
+        (["model=/nonexistent/model"], "/nonexistent/model"),
+        (["importance.method=gradient"], "importance.method"),
+    ],
+)
+def test_bad_input_is_one_line_and_leaves_no_output(capsys, tiny_checkpoint, text_file, tmp_path, args, message):
+    out_dir = tmp_path / "out"
+    code, out, err = run(capsys, "prune", *common(tiny_checkpoint, text_file, out_dir), *args)
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not out_dir.exists() and not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+
+
+def test_empty_data_and_corrupt_model(capsys, tiny_checkpoint, text_file, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    code, _, err = run(capsys, "score", *common(tiny_checkpoint, empty, tmp_path / "o1"))
+    assert code == 2 and "empty.txt" in err and not (tmp_path / "o1").exists()
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    code, _, err = run(capsys, "eval", *common(broken, text_file, tmp_path / "o2"))
+    assert code == 2 and "broken" in err and len(err.strip().splitlines()) == 1
+
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    for f in tiny_checkpoint.iterdir():
+        (truncated / f.name).write_bytes(f.read_bytes())
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    code, _, err = run(capsys, "eval", *common(truncated, text_file, tmp_path / "o3"))
+    assert code == 2 and "truncated" in err and len(err.strip().splitlines()) == 1
+
+
+def test_config_file_errors(capsys, tmp_path):
+    code, _, err = run(capsys, "score", "--config", str(tmp_path / "missing.yaml"))
+    assert code == 2 and "missing.yaml" in err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("target:\n  hidden_size: [1, 2\n")
+    code, _, err = run(capsys, "score", "--config", str(bad))
+    assert code == 2 and "bad.yaml" in err
