@@ -28,6 +28,15 @@ from compactlm.models.family import family_of, get_module
 HEAD_SCORES = ("paper", "channel")
 DEFAULT_LAYOUT = {f: (4, 4) if f == "gpt2" else (4, 2) for f in FAMILIES}
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from threads; on a busy 2-core machine a 2-thread op can wait ~8 ms for the other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 # (B=4, S=4, C=2) with negatives; row 1 pads its tail, row 3 is all padding.
 A = torch.tensor([
     [[1.0, -2.0], [3.0, 0.5], [-1.0, 4.0], [2.0, -1.0]],

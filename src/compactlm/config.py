@@ -36,6 +36,7 @@ class CalibConfig:
     sequences: int = 128  # calibration sequences (P1 used 1024)
     seq_len: int = 256
     batch_size: int = 8
+    layer_sequences: int = 32  # the first N calibration sequences serve the depth metrics (one pass per layer)
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class ImportanceConfig:
         "l2_mean", *(f"{b}_{s}" for b in ("mean", "l2", "var") for s in ("mean", "l2", "var"))
     )  # "<batch>_<sequence>"
     head_score: str = choice("paper", "paper", "channel")  # per-token head norm (P1) or per-channel (Model Optimizer)
-    layer_metrics: tuple[str, ...] = ("lm_loss", "block_importance")
+    layer_metrics: tuple[str, ...] = ("lm_loss", "block_importance")  # computed by `score`; `prune` adds what it needs
     scores: str | None = None  # reuse a saved scores.safetensors instead of calibrating again
 
 

@@ -82,41 +82,74 @@ def load(cfg: Config, spec: str | None = None):
     return model, load_tokenizer(cfg.tokenizer or spec)
 
 
-def compute_scores(cfg: Config, model, tokenizer) -> Scores:
-    """Importance of every channel, head, neuron and layer of `model` on the calibration split."""
-    from compactlm.importance import score
-
+def calibration_batches(cfg: Config, tokenizer, model) -> list[dict[str, torch.Tensor]]:
+    """The calibration split as a list of batches."""
     check_seq_len(model, cfg.calib.seq_len, "calib.seq_len")
     splits = load_splits(cfg, tokenizer, cfg.calib.seq_len)
+    return list(data.batches(splits.calib, cfg.calib.batch_size))
+
+
+def compute_scores(cfg: Config, model, batches: list, layer_metrics: tuple[str, ...]) -> Scores:
+    """Width importance on all calibration batches; depth metrics on the first `calib.layer_sequences` rows."""
+    from compactlm.importance import score as score_model
+
     imp = cfg.importance
-    scores = score(
-        model, list(data.batches(splits.calib, cfg.calib.batch_size)), method=imp.method,
-        aggregation=imp.aggregation, head_score=imp.head_score, layer_metrics=imp.layer_metrics,
-        seed=cfg.seed, progress=True,
+    scores = score_model(
+        model, batches, method=imp.method, aggregation=imp.aggregation, head_score=imp.head_score,
+        layer_metrics=(), seed=cfg.seed, progress=True,
     )
-    return Scores(scores.hidden, scores.heads, scores.ffn, scores.layers, scores.meta | {"model": cfg.model})
+    scores = Scores(scores.hidden, scores.heads, scores.ffn, scores.layers, scores.meta | {"model": cfg.model})
+    return add_layer_metrics(cfg, model, batches, scores, layer_metrics)
+
+
+def add_layer_metrics(cfg: Config, model, batches: list, scores: Scores, names: tuple[str, ...]) -> Scores:
+    """Scores with the named depth metrics added ("lm_loss", "block_importance", "contiguous_<n>")."""
+    from compactlm.importance.layers import contiguous_block_losses, layer_metrics
+
+    missing = [n for n in names if n not in scores.layers]
+    if not missing:
+        return scores
+    rows = torch.cat([b["input_ids"] for b in batches])[: cfg.calib.layer_sequences]  # (N, S), packed: no padding
+    few = list(data.batches(rows, cfg.calib.batch_size))
+    added = {}
+    for name in missing:
+        if name.startswith("contiguous_"):
+            added[name] = contiguous_block_losses(model, few, int(name.split("_")[1]))
+        else:
+            added |= layer_metrics(model, few, [name])
+    return Scores(scores.hidden, scores.heads, scores.ffn, scores.layers | added, scores.meta)
 
 
 def score(cfg: Config) -> Scores:
     """`compactlm score`: compute and save importance scores to out_dir/scores.safetensors."""
     model, tokenizer = load(cfg)
-    scores = compute_scores(cfg, model, tokenizer)
+    scores = compute_scores(cfg, model, calibration_batches(cfg, tokenizer, model), cfg.importance.layer_metrics)
     with staged_output(cfg.out_dir) as out:
         scores.save(out / SCORES_FILE)
         save_config(cfg, out / CONFIG_FILE)
     return scores
 
 
-def _with_contiguous(cfg: Config, model, tokenizer, scores: Scores, n: int) -> Scores:
-    """Add LM losses of every contiguous block of n layers removed (computed on the calibration split)."""
-    from compactlm.importance.layers import contiguous_block_losses
+def _needed_layer_metric(cfg: Config, n_drop: int) -> tuple[str, ...]:
+    """The depth metric a target needs, if any (random/magnitude scores carry their own)."""
+    if n_drop == 0 or cfg.target.drop_layers is not None or cfg.target.layer_metric in ("random", "magnitude"):
+        return ()
+    if cfg.target.layer_metric == "contiguous":
+        return (f"contiguous_{n_drop}",)
+    return (cfg.target.layer_metric,)
 
-    key = f"contiguous_{n}"
-    if key in scores.layers:
-        return scores
-    splits = load_splits(cfg, tokenizer, cfg.calib.seq_len)
-    losses = contiguous_block_losses(model, list(data.batches(splits.calib, cfg.calib.batch_size)), n)
-    return Scores(scores.hidden, scores.heads, scores.ffn, scores.layers | {key: losses}, scores.meta)
+
+def _scores_for_prune(cfg: Config, model, tokenizer, needed: tuple[str, ...]) -> Scores:
+    """Saved scores when `importance.scores` is given (adding any missing depth metric), else fresh ones."""
+    if not cfg.importance.scores:
+        return compute_scores(cfg, model, calibration_batches(cfg, tokenizer, model), needed)
+    scores = Scores.load(cfg.importance.scores)
+    dims = family_of(model).dims(model.config)
+    if scores.hidden.numel() != dims.hidden or tuple(scores.ffn.shape) != (dims.layers, dims.ffn):
+        raise CompactLMError(f"importance.scores: {cfg.importance.scores} was computed for a different model shape")
+    if any(n not in scores.layers for n in needed):
+        scores = add_layer_metrics(cfg, model, calibration_batches(cfg, tokenizer, model), scores, needed)
+    return scores
 
 
 def prune(cfg: Config) -> Path:
@@ -129,12 +162,7 @@ def prune(cfg: Config) -> Path:
     target = resolve_target(cfg.target, source, family)  # every shape error before loading any weights
     check_seq_len(config, cfg.calib.seq_len, "calib.seq_len")
     model, tokenizer = load(cfg)
-    scores = Scores.load(cfg.importance.scores) if cfg.importance.scores else compute_scores(cfg, model, tokenizer)
-    if scores.hidden.numel() != source.hidden or scores.ffn.shape != (source.layers, source.ffn):
-        raise CompactLMError(f"importance.scores: {cfg.importance.scores} was computed for a different model shape")
-    n_drop = source.layers - target.layers
-    if cfg.target.layer_metric == "contiguous" and n_drop and cfg.target.drop_layers is None:
-        scores = _with_contiguous(cfg, model, tokenizer, scores, n_drop)
+    scores = _scores_for_prune(cfg, model, tokenizer, _needed_layer_metric(cfg, source.layers - target.layers))
     drop = layers_to_drop(cfg.target, source, target.layers, scores)
     plan = make_plan(scores, source, target, drop)
     pruned = prune_model(model, plan)

@@ -36,45 +36,45 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _logits(hidden: Tensor, head: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """(c, H) @ (V, H).T in the inputs' own dtype (as the model's lm_head does), upcast -> (c, V) `dtype`."""
-    return F.linear(hidden, head, bias).to(dtype)
+def _log_softmax(hidden: Tensor, head: Tensor, bias: Tensor | None, temperature: float, dtype: torch.dtype) -> Tensor:
+    """log softmax(hidden @ head.T + bias) / T): matmul in the inputs' dtype, the rest in `dtype` -> (c, V)."""
+    logits = F.linear(hidden, head, bias).to(dtype)  # (c, V), as the model's lm_head computes it
+    return torch.log_softmax(logits.div_(temperature) if temperature != 1.0 else logits, dim=-1)
 
 
 def _chunk_loss_and_grad(
-    s: Tensor, t: Tensor, labels: Tensor | None, temperature: float, kl_scale: float, ce_scale: float,
-    need_grad: bool,
-) -> tuple[Tensor, Tensor | None]:
-    """Loss sum of one chunk and its gradient wrt the student logits s (c, V); s and t are consumed."""
-    log_q = torch.log_softmax(s / temperature if temperature != 1.0 else s, dim=-1)  # (c, V) log q_T
-    log_q1 = None  # log softmax(s) at T=1, only for CE with T != 1
+    hs_c: Tensor, ht_c: Tensor, labels: Tensor | None, student: tuple, teacher: tuple, temperature: float,
+    kl_scale: float, ce_scale: float, need_grad: bool,
+) -> tuple[Tensor, Tensor | None, float]:
+    """Loss sum of one chunk and g, scale with d loss / d student_logits = g * scale (c, V).
+
+    At most three (c, V) buffers are alive at once; student/teacher are (head, bias) pairs.
+    """
+    dtype = _compute_dtype(hs_c.dtype)
+    log_q = _log_softmax(hs_c, *student, temperature, dtype)  # (c, V) log q_T
+    log_p = _log_softmax(ht_c, *teacher, temperature, dtype)  # (c, V) log p
+    p = log_p.exp()  # (c, V)
+    kl = torch.dot(p.reshape(-1), log_p.sub_(log_q).reshape(-1))  # sum p * (log p - log q), no new buffer
+    loss = kl * (kl_scale * temperature**2)
+    del log_p
     if ce_scale:
-        log_q1 = log_q if temperature == 1.0 else torch.log_softmax(s, dim=-1)
+        log_q1 = log_q if temperature == 1.0 else _log_softmax(hs_c, *student, 1.0, dtype)  # (c, V)
         valid = labels != IGNORE_INDEX  # (c,)
         rows = valid.nonzero().squeeze(1)
-        ce_sum = -log_q1[rows, labels[rows]].sum()
-    del s
-    log_p = t.div_(temperature) if temperature != 1.0 else t
-    log_p = log_p.sub_(torch.logsumexp(log_p, dim=-1, keepdim=True))  # in place: (c, V) log p
-    diff = log_p - log_q  # (c, V)
-    p = log_p.exp_()  # in place: t now holds p
-    coef = kl_scale * temperature  # d(kl_scale * T^2 * KL)/ds = coef * (q_T - p)
-    loss = diff.mul_(p).sum() * (kl_scale * temperature**2)
-    del diff
-    if ce_scale:
-        loss = loss + ce_sum * ce_scale
+        loss = loss - log_q1[rows, labels[rows]].sum() * ce_scale
     if not need_grad:
-        return loss, None
+        return loss, None, 1.0
+    coef = kl_scale * temperature  # d(kl_scale * T^2 * KL)/ds = coef * (q_T - p)
     q = log_q.exp_()  # in place: (c, V) q_T
     if not ce_scale:
-        return loss, q.sub_(p).mul_(coef)
-    w_ce = valid.to(q.dtype).unsqueeze(1) * ce_scale  # (c, 1)
-    if temperature == 1.0:  # q is also softmax(s): coef*(q - p) + w_ce*q
-        grad = q.mul_(w_ce + coef).sub_(p, alpha=coef)
+        return loss, q.sub_(p), coef
+    w_ce = valid.to(dtype).unsqueeze(1) * (ce_scale / coef)  # (c, 1) CE weight in units of coef
+    if temperature == 1.0:  # q is also softmax(s): (q - p) + w_ce * q
+        grad = q.mul_(w_ce + 1.0).sub_(p)
     else:
-        grad = q.sub_(p).mul_(coef).add_(log_q1.exp_().mul_(w_ce))
-    grad[rows, labels[rows]] -= ce_scale  # d CE / ds = q1 - onehot
-    return loss, grad
+        grad = q.sub_(p).add_(log_q1.exp_().mul_(w_ce))
+    grad[rows, labels[rows]] -= ce_scale / coef  # d CE / ds = softmax(s) - onehot
+    return loss, grad, coef
 
 
 class _ChunkedKD(torch.autograd.Function):
@@ -93,17 +93,20 @@ class _ChunkedKD(torch.autograd.Function):
         for start in range(0, rows.numel(), chunk):
             idx = rows[start:start + chunk]  # (c,) token positions
             hs_c = h_s.index_select(0, idx)  # (c, H_s)
-            part, g = _chunk_loss_and_grad(
-                _logits(hs_c, w_s, b_s, dtype), _logits(h_t.index_select(0, idx), w_t, b_t, dtype),  # (c, V) x2
-                labels.index_select(0, idx) if ce_weight else None, temperature, kl_scale, ce_scale, need_grad)
+            part, g, scale = _chunk_loss_and_grad(
+                hs_c, h_t.index_select(0, idx), labels.index_select(0, idx) if ce_weight else None,
+                (w_s, b_s), (w_t, b_t), temperature, kl_scale, ce_scale, need_grad)
             loss += part
             if g is None:
                 continue
             g = g.to(h_s.dtype)  # (c, V)
-            grad_h.index_copy_(0, idx, g @ w_s)  # (c, H_s)
-            grad_w.add_(g.t() @ hs_c)  # (V, H_s)
+            grad_h.index_copy_(0, idx, torch.mm(g, w_s).mul_(scale))  # (c, H_s)
+            if grad_w.dtype == g.dtype:
+                grad_w.addmm_(g.t(), hs_c, alpha=scale)  # (V, H_s)
+            else:
+                grad_w.add_(torch.mm(g.t(), hs_c), alpha=scale)
             if grad_b is not None:
-                grad_b.add_(g.sum(0))
+                grad_b.add_(g.sum(0), alpha=scale)
             del g
         if need_grad:
             grad_w = grad_w.to(w_s.dtype)
