@@ -1,9 +1,10 @@
 """Benchmark the chunked KD loss against the plain full-logit reference: speed and peak memory.
 
-Each (case, variant) runs in a fresh subprocess so that peak memory is its own: on CPU the peak is
-ru_maxrss (the process high-water mark) minus ru_maxrss right after the inputs are allocated; on CUDA it is
-torch.cuda.max_memory_allocated minus the memory allocated after the inputs. One timed step is forward +
-backward (grads wrt student hidden states and head) of KL(teacher || student) at T=1.
+Peak memory: each (case, variant) runs one step in a fresh subprocess; on CPU the peak is ru_maxrss (the
+process high-water mark) minus ru_maxrss right after the inputs are allocated; on CUDA it is
+torch.cuda.max_memory_allocated minus the memory allocated after the inputs. Speed: one subprocess per case
+times all variants interleaved round by round, so drifting machine load hits them alike. One step is forward
++ backward (grads wrt student hidden states and head) of KL(teacher || student) at T=1, mask all ones.
 
     python benchmarks/bench_kd_loss.py --out kd_bench.json
     python benchmarks/bench_kd_loss.py --cases 128k --chunk-tokens 128 256 512 --repeats 5
@@ -13,11 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
 import sys
 import time
+
+import torch
+
+from compactlm.distill.losses import kd_loss, kd_loss_reference
 
 # name: (vocab, student hidden, teacher hidden, batch, seq)
 CASES = {
@@ -26,71 +32,105 @@ CASES = {
 }
 
 
-def _peak_bytes_since(baseline: int, device: str) -> int:
-    """Peak memory above `baseline` (bytes): ru_maxrss on CPU (KiB on Linux), allocator peak on CUDA."""
-    import torch
-
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() - baseline
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
-
-
-def worker(args: argparse.Namespace) -> dict:
-    """Run one variant of one case in this process; return its timings and peak memory."""
-    import torch
-
-    from compactlm.distill.losses import kd_loss, kd_loss_reference
-
-    vocab, h_s_dim, h_t_dim, batch, seq = CASES[args.case]
-    dtype, device = getattr(torch, args.dtype), args.device
+def _setup(case: str, dtype_name: str, device: str) -> tuple:
+    """Seeded inputs of one case: student hidden/head (grad), teacher hidden/head, mask (N,)."""
+    vocab, h_s_dim, h_t_dim, batch, seq = CASES[case]
+    dtype = getattr(torch, dtype_name)
     torch.manual_seed(0)
     n = batch * seq
     h_s = torch.randn(n, h_s_dim, dtype=dtype, device=device).requires_grad_()
     w_s = (torch.randn(vocab, h_s_dim, dtype=dtype, device=device) * h_s_dim**-0.5).requires_grad_()
     h_t = torch.randn(n, h_t_dim, dtype=dtype, device=device)
     w_t = torch.randn(vocab, h_t_dim, dtype=dtype, device=device) * h_t_dim**-0.5
-    mask = torch.ones(batch, seq, dtype=torch.long, device=device).reshape(-1)
+    mask = torch.ones(n, dtype=torch.long, device=device)
+    return h_s, w_s, h_t, w_t, mask
 
-    def step() -> float:
-        if args.variant == "reference":
-            s = h_s @ w_s.T  # (N, V)
-            with torch.no_grad():
-                t = h_t @ w_t.T  # (N, V)
-            loss = kd_loss_reference(s, t, mask)
-        else:
-            loss = kd_loss(h_s, w_s, h_t, w_t, mask, chunk_tokens=int(args.variant.split("-")[1]))
-        torch.autograd.grad(loss, (h_s, w_s))
-        return float(loss)
 
+def _step(variant: str, h_s, w_s, h_t, w_t, mask) -> float:
+    """One forward + backward (grads wrt student hidden and head); returns the loss."""
+    if variant == "reference":
+        s = h_s @ w_s.T  # (N, V)
+        with torch.no_grad():
+            t = h_t @ w_t.T  # (N, V)
+        loss = kd_loss_reference(s, t, mask)
+    else:
+        loss = kd_loss(h_s, w_s, h_t, w_t, mask, chunk_tokens=int(variant.split("-")[1]))
+    torch.autograd.grad(loss, (h_s, w_s))
+    return float(loss)
+
+
+def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def worker_memory(args: argparse.Namespace) -> dict:
+    """Peak memory of one variant in this fresh process, above the memory held after allocating inputs."""
+    inputs = _setup(args.case, args.dtype, args.device)
+    _sync(args.device)
+    if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         baseline = torch.cuda.memory_allocated()
     else:
-        baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    times, loss = [], 0.0
+        baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    loss = _step(args.variant, *inputs)
+    _sync(args.device)
+    if args.device == "cuda":
+        peak = torch.cuda.max_memory_allocated() - baseline
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
+    return {"variant": args.variant, "peak_bytes": peak, "loss": loss}
+
+
+def worker_time(args: argparse.Namespace) -> dict:
+    """Time all variants of one case interleaved round by round (fair under drifting machine load)."""
+    inputs = _setup(args.case, args.dtype, args.device)
+    variants = args.variant.split(",")
+    out = {v: {"wall_s": [], "cpu_s": []} for v in variants}
     for i in range(args.warmup + args.repeats):
-        start = time.perf_counter()
-        loss = step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
-    median = statistics.median(times)
-    return {"case": args.case, "variant": args.variant, "tokens": n, "vocab": vocab, "loss": loss,
-            "times_s": times, "median_s": median, "tokens_per_s": n / median,
-            "peak_bytes": _peak_bytes_since(baseline, device), "threads": torch.get_num_threads(),
-            "dtype": args.dtype, "device": device}
+        for v in variants:
+            _sync(args.device)
+            wall, cpu = time.perf_counter(), time.process_time()
+            out[v]["loss"] = _step(v, *inputs)
+            _sync(args.device)
+            if i >= args.warmup:
+                out[v]["wall_s"].append(time.perf_counter() - wall)
+                out[v]["cpu_s"].append(time.process_time() - cpu)
+    return {"results": out, "threads": torch.get_num_threads()}
 
 
-def _run_variant(args: argparse.Namespace, case: str, variant: str) -> dict:
-    """Spawn a fresh interpreter for one (case, variant) and parse its JSON line."""
-    cmd = [sys.executable, __file__, "--worker", "--case", case, "--variant", variant, "--repeats",
+def _spawn(args: argparse.Namespace, mode: str, case: str, variant: str) -> dict:
+    """Run a worker in a fresh interpreter and parse its JSON line."""
+    cmd = [sys.executable, __file__, mode, "--case", case, "--variant", variant, "--repeats",
            str(args.repeats), "--warmup", str(args.warmup), "--dtype", args.dtype, "--device", args.device]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"{case}/{variant} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_case(args: argparse.Namespace, case: str) -> list[dict]:
+    """Timing (one process, interleaved) and peak memory (one fresh process per variant) of one case."""
+    vocab, _, _, batch, seq = CASES[case]
+    variants = ["reference"] + [f"chunked-{c}" for c in args.chunk_tokens]
+    timing = _spawn(args, "--worker-time", case, ",".join(variants))
+    rows = []
+    for v in variants:
+        t = timing["results"][v]
+        mem = _spawn(args, "--worker-memory", case, v)
+        rows.append({"case": case, "variant": v, "vocab": vocab, "tokens": batch * seq, "loss": t["loss"],
+                     "wall_s": t["wall_s"], "cpu_s": t["cpu_s"], "median_wall_s": statistics.median(t["wall_s"]),
+                     "min_wall_s": min(t["wall_s"]), "median_cpu_s": statistics.median(t["cpu_s"]),
+                     "peak_bytes": mem["peak_bytes"], "threads": timing["threads"]})
+    ref = rows[0]
+    for r in rows:
+        r["tokens_per_s"] = r["tokens"] / r["median_wall_s"]
+        r["speed_ratio"] = ref["median_wall_s"] / r["median_wall_s"]
+        r["speed_ratio_min"] = ref["min_wall_s"] / r["min_wall_s"]
+        r["speed_ratio_cpu"] = ref["median_cpu_s"] / r["median_cpu_s"]
+        r["peak_ratio"] = r["peak_bytes"] / max(ref["peak_bytes"], 1)
+        r["loss_abs_diff"] = abs(r["loss"] - ref["loss"])
+    return rows
 
 
 def main() -> None:
@@ -102,32 +142,34 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--out", help="write all results as JSON here")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-time", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-memory", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(worker(args)))
+    if args.worker_time or args.worker_memory:
+        print(json.dumps(worker_time(args) if args.worker_time else worker_memory(args)))
         return
 
-    rows = []
-    header = f"{'case':<9}{'variant':<14}{'tokens/s':>11}{'median ms':>11}{'peak MiB':>10}{'speed x':>9}{'mem x':>8}"
+    load = os.getloadavg()[0]
+    header = (f"{'case':<9}{'variant':<14}{'tokens/s':>10}{'med ms':>9}{'min ms':>9}{'cpu ms':>9}{'peak MiB':>10}"
+              f"{'speed x':>9}{'(min)':>7}{'(cpu)':>7}{'mem x':>7}")
     print(header)
     print("-" * len(header))
+    rows = []
     for case in args.cases:
-        ref = _run_variant(args, case, "reference")
-        results = [ref] + [_run_variant(args, case, f"chunked-{c}") for c in args.chunk_tokens]
-        for r in results:
-            r["speed_ratio"] = r["tokens_per_s"] / ref["tokens_per_s"]
-            r["peak_ratio"] = r["peak_bytes"] / max(ref["peak_bytes"], 1)
-            r["loss_abs_diff"] = abs(r["loss"] - ref["loss"])
+        for r in run_case(args, case):
             rows.append(r)
-            print(f"{case:<9}{r['variant']:<14}{r['tokens_per_s']:>11.0f}{r['median_s'] * 1e3:>11.1f}"
-                  f"{r['peak_bytes'] / 2**20:>10.0f}{r['speed_ratio']:>9.2f}{r['peak_ratio']:>8.2f}")
-    print("speed x = tokens/s over the reference's (>1 is faster); mem x = peak over the reference's.")
+            print(f"{case:<9}{r['variant']:<14}{r['tokens_per_s']:>10.0f}{r['median_wall_s'] * 1e3:>9.0f}"
+                  f"{r['min_wall_s'] * 1e3:>9.0f}{r['median_cpu_s'] * 1e3:>9.0f}{r['peak_bytes'] / 2**20:>10.0f}"
+                  f"{r['speed_ratio']:>9.2f}{r['speed_ratio_min']:>7.2f}{r['speed_ratio_cpu']:>7.2f}"
+                  f"{r['peak_ratio']:>7.2f}")
+    print("speed x = reference time / variant time (>1: faster), from median wall, min wall and median CPU time;")
+    print(f"mem x = peak over the reference's peak. 1-min load average at start: {load:.1f}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"results": rows, "repeats": args.repeats, "warmup": args.warmup}, f, indent=1)
+            json.dump({"results": rows, "repeats": args.repeats, "warmup": args.warmup, "load_avg_1min": load,
+                       "cpu_count": os.cpu_count()}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,8 @@ class EvalConfig:
     batch_size: int = 8
     speed: bool = True  # measure generation tokens/s
     gen_tokens: int = 32
+    tasks: tuple[str, ...] = ()  # lm-evaluation-harness task names or local task YAML files (optional extra)
+    task_limit: int | None = None  # examples per task
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,7 @@ class TrainConfig:
     save_every: int = 50  # steps between checkpoints
     log_every: int = 1
     activation_checkpointing: bool = False
+    chunk_tokens: int = 1024  # cross-entropy and validation logits computed over this many tokens at a time
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,27 @@ class DistillConfig(TrainConfig):
     layer_map: tuple[tuple[int, int], ...] | None = None  # (student, teacher) block outputs; default last-2 of each
     embedding_loss: bool = False  # also match the embedding outputs
     teacher_sharded: bool = False  # FSDP-shard the teacher too (default: replicate it)
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    target_params: int | float | None = None  # "70M", or a fraction of the teacher's parameters
+    tolerance: float = 0.05  # candidates within +-5% of target_params (P1)
+    layers: tuple[int, ...] | None = None  # grids; None derives one from the teacher
+    heads: tuple[int, ...] | None = None
+    kv_heads: tuple[int, ...] | None = None  # None keeps the teacher's KV groups
+    ffn: tuple[int, ...] | None = None
+    hidden: tuple[int, ...] | None = None
+    divisor: int = 64  # derived hidden/ffn grids use multiples of this (P1/Model Optimizer)
+    max_candidates: int = 16  # keep this many, closest to target_params first
+    max_latency_ms: float | None = None  # drop candidates slower than this (forward of one sequence, this device)
+    top_k: int = 3  # candidates distilled briefly before the final choice
+    distill_steps: int = 20  # steps of that short distillation (P1: ~400 at scale)
+
+
+@dataclass(frozen=True)
+class CorrectionConfig(TrainConfig):
+    enabled: bool = False  # P2 teacher correction: fine-tune the teacher briefly on the distillation data first
 
 
 @dataclass(frozen=True)
@@ -122,6 +146,8 @@ class Config:
     eval: EvalConfig = EvalConfig()
     distill: DistillConfig = DistillConfig()
     train: TrainConfig = TrainConfig(lr=2e-5, min_lr=2e-6)
+    search: SearchConfig = SearchConfig()
+    correction: CorrectionConfig = CorrectionConfig(tokens=200_000, lr=2e-5, min_lr=2e-6)
 
 
 def _type_name(tp: Any) -> str:

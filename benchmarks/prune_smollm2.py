@@ -1,0 +1,57 @@
+"""Prune the built-in SmolLM2-135M to half its parameters with activation, magnitude and random importance;
+print held-out perplexity of each beside the teacher's.
+
+    python benchmarks/prune_smollm2.py --out runs/bench/prune_smollm2.json
+
+Same target for every method: hidden 384, 6 heads (2 per KV group), ffn 1024, all 30 layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from compactlm import data, stages
+from compactlm.config import load_config
+from compactlm.evaluate import perplexity
+from compactlm.models.loading import load_model, num_params
+
+TARGET = ["target.hidden_size=384", "target.num_attention_heads=6", "target.intermediate_size=1024"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", default="runs/bench/prune_smollm2")
+    parser.add_argument("--eval-sequences", type=int, default=64)
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args()
+
+    base = ["model=smollm2-135m", "data=python-docs", "eval.seq_len=256"]
+    cfg = load_config(None, base)
+    teacher, tokenizer = stages.load(cfg)
+    val = stages.load_splits(cfg, tokenizer, cfg.eval.seq_len).val[: args.eval_sequences]
+    batches = list(data.batches(val, cfg.eval.batch_size))
+    rows = [{"model": "teacher (SmolLM2-135M)", "params": num_params(teacher), "seconds": 0.0,
+             **perplexity(teacher, batches)}]
+    for method in ("activation", "magnitude", "random"):
+        out_dir = Path(args.run_dir) / method
+        start = time.perf_counter()
+        stages.prune(load_config(None, base + TARGET + [f"importance.method={method}", f"out_dir={out_dir}"]))
+        seconds = time.perf_counter() - start
+        pruned = load_model(str(out_dir))
+        rows.append({"model": f"pruned, {method} importance", "params": num_params(pruned), "seconds": seconds,
+                     **perplexity(pruned, batches)})
+
+    print(f"{'model':32} {'params':>12} {'val ppl':>10} {'prune s':>8}")
+    for r in rows:
+        print(f"{r['model']:32} {r['params']:>12,} {r['perplexity']:>10.2f} {r['seconds']:>8.1f}")
+    print(f"(validation: {rows[0]['tokens']} tokens of python-docs held out)")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""`compactlm distill` and `compactlm train`: check the inputs, load models and data, run the loop.
+
+Outputs in `out_dir`: checkpoint/ (latest resumable training state), best/ (lowest validation loss) and
+final/ (plain Hugging Face checkpoints with the tokenizer), metrics.jsonl, tensorboard/ (when installed) and
+the resolved config. An out_dir that already holds a checkpoint is refused unless `resume=true`.
+The student trains in float32 (AdamW master weights; bf16 autocast on CUDA); `dtype` applies to the teacher.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import torch
+
+from compactlm import stages
+from compactlm.config import Config, TrainConfig, save_config
+from compactlm.distill import checkpoint as ckpt
+from compactlm.distill.distributed import Dist, setup, teardown
+from compactlm.distill.loop import Session, fit, total_steps
+from compactlm.errors import CompactLMError
+from compactlm.models.family import family_of, get_module
+from compactlm.models.loading import load_model, load_tokenizer, num_params
+
+log = logging.getLogger(__name__)
+
+
+def run_distill(cfg: Config) -> dict:
+    """`compactlm distill`: retrain cfg.student from cfg.teacher by knowledge distillation; final metrics."""
+    missing = [key for key in ("teacher", "student") if not getattr(cfg, key)]
+    if missing:
+        raise CompactLMError(f"distill needs {' and '.join(f'{k}=MODEL' for k in missing)}")
+    return _run(cfg, cfg.distill, "distill", cfg.student, cfg.teacher)
+
+
+def run_train(cfg: Config) -> dict:
+    """`compactlm train`: plain cross-entropy training of cfg.model (init=random: same architecture, fresh)."""
+    return _run(cfg, cfg.train, "train", cfg.model, None)
+
+
+def check_train_config(tc: TrainConfig, section: str, world: int) -> None:
+    """One-line errors for batch sizes, budget and learning rates that cannot run on `world` processes."""
+    micro = tc.micro_batch_size or tc.batch_size // max(world, 1)
+    if tc.batch_size < 1 or micro < 1 or tc.batch_size % (world * micro):
+        raise CompactLMError(
+            f"{section}.batch_size={tc.batch_size} must be a positive multiple of world size x micro_batch_size "
+            f"= {world} x {micro}")
+    if total_steps(tc) < 1:
+        raise CompactLMError(f"{section}.tokens={tc.tokens} is less than one global batch "
+                             f"({section}.batch_size x {section}.seq_len = {tc.batch_size * tc.seq_len} tokens)")
+    if not 0 <= tc.min_lr <= tc.lr or tc.lr <= 0:
+        raise CompactLMError(f"{section}: need 0 <= min_lr <= lr and lr > 0, got lr={tc.lr}, min_lr={tc.min_lr}")
+    if tc.chunk_tokens < 1:
+        raise CompactLMError(f"{section}.chunk_tokens must be >= 1, got {tc.chunk_tokens}")
+
+
+def _check_out_dir(cfg: Config) -> None:
+    found = ckpt.latest(cfg.out_dir)
+    if found is not None and not cfg.resume:
+        step = ckpt.read_progress(found).step
+        raise CompactLMError(f"out_dir {cfg.out_dir} already holds a training checkpoint (step {step}): "
+                             "pass resume=true to continue it, or choose another out_dir")
+
+
+def _vocab(model) -> int:
+    return int(get_module(model, family_of(model).lm_head_path).weight.shape[0])
+
+
+def _load_models(cfg: Config, tc: TrainConfig, section: str, student_spec: str, teacher_spec: str | None,
+                 device: torch.device):
+    """(student in float32, tokenizer, teacher or None), with vocabulary and sequence length checked."""
+    student = load_model(student_spec, dtype="float32", device=device)
+    tokenizer = load_tokenizer(cfg.tokenizer or student_spec)
+    stages.check_seq_len(student, tc.seq_len, f"{section}.seq_len")
+    if cfg.init == "random":
+        torch.manual_seed(cfg.seed)  # every rank builds the same weights
+        from transformers import AutoModelForCausalLM
+
+        student = AutoModelForCausalLM.from_config(student.config).to(student.device)
+        log.info("init=random: %s architecture with fresh weights (seed %d)", student_spec, cfg.seed)
+    teacher = None
+    if teacher_spec is not None:
+        teacher = load_model(teacher_spec, dtype=cfg.dtype, device=device)
+        stages.check_seq_len(teacher, tc.seq_len, f"{section}.seq_len")
+        if _vocab(teacher) != _vocab(student):
+            raise CompactLMError(f"teacher vocabulary size {_vocab(teacher)} != student vocabulary size "
+                                 f"{_vocab(student)}: distillation needs the same tokenizer")
+    return student, tokenizer, teacher
+
+
+def _run(cfg: Config, tc: TrainConfig, section: str, student_spec: str, teacher_spec: str | None) -> dict:
+    _check_out_dir(cfg)
+    d: Dist = setup(cfg.device)
+    try:
+        check_train_config(tc, section, d.world)
+        student, tokenizer, teacher = _load_models(cfg, tc, section, student_spec, teacher_spec, d.device)
+        splits = stages.load_splits(dataclasses.replace(cfg, calib=dataclasses.replace(cfg.calib, sequences=0)),
+                                    tokenizer, tc.seq_len)
+        val = splits.val[: tc.eval_sequences]
+        out = Path(cfg.out_dir)
+        if d.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, out / stages.CONFIG_FILE)
+        log.info("%s: %d train rows, %d validation rows of %d tokens; %d steps of %d sequences on %d process(es)",
+                 section, len(splits.train), len(val), tc.seq_len, total_steps(tc), tc.batch_size, d.world)
+        params = num_params(student)
+        session = Session(out, d, tokenizer, cfg.seed, cfg.resume, progress=True)
+        result = fit(student, splits.train, val, tc, session, teacher=teacher)
+    finally:
+        teardown(d)
+    return {"out_dir": str(out), "params": params, **result}

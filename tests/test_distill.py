@@ -1,0 +1,293 @@
+"""The distillation/training loop: schedule, data order, losses wiring, outputs, errors, kill-and-resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from compactlm.config import TrainConfig, load_config
+from compactlm.distill import checkpoint as ckpt
+from compactlm.distill.distributed import Dist
+from compactlm.distill.loop import (
+    Objective, Trainee, batch_rows, build, lr_at, make_optimizer, train_step, validate,
+)
+from compactlm.distill.run import run_distill, run_train
+from compactlm.errors import CompactLMError
+from conftest import tiny_config, tiny_tokenizer
+
+CPU = Dist(0, 1, torch.device("cpu"))
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on a busy 2-core machine two threads make tiny matmuls ~100x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _save(config, tok, path: Path, seed: int = 0) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    config.vocab_size, config.eos_token_id, config.pad_token_id, config.bos_token_id = len(tok), 0, 0, 0
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory) -> dict[str, Path]:
+    """A tiny Llama teacher (hidden 32, 3 layers, untied) and a narrower student (hidden 16, 2 layers, tied)."""
+    root = tmp_path_factory.mktemp("kd-models")
+    tok = tiny_tokenizer()
+    student = tiny_config("llama", 4, 2, tied=True, layers=2)
+    student.hidden_size, student.head_dim, student.intermediate_size = 16, 4, 24
+    return {"teacher": _save(tiny_config("llama", 4, 2, layers=3), tok, root / "teacher", seed=1),
+            "student": _save(student, tok, root / "student", seed=2)}
+
+
+def _args(models, data, out, **keys) -> list[str]:
+    base = {"teacher": models["teacher"], "student": models["student"], "data": data, "out_dir": out,
+            "distill.steps": 6, "distill.batch_size": 4, "distill.seq_len": 32, "distill.lr": 0.003,
+            "distill.warmup_steps": 2, "distill.eval_every": 3, "distill.eval_sequences": 6,
+            "distill.save_every": 2, "eval.speed": False}
+    return [f"{k}={v}" for k, v in (base | keys).items()]
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "model.safetensors"))
+
+
+# ---------------------------------------------------------------- pure pieces
+
+def test_lr_schedule_warmup_then_cosine_to_min_lr():
+    tc = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=4)
+    lrs = [lr_at(s, 20, tc) for s in range(20)]
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lrs[4] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1)
+    assert lrs[12] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 8 / 15)))
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))  # decreasing after warm-up
+    assert lr_at(0, 1, TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=0)) == pytest.approx(1.0)
+
+
+def test_batch_rows_cover_each_epoch_once_and_depend_only_on_seed_and_position():
+    stream = batch_rows(10, 0, 30, seed=3)  # three epochs
+    for epoch in range(3):
+        assert sorted(stream[epoch * 10:(epoch + 1) * 10].tolist()) == list(range(10))
+    assert not torch.equal(stream[:10], stream[10:20])  # reshuffled per epoch
+    assert torch.equal(torch.cat([batch_rows(10, 0, 7, 3), batch_rows(10, 7, 23, 3)]), stream)  # straddles epochs
+    assert not torch.equal(batch_rows(10, 0, 10, seed=4), stream[:10])
+
+
+# ---------------------------------------------------------------- the step
+
+def _pair(models):
+    from transformers import AutoModelForCausalLM
+
+    return (AutoModelForCausalLM.from_pretrained(models["student"]),
+            AutoModelForCausalLM.from_pretrained(models["teacher"]).eval())
+
+
+def test_intermediate_loss_with_different_widths_trains_the_map(models):
+    student, teacher = _pair(models)
+    tc = load_config(None, ["distill.intermediate=true", "distill.embedding_loss=true"]).distill
+    trainee, teacher_mod = build(student, teacher, tc, CPU)
+    assert trainee.objective.layer_map == ((0, 0), (0, 1))  # embeddings + block output at last-2 of each
+    assert tuple(trainee.hidden_map.weight.shape) == (32, 16)  # student 16 -> teacher 32
+    ids = torch.randint(1, 300, (2, 12))
+    mask = torch.ones_like(ids)
+    parts = trainee(ids, mask, teacher_mod(ids, mask))
+    parts["loss"].backward()
+    assert parts["loss_intermediate"] > 0
+    torch.testing.assert_close(parts["alpha"] * parts["loss_intermediate"], parts["loss_logits"])
+    assert trainee.hidden_map.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_padding_contributes_nothing(models):
+    student, teacher = _pair(models)
+    kd = load_config(None, ["distill.intermediate=true", "distill.ce_weight=0.5"]).distill
+    for tc, with_teacher in ((kd, teacher), (TrainConfig(), None)):  # distill, then plain CE
+        trainee, teacher_mod = build(student, with_teacher, tc, CPU)
+        ids = torch.randint(1, 300, (2, 12))
+        mask = torch.ones_like(ids)
+        mask[1, 8:] = 0
+        other = ids.clone()
+        other[1, 8:] = 7  # only padded positions differ
+        losses = [trainee(x, mask, teacher_mod(x, mask) if teacher_mod else None)["loss"] for x in (ids, other)]
+        torch.testing.assert_close(losses[0], losses[1])
+
+
+def test_micro_batches_give_the_same_step_as_one_batch(models):
+    rows = torch.randint(1, 300, (4, 16), generator=torch.Generator().manual_seed(0))
+    results = []
+    for micro in (4, 2, 1):
+        student, teacher = _pair(models)
+        tc = load_config(None, ["distill.ce_weight=0.3"]).distill
+        trainee, teacher_mod = build(student, teacher, tc, CPU)
+        metrics = train_step(trainee, teacher_mod, make_optimizer(trainee, tc), rows, micro, tc, CPU)
+        results.append((metrics, [p.detach().clone() for p in trainee.parameters()]))
+    for metrics, params in results[1:]:
+        assert metrics["loss"] == pytest.approx(results[0][0]["loss"], rel=1e-5)
+        assert metrics["grad_norm"] == pytest.approx(results[0][0]["grad_norm"], rel=1e-4)
+        for a, b in zip(params, results[0][1]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_validation_matches_evaluate(models):
+    from compactlm.evaluate import perplexity, teacher_agreement
+
+    student, teacher = _pair(models)
+    trainee, teacher_mod = build(student, teacher, load_config(None, []).distill, CPU)
+    rows = torch.randint(1, 300, (5, 16), generator=torch.Generator().manual_seed(0))
+    val = validate(trainee, teacher_mod, rows, 2, CPU)
+    batches = [{"input_ids": rows, "attention_mask": torch.ones_like(rows)}]
+    assert val["val_loss"] == pytest.approx(perplexity(student, batches)["loss"], rel=1e-5)
+    agreement = teacher_agreement(student, teacher, batches)
+    assert val["val_kl"] == pytest.approx(agreement["kl"], rel=1e-4)
+    assert val["val_top1"] == pytest.approx(agreement["top1_agreement"])
+    assert trainee.training  # validation restores train mode
+
+
+# ---------------------------------------------------------------- runs
+
+@pytest.fixture(scope="module")
+def distilled(models, text_file, tmp_path_factory) -> tuple[Path, dict]:
+    """One finished in-process distill run with the intermediate and embedding losses on."""
+    out = tmp_path_factory.mktemp("distilled")
+    cfg = load_config(None, _args(models, text_file, out, **{"distill.intermediate": True,
+                                                              "distill.embedding_loss": True}))
+    return out, run_distill(cfg)
+
+
+def test_distill_run_outputs(distilled):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, result = distilled
+    rows = _metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    for row in rows:
+        assert {"step", "tokens", "loss", "lr", "tokens_per_s", "grad_norm", "loss_logits", "alpha"} <= set(row)
+    assert [r["step"] for r in rows if "val_loss" in r] == [3, 6]
+    assert all({"val_kl", "val_top1", "val_ppl"} <= set(r) for r in rows if "val_loss" in r)
+    assert rows[-1]["loss"] < rows[0]["loss"]  # it learns
+    assert rows[-1]["tokens"] == 6 * 4 * 32 == result["tokens"]
+    assert result["steps"] == 6 and result["val_loss"] == pytest.approx(rows[-1]["val_loss"])
+    assert result["best_val_loss"] == min(r["val_loss"] for r in rows if "val_loss" in r)
+    for name in ("best", "final"):
+        model = AutoModelForCausalLM.from_pretrained(out / name)
+        assert model.config.hidden_size == 16 and AutoTokenizer.from_pretrained(out / name) is not None
+        assert not any(k.startswith("hidden_map") for k in _weights(out / name))
+    assert (out / "compactlm.yaml").is_file()
+    state = ckpt.load(ckpt.latest(out))
+    assert state["hidden_map"]["weight"].shape == (32, 16) and state["progress"]["step"] == 6
+    assert {"model", "optimizer", "scheduler", "rng"} <= set(state)
+
+
+def test_existing_checkpoint_needs_resume(distilled, models, text_file):
+    out, _ = distilled
+    with pytest.raises(CompactLMError, match="resume=true"):
+        run_distill(load_config(None, _args(models, text_file, out)))
+
+
+def test_resuming_a_finished_run_changes_nothing(distilled, models, text_file):
+    out, result = distilled
+    before, rows_before = _weights(out / "final"), _metrics(out)
+    again = run_distill(load_config(None, _args(models, text_file, out, resume=True, **{
+        "distill.intermediate": True, "distill.embedding_loss": True})))
+    assert again["steps"] == 6 and again["val_loss"] == pytest.approx(result["val_loss"])
+    torch.testing.assert_close(_weights(out / "final"), before)
+    assert _metrics(out) == rows_before
+
+
+def test_train_random_init_differs_from_pretrained(models, text_file, tmp_path):
+    keys = {"model": models["student"], "train.steps": 4, "train.batch_size": 2, "train.seq_len": 32,
+            "train.lr": 0.003, "train.warmup_steps": 1, "train.eval_every": 0, "train.eval_sequences": 4,
+            "train.save_every": 0, "train.activation_checkpointing": True, "data": text_file}
+    runs = {}
+    for init in ("pretrained", "random"):
+        cfg = load_config(None, [f"{k}={v}" for k, v in (keys | {"init": init, "out_dir": tmp_path / init}).items()])
+        runs[init] = run_train(cfg)
+        rows = _metrics(tmp_path / init)
+        assert rows[-1]["loss"] < rows[0]["loss"] and "val_kl" not in rows[-1]
+    first = _weights(tmp_path / "pretrained" / "final")
+    second = _weights(tmp_path / "random" / "final")
+    assert any(not torch.allclose(first[k], second[k]) for k in first)
+    assert runs["random"]["val_loss"] != pytest.approx(runs["pretrained"]["val_loss"])
+
+
+def test_bad_inputs_are_one_line_errors(models, text_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_config(tiny_config("llama")).save_pretrained(tmp_path / "vocab64")
+    (tmp_path / "empty.txt").write_text("\n\n")
+    cases = [
+        (["student=x"], "teacher=MODEL"),
+        ([f"teacher={tmp_path / 'vocab64'}"], "vocabulary size"),
+        (["distill.seq_len=512"], "distill.seq_len=512"),
+        ([f"data={tmp_path / 'empty.txt'}"], "no non-empty text"),
+        (["distill.micro_batch_size=3"], "distill.batch_size=4"),
+        (["distill.tokens=10", "distill.steps=null"], "less than one global batch"),
+    ]
+    for extra, message in cases:
+        args = _args(models, text_file, tmp_path / "out") + extra
+        if extra[0] == "student=x":
+            args = [a for a in args if not a.startswith(("teacher=", "student="))]
+        with pytest.raises(CompactLMError, match=message) as err:
+            run_distill(load_config(None, args))
+        assert "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------- SIGKILL and resume, through the real CLI
+
+def _cli(args: list[str]) -> subprocess.Popen:
+    env = os.environ | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                        "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
+    return subprocess.Popen([sys.executable, "-m", "compactlm", "distill", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigkill_then_resume_ends_like_an_uninterrupted_run(models, text_file, tmp_path):
+    keys = {"distill.steps": 24, "distill.eval_every": 8, "distill.intermediate": True}
+    killed = tmp_path / "killed"
+    proc = _cli(_args(models, text_file, killed, **keys))
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        path = ckpt.latest(killed)
+        if path is not None and ckpt.read_progress(path).step >= 2:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, f"run ended before it was killed: {stderr[-2000:]}"
+    step = ckpt.read_progress(ckpt.latest(killed)).step
+    assert 2 <= step < 24 and not (killed / "final").exists()
+
+    resumed = _cli(_args(models, text_file, killed, resume=True, **keys))
+    reference = tmp_path / "reference"
+    run_distill(load_config(None, _args(models, text_file, reference, **keys)))  # meanwhile, in this process
+    stdout, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr[-2000:]
+    assert json.loads(stdout.strip().splitlines()[-1])["steps"] == 24
+    torch.testing.assert_close(_weights(killed / "final"), _weights(reference / "final"))
+    got, want = _metrics(killed), _metrics(reference)
+    assert [r["step"] for r in got] == list(range(1, 25))  # rows the killed run wrote after its checkpoint are gone
+    for key in ("loss", "lr", "val_loss"):
+        assert [r.get(key) for r in got] == pytest.approx([r.get(key) for r in want], rel=1e-5)

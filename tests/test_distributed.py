@@ -1,0 +1,51 @@
+"""Two CPU processes (torchrun, gloo, FSDP2) follow the same trajectory as one process with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from compactlm.config import load_config
+from compactlm.distill import checkpoint as ckpt
+from compactlm.distill.run import run_distill
+from test_distill import SRC, _args, _metrics, models, one_thread  # noqa: F401 - fixtures
+
+
+def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
+    env = os.environ | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                        "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "compactlm", "distill", *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_two_processes_match_one(models, text_file, tmp_path):  # noqa: F811
+    # micro-batches of 2: rank r takes rows [2r, 2r+2) of each global batch of 4, as one process's r-th micro-batch.
+    # 6 validation rows in chunks of 2 over 2 ranks: one rank runs a spare forward (weight 0).
+    keys = {"distill.steps": 4, "distill.micro_batch_size": 2, "distill.eval_every": 2, "distill.save_every": 2,
+            "distill.intermediate": True, "distill.ce_weight": 0.2, "distill.teacher_sharded": True}
+    done = _torchrun(_args(models, text_file, tmp_path / "two", **keys))
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_distill(load_config(None, _args(models, text_file, tmp_path / "one", **keys)))
+
+    two, one = _metrics(tmp_path / "two"), _metrics(tmp_path / "one")
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2, 3, 4]
+    for key in ("loss", "loss_logits", "loss_intermediate", "grad_norm", "val_loss", "val_kl", "val_top1", "lr"):
+        assert [r.get(key) for r in two] == pytest.approx([r.get(key) for r in one], rel=1e-4), key
+    for name in ("final", "best"):
+        got, want = (load_file(str(tmp_path / run / name / "model.safetensors")) for run in ("two", "one"))
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    # the checkpoint written under FSDP has the single-process format (full tensors, parameter names)
+    sharded, single = ckpt.load(ckpt.latest(tmp_path / "two")), ckpt.load(ckpt.latest(tmp_path / "one"))
+    assert set(sharded["model"]) == set(single["model"]) and len(sharded["rng"]) == 2
+    assert set(sharded["optimizer"]["state"]) == set(single["optimizer"]["state"])
+    torch.testing.assert_close(sharded["hidden_map"], single["hidden_map"], rtol=1e-4, atol=1e-6)
+    assert Path(tmp_path / "two" / "compactlm.yaml").is_file()
+    assert json.loads(done.stdout.strip().splitlines()[-1])["steps"] == 4
