@@ -18,12 +18,13 @@ from compactlm.distill.run import run_distill
 from test_distill import SRC, _args, _metrics, models, one_thread  # noqa: F401 - fixtures
 
 
-def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
+def _torchrun(args: list[str]) -> subprocess.Popen:
+    """`torchrun --standalone --nproc_per_node=2 -m compactlm distill ...` (a free port is picked for us)."""
     env = os.environ | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
                         "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "compactlm", "distill", *args]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def test_two_processes_match_one(models, text_file, tmp_path):  # noqa: F811
@@ -31,9 +32,10 @@ def test_two_processes_match_one(models, text_file, tmp_path):  # noqa: F811
     # 6 validation rows in chunks of 2 over 2 ranks: one rank runs a spare forward (weight 0).
     keys = {"distill.steps": 4, "distill.micro_batch_size": 2, "distill.eval_every": 2, "distill.save_every": 2,
             "distill.intermediate": True, "distill.ce_weight": 0.2, "distill.teacher_sharded": True}
-    done = _torchrun(_args(models, text_file, tmp_path / "two", **keys))
-    assert done.returncode == 0, done.stderr[-3000:]
-    run_distill(load_config(None, _args(models, text_file, tmp_path / "one", **keys)))
+    two_procs = _torchrun(_args(models, text_file, tmp_path / "two", **keys))
+    run_distill(load_config(None, _args(models, text_file, tmp_path / "one", **keys)))  # meanwhile, here
+    stdout, stderr = two_procs.communicate(timeout=300)
+    assert two_procs.returncode == 0, stderr[-3000:]
 
     two, one = _metrics(tmp_path / "two"), _metrics(tmp_path / "one")
     assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2, 3, 4]
@@ -48,4 +50,4 @@ def test_two_processes_match_one(models, text_file, tmp_path):  # noqa: F811
     assert set(sharded["optimizer"]["state"]) == set(single["optimizer"]["state"])
     torch.testing.assert_close(sharded["hidden_map"], single["hidden_map"], rtol=1e-4, atol=1e-6)
     assert Path(tmp_path / "two" / "compactlm.yaml").is_file()
-    assert json.loads(done.stdout.strip().splitlines()[-1])["steps"] == 4
+    assert json.loads(stdout.strip().splitlines()[-1])["steps"] == 4

@@ -1,0 +1,337 @@
+"""Architecture search (METHOD.md section 6): enumerate shapes near a parameter target, prune each, rank them.
+
+Grids come from `SearchConfig` or are derived from the teacher. Every candidate is pruned from the same saved
+importance scores and scored by its zero-shot validation loss; when the caller supplies `distill_fn`, the best
+`top_k` are distilled briefly and the lowest distilled loss wins (P1), else the lowest zero-shot loss wins.
+
+Derived grids (a key left as None):
+- layers:   about six values from the teacher's L down to ceil(L / 2)
+- kv_heads: the teacher's (families without GQA, e.g. GPT-2, keep kv_heads == heads)
+- heads:    multiples of each kv_heads up to the teacher's heads (any count for families without GQA)
+- hidden:   multiples of the divisor from a quarter of the teacher's hidden up to it, plus the teacher's
+- ffn:      {2, 2.5, 3, 3.5, 4, teacher's ffn/hidden} x hidden rounded to the divisor, <= the teacher's, plus
+            the teacher's ffn
+The divisor is `search.divisor`, shrunk to a quarter of the teacher's size where that is smaller (tiny models).
+
+Latency: with `search.max_latency_ms` set, `search` times every enumerated candidate (a random model of its
+shape, one sequence, on the teacher's device), drops the slower ones, and raises a one-line error naming
+`search.max_latency_ms` when none is fast enough. Without it, latency is not measured (shown as "-").
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import gc
+import itertools
+import json
+import logging
+import math
+import re
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from compactlm.config import SearchConfig, TargetConfig
+from compactlm.errors import CompactLMError
+from compactlm.evaluate import perplexity
+from compactlm.importance.scores import Scores
+from compactlm.models.family import Dims, Family, family_of
+from compactlm.models.loading import num_params
+from compactlm.pruning import layers_to_drop, make_plan, prune_model
+
+log = logging.getLogger(__name__)
+
+FFN_FACTORS = (2.0, 2.5, 3.0, 3.5, 4.0)  # MLP width as a multiple of hidden (P1 used 2.5-4)
+LAYER_VALUES = 6  # derived layer grid: this many values from L down to L/2
+
+Shapes = Mapping[str, tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One shape of the search and what was measured for it."""
+
+    dims: Dims
+    params: int
+    latency_ms: float | None = None  # one forward of one sequence
+    zero_shot_loss: float | None = None  # validation loss (nats/token) right after pruning
+    distilled_loss: float | None = None  # validation loss after the brief distillation
+    rank: int | None = None  # 1 = chosen; distilled candidates rank ahead of the rest
+
+    def to_json(self) -> dict:
+        """Plain values, dims as a nested mapping."""
+        return dataclasses.asdict(self)
+
+
+def named_shapes(model) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> shape; shared (tied) tensors appear once."""
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def _axis_size(label: str, dims: Dims) -> int:
+    sizes = {
+        "hidden": dims.hidden, "ffn": dims.ffn, "q": dims.heads * dims.head_dim,
+        "kv": dims.kv_heads * dims.head_dim, "qkv": (dims.heads + 2 * dims.kv_heads) * dims.head_dim,
+    }
+    return sizes[label]
+
+
+def param_count(model_or_named_shapes, family: Family, dims: Dims) -> int:
+    """Exact parameters of the teacher pruned to `dims`, from its parameter names/shapes and the axis labels."""
+    shapes = model_or_named_shapes
+    if not isinstance(shapes, Mapping):
+        shapes = named_shapes(shapes)
+    layer_key = re.compile(rf"^{re.escape(family.layers_path)}\.(\d+)\.(.+)$")
+    per_layer, total = 0, 0
+    for name, shape in shapes.items():
+        match = layer_key.match(name)
+        if match and match.group(1) != "0":
+            continue  # layers are homogeneous: layer 0 stands for all of them
+        axes = family.layer_params.get(match.group(2)) if match else family.global_params.get(name)
+        if axes is None or len(axes) != len(shape):
+            raise CompactLMError(f"{family.name}: weight '{name}' is not described in the family record")
+        count = math.prod(size if label is None else _axis_size(label, dims) for label, size in zip(axes, shape))
+        if match:
+            per_layer += count
+        else:
+            total += count
+    return total + per_layer * dims.layers
+
+
+def _target_params(value: int | float | None, teacher_params: int) -> int:
+    """search.target_params as an absolute count (a float in (0, 1] is a fraction of the teacher's)."""
+    if value is None:
+        raise CompactLMError("search.target_params is not set (an absolute count such as 70M, or a fraction)")
+    if isinstance(value, float):
+        if not 0.0 < value <= 1.0:
+            raise CompactLMError(f"search.target_params={value}: a fraction must lie in (0, 1]")
+        return round(teacher_params * value)
+    if value < 1:
+        raise CompactLMError(f"search.target_params={value} must be at least 1")
+    return value
+
+
+def _divisor(divisor: int, size: int) -> int:
+    """The grid step: `divisor`, or a quarter of `size` when that is smaller (tiny models)."""
+    return max(1, min(divisor, size // 4))
+
+
+def _layer_grid(layers: int) -> list[int]:
+    low = math.ceil(layers / 2)
+    n = min(LAYER_VALUES, layers - low + 1)
+    if n <= 1:
+        return [layers]
+    return sorted({round(layers - i * (layers - low) / (n - 1)) for i in range(n)})
+
+
+def _hidden_grid(hidden: int, divisor: int) -> list[int]:
+    step = _divisor(divisor, hidden)
+    start = max(step, math.ceil(hidden / 4 / step) * step)
+    return sorted(set(range(start, hidden + 1, step)) | {hidden})
+
+
+def _ffn_grid(hidden: int, source: Dims, divisor: int) -> list[int]:
+    step = _divisor(divisor, source.ffn)
+    factors = (*FFN_FACTORS, source.ffn / source.hidden)
+    sizes = {max(step, round(f * hidden / step) * step) for f in factors}
+    return sorted({s for s in sizes if s <= source.ffn} | {source.ffn})
+
+
+def _head_options(source: Dims, family: Family, cfg: SearchConfig) -> list[tuple[int, int]]:
+    """(heads, kv_heads) pairs from the grids; families without GQA keep kv_heads == heads."""
+    if "kv_heads" not in family.keys:
+        if cfg.kv_heads is not None:
+            raise CompactLMError(f"search.kv_heads: {family.name} has no grouped-query attention (kv_heads == heads)")
+        return [(h, h) for h in (cfg.heads or range(1, source.heads + 1))]
+    kv_grid = cfg.kv_heads or (source.kv_heads,)
+    heads_grid = cfg.heads or sorted({m for kv in kv_grid for m in range(kv, source.heads + 1, kv)})
+    return [(h, kv) for h in heads_grid for kv in kv_grid]
+
+
+def _fits(dims: Dims, source: Dims, family: Family) -> bool:
+    """The config class accepts `dims` and the teacher can be cut down to it."""
+    try:
+        family.check(dims)
+    except CompactLMError:
+        return False
+    inside = all(getattr(dims, f) <= getattr(source, f) for f in ("hidden", "ffn", "heads", "kv_heads", "layers"))
+    return inside and dims.groups <= source.groups
+
+
+def _shapes(source: Dims, family: Family, cfg: SearchConfig) -> list[Dims]:
+    """Every grid shape the family accepts and the teacher contains."""
+    out = []
+    layer_grid = cfg.layers or _layer_grid(source.layers)
+    hidden_grid = cfg.hidden or _hidden_grid(source.hidden, cfg.divisor)
+    for layers, (heads, kv), hidden in itertools.product(layer_grid, _head_options(source, family, cfg), hidden_grid):
+        for ffn in cfg.ffn or _ffn_grid(hidden, source, cfg.divisor):
+            dims = Dims(hidden, ffn, heads, kv, source.head_dim, layers, source.vocab)
+            if _fits(dims, source, family):
+                out.append(dims)
+    return out
+
+
+def enumerate_candidates(model, cfg: SearchConfig) -> list[Candidate]:
+    """Shapes within +-tolerance of the target, closest first, at most `max_candidates`."""
+    family = family_of(model)
+    source = family.dims(model.config)
+    target = _target_params(cfg.target_params, num_params(model))
+    shapes = named_shapes(model)
+    fits = [Candidate(d, param_count(shapes, family, d)) for d in _shapes(source, family, cfg)]
+    if not fits:
+        raise CompactLMError(f"search grids hold no shape that {family.name} accepts inside the teacher {source}")
+    fits.sort(key=lambda c: (abs(c.params - target), -c.dims.layers, -c.dims.hidden, -c.dims.heads, -c.dims.ffn))
+    within = [c for c in fits if abs(c.params - target) <= cfg.tolerance * target]
+    if not within:
+        d = fits[0].dims
+        raise CompactLMError(
+            f"search.target_params={cfg.target_params} ({target:,} parameters): no candidate within "
+            f"+-{cfg.tolerance:.0%}; the closest has {fits[0].params:,} (layers={d.layers} hidden={d.hidden} "
+            f"heads={d.heads} kv_heads={d.kv_heads} ffn={d.ffn})"
+        )
+    log.info("search: %d shapes fit, %d within +-%.0f%% of %d parameters", len(fits), len(within),
+             100 * cfg.tolerance, target)
+    return within[: cfg.max_candidates]
+
+
+def _config_for(model_config, family: Family, dims: Dims):
+    """A copy of the teacher's config describing `dims` (per-layer attention kinds truncated to fit)."""
+    config = copy.deepcopy(model_config)
+    for key, value in family.config_updates(dims).items():
+        setattr(config, key, value)
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = config.layer_types[: dims.layers]
+    return config
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure_latency(model_config, dims: Dims, family: Family, device: str | torch.device, seq_len: int = 128,
+                    repeats: int = 3, dtype: torch.dtype = torch.float32) -> float:
+    """Median ms of one no-grad forward of a (1, seq_len) sequence through a random model of shape `dims`."""
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device(device)
+    config = _config_for(model_config, family, dims)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    seq_len = min(seq_len, limit) if limit else seq_len
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    ids = torch.randint(0, dims.vocab, (1, seq_len), device=device)  # (1, S)
+    times = []
+    try:
+        with torch.inference_mode():
+            for _ in range(max(1, repeats) + 1):  # the first forward is a warm-up
+                _sync(device)
+                start = time.perf_counter()
+                model(input_ids=ids, use_cache=False)
+                _sync(device)
+                times.append(1000.0 * (time.perf_counter() - start))
+    finally:
+        del model
+        _free(device)
+    return statistics.median(times[1:])
+
+
+def _within_latency(teacher, family: Family, candidates: list[Candidate], limit_ms: float) -> list[Candidate]:
+    """Candidates with their latency measured, the slower than `limit_ms` dropped."""
+    param = next(teacher.parameters())
+    timed = [dataclasses.replace(c, latency_ms=measure_latency(teacher.config, c.dims, family, param.device,
+                                                               dtype=param.dtype)) for c in candidates]
+    fast = [c for c in timed if c.latency_ms <= limit_ms]
+    if not fast:
+        raise CompactLMError(
+            f"search.max_latency_ms={limit_ms}: no candidate is fast enough (the fastest takes "
+            f"{min(c.latency_ms for c in timed):.2f} ms)"
+        )
+    log.info("search: %d of %d candidates within %.2f ms", len(fast), len(timed), limit_ms)
+    return fast
+
+
+def _check_scores(scores: Scores, source: Dims) -> None:
+    if scores.hidden.numel() != source.hidden or tuple(scores.ffn.shape) != (source.layers, source.ffn) \
+            or tuple(scores.heads.shape) != (source.layers, source.heads):
+        raise CompactLMError("search: the importance scores were computed for a different model shape")
+
+
+def _loss_key(loss: float | None) -> float:
+    return loss if loss is not None and math.isfinite(loss) else math.inf
+
+
+def search(teacher, scores: Scores, cfg: SearchConfig, val_batches: list, *, layer_metric: str = "block_importance",
+           distill_fn: Callable[[torch.nn.Module], float] | None = None,
+           progress: bool = False) -> tuple[Candidate, list[Candidate]]:
+    """(chosen, every candidate ranked); `distill_fn(student) -> val loss` briefly distills the best top_k."""
+    family = family_of(teacher)
+    source = family.dims(teacher.config)
+    device = next(teacher.parameters()).device
+    _check_scores(scores, source)
+    candidates = enumerate_candidates(teacher, cfg)
+    # every depth choice before any pruning, so a missing layer metric fails fast
+    depth = TargetConfig(layer_metric=layer_metric)
+    drops = {n: layers_to_drop(depth, source, n, scores) for n in {c.dims.layers for c in candidates}}
+    if cfg.max_latency_ms is not None:
+        candidates = _within_latency(teacher, family, candidates, cfg.max_latency_ms)
+
+    def pruned(cand: Candidate):
+        return prune_model(teacher, make_plan(scores, source, cand.dims, drops[cand.dims.layers]))
+
+    scored = []
+    for cand in tqdm(candidates, desc="search: zero-shot", disable=not progress):
+        student = pruned(cand)
+        loss = perplexity(student, val_batches)["loss"]
+        del student
+        _free(device)
+        scored.append(dataclasses.replace(cand, zero_shot_loss=loss))
+        log.info("search: %s params=%d zero-shot loss %.4f", cand.dims, cand.params, loss)
+    ordered = sorted(scored, key=lambda c: _loss_key(c.zero_shot_loss))
+    if distill_fn is not None and cfg.top_k > 0:
+        distilled = []
+        for cand in tqdm(ordered[: cfg.top_k], desc="search: distill", disable=not progress):
+            student = pruned(cand)
+            loss = float(distill_fn(student))
+            del student
+            _free(device)
+            distilled.append(dataclasses.replace(cand, distilled_loss=loss))
+            log.info("search: %s distilled loss %.4f", cand.dims, loss)
+        ordered = sorted(distilled, key=lambda c: _loss_key(c.distilled_loss)) + ordered[cfg.top_k:]
+    ranked = [dataclasses.replace(c, rank=i + 1) for i, c in enumerate(ordered)]
+    return ranked[0], ranked
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def write_table(candidates: list[Candidate], chosen: Candidate, path_md: Path, path_json: Path) -> None:
+    """search.md (one row per candidate, the chosen one marked) and search.json."""
+    header = ("rank", "layers", "hidden", "heads", "kv_heads", "ffn", "params", "latency (ms)", "zero-shot loss",
+              "distilled loss", "chosen")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for c in candidates:
+        d = c.dims
+        row = (c.rank, d.layers, d.hidden, d.heads, d.kv_heads, d.ffn, c.params, c.latency_ms, c.zero_shot_loss,
+               c.distilled_loss, "**yes**" if c.dims == chosen.dims else "")
+        lines.append("| " + " | ".join(_cell(v) for v in row) + " |")
+    Path(path_md).write_text("\n".join(lines) + "\n")
+    data = {"chosen": chosen.to_json(), "candidates": [c.to_json() for c in candidates]}
+    Path(path_json).write_text(json.dumps(data, indent=1) + "\n")
