@@ -102,7 +102,8 @@ def worker_time(args: argparse.Namespace) -> dict:
 def _spawn(args: argparse.Namespace, mode: str, case: str, variant: str) -> dict:
     """Run a worker in a fresh interpreter and parse its JSON line."""
     cmd = [sys.executable, __file__, mode, "--case", case, "--variant", variant, "--repeats",
-           str(args.repeats), "--warmup", str(args.warmup), "--dtype", args.dtype, "--device", args.device]
+           str(args.repeats), "--warmup", str(args.warmup), "--dtype", args.dtype, "--device", args.device,
+           "--threads", str(args.threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"{case}/{variant} failed:\n{proc.stderr[-2000:]}")
@@ -141,12 +142,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--out", help="write all results as JSON here")
     parser.add_argument("--worker-time", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker-memory", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.worker_time or args.worker_memory:
         print(json.dumps(worker_time(args) if args.worker_time else worker_memory(args)))
         return

@@ -64,7 +64,8 @@ def main() -> None:
     device = torch.device(args.device)
 
     model = load_model(args.model, dtype=args.dtype, device=device)
-    batches = calibration_batches(load_tokenizer(args.model), args.data, args.sequences, args.seq_len, args.batch_size)
+    tokenizer = load_tokenizer(args.model)
+    batches = calibration_batches(tokenizer, args.data, args.sequences, args.seq_len, args.batch_size)
     base = get_module(model, family_of(model).base_path)
 
     def forward(module) -> None:
@@ -91,8 +92,8 @@ def main() -> None:
     median = {name: statistics.median(t) for name, t in times.items()}
     ref, dec = median["forward (full LM)"], median["forward (decoder, no LM head)"]
     print(f"model {args.model} ({args.dtype}, {device}, {torch.get_num_threads()} threads), "
-          f"{args.sequences} x {args.seq_len} tokens in batches of {args.batch_size}, {args.repeats} repeats, "
-          f"aggregation {args.aggregation}, head_score {args.head_score}")
+          f"{args.sequences} x {args.seq_len} tokens in batches of {args.batch_size}, "
+          f"{args.repeats} repeats, aggregation {args.aggregation}, head_score {args.head_score}")
     print(f"{'run':32} {'median s':>9} {'min s':>8} {'max s':>8} {'tok/s':>9} {'x full':>7} {'x decoder':>9}")
     for name in names:
         t = times[name]

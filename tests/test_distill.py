@@ -18,9 +18,7 @@ from safetensors.torch import load_file
 from compactlm.config import TrainConfig, load_config
 from compactlm.distill import checkpoint as ckpt
 from compactlm.distill.distributed import Dist
-from compactlm.distill.loop import (
-    Objective, Trainee, batch_rows, build, lr_at, make_optimizer, train_step, validate,
-)
+from compactlm.distill.loop import batch_rows, build, lr_at, make_optimizer, train_step, validate
 from compactlm.distill.run import run_distill, run_train
 from compactlm.errors import CompactLMError
 from conftest import tiny_config, tiny_tokenizer

@@ -1,4 +1,4 @@
-"""Importance scoring: aggregations against naive loops, hook hygiene, invariants on tiny models of every family."""
+"""Importance scoring: aggregations against naive loops, hook hygiene, invariants on tiny models."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ DEFAULT_LAYOUT = {f: (4, 4) if f == "gpt2" else (4, 2) for f in FAMILIES}
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    """Tiny models gain nothing from threads; on a busy 2-core machine a 2-thread op can wait ~8 ms for the other."""
+    """Tiny models gain nothing from threads; on a busy 2-core machine a 2-thread op can stall ~8 ms."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -132,9 +132,11 @@ def test_shapes_dtypes_and_meta(family, token_batch):
     model = tiny_model(family, heads, kv)
     s = score(model, [token_batch])
     d = family_of(model).dims(model.config)
-    assert s.hidden.shape == (d.hidden,) and s.heads.shape == (d.layers, d.heads) and s.ffn.shape == (d.layers, d.ffn)
+    assert s.hidden.shape == (d.hidden,) and s.heads.shape == (d.layers, d.heads)
+    assert s.ffn.shape == (d.layers, d.ffn)
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in (s.hidden, s.heads, s.ffn))
-    assert set(s.layers) == {"lm_loss", "block_importance"} and all(v.shape == (d.layers,) for v in s.layers.values())
+    assert set(s.layers) == {"lm_loss", "block_importance"}
+    assert all(v.shape == (d.layers,) for v in s.layers.values())
     assert s.meta == {"method": "activation", "aggregation": "l2_mean", "head_score": "paper"}
     assert not model.training
 
@@ -158,8 +160,9 @@ def test_padded_token_ids_do_not_change_any_score(family, token_batch):
     heads, kv = DEFAULT_LAYOUT[family]
     model = tiny_model(family, heads, kv)
     for head_score in HEAD_SCORES:
-        a = score(model, [_with_padding(token_batch, 5)], head_score=head_score, aggregation="var_var")
-        b = score(model, [_with_padding(token_batch, VOCAB - 1)], head_score=head_score, aggregation="var_var")
+        kwargs = {"head_score": head_score, "aggregation": "var_var"}
+        a = score(model, [_with_padding(token_batch, 5)], **kwargs)
+        b = score(model, [_with_padding(token_batch, VOCAB - 1)], **kwargs)
         for x, y in [(a.hidden, b.hidden), (a.heads, b.heads), (a.ffn, b.ffn)] + [
             (a.layers[k], b.layers[k]) for k in a.layers
         ]:
@@ -194,7 +197,7 @@ def test_scoring_does_not_change_model_outputs(family, heads, kv_heads, tied, to
 
 
 def _capture(model, path: str, layer: int, seen: list, *, output: bool = False):
-    """Register a hook that appends the input (or output) of a per-layer module to `seen`; returns its handle."""
+    """Hook that appends the input (or output) of a per-layer module to `seen`; returns its handle."""
     block = get_module(model, family_of(model).layers_path)[layer]
     module = get_module(block, path)
     if output:
@@ -209,7 +212,7 @@ def _l2_mean(a: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("family,heads,kv_heads,tied", model_params())
-def test_scores_equal_a_manual_computation_from_captured_activations(family, heads, kv_heads, tied, token_batch):
+def test_scores_equal_a_manual_computation(family, heads, kv_heads, tied, token_batch):
     model = tiny_model(family, heads, kv_heads, tied)
     fam, layer, mask = family_of(model), 1, token_batch["attention_mask"]
     attn, mlp, norms = [], [], [[] for _ in range(3 * len(fam.norm_paths))]
@@ -311,8 +314,9 @@ def test_contiguous_block_losses_with_one_layer_is_baseline_plus_importance(fami
     model = tiny_model(family, heads, kv)
     batches = [{k: v[:2] for k, v in token_batch.items()}, {k: v[2:] for k, v in token_batch.items()}]
     base = lm_loss(model, batches)
-    assert base == pytest.approx(lm_loss(model, [token_batch]), rel=1e-6)  # token-weighted, not batch-averaged
-    torch.testing.assert_close(contiguous_block_losses(model, batches, 1), base + lm_loss_importance(model, batches))
+    assert base == pytest.approx(lm_loss(model, [token_batch]), rel=1e-6)  # token-weighted mean
+    skipped = contiguous_block_losses(model, batches, 1)
+    torch.testing.assert_close(skipped, base + lm_loss_importance(model, batches))
     blocks = contiguous_block_losses(model, batches, 3)  # every layer skipped: logits of the embeddings alone
     assert blocks.shape == (1,) and torch.isfinite(blocks).all()
     with pytest.raises(CompactLMError):

@@ -184,3 +184,12 @@ def test_default_layer_map_and_explicit_pairs():
         default_layer_map(12, 30, pairs=[(12, 5)])
     with pytest.raises(CompactLMError):
         default_layer_map(1, 30)
+
+
+def test_grad_for_head_only():
+    """Frozen hidden states (no grad): the head still gets the reference gradient."""
+    h_s, w_s, h_t, w_t, mask, _ = _inputs()
+    h = h_s.detach()
+    (grad,) = torch.autograd.grad(kd_loss(h, w_s, h_t, w_t, mask, chunk_tokens=5), w_s)
+    (ref,) = torch.autograd.grad(_reference(h, w_s, h_t, w_t, mask), w_s)
+    torch.testing.assert_close(grad, ref)

@@ -48,12 +48,29 @@ def _train(cfg) -> None:
     print(json.dumps(run_train(cfg)))
 
 
+def _run(cfg, dry_run: bool = False) -> None:
+    from compactlm import pipeline
+
+    if dry_run:
+        print("\n".join(pipeline.dry_run(cfg)))
+        return
+    print(json.dumps(pipeline.run(cfg)))
+
+
+def _search(cfg) -> None:
+    from compactlm import pipeline
+
+    print(json.dumps(pipeline.search_only(cfg)))
+
+
 COMMANDS: dict[str, tuple[Callable, str]] = {
     "score": (_score, "compute importance scores of model= on data= and save them to out_dir"),
     "prune": (_prune, "prune model= to target.* and write a Hugging Face checkpoint to out_dir"),
     "eval": (_eval, "perplexity, parameters, speed (and KL/agreement to teacher=) as JSON on the last line"),
     "distill": (_distill, "retrain student= from teacher= by knowledge distillation"),
     "train": (_train, "train model= with plain cross-entropy (teacher correction, baselines, from scratch)"),
+    "search": (_search, "find the best architecture of ~search.target_params parameters from model='s scores"),
+    "run": (_run, "every stage from the teacher to a compact model and report.md, resuming where it stopped"),
 }
 
 
@@ -65,6 +82,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help="YAML file of keys (see configs/)")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="override any key, e.g. target.hidden_size=384")
         p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+        if name == "run":
+            p.add_argument("--dry-run", action="store_true", help="validate the config and list the stages; load nothing")
     return parser
 
 
@@ -86,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_transformers()
     try:
         cfg = load_config(args.config, args.overrides)
-        COMMANDS[args.command][0](cfg)
+        command = COMMANDS[args.command][0]
+        command(cfg, args.dry_run) if args.command == "run" else command(cfg)
     except CompactLMError as e:
         print(f"compactlm {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -40,7 +40,8 @@ def teacher_spec(cfg: Config) -> str:
 def _correct(cfg: Config, out: Path) -> dict:
     from compactlm.distill.run import run_train
 
-    return run_train(dataclasses.replace(cfg, train=cfg.correction, out_dir=str(out), resume=True, init="pretrained"))
+    # init=random makes this stage train the teacher from scratch (the seed project's Tiny Shakespeare GPT)
+    return run_train(dataclasses.replace(cfg, train=cfg.correction, out_dir=str(out), resume=True))
 
 
 def _score(cfg: Config, out: Path) -> dict:
@@ -51,9 +52,66 @@ def _score(cfg: Config, out: Path) -> dict:
 
 
 def _search(cfg: Config, out: Path) -> dict:
-    from compactlm.search_stage import run_search
+    from compactlm import stages
 
-    return run_search(dataclasses.replace(cfg, model=teacher_spec(cfg)), out, _run_dir(cfg) / "score" / "scores.safetensors")
+    scores = _run_dir(cfg) / "score" / stages.SCORES_FILE
+    return run_search(dataclasses.replace(cfg, model=teacher_spec(cfg), importance=dataclasses.replace(
+        cfg.importance, scores=str(scores))), out)
+
+
+def run_search(cfg: Config, out: Path) -> dict:
+    """Rank candidate shapes by zero-shot loss, distill the best `search.top_k` briefly, pick one; write the table."""
+    from compactlm import data, search, stages
+    from compactlm.importance.scores import Scores
+
+    teacher, tokenizer = stages.load(cfg)
+    splits = stages.load_splits(cfg, tokenizer, cfg.eval.seq_len)
+    val = list(data.batches(splits.val[: cfg.eval.sequences], cfg.eval.batch_size))
+    if cfg.importance.scores:
+        scores = Scores.load(cfg.importance.scores)
+    else:
+        scores = stages.compute_scores(cfg, teacher, stages.calibration_batches(cfg, tokenizer, teacher), ())
+    metric = cfg.target.layer_metric
+    if metric not in scores.layers and metric not in ("random", "magnitude"):
+        scores = stages.add_layer_metrics(cfg, teacher, stages.calibration_batches(cfg, tokenizer, teacher), scores, (metric,))
+    train_rows = stages.load_splits(cfg, tokenizer, cfg.distill.seq_len).train
+    chosen, ranked = search.search(
+        teacher, scores, cfg.search, val, layer_metric=metric, progress=True,
+        distill_fn=lambda student: _brief_distill(cfg, student, teacher, tokenizer, train_rows, out),
+    )
+    with stages.staged_output(out) as tmp:
+        search.write_table(ranked, chosen, tmp / "search.md", tmp / "search.json")
+    shape = {"hidden_size": chosen.dims.hidden, "intermediate_size": chosen.dims.ffn,
+             "num_attention_heads": chosen.dims.heads, "num_key_value_heads": chosen.dims.kv_heads,
+             "num_hidden_layers": chosen.dims.layers}
+    return {"target": shape, "params": chosen.params, "candidates": len(ranked)}
+
+
+def _brief_distill(cfg: Config, student, teacher, tokenizer, train_rows, out: Path) -> float:
+    """Validation loss of `student` after `search.distill_steps` steps of distillation (in a scratch dir)."""
+    import shutil
+    import tempfile
+
+    from compactlm.distill.distributed import setup
+    from compactlm.distill.loop import Session, fit
+    from compactlm.stages import load_splits
+
+    tc = dataclasses.replace(cfg.distill, steps=cfg.search.distill_steps, eval_every=None, save_every=None, warmup_steps=1)
+    val = load_splits(cfg, tokenizer, tc.seq_len).val[: tc.eval_sequences]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".search-distill.", dir=out.parent))
+    try:
+        result = fit(student, train_rows, val, tc, Session(scratch, setup(cfg.device), None, cfg.seed), teacher=teacher)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return float(result["val_loss"])
+
+
+def search_only(cfg: Config) -> dict:
+    """`compactlm search`: the search stage alone, into out_dir (search.md, search.json)."""
+    if not cfg.search.target_params:
+        raise CompactLMError("search needs search.target_params (e.g. 70M, or 0.5 of the teacher)")
+    return run_search(cfg, Path(cfg.out_dir))
 
 
 def target_of(cfg: Config) -> Config:
@@ -80,19 +138,71 @@ def _distill(cfg: Config, out: Path) -> dict:
     from compactlm.distill.run import run_distill
 
     student = str(_run_dir(cfg) / "prune")
-    return run_distill(dataclasses.replace(cfg, teacher=teacher_spec(cfg), student=student, out_dir=str(out), resume=True))
+    return run_distill(dataclasses.replace(
+        cfg, teacher=teacher_spec(cfg), student=student, out_dir=str(out), resume=True, init="pretrained"))
+
+
+MODELS = ("teacher", "pruned", "distilled")
+
+
+def _model_dirs(cfg: Config) -> dict[str, str]:
+    run_dir = _run_dir(cfg)
+    return {"teacher": teacher_spec(cfg), "pruned": str(run_dir / "prune"), "distilled": str(run_dir / "distill" / "final")}
 
 
 def _evaluate(cfg: Config, out: Path) -> dict:
-    from compactlm.report_stage import evaluate_all
+    """Perplexity, KL, agreement, speed (and lm-eval tasks) of teacher, pruned and distilled on held-out text."""
+    from compactlm import data, stages
+    from compactlm.evaluate import evaluate, sample_text
+    from compactlm.models.family import family_of
 
-    return evaluate_all(cfg, teacher_spec(cfg), _run_dir(cfg), out)
+    teacher, tokenizer = stages.load(cfg, teacher_spec(cfg))
+    val = stages.load_splits(cfg, tokenizer, cfg.eval.seq_len).val[: cfg.eval.sequences]
+    batches = list(data.batches(val, cfg.eval.batch_size))
+    results = {}
+    for name, spec in _model_dirs(cfg).items():
+        model = teacher if name == "teacher" else stages.load(cfg, spec)[0]
+        metrics = evaluate(model, batches, teacher=None if name == "teacher" else teacher, tokenizer=tokenizer,
+                           speed=cfg.eval.speed, progress=True)
+        metrics |= {"dims": vars(family_of(model).dims(model.config)), "sample": sample_text(
+            model, tokenizer, "The Python interpreter", new_tokens=cfg.eval.gen_tokens)}
+        if cfg.eval.tasks:
+            from compactlm.tasks import run_tasks
+
+            metrics["tasks"] = run_tasks(model, tokenizer, cfg.eval.tasks, limit=cfg.eval.task_limit,
+                                         device=str(next(model.parameters()).device))
+        results[name] = metrics
+    with stages.staged_output(out) as tmp:
+        (tmp / "eval.json").write_text(json.dumps(results, indent=1) + "\n")
+    return {name: {k: v for k, v in m.items() if k in ("params", "perplexity", "kl")} for name, m in results.items()}
 
 
 def _report(cfg: Config, out: Path) -> dict:
-    from compactlm.report_stage import build_report
+    """report.md and PNG plots in the run directory, from what the other stages wrote."""
+    from compactlm import report
+    from compactlm.importance.scores import Scores
 
-    return {"report": str(build_report(cfg, _run_dir(cfg), out))}
+    run_dir = _run_dir(cfg)
+    results = json.loads((run_dir / "evaluate" / "eval.json").read_text())
+    scores = Scores.load(run_dir / "score" / "scores.safetensors")
+    report.plot_width_importance(scores, run_dir / "importance_width.png")
+    report.plot_layer_importance(scores, run_dir / "importance_layers.png")
+    runs = [p for p in (run_dir / "correction" / "metrics.jsonl", run_dir / "distill" / "metrics.jsonl") if p.is_file()]
+    report.plot_training(runs, run_dir / "training.png")
+    plots = {"Width importance": "importance_width.png", "Layer importance": "importance_layers.png",
+             "Training and validation loss": "training.png"}
+    if (run_dir / "search" / "search.json").is_file():
+        report.plot_search(json.loads((run_dir / "search" / "search.json").read_text())["candidates"], run_dir / "search.png")
+        plots["Search candidates"] = "search.png"
+    arch = lambda name: results[name]["dims"] | {"params": results[name]["params"]}  # noqa: E731
+    path = report.write_report(
+        run_dir, teacher=arch("teacher"), student=arch("distilled"),
+        stages={name: results[name] for name in MODELS}, plots=plots,
+        samples={name: "The Python interpreter" + results[name]["sample"] for name in MODELS},
+        notes=[f"config: {run_dir / 'compactlm.yaml'}", f"distillation metrics: {run_dir / 'distill' / 'metrics.jsonl'}"],
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    return {"report": str(path)}
 
 
 def plan_stages(cfg: Config) -> list[Stage]:

@@ -11,7 +11,7 @@ Derived grids (a key left as None):
 - hidden:   multiples of the divisor from a quarter of the teacher's hidden up to it, plus the teacher's
 - ffn:      {2, 2.5, 3, 3.5, 4, teacher's ffn/hidden} x hidden rounded to the divisor, <= the teacher's, plus
             the teacher's ffn
-The divisor is `search.divisor`, shrunk to a quarter of the teacher's size where that is smaller (tiny models).
+The divisor is `search.divisor`, or a quarter of the teacher's size where that is smaller (tiny models).
 
 Latency: with `search.max_latency_ms` set, `search` times every enumerated candidate (a random model of its
 shape, one sequence, on the teacher's device), drops the slower ones, and raises a one-line error naming
@@ -83,7 +83,7 @@ def _axis_size(label: str, dims: Dims) -> int:
 
 
 def param_count(model_or_named_shapes, family: Family, dims: Dims) -> int:
-    """Exact parameters of the teacher pruned to `dims`, from its parameter names/shapes and the axis labels."""
+    """Exact parameters of the teacher pruned to `dims`, from its parameter names, shapes and axis labels."""
     shapes = model_or_named_shapes
     if not isinstance(shapes, Mapping):
         shapes = named_shapes(shapes)
@@ -96,7 +96,8 @@ def param_count(model_or_named_shapes, family: Family, dims: Dims) -> int:
         axes = family.layer_params.get(match.group(2)) if match else family.global_params.get(name)
         if axes is None or len(axes) != len(shape):
             raise CompactLMError(f"{family.name}: weight '{name}' is not described in the family record")
-        count = math.prod(size if label is None else _axis_size(label, dims) for label, size in zip(axes, shape))
+        sizes = (size if label is None else _axis_size(label, dims) for label, size in zip(axes, shape))
+        count = math.prod(sizes)
         if match:
             per_layer += count
         else:
@@ -147,7 +148,7 @@ def _head_options(source: Dims, family: Family, cfg: SearchConfig) -> list[tuple
     """(heads, kv_heads) pairs from the grids; families without GQA keep kv_heads == heads."""
     if "kv_heads" not in family.keys:
         if cfg.kv_heads is not None:
-            raise CompactLMError(f"search.kv_heads: {family.name} has no grouped-query attention (kv_heads == heads)")
+            raise CompactLMError(f"search.kv_heads: {family.name} has no grouped-query attention")
         return [(h, h) for h in (cfg.heads or range(1, source.heads + 1))]
     kv_grid = cfg.kv_heads or (source.kv_heads,)
     heads_grid = cfg.heads or sorted({m for kv in kv_grid for m in range(kv, source.heads + 1, kv)})
@@ -160,7 +161,8 @@ def _fits(dims: Dims, source: Dims, family: Family) -> bool:
         family.check(dims)
     except CompactLMError:
         return False
-    inside = all(getattr(dims, f) <= getattr(source, f) for f in ("hidden", "ffn", "heads", "kv_heads", "layers"))
+    fields = ("hidden", "ffn", "heads", "kv_heads", "layers")
+    inside = all(getattr(dims, f) <= getattr(source, f) for f in fields)
     return inside and dims.groups <= source.groups
 
 
@@ -169,7 +171,8 @@ def _shapes(source: Dims, family: Family, cfg: SearchConfig) -> list[Dims]:
     out = []
     layer_grid = cfg.layers or _layer_grid(source.layers)
     hidden_grid = cfg.hidden or _hidden_grid(source.hidden, cfg.divisor)
-    for layers, (heads, kv), hidden in itertools.product(layer_grid, _head_options(source, family, cfg), hidden_grid):
+    head_options = _head_options(source, family, cfg)
+    for layers, (heads, kv), hidden in itertools.product(layer_grid, head_options, hidden_grid):
         for ffn in cfg.ffn or _ffn_grid(hidden, source, cfg.divisor):
             dims = Dims(hidden, ffn, heads, kv, source.head_dim, layers, source.vocab)
             if _fits(dims, source, family):
@@ -185,8 +188,9 @@ def enumerate_candidates(model, cfg: SearchConfig) -> list[Candidate]:
     shapes = named_shapes(model)
     fits = [Candidate(d, param_count(shapes, family, d)) for d in _shapes(source, family, cfg)]
     if not fits:
-        raise CompactLMError(f"search grids hold no shape that {family.name} accepts inside the teacher {source}")
-    fits.sort(key=lambda c: (abs(c.params - target), -c.dims.layers, -c.dims.hidden, -c.dims.heads, -c.dims.ffn))
+        raise CompactLMError(f"search grids hold no shape that {family.name} accepts inside the teacher")
+    fits.sort(key=lambda c: (abs(c.params - target), -c.dims.layers, -c.dims.hidden, -c.dims.heads,
+                             -c.dims.ffn))
     within = [c for c in fits if abs(c.params - target) <= cfg.tolerance * target]
     if not within:
         d = fits[0].dims
@@ -216,8 +220,9 @@ def _sync(device: torch.device) -> None:
 
 
 def _free(device: torch.device) -> None:
-    gc.collect()
+    """Free a deleted model: refcounting suffices on CPU; on CUDA also collect and empty the cache."""
     if device.type == "cuda":
+        gc.collect()  # ~0.5 s with transformers loaded: worth it only where the cache is handed back
         torch.cuda.empty_cache()
 
 
@@ -273,7 +278,8 @@ def _loss_key(loss: float | None) -> float:
     return loss if loss is not None and math.isfinite(loss) else math.inf
 
 
-def search(teacher, scores: Scores, cfg: SearchConfig, val_batches: list, *, layer_metric: str = "block_importance",
+def search(teacher, scores: Scores, cfg: SearchConfig, val_batches: list, *,
+           layer_metric: str = "block_importance",
            distill_fn: Callable[[torch.nn.Module], float] | None = None,
            progress: bool = False) -> tuple[Candidate, list[Candidate]]:
     """(chosen, every candidate ranked); `distill_fn(student) -> val loss` briefly distills the best top_k."""
@@ -324,13 +330,13 @@ def _cell(value) -> str:
 
 def write_table(candidates: list[Candidate], chosen: Candidate, path_md: Path, path_json: Path) -> None:
     """search.md (one row per candidate, the chosen one marked) and search.json."""
-    header = ("rank", "layers", "hidden", "heads", "kv_heads", "ffn", "params", "latency (ms)", "zero-shot loss",
-              "distilled loss", "chosen")
+    header = ("rank", "layers", "hidden", "heads", "kv_heads", "ffn", "params", "latency (ms)",
+              "zero-shot loss", "distilled loss", "chosen")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for c in candidates:
         d = c.dims
-        row = (c.rank, d.layers, d.hidden, d.heads, d.kv_heads, d.ffn, c.params, c.latency_ms, c.zero_shot_loss,
-               c.distilled_loss, "**yes**" if c.dims == chosen.dims else "")
+        row = (c.rank, d.layers, d.hidden, d.heads, d.kv_heads, d.ffn, c.params, c.latency_ms,
+               c.zero_shot_loss, c.distilled_loss, "**yes**" if c.dims == chosen.dims else "")
         lines.append("| " + " | ".join(_cell(v) for v in row) + " |")
     Path(path_md).write_text("\n".join(lines) + "\n")
     data = {"chosen": chosen.to_json(), "candidates": [c.to_json() for c in candidates]}

@@ -179,7 +179,10 @@ def resume_(path: Path, trainee: nn.Module, optimizer, scheduler, d: Dist) -> Pr
                              "embedding_loss setting")
     model_sd = {f"model.{k}": v for k, v in state["model"].items()}
     model_sd |= {f"hidden_map.{k}": v for k, v in (state["hidden_map"] or {}).items()}
-    load_full_state_(trainee, optimizer, model_sd, state["optimizer"])
+    try:
+        load_full_state_(trainee, optimizer, model_sd, state["optimizer"])
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise CompactLMError(f"checkpoint {path} does not fit this student: {str(e).splitlines()[0][:200]}") from None
     scheduler.load_state_dict(state["scheduler"])
     rngs = state["rng"]
     set_rng_state_(rngs[d.rank] if d.rank < len(rngs) else rngs[0])

@@ -40,6 +40,7 @@ from compactlm.config import DistillConfig, TrainConfig
 from compactlm.distill import checkpoint as ckpt
 from compactlm.distill.distributed import Dist, all_reduce_sum, shard_
 from compactlm.distill.losses import IGNORE_INDEX, cosine_loss, default_layer_map, dynamic_alpha, kd_loss
+from compactlm.errors import CompactLMError
 from compactlm.models.family import family_of, get_module
 
 log = logging.getLogger(__name__)
@@ -248,10 +249,10 @@ def train_step(trainee: Trainee, teacher: Teacher | None, optimizer: torch.optim
     sums: dict[str, Tensor] = {}
     for (ids, mask), n in zip(micros, counts):
         parts = trainee(ids, mask, teacher(ids, mask) if teacher is not None else None)
-        weight = n / total
+        weight = n / total  # the micro-batch's share of the global batch's tokens
         (parts["loss"] * (weight * d.world)).backward()  # FSDP averages gradients over ranks
         for key, value in parts.items():
-            sums[key] = sums.get(key, 0.0) + value.detach().double().cpu() * weight
+            sums[key] = sums.get(key, 0.0) + value.detach().double() * weight
     norm = torch.nn.utils.clip_grad_norm_(trainee.parameters(), tc.grad_clip or math.inf)
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
     optimizer.step()
@@ -302,8 +303,8 @@ class MetricsLog:
         if not enabled:
             return
         old = self.path.read_text().splitlines() if self.path.is_file() else []
-        kept = [line for line in old if line.strip() and json.loads(line).get("step", 0) <= keep_until]
-        self.path.write_text("".join(line + "\n" for line in kept))  # drop rows a killed run wrote after its checkpoint
+        kept = [line for line in old if _step_of(line) <= keep_until]  # drop what a killed run wrote after its checkpoint
+        self.path.write_text("".join(line + "\n" for line in kept))
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -325,6 +326,14 @@ class MetricsLog:
     def close(self) -> None:  # noqa: D102
         if self.board is not None:
             self.board.close()
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics.jsonl line; infinity for a torn or foreign line (so it is dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def make_optimizer(trainee: nn.Module, tc: TrainConfig) -> torch.optim.AdamW:
@@ -361,38 +370,30 @@ def fit(student: nn.Module, train_rows: Tensor, val_rows: Tensor, tc: TrainConfi
         teacher: nn.Module | None = None) -> dict[str, Any]:
     """Train `student` on (N, S) train rows (KD from `teacher` when given); checkpoints, best/ and final/."""
     d, out = session.dist, session.out_dir
-    micro, total, per_rank = tc.micro_batch_size or tc.batch_size // d.world, total_steps(tc), tc.batch_size // d.world
+    micro, total = tc.micro_batch_size or tc.batch_size // d.world, total_steps(tc)
     trainee, teacher_mod = build(student, teacher, tc, d)
     optimizer = make_optimizer(trainee, tc)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total, tc) / tc.lr)
     found = ckpt.latest(out) if session.resume else None
     progress = ckpt.resume_(found, trainee, optimizer, scheduler, d) if found else ckpt.Progress(total_steps=total)
-    if found:
-        log.info("resuming from %s at step %d of %d", found, progress.step, total)
+    log.info("%s at step %d of %d", f"resuming from {found}" if found else "starting", progress.step, total)
+    evaluate = functools.partial(_evaluate_, trainee, teacher_mod, val_rows, micro, progress, session)
     metrics = MetricsLog(out, d.is_main, keep_until=progress.step)
     bar = tqdm(total=total, initial=progress.step, unit="step", desc="distill" if teacher is not None else "train",
                disable=not (session.progress and d.is_main), dynamic_ncols=True)
     start, val = time.perf_counter(), {}
-
-    def evaluate() -> dict[str, float]:  # validation; best/ when it improves
-        result = validate(trainee, teacher_mod, val_rows, micro, d)
-        if result["val_loss"] < progress.best_val_loss:
-            progress.best_val_loss = result["val_loss"]
-            ckpt.export_(out / "best", trainee, session.tokenizer, d)
-        return result
-
     try:
         while progress.step < total:
-            tick = time.perf_counter()
-            order = batch_rows(len(train_rows), progress.rows_seen, tc.batch_size, session.seed)  # (B,)
-            rows = train_rows[order[d.rank * per_rank: (d.rank + 1) * per_rank]]  # (B / world, S)
-            lr = scheduler.get_last_lr()[0]
+            tick, lr = time.perf_counter(), scheduler.get_last_lr()[0]
+            rows = _rank_rows(train_rows, progress.rows_seen, tc.batch_size, session.seed, d)  # (B / world, S)
             row = train_step(trainee, teacher_mod, optimizer, rows, micro, tc, d)
             scheduler.step()
             progress.step, progress.rows_seen = progress.step + 1, progress.rows_seen + tc.batch_size
             progress.tokens += tc.batch_size * tc.seq_len
             row = {"step": progress.step, "tokens": progress.tokens, **row, "lr": lr,
                    "tokens_per_s": tc.batch_size * tc.seq_len / (time.perf_counter() - tick)}
+            if not math.isfinite(row["loss"]):
+                raise CompactLMError(f"loss is {row['loss']} at step {progress.step}: try a lower learning rate")
             last = progress.step == total
             val = evaluate() if _every(progress.step, tc.eval_every) or last else {}
             if _every(progress.step, tc.log_every) or val or last:
@@ -409,6 +410,23 @@ def fit(student: nn.Module, train_rows: Tensor, val_rows: Tensor, tc: TrainConfi
     best = None if math.isinf(progress.best_val_loss) else progress.best_val_loss
     return {"steps": progress.step, "tokens": progress.tokens, **val, "best_val_loss": best,
             "wall_s": time.perf_counter() - start}
+
+
+def _rank_rows(train_rows: Tensor, rows_seen: int, batch_size: int, seed: int, d: Dist) -> Tensor:
+    """This rank's contiguous slice (B / world, S) of the next global batch of the shuffled stream."""
+    order = batch_rows(len(train_rows), rows_seen, batch_size, seed)  # (B,)
+    per_rank = batch_size // d.world
+    return train_rows[order[d.rank * per_rank: (d.rank + 1) * per_rank]]
+
+
+def _evaluate_(trainee: Trainee, teacher: Teacher | None, val_rows: Tensor, micro: int,
+               progress: ckpt.Progress, session: Session) -> dict[str, float]:
+    """Validate; when the loss beats progress.best_val_loss, record it and export the student to best/."""
+    result = validate(trainee, teacher, val_rows, micro, session.dist)
+    if result["val_loss"] < progress.best_val_loss:
+        progress.best_val_loss = result["val_loss"]
+        ckpt.export_(session.out_dir / "best", trainee, session.tokenizer, session.dist)
+    return result
 
 
 def _every(step: int, period: int | None) -> bool:

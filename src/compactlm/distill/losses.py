@@ -11,7 +11,8 @@ Definitions (T = temperature, p = softmax(teacher_logits / T), q = softmax(stude
     ce[i]   = -log softmax(student_logits[i])[labels[i]]          # at temperature 1, not T
     loss    = sum_{mask[i]=1} kl[i] / n_mask + ce_weight * sum_{mask[i]=1, labels[i]!=-100} ce[i] / n_ce
 
-The T^2 factor keeps the gradient scale independent of T (the gradient wrt the logits is T * (q - p)).
+The T^2 factor (Hinton et al. 2015) keeps the soft-target gradient, T * (q - p) wrt the student logits,
+comparable in size across temperatures (q - p shrinks about as 1/T^2 at high T).
 `labels` are already aligned with the positions (labels[i] is the token that position i predicts, i.e.
 shifted by the caller), -100 ignored. Token positions with mask == 0 contribute nothing to loss or grads.
 """
@@ -37,7 +38,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _log_softmax(hidden: Tensor, head: Tensor, bias: Tensor | None, temperature: float, dtype: torch.dtype) -> Tensor:
-    """log softmax(hidden @ head.T + bias) / T): matmul in the inputs' dtype, the rest in `dtype` -> (c, V)."""
+    """log_softmax((hidden @ head.T + bias) / T): matmul in the inputs' dtype, the rest in `dtype` -> (c, V)."""
     logits = F.linear(hidden, head, bias).to(dtype)  # (c, V), as the model's lm_head computes it
     return torch.log_softmax(logits.div_(temperature) if temperature != 1.0 else logits, dim=-1)
 
@@ -82,14 +83,15 @@ class _ChunkedKD(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, rows, labels, temperature, ce_weight, chunk):  # noqa: D102
-        need_grad = any(ctx.needs_input_grad[:3])
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        need_grad = need_h or need_w or need_b
         dtype = _compute_dtype(h_s.dtype)
         kl_scale = 1.0 / max(int(rows.numel()), 1)
         ce_scale = ce_weight / max(int((labels.index_select(0, rows) != IGNORE_INDEX).sum()), 1) if ce_weight else 0.0
         loss = torch.zeros((), dtype=dtype, device=h_s.device)
-        grad_h = torch.zeros_like(h_s) if need_grad else None  # (N, H_s), input dtype
-        grad_w = torch.zeros(w_s.shape, dtype=dtype, device=w_s.device) if need_grad else None  # accumulator
-        grad_b = torch.zeros(b_s.shape, dtype=dtype, device=b_s.device) if need_grad and b_s is not None else None
+        grad_h = torch.zeros_like(h_s) if need_h else None  # (N, H_s), input dtype
+        grad_w = torch.zeros(w_s.shape, dtype=dtype, device=w_s.device) if need_w else None  # accumulator
+        grad_b = torch.zeros(b_s.shape, dtype=dtype, device=b_s.device) if need_b else None
         for start in range(0, rows.numel(), chunk):
             idx = rows[start:start + chunk]  # (c,) token positions
             hs_c = h_s.index_select(0, idx)  # (c, H_s)
@@ -100,17 +102,17 @@ class _ChunkedKD(torch.autograd.Function):
             if g is None:
                 continue
             g = g.to(h_s.dtype)  # (c, V)
-            grad_h.index_copy_(0, idx, torch.mm(g, w_s).mul_(scale))  # (c, H_s)
-            if grad_w.dtype == g.dtype:
+            if grad_h is not None:
+                grad_h.index_copy_(0, idx, torch.mm(g, w_s).mul_(scale))  # (c, H_s)
+            if grad_w is not None and grad_w.dtype == g.dtype:
                 grad_w.addmm_(g.t(), hs_c, alpha=scale)  # (V, H_s)
-            else:
-                grad_w.add_(torch.mm(g.t(), hs_c), alpha=scale)
+            elif grad_w is not None:
+                grad_w.add_(torch.mm(g.t(), hs_c), alpha=scale)  # bf16 matmul, float32 accumulation
             if grad_b is not None:
                 grad_b.add_(g.sum(0), alpha=scale)
             del g
-        if need_grad:
-            grad_w = grad_w.to(w_s.dtype)
-            grad_b = grad_b.to(b_s.dtype) if grad_b is not None else None
+        grad_w = grad_w.to(w_s.dtype) if grad_w is not None else None
+        grad_b = grad_b.to(b_s.dtype) if grad_b is not None else None
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         return loss
 

@@ -51,8 +51,9 @@ def check_train_config(tc: TrainConfig, section: str, world: int) -> None:
                              f"({section}.batch_size x {section}.seq_len = {tc.batch_size * tc.seq_len} tokens)")
     if not 0 <= tc.min_lr <= tc.lr or tc.lr <= 0:
         raise CompactLMError(f"{section}: need 0 <= min_lr <= lr and lr > 0, got lr={tc.lr}, min_lr={tc.min_lr}")
-    if tc.chunk_tokens < 1:
-        raise CompactLMError(f"{section}.chunk_tokens must be >= 1, got {tc.chunk_tokens}")
+    for key in ("chunk_tokens", "eval_sequences"):
+        if getattr(tc, key) < 1:
+            raise CompactLMError(f"{section}.{key} must be >= 1, got {getattr(tc, key)}")
 
 
 def _check_out_dir(cfg: Config) -> None:
@@ -77,7 +78,7 @@ def _load_models(cfg: Config, tc: TrainConfig, section: str, student_spec: str, 
         torch.manual_seed(cfg.seed)  # every rank builds the same weights
         from transformers import AutoModelForCausalLM
 
-        student = AutoModelForCausalLM.from_config(student.config).to(student.device)
+        student = AutoModelForCausalLM.from_config(student.config, dtype=torch.float32).to(device)
         log.info("init=random: %s architecture with fresh weights (seed %d)", student_spec, cfg.seed)
     teacher = None
     if teacher_spec is not None:

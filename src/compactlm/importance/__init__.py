@@ -36,7 +36,7 @@ def score(model, batches: Iterable[dict[str, torch.Tensor]] | None, *, method: s
           aggregation: str = "l2_mean", head_score: str = "paper",
           layer_metrics: Sequence[str] = ("lm_loss", "block_importance"), seed: int = 0,
           progress: bool = False) -> Scores:
-    """Width scores and per-layer metrics; "random"/"magnitude" need no batches and carry only their own layer metric."""
+    """Width scores and layer metrics; "random"/"magnitude" need no batches and give only their own metric."""
     if method == "random":
         return random_scores(model, seed)
     if method == "magnitude":
@@ -49,7 +49,8 @@ def score(model, batches: Iterable[dict[str, torch.Tensor]] | None, *, method: s
     if unknown:  # fail before the slow passes
         raise CompactLMError(f"unknown layer metric '{unknown[0]}' (choose from {', '.join(LAYER_METRICS)})")
     batches = list(batches)  # several passes: width scores, then each layer metric
-    width = activation_scores(model, batches, aggregation=aggregation, head_score=head_score, progress=progress)
+    width = activation_scores(model, batches, aggregation=aggregation, head_score=head_score,
+                              progress=progress)
     layers = depth.layer_metrics(model, batches, layer_metrics)
     return Scores(hidden=width.hidden, heads=width.heads, ffn=width.ffn, layers=layers, meta=width.meta)
 

@@ -1,9 +1,10 @@
 """Activation importance (METHOD.md section 2): forward hooks that aggregate |activations| per channel.
 
 Sequence aggregation turns a (B, S, C) activation into (B, C) per-sequence scores over non-padding tokens;
-batch aggregation reduces those rows across every calibration batch from float32 running sums, so scoring
-two batches gives the same result as scoring their concatenation. An aggregation is named
-"<batch>_<seq>", e.g. "l2_mean" (the paper's best: L2 over the batch of the per-sequence mean of |a|).
+batch aggregation reduces those rows across every calibration batch from float32 running statistics
+(count, mean, M2), so scoring two batches gives the same result as scoring their concatenation. An
+aggregation is named "<batch>_<seq>", e.g. "l2_mean" (the paper's best: L2 over the batch of the
+per-sequence mean of |a|).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 from collections.abc import Iterable, Iterator
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
 from compactlm.errors import CompactLMError
 from compactlm.importance.scores import Scores
@@ -53,7 +55,7 @@ def _seq_reduce(a: torch.Tensor, w: torch.Tensor, how: str) -> torch.Tensor:
 
 
 def aggregate_sequence(a: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
-    """(B, S, C) activation, (B, S) 0/1 mask -> (B, C) float32: mean |a|, L2 norm or variance over real tokens."""
+    """(B, S, C) activation, (B, S) 0/1 mask -> (B, C) float32: mean |a|, L2 or variance over real tokens."""
     if how not in HOWS:
         raise CompactLMError(f"unknown sequence aggregation '{how}' (choose one of {', '.join(HOWS)})")
     return _seq_reduce(a, _weights(mask.to(a.device), how), how)
@@ -100,7 +102,7 @@ class BatchStats:
 
 
 def aggregate(a: torch.Tensor, mask: torch.Tensor, aggregation: str = "l2_mean") -> torch.Tensor:
-    """(B, S, C) activation, (B, S) mask -> (C,) float32 score under "<batch>_<seq>" (one-batch convenience)."""
+    """(B, S, C) activation, (B, S) mask -> (C,) float32 score under "<batch>_<seq>" (for one batch)."""
     batch, seq = parse_aggregation(aggregation)
     stats = BatchStats((a.shape[-1],), a.device)
     stats.add_(aggregate_sequence(a, mask, seq), mask.to(a.device).sum(1) > 0)
@@ -112,7 +114,7 @@ class ActivationCollector:
 
     def __init__(self, model, family: Family, aggregation: str, head_score: str):
         if head_score not in HEAD_SCORES:
-            raise CompactLMError(f"unknown head_score '{head_score}' (choose one of {', '.join(HEAD_SCORES)})")
+            raise CompactLMError(f"unknown head_score '{head_score}' (choose {', '.join(HEAD_SCORES)})")
         self.batch_how, self.seq_how = parse_aggregation(aggregation)
         self.head_score = head_score
         self.dims = family.dims(model.config)
@@ -148,7 +150,7 @@ class ActivationCollector:
         for kind, rows in self.pending.items():
             missing = [i for i, r in enumerate(rows) if r is None]
             if missing:
-                raise CompactLMError(f"importance: {kind} hooks at sites {missing} did not run in the forward pass")
+                raise CompactLMError(f"importance: {kind} hooks at sites {missing} did not run")
             stats = self.stats[kind]
             stacked = torch.stack([r.to(stats.mean.device) for r in rows], 1)  # (B, sites, C)
             stats.add_(stacked, self._rows)
@@ -161,7 +163,8 @@ class ActivationCollector:
         w = self._weights_on(a.device) if w is None else w
         if kind == "heads" and self.head_score == "paper":
             B, S, _ = a.shape
-            a = torch.linalg.vector_norm(a.view(B, S, self.dims.heads, -1), dim=-1, dtype=torch.float32)  # (B,S,H)
+            per_head = a.reshape(B, S, self.dims.heads, -1)  # (B, S, heads, head_dim)
+            a = torch.linalg.vector_norm(per_head, dim=-1, dtype=torch.float32)  # (B, S, heads)
         self.pending[kind][site] = _seq_reduce(a, w, self.seq_how)
 
     def scores(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -175,8 +178,8 @@ class ActivationCollector:
         return hidden.cpu(), heads.cpu(), self.stats["ffn"].result(how).cpu()
 
 
-def _hooks(model, family: Family, collector: ActivationCollector) -> Iterator[torch.utils.hooks.RemovableHandle]:
-    """Register pre-hooks on the MLP and attention output projections and hooks on every norm (all return None)."""
+def _hooks(model, family: Family, collector: ActivationCollector) -> Iterator[RemovableHandle]:
+    """Pre-hooks on the MLP and attention output projections, hooks on every norm; all return None."""
 
     def pre(kind: str, site: int):
         def hook(module, args) -> None:
@@ -204,7 +207,7 @@ def collect_activations(model, family: Family, aggregation: str = "l2_mean",
                         head_score: str = "paper") -> Iterator[ActivationCollector]:
     """Hooks that feed an `ActivationCollector`; call `set_mask` before each forward. Always unregisters."""
     collector = ActivationCollector(model, family, aggregation, head_score)
-    handles: list[torch.utils.hooks.RemovableHandle] = []
+    handles: list[RemovableHandle] = []
     try:
         for handle in _hooks(model, family, collector):
             handles.append(handle)
@@ -226,7 +229,7 @@ def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[s
 
 def activation_scores(model, batches: Iterable[dict[str, torch.Tensor]], *, aggregation: str = "l2_mean",
                       head_score: str = "paper", progress: bool = False) -> Scores:
-    """Score hidden (hidden,), heads (layers, heads) and ffn (layers, ffn) from no-grad forwards of the decoder."""
+    """Scores hidden (hidden,), heads (layers, heads), ffn (layers, ffn) from no-grad decoder forwards."""
     family = family_of(model)
     base = get_module(model, family.base_path)  # the decoder without the LM head: scores never need logits
     device = get_module(model, family.embed_path).weight.device

@@ -45,7 +45,7 @@ def _axis_sumsq(p: torch.Tensor, axes: Axes, axis: str, q_width: int) -> torch.T
 
 
 def magnitude_scores(model) -> Scores:
-    """Weight-magnitude scores hidden (hidden,), heads (layers, heads), ffn (layers, ffn), layer "magnitude"."""
+    """Weight-magnitude hidden (hidden,), heads (layers, heads), ffn (layers, ffn); layer "magnitude"."""
     family = family_of(model)
     d = family.dims(model.config)
     params = dict(model.named_parameters())  # tied weights appear once
@@ -57,7 +57,8 @@ def magnitude_scores(model) -> Scores:
             hidden += s
     for i in range(d.layers):
         prefix = f"{family.layers_path}.{i}."
-        total[i] = sum(float(p.detach().float().square().sum()) for n, p in params.items() if n.startswith(prefix))
+        own = [p for n, p in params.items() if n.startswith(prefix)]
+        total[i] = sum(float(p.detach().float().square().sum()) for p in own)
         for suffix, axes in family.layer_params.items():
             p = params.get(prefix + suffix)
             if p is None:  # an optional bias this config has not got
@@ -66,5 +67,5 @@ def magnitude_scores(model) -> Scores:
                 if (s := _axis_sumsq(p, axes, axis, q_width)) is not None:
                     out += s
     heads = heads.view(d.layers, d.heads, d.head_dim).sum(-1)
-    return Scores(hidden=hidden.sqrt(), heads=heads.sqrt(), ffn=ffn.sqrt(), layers={"magnitude": total.sqrt()},
-                  meta={"method": "magnitude"})
+    return Scores(hidden=hidden.sqrt(), heads=heads.sqrt(), ffn=ffn.sqrt(),
+                  layers={"magnitude": total.sqrt()}, meta={"method": "magnitude"})

@@ -85,7 +85,7 @@ def lm_loss(model, batches: Batches) -> float:
             total += ce.cpu().double()
             count += valid.sum().cpu()
     if count == 0:
-        raise CompactLMError("lm_loss: the batches hold no next-token target (sequences of one token or all padding)")
+        raise CompactLMError("lm_loss: the batches hold no next-token target (all padding or one token)")
     return float(total / count)
 
 
@@ -146,7 +146,7 @@ class _CosineTracker:
 
 
 def block_importance(model, batches: Batches, n: int = 1) -> torch.Tensor:
-    """(layers - n + 1,) float32 BI: 1 - mean over real tokens of cos(input of layer i, output of layer i+n-1)."""
+    """(layers - n + 1,) float32 BI: 1 - mean over real tokens of cos(input of layer i, output of i+n-1)."""
     family = family_of(model)
     layers = _num_layers(model)
     if not 1 <= n <= layers:

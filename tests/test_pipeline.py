@@ -1,0 +1,117 @@
+"""`compactlm run` end to end on a tiny model, resuming after a kill, and every shipped config validated."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from compactlm import pipeline
+from compactlm.cli import main
+from compactlm.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+def tiny_run_args(checkpoint, text_file, run_dir) -> list[str]:
+    return [
+        f"model={checkpoint}", f"data={text_file}", f"out_dir={run_dir}", "calib.sequences=8", "calib.seq_len=32",
+        "calib.batch_size=4", "calib.layer_sequences=4", "importance.layer_metrics=[block_importance]",
+        "eval.seq_len=32", "eval.sequences=8", "eval.gen_tokens=4", "distill.steps=6", "distill.batch_size=4",
+        "distill.seq_len=32", "distill.eval_every=3", "distill.save_every=2", "distill.eval_sequences=4",
+        "distill.lr=0.001", "distill.warmup_steps=1",
+    ]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_config_loads_and_validates(path, capsys):
+    cfg = load_config(path)
+    pipeline.check(cfg)
+    assert pipeline.plan_stages(cfg)
+    assert main(["run", "--config", str(path), "--dry-run"]) == 0
+    assert "prune" in capsys.readouterr().out
+
+
+def test_configs_exist_for_the_documented_recipes():
+    names = {p.name for p in CONFIGS}
+    assert {"smollm2-135m.yaml", "config_llama1b.yaml", "llama3.1-8b-to-4b-width.yaml", "llama3.1-8b-to-4b-depth.yaml",
+            "mistral-nemo-12b-to-8b.yaml", "tinyshakespeare-gpt.yaml"} <= names
+
+
+def test_dry_run_rejects_an_invalid_config(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: smollm2-135m\ndistill:\n  tokenz: 5\n")
+    assert main(["run", "--config", str(bad), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "distill.tokenz" in err and len(err.strip().splitlines()) == 1
+    no_target = tmp_path / "no_target.yaml"
+    no_target.write_text("model: smollm2-135m\n")
+    assert main(["run", "--config", str(no_target), "--dry-run"]) == 2
+    assert "target" in capsys.readouterr().err
+
+
+def test_run_end_to_end_with_report(tiny_checkpoint, text_file, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    args = tiny_run_args(tiny_checkpoint, text_file, run_dir) + [
+        "target.hidden_size=24", "target.num_attention_heads=2", "target.intermediate_size=0.5"]
+    assert main(["run", *args]) == 0, capsys.readouterr().err
+    for stage in ("score", "prune", "distill", "evaluate", "report"):
+        assert (run_dir / stage / pipeline.DONE).is_file(), stage
+    report = (run_dir / "report.md").read_text()
+    assert "distilled" in report and "![Width importance](importance_width.png)" in report
+    for png in ("importance_width.png", "importance_layers.png", "training.png"):
+        assert (run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    student = AutoModelForCausalLM.from_pretrained(run_dir / "distill" / "final")
+    assert student.config.hidden_size == 24
+    results = json.loads((run_dir / "evaluate" / "eval.json").read_text())
+    assert results["pruned"]["params"] == results["distilled"]["params"] < results["teacher"]["params"]
+
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob(pipeline.DONE)}
+    assert main(["run", *args]) == 0  # everything done: nothing recomputed
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob(pipeline.DONE)} == before
+
+
+def test_run_with_search(tiny_checkpoint, text_file, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    args = tiny_run_args(tiny_checkpoint, text_file, run_dir) + [
+        "search.target_params=0.6", "search.tolerance=0.1", "search.max_candidates=3", "search.top_k=2",
+        "search.distill_steps=2", "target.layer_metric=block_importance", "distill.steps=2"]
+    assert main(["run", *args]) == 0, capsys.readouterr().err
+    chosen = json.loads((run_dir / "search" / pipeline.DONE).read_text())
+    assert "| **yes** |" in (run_dir / "search" / "search.md").read_text() or "yes" in (run_dir / "search" / "search.md").read_text()
+    student = AutoModelForCausalLM.from_pretrained(run_dir / "distill" / "final")
+    assert student.config.hidden_size == chosen["target"]["hidden_size"]
+    assert (run_dir / "search.png").is_file()
+
+
+def test_interrupted_run_resumes_where_it_stopped(tiny_checkpoint, text_file, tmp_path):
+    """Kill `compactlm run` during distillation; the rerun skips score/prune and continues the checkpoint."""
+    run_dir = tmp_path / "run"
+    args = tiny_run_args(tiny_checkpoint, text_file, run_dir) + [
+        "target.intermediate_size=0.5", "distill.steps=40", "distill.eval_every=0", "eval.speed=false"]
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "compactlm", "run", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and not (run_dir / "distill" / "checkpoint").exists():
+            assert proc.poll() is None, "run ended before its distillation checkpoint"
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert (run_dir / "prune" / pipeline.DONE).is_file() and not (run_dir / "distill" / pipeline.DONE).exists()
+    prune_done = (run_dir / "prune" / pipeline.DONE).stat().st_mtime_ns
+    assert main(["run", *args]) == 0
+    assert (run_dir / "prune" / pipeline.DONE).stat().st_mtime_ns == prune_done
+    rows = [json.loads(line) for line in (run_dir / "distill" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows]
+    assert steps == sorted(steps) and steps[-1] == 40 and len(steps) == len(set(steps))

@@ -1,0 +1,83 @@
+"""lm-evaluation-harness bridge: a tiny local multiple-choice task on the tiny Llama, offline."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from compactlm.errors import CompactLMError
+from compactlm.tasks import MISSING, run_tasks
+
+TINY_TASK = Path(__file__).parent / "data" / "tiny_task"
+
+
+def _task_dir(tmp_path: Path, data_file: Path = TINY_TASK / "tiny_task.jsonl") -> Path:
+    """tiny_task.yaml copied into tmp_path with absolute data and cache paths (datasets resolves a relative
+    data_files path against the working directory, not the YAML)."""
+    config = yaml.safe_load((TINY_TASK / "tiny_task.yaml").read_text())
+    config["dataset_kwargs"]["data_files"]["test"] = str(data_file)
+    config["dataset_kwargs"]["cache_dir"] = str(tmp_path / "hf-cache")
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    (folder / "tiny_task.yaml").write_text(yaml.safe_dump(config))
+    return folder
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No hub access: env vars for fresh imports, datasets' constant for an already imported datasets."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import datasets.config
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
+
+
+def test_tiny_task_yaml_file_and_directory(tiny_checkpoint, tmp_path, offline):
+    pytest.importorskip("lm_eval")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint).train()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    folder = _task_dir(tmp_path)
+    torch.manual_seed(3)
+    by_file = run_tasks(model, tokenizer, [str(folder / "tiny_task.yaml")], batch_size=4)
+    after = torch.rand(4)
+    torch.manual_seed(3)
+    assert torch.equal(after, torch.rand(4)), "run_tasks must not touch the caller's torch RNG"
+    assert model.training, "run_tasks must restore the model's training flag"
+    assert set(by_file) == {"compactlm_tiny_mc"}
+    assert 0.0 <= by_file["compactlm_tiny_mc"]["acc"] <= 1.0
+    assert all(isinstance(v, float) for v in by_file["compactlm_tiny_mc"].values())
+    by_dir = run_tasks(model, tokenizer, [str(folder)], limit=3, batch_size=4)
+    assert 0.0 <= by_dir["compactlm_tiny_mc"]["acc"] <= 1.0
+
+
+def test_missing_lm_eval_is_one_line_error(monkeypatch):
+    for name in [m for m in sys.modules if m == "lm_eval" or m.startswith("lm_eval.")] + ["lm_eval"]:
+        monkeypatch.setitem(sys.modules, name, None)  # None in sys.modules makes `import` raise ImportError
+    with pytest.raises(CompactLMError, match="pip install lm-eval") as err:
+        run_tasks(torch.nn.Linear(2, 2), None, ["hellaswag"])
+    assert str(err.value) == MISSING and "\n" not in str(err.value)
+
+
+def test_unloadable_dataset_names_the_task(tmp_path, offline):
+    pytest.importorskip("lm_eval")
+    folder = _task_dir(tmp_path, data_file=tmp_path / "absent.jsonl")
+    with pytest.raises(CompactLMError, match="compactlm_tiny_mc|tiny_task.yaml") as err:
+        run_tasks(torch.nn.Linear(2, 2), None, [str(folder / "tiny_task.yaml")])
+    assert "\n" not in str(err.value)
+
+
+def test_missing_task_file_is_one_line_error(tmp_path):
+    pytest.importorskip("lm_eval")
+    with pytest.raises(CompactLMError, match="absent.yaml"):
+        run_tasks(torch.nn.Linear(2, 2), None, [str(tmp_path / "absent.yaml")])
+
+
+def test_no_tasks_is_empty():
+    assert run_tasks(torch.nn.Linear(2, 2), None, []) == {}
