@@ -39,9 +39,10 @@ def _setup(case: str, dtype_name: str, device: str) -> tuple:
     torch.manual_seed(0)
     n = batch * seq
     h_s = torch.randn(n, h_s_dim, dtype=dtype, device=device).requires_grad_()
-    w_s = (torch.randn(vocab, h_s_dim, dtype=dtype, device=device) * h_s_dim**-0.5).requires_grad_()
+    # in-place scaling: no transient copy that would inflate the ru_maxrss baseline
+    w_s = torch.randn(vocab, h_s_dim, dtype=dtype, device=device).mul_(h_s_dim**-0.5).requires_grad_()
     h_t = torch.randn(n, h_t_dim, dtype=dtype, device=device)
-    w_t = torch.randn(vocab, h_t_dim, dtype=dtype, device=device) * h_t_dim**-0.5
+    w_t = torch.randn(vocab, h_t_dim, dtype=dtype, device=device).mul_(h_t_dim**-0.5)
     mask = torch.ones(n, dtype=torch.long, device=device)
     return h_s, w_s, h_t, w_t, mask
 

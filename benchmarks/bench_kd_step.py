@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-CASES = {  # name: (batch, seq)
+CASES = {  # name: (batch, seq) of one step
     "smollm2": (2, 256),
     "128k": (2, 256),
 }
@@ -190,7 +190,7 @@ def worker(args: argparse.Namespace) -> dict:
             "vocab": student.config.vocab_size, "params_student": n_student, "params_teacher": n_teacher,
             "step_s": seconds, "tokens_per_s": tokens / seconds, "peak_mib": _peak(device, baseline) / 2**20,
             "flops_per_step": (6 * n_student + 2 * n_teacher) * tokens, "first_loss": losses[0],
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads() if device == "cpu" else None}
 
 
 def matmul_rate(device: str, n: int = 2048, repeats: int = 10) -> float:
@@ -212,7 +212,8 @@ def matmul_rate(device: str, n: int = 2048, repeats: int = 10) -> float:
 
 def _spawn(args: argparse.Namespace, extra: list[str]) -> dict:
     command = [sys.executable, __file__, "--worker", "--device", args.device, *extra]
-    done = subprocess.run(command, capture_output=True, text=True)
+    env = os.environ | ({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise SystemExit(f"worker {' '.join(extra)} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -244,6 +245,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps (after --warmup)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads per worker (0: torch's default); on a shared machine, more threads than "
+                             "idle cores make every small op wait (OpenMP spinning)")
     parser.add_argument("--work-dir", help="where the benchmark models are saved (default: a temp dir)")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

@@ -289,3 +289,14 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(models, text_file, t
     assert [r["step"] for r in got] == list(range(1, 25))  # rows the killed run wrote after its checkpoint are gone
     for key in ("loss", "lr", "val_loss"):
         assert [r.get(key) for r in got] == pytest.approx([r.get(key) for r in want], rel=1e-5)
+
+
+def test_bfloat16_teacher_teaches_a_float32_student(models):
+    """dtype=bfloat16 loads the teacher in bf16; the student always trains in float32."""
+    student, teacher = _pair(models)
+    tc = load_config(None, ["distill.intermediate=true"]).distill
+    trainee, teacher_mod = build(student, teacher.to(torch.bfloat16), tc, CPU)
+    rows = torch.randint(1, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    metrics = train_step(trainee, teacher_mod, make_optimizer(trainee, tc), rows, 2, tc, CPU)
+    assert math.isfinite(metrics["loss"]) and next(student.parameters()).dtype == torch.float32
+    assert math.isfinite(validate(trainee, teacher_mod, rows, 2, CPU)["val_kl"])

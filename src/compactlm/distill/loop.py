@@ -12,7 +12,7 @@ Objectives (`Trainee.forward`):
   hidden states and the two lm_head weights (`losses.kd_loss`); with `intermediate`/`layer_map`/
   `embedding_loss`: + alpha x sum of cosine losses between `hidden_map(student state)` and the teacher
   state for each (student, teacher) pair of indices into HF `hidden_states` (0 = embedding output), where
-  alpha = L_logits / L_intermediate (detached).
+  alpha = L_logits / L_intermediate (detached), computed per micro-batch.
 The student and its `hidden_map` live in one module (`Trainee`), the FSDP root, so that every use of the
 root's parameters (embeddings, lm_head, map) happens inside its forward. bf16 autocast on CUDA, float32
 on CPU; the chunked losses get bf16 inputs explicitly on CUDA.
@@ -194,8 +194,8 @@ class Trainee(nn.Module):
         if evaluate:
             return {"sums": validation_sums(out.last_hidden_state, head.weight, head.bias, ids, mask, teacher,
                                             self.objective.chunk_tokens)}
-        dt, labels = _compute_dtype(ids.device), next_token_labels(ids, mask)
-        hidden, weight = out.last_hidden_state.to(dt), head.weight.to(dt)
+        dt, labels = _compute_dtype(ids.device), next_token_labels(ids, mask)  # (B, S) labels
+        hidden, weight = out.last_hidden_state.to(dt), head.weight.to(dt)  # (B, S, H_s), (V, H_s)
         bias = head.bias.to(dt) if head.bias is not None else None
         if teacher is None:
             return {"loss": chunked_ce(hidden.flatten(0, 1), weight, bias, labels.flatten(), self.objective.chunk_tokens)}
@@ -206,10 +206,14 @@ class Trainee(nn.Module):
                          chunk_tokens=o.chunk_tokens)
         if not o.layer_map:
             return {"loss": logits}
-        inter = sum(cosine_loss(self.hidden_map(out.hidden_states[s].float()), t_state, mask)
-                    for (s, _), t_state in zip(o.layer_map, teacher.states))
+        inter = self._intermediate(out.hidden_states, teacher.states, mask)
         alpha = dynamic_alpha(logits, inter)
         return {"loss": logits + alpha * inter, "loss_logits": logits, "loss_intermediate": inter, "alpha": alpha}
+
+    def _intermediate(self, states: tuple[Tensor, ...], teacher_states: tuple[Tensor, ...], mask: Tensor) -> Tensor:
+        """Sum over the layer map of 1 - cos(hidden_map(student state), teacher state), mean over tokens."""
+        pairs = zip(self.objective.layer_map, teacher_states)
+        return sum(cosine_loss(self.hidden_map(states[s].float()), t_state, mask) for (s, _), t_state in pairs)
 
     def count(self, ids: Tensor, mask: Tensor) -> int:
         """Tokens the micro-batch's mean loss divides by: non-padding positions (KD) or targets (CE)."""
@@ -230,7 +234,7 @@ def validation_sums(hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Te
         sums[0] += F.nll_loss(log_q, labels[start: start + chunk], ignore_index=IGNORE_INDEX, reduction="sum").double()
         if teacher is None:
             continue
-        t_logits = F.linear(h_t[start: start + chunk], teacher.head, teacher.bias).float()
+        t_logits = F.linear(h_t[start: start + chunk].to(teacher.head.dtype), teacher.head, teacher.bias).float()
         log_p = F.log_softmax(t_logits, dim=-1)  # (c, V)
         sums[2] += F.kl_div(log_q, log_p, reduction="sum", log_target=True).double()
         sums[3] += (log_q.argmax(-1) == log_p.argmax(-1)).sum().double()

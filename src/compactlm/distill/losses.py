@@ -7,9 +7,9 @@ right away (as Liger-Kernel's fused linear cross-entropy does). Backward only sc
 
 Definitions (T = temperature, p = softmax(teacher_logits / T), q = softmax(student_logits / T)):
 
-    kl[i]   = T^2 * sum_v p[i,v] * (log p[i,v] - log q[i,v])      # forward KL(teacher || student), Hinton's T^2
-    ce[i]   = -log softmax(student_logits[i])[labels[i]]          # at temperature 1, not T
-    loss    = sum_{mask[i]=1} kl[i] / n_mask + ce_weight * sum_{mask[i]=1, labels[i]!=-100} ce[i] / n_ce
+    kl[i] = T^2 * sum_v p[i,v] * (log p[i,v] - log q[i,v])   # forward KL(teacher || student), Hinton's T^2
+    ce[i] = -log softmax(student_logits[i])[labels[i]]        # at temperature 1, not T
+    loss  = sum_{mask[i]=1} kl[i] / n_mask + ce_weight * sum_{mask[i]=1, labels[i]!=-100} ce[i] / n_ce
 
 The T^2 factor (Hinton et al. 2015) keeps the soft-target gradient, T * (q - p) wrt the student logits,
 comparable in size across temperatures (q - p shrinks about as 1/T^2 at high T).
@@ -29,7 +29,9 @@ from compactlm.errors import CompactLMError
 
 IGNORE_INDEX = -100
 
-__all__ = ["kd_loss", "kd_loss_reference", "cosine_loss", "dynamic_alpha", "default_layer_map", "IGNORE_INDEX"]
+__all__ = [
+    "IGNORE_INDEX", "cosine_loss", "default_layer_map", "dynamic_alpha", "kd_loss", "kd_loss_reference",
+]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -37,8 +39,10 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _log_softmax(hidden: Tensor, head: Tensor, bias: Tensor | None, temperature: float, dtype: torch.dtype) -> Tensor:
-    """log_softmax((hidden @ head.T + bias) / T): matmul in the inputs' dtype, the rest in `dtype` -> (c, V)."""
+def _log_softmax(
+    hidden: Tensor, head: Tensor, bias: Tensor | None, temperature: float, dtype: torch.dtype,
+) -> Tensor:
+    """log_softmax((hidden @ head.T + bias) / T) -> (c, V); matmul in the inputs' dtype, the rest in dtype."""
     logits = F.linear(hidden, head, bias).to(dtype)  # (c, V), as the model's lm_head computes it
     return torch.log_softmax(logits.div_(temperature) if temperature != 1.0 else logits, dim=-1)
 
@@ -87,7 +91,8 @@ class _ChunkedKD(torch.autograd.Function):
         need_grad = need_h or need_w or need_b
         dtype = _compute_dtype(h_s.dtype)
         kl_scale = 1.0 / max(int(rows.numel()), 1)
-        ce_scale = ce_weight / max(int((labels.index_select(0, rows) != IGNORE_INDEX).sum()), 1) if ce_weight else 0.0
+        n_ce = int((labels.index_select(0, rows) != IGNORE_INDEX).sum()) if ce_weight else 0
+        ce_scale = ce_weight / max(n_ce, 1) if ce_weight else 0.0
         loss = torch.zeros((), dtype=dtype, device=h_s.device)
         grad_h = torch.zeros_like(h_s) if need_h else None  # (N, H_s), input dtype
         grad_w = torch.zeros(w_s.shape, dtype=dtype, device=w_s.device) if need_w else None  # accumulator
@@ -146,11 +151,13 @@ def kd_loss(
     """
     hs, ht = student_hidden.shape[-1], teacher_hidden.shape[-1]
     if student_head.shape[0] != teacher_head.shape[0]:
-        raise CompactLMError(f"kd_loss: student vocab {student_head.shape[0]} != teacher vocab {teacher_head.shape[0]}")
+        raise CompactLMError(
+            f"kd_loss: student vocab {student_head.shape[0]} != teacher vocab {teacher_head.shape[0]}")
     if student_head.shape[1] != hs or teacher_head.shape[1] != ht:
         raise CompactLMError("kd_loss: lm_head width does not match the hidden states' last dim")
     if temperature <= 0 or chunk_tokens < 1:
-        raise CompactLMError(f"kd_loss: need temperature > 0 and chunk_tokens >= 1, got {temperature}, {chunk_tokens}")
+        raise CompactLMError(
+            f"kd_loss: need temperature > 0 and chunk_tokens >= 1, got {temperature} and {chunk_tokens}")
     if ce_weight and labels is None:
         raise CompactLMError("kd_loss: ce_weight > 0 needs labels")
     h_s, h_t, m = _flat(student_hidden, hs), _flat(teacher_hidden, ht).detach(), _flat(mask, None)
@@ -170,7 +177,7 @@ def kd_loss_reference(
     student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, temperature: float = 1.0,
     ce_weight: float = 0.0, labels: Tensor | None = None,
 ) -> Tensor:
-    """Plain full-logit version of `kd_loss` (tests, benchmark): logits (..., V), mask/labels (...); scalar."""
+    """Plain full-logit `kd_loss` (tests, benchmark): logits (..., V), mask and labels (...); scalar."""
     v = student_logits.shape[-1]
     dtype = _compute_dtype(student_logits.dtype)
     s, t = student_logits.reshape(-1, v).to(dtype), teacher_logits.reshape(-1, v).to(dtype)
@@ -187,7 +194,7 @@ def kd_loss_reference(
 
 
 def cosine_loss(student_states: Tensor, teacher_states: Tensor, mask: Tensor) -> Tensor:
-    """Mean over mask==1 tokens of 1 - cos(s, t): states (..., H) at teacher width, mask (...); fp32 scalar."""
+    """Mean over mask==1 tokens of 1 - cos(s, t): states (..., H) at teacher width, mask (...); fp32."""
     cos = F.cosine_similarity(student_states.float(), teacher_states.float(), dim=-1, eps=1e-8)  # (...)
     m = mask.to(cos.dtype)
     return ((1.0 - cos) * m).sum() / m.sum().clamp_min(1)
@@ -197,7 +204,8 @@ def dynamic_alpha(logit_loss: Tensor, intermediate_loss: Tensor) -> Tensor:
     """alpha = L_logits / L_intermediate, detached; 0 when L_intermediate == 0 (then alpha*L_int stays 0)."""
     num, den = logit_loss.detach(), intermediate_loss.detach()
     positive = den > 0
-    return torch.where(positive, num / torch.where(positive, den, torch.ones_like(den)), torch.zeros_like(num))
+    safe_den = torch.where(positive, den, torch.ones_like(den))
+    return torch.where(positive, num / safe_den, torch.zeros_like(num))
 
 
 def default_layer_map(
@@ -211,7 +219,8 @@ def default_layer_map(
     """
     if pairs is None:
         if student_layers < 2 or teacher_layers < 2:
-            raise CompactLMError(f"layer_map: need >= 2 layers, got student {student_layers}, teacher {teacher_layers}")
+            raise CompactLMError(
+                f"layer_map: need >= 2 layers, got student {student_layers}, teacher {teacher_layers}")
         return [(student_layers - 2, teacher_layers - 2)]
     out = []
     for pair in pairs:
@@ -219,6 +228,7 @@ def default_layer_map(
             raise CompactLMError(f"layer_map: pair {pair!r} is not two integers")
         s, t = pair
         if not (0 <= s < student_layers and 0 <= t < teacher_layers):
-            raise CompactLMError(f"layer_map: pair {pair!r} out of range for {student_layers}/{teacher_layers} layers")
+            raise CompactLMError(
+                f"layer_map: pair {pair!r} out of range for {student_layers}/{teacher_layers} layers")
         out.append((s, t))
     return out
