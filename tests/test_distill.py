@@ -94,6 +94,26 @@ def test_batch_rows_cover_each_epoch_once_and_depend_only_on_seed_and_position()
     assert not torch.equal(batch_rows(10, 0, 10, seed=4), stream[:10])
 
 
+def test_checkpoint_swap_survives_a_crash_between_the_renames(tmp_path):
+    import os
+    import random
+
+    import numpy as np
+
+    ckpt.save(tmp_path, {"x": torch.ones(2), "rng": ckpt.rng_state()}, ckpt.Progress(step=2, total_steps=9))
+    os.replace(tmp_path / "checkpoint", tmp_path / ".checkpoint.old")  # killed after the first rename
+    assert ckpt.latest(tmp_path) == tmp_path / ".checkpoint.old"
+    state = ckpt.load(ckpt.latest(tmp_path))
+    assert state["progress"]["step"] == 2 and ckpt.read_progress(ckpt.latest(tmp_path)).best_val_loss == math.inf
+    draws = lambda: (torch.rand(3), random.random(), np.random.rand())  # noqa: E731
+    first = draws()
+    ckpt.set_rng_state_(state["rng"])
+    assert all(torch.equal(torch.as_tensor(a), torch.as_tensor(b)) for a, b in zip(first, draws()))
+    ckpt.save(tmp_path, {"x": torch.zeros(2)}, ckpt.Progress(step=4))
+    assert ckpt.latest(tmp_path) == tmp_path / "checkpoint" and not (tmp_path / ".checkpoint.old").exists()
+    assert ckpt.read_progress(tmp_path / "checkpoint").step == 4
+
+
 # ---------------------------------------------------------------- the step
 
 def _pair(models):
@@ -262,14 +282,22 @@ def _cli(args: list[str]) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def _checkpoint_step(out: Path) -> int:
+    """Step of the latest checkpoint, -1 when there is none (or it is being swapped right now)."""
+    try:
+        path = ckpt.latest(out)
+        return ckpt.read_progress(path).step if path is not None else -1
+    except (OSError, ValueError):
+        return -1
+
+
 def test_sigkill_then_resume_ends_like_an_uninterrupted_run(models, text_file, tmp_path):
     keys = {"distill.steps": 24, "distill.eval_every": 8, "distill.intermediate": True}
     killed = tmp_path / "killed"
     proc = _cli(_args(models, text_file, killed, **keys))
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:
-        path = ckpt.latest(killed)
-        if path is not None and ckpt.read_progress(path).step >= 2:
+        if _checkpoint_step(killed) >= 2:
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.005)
