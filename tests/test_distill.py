@@ -184,6 +184,17 @@ def test_validation_matches_evaluate(models):
     assert trainee.training  # validation restores train mode
 
 
+def test_bfloat16_teacher_teaches_a_float32_student(models):
+    """dtype=bfloat16 loads the teacher in bf16; the student always trains in float32."""
+    student, teacher = _pair(models)
+    tc = load_config(None, ["distill.intermediate=true"]).distill
+    trainee, teacher_mod = build(student, teacher.to(torch.bfloat16), tc, CPU)
+    rows = torch.randint(1, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    metrics = train_step(trainee, teacher_mod, make_optimizer(trainee, tc), rows, 2, tc, CPU)
+    assert math.isfinite(metrics["loss"]) and next(student.parameters()).dtype == torch.float32
+    assert math.isfinite(validate(trainee, teacher_mod, rows, 2, CPU)["val_kl"])
+
+
 # ---------------------------------------------------------------- runs
 
 @pytest.fixture(scope="module")
@@ -275,11 +286,13 @@ def test_bad_inputs_are_one_line_errors(models, text_file, tmp_path):
 
 # ---------------------------------------------------------------- SIGKILL and resume, through the real CLI
 
-def _cli(args: list[str]) -> subprocess.Popen:
+def _cli(args: list[str], log: Path) -> subprocess.Popen:
+    """`python -m compactlm distill ...` in a subprocess; stderr (progress, logs) goes to `log`."""
     env = os.environ | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
                         "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
-    return subprocess.Popen([sys.executable, "-m", "compactlm", "distill", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with open(log, "w") as err:  # a file, not a pipe: a full pipe would stall the run
+        return subprocess.Popen([sys.executable, "-m", "compactlm", "distill", *args], env=env,
+                                stdout=subprocess.PIPE, stderr=err, text=True)
 
 
 def _checkpoint_step(out: Path) -> int:
@@ -294,23 +307,24 @@ def _checkpoint_step(out: Path) -> int:
 def test_sigkill_then_resume_ends_like_an_uninterrupted_run(models, text_file, tmp_path):
     keys = {"distill.steps": 24, "distill.eval_every": 8, "distill.intermediate": True}
     killed = tmp_path / "killed"
-    proc = _cli(_args(models, text_file, killed, **keys))
+    proc = _cli(_args(models, text_file, killed, **keys), tmp_path / "killed.log")
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:
         if _checkpoint_step(killed) >= 2:
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.005)
-    _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, f"run ended before it was killed: {stderr[-2000:]}"
+    proc.communicate(timeout=60)
+    log = (tmp_path / "killed.log").read_text()[-2000:]
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before it was killed: {log}"
     step = ckpt.read_progress(ckpt.latest(killed)).step
     assert 2 <= step < 24 and not (killed / "final").exists()
 
-    resumed = _cli(_args(models, text_file, killed, resume=True, **keys))
+    resumed = _cli(_args(models, text_file, killed, resume=True, **keys), tmp_path / "resumed.log")
     reference = tmp_path / "reference"
     run_distill(load_config(None, _args(models, text_file, reference, **keys)))  # meanwhile, in this process
-    stdout, stderr = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, stderr[-2000:]
+    stdout, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, (tmp_path / "resumed.log").read_text()[-2000:]
     assert json.loads(stdout.strip().splitlines()[-1])["steps"] == 24
     torch.testing.assert_close(_weights(killed / "final"), _weights(reference / "final"))
     got, want = _metrics(killed), _metrics(reference)
@@ -318,13 +332,3 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(models, text_file, t
     for key in ("loss", "lr", "val_loss"):
         assert [r.get(key) for r in got] == pytest.approx([r.get(key) for r in want], rel=1e-5)
 
-
-def test_bfloat16_teacher_teaches_a_float32_student(models):
-    """dtype=bfloat16 loads the teacher in bf16; the student always trains in float32."""
-    student, teacher = _pair(models)
-    tc = load_config(None, ["distill.intermediate=true"]).distill
-    trainee, teacher_mod = build(student, teacher.to(torch.bfloat16), tc, CPU)
-    rows = torch.randint(1, 300, (2, 16), generator=torch.Generator().manual_seed(0))
-    metrics = train_step(trainee, teacher_mod, make_optimizer(trainee, tc), rows, 2, tc, CPU)
-    assert math.isfinite(metrics["loss"]) and next(student.parameters()).dtype == torch.float32
-    assert math.isfinite(validate(trainee, teacher_mod, rows, 2, CPU)["val_kl"])

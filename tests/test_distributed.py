@@ -18,13 +18,14 @@ from compactlm.distill.run import run_distill
 from test_distill import SRC, _args, _metrics, models, one_thread  # noqa: F401 - fixtures
 
 
-def _torchrun(args: list[str]) -> subprocess.Popen:
-    """`torchrun --standalone --nproc_per_node=2 -m compactlm distill ...` (a free port is picked for us)."""
+def _torchrun(args: list[str], log: Path) -> subprocess.Popen:
+    """`torchrun --standalone --nproc_per_node=2 -m compactlm distill ...` (it picks a free port itself)."""
     env = os.environ | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
                         "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "compactlm", "distill", *args]
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with open(log, "w") as err:  # a file, not a pipe, while this process runs its own reference
+        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
 
 
 def test_two_processes_match_one(models, text_file, tmp_path):  # noqa: F811
@@ -32,10 +33,10 @@ def test_two_processes_match_one(models, text_file, tmp_path):  # noqa: F811
     # 6 validation rows in chunks of 2 over 2 ranks: one rank runs a spare forward (weight 0).
     keys = {"distill.steps": 4, "distill.micro_batch_size": 2, "distill.eval_every": 2, "distill.save_every": 2,
             "distill.intermediate": True, "distill.ce_weight": 0.2, "distill.teacher_sharded": True}
-    two_procs = _torchrun(_args(models, text_file, tmp_path / "two", **keys))
+    two_procs = _torchrun(_args(models, text_file, tmp_path / "two", **keys), tmp_path / "torchrun.log")
     run_distill(load_config(None, _args(models, text_file, tmp_path / "one", **keys)))  # meanwhile, here
-    stdout, stderr = two_procs.communicate(timeout=300)
-    assert two_procs.returncode == 0, stderr[-3000:]
+    stdout, _ = two_procs.communicate(timeout=300)
+    assert two_procs.returncode == 0, (tmp_path / "torchrun.log").read_text()[-3000:]
 
     two, one = _metrics(tmp_path / "two"), _metrics(tmp_path / "one")
     assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2, 3, 4]
