@@ -120,10 +120,12 @@ def run_case(args: argparse.Namespace, case: str) -> list[dict]:
     for v in variants:
         t = timing["results"][v]
         mem = _spawn(args, "--worker-memory", case, v)
-        rows.append({"case": case, "variant": v, "vocab": vocab, "tokens": batch * seq, "loss": t["loss"],
-                     "wall_s": t["wall_s"], "cpu_s": t["cpu_s"], "median_wall_s": statistics.median(t["wall_s"]),
-                     "min_wall_s": min(t["wall_s"]), "median_cpu_s": statistics.median(t["cpu_s"]),
-                     "peak_bytes": mem["peak_bytes"], "threads": timing["threads"]})
+        rows.append({
+            "case": case, "variant": v, "vocab": vocab, "tokens": batch * seq, "loss": t["loss"],
+            "wall_s": t["wall_s"], "cpu_s": t["cpu_s"], "median_wall_s": statistics.median(t["wall_s"]),
+            "min_wall_s": min(t["wall_s"]), "median_cpu_s": statistics.median(t["cpu_s"]),
+            "peak_bytes": mem["peak_bytes"], "threads": timing["threads"],
+        })
     ref = rows[0]
     for r in rows:
         r["tokens_per_s"] = r["tokens"] / r["median_wall_s"]
@@ -136,7 +138,8 @@ def run_case(args: argparse.Namespace, case: str) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--chunk-tokens", nargs="+", type=int, default=[256])
     parser.add_argument("--repeats", type=int, default=5)
@@ -157,8 +160,8 @@ def main() -> None:
         return
 
     load = os.getloadavg()[0]
-    header = (f"{'case':<9}{'variant':<14}{'tokens/s':>10}{'med ms':>9}{'min ms':>9}{'cpu ms':>9}{'peak MiB':>10}"
-              f"{'speed x':>9}{'(min)':>7}{'(cpu)':>7}{'mem x':>7}")
+    header = (f"{'case':<9}{'variant':<14}{'tokens/s':>10}{'med ms':>9}{'min ms':>9}{'cpu ms':>9}"
+              f"{'peak MiB':>10}{'speed x':>9}{'(min)':>7}{'(cpu)':>7}{'mem x':>7}")
     print(header)
     print("-" * len(header))
     rows = []
@@ -166,15 +169,15 @@ def main() -> None:
         for r in run_case(args, case):
             rows.append(r)
             print(f"{case:<9}{r['variant']:<14}{r['tokens_per_s']:>10.0f}{r['median_wall_s'] * 1e3:>9.0f}"
-                  f"{r['min_wall_s'] * 1e3:>9.0f}{r['median_cpu_s'] * 1e3:>9.0f}{r['peak_bytes'] / 2**20:>10.0f}"
-                  f"{r['speed_ratio']:>9.2f}{r['speed_ratio_min']:>7.2f}{r['speed_ratio_cpu']:>7.2f}"
-                  f"{r['peak_ratio']:>7.2f}")
-    print("speed x = reference time / variant time (>1: faster), from median wall, min wall and median CPU time;")
+                  f"{r['min_wall_s'] * 1e3:>9.0f}{r['median_cpu_s'] * 1e3:>9.0f}"
+                  f"{r['peak_bytes'] / 2**20:>10.0f}{r['speed_ratio']:>9.2f}{r['speed_ratio_min']:>7.2f}"
+                  f"{r['speed_ratio_cpu']:>7.2f}{r['peak_ratio']:>7.2f}")
+    print("speed x = reference time / variant time (>1: faster): median wall, min wall, median CPU time;")
     print(f"mem x = peak over the reference's peak. 1-min load average at start: {load:.1f}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"results": rows, "repeats": args.repeats, "warmup": args.warmup, "load_avg_1min": load,
-                       "cpu_count": os.cpu_count()}, f, indent=1)
+            json.dump({"results": rows, "repeats": args.repeats, "warmup": args.warmup,
+                       "load_avg_1min": load, "cpu_count": os.cpu_count()}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -111,11 +111,12 @@ def _peak(device: str, baseline: int) -> int:
     if device == "cuda":
         return torch.cuda.max_memory_allocated() - baseline
     hwm = _rss_kib("VmHWM")
-    return (hwm * 1024 if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - baseline
+    peak = hwm * 1024 if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return peak - baseline
 
 
 def _init_optimizer_state(optimizer) -> None:
-    """Allocate AdamW's state with an lr=0 step on zero grads (weights unchanged), so it is in the baseline."""
+    """Allocate AdamW's state with an lr=0 step on zero grads (weights unchanged): part of the baseline."""
     import torch
 
     groups = optimizer.param_groups
@@ -161,8 +162,8 @@ def worker(args: argparse.Namespace) -> dict:
                 t = teacher(input_ids=ids).logits  # (B, S, V)
             s = student(input_ids=ids).logits  # (B, S, V)
             v = s.shape[-1]
-            loss = F.kl_div(F.log_softmax(s.float().view(-1, v), -1), F.log_softmax(t.float().view(-1, v), -1),
-                            reduction="batchmean", log_target=True)
+            log_q, log_p = F.log_softmax(s.float().view(-1, v), -1), F.log_softmax(t.float().view(-1, v), -1)
+            loss = F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)  # mean KL per token
             loss.backward()
             torch.nn.utils.clip_grad_norm_(student.parameters(), tc.grad_clip)
             optimizer.step()
@@ -221,20 +222,22 @@ def _spawn(args: argparse.Namespace, extra: list[str]) -> dict:
 
 def table(results: list[dict], mm: float) -> str:
     """The side-by-side table, plus per-case speed and memory ratios."""
-    head = f"{'case':8} {'variant':10} {'chunk':>5} {'tok/step':>8} {'s/step':>7} {'tok/s':>8} {'peak MiB':>9} " \
-           f"{'GFLOP/s':>8} {'% mm':>5}"
+    head = (f"{'case':8} {'variant':10} {'chunk':>5} {'tok/step':>8} {'s/step':>7} {'tok/s':>8} "
+            f"{'peak MiB':>9} {'GFLOP/s':>8} {'% mm':>5}")
     lines = [head, "-" * len(head)]
     for r in results:
         rate = r["flops_per_step"] / r["step_s"]
         lines.append(f"{r['case']:8} {r['variant']:10} {r['chunk_tokens'] or '-':>5} {r['tokens']:>8} "
-                     f"{r['step_s']:>7.3f} {r['tokens_per_s']:>8.0f} {r['peak_mib']:>9.0f} {rate / 1e9:>8.1f} "
-                     f"{100 * rate / mm:>5.1f}")
+                     f"{r['step_s']:>7.3f} {r['tokens_per_s']:>8.0f} {r['peak_mib']:>9.0f} "
+                     f"{rate / 1e9:>8.1f} {100 * rate / mm:>5.1f}")
     lines.append(f"float32 torch.mm rate: {mm / 1e9:.1f} GFLOP/s")
     for case in dict.fromkeys(r["case"] for r in results):
         ref = next(r for r in results if r["case"] == case and r["variant"] == "reference")
         for r in (r for r in results if r["case"] == case and r["variant"] != "reference"):
-            lines.append(f"{case} chunk {r['chunk_tokens']}: {r['tokens_per_s'] / ref['tokens_per_s']:.2f}x the "
-                         f"reference's tokens/s, {r['peak_mib'] / max(ref['peak_mib'], 1e-9):.2f}x its peak memory")
+            speed = r["tokens_per_s"] / ref["tokens_per_s"]
+            memory = r["peak_mib"] / max(ref["peak_mib"], 1e-9)
+            lines.append(f"{case} chunk {r['chunk_tokens']}: {speed:.2f}x the reference's tokens/s, "
+                         f"{memory:.2f}x its peak memory")
     return "\n".join(lines)
 
 
@@ -246,8 +249,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads per worker (0: torch's default); on a shared machine, more threads than "
-                             "idle cores make every small op wait (OpenMP spinning)")
+                        help="CPU threads per worker (0: torch's default); on a shared machine more threads "
+                             "than idle cores make every small op wait (OpenMP spinning)")
     parser.add_argument("--work-dir", help="where the benchmark models are saved (default: a temp dir)")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

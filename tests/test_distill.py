@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config, tiny_tokenizer
 from safetensors.torch import load_file
 
 from compactlm.config import TrainConfig, load_config
@@ -21,7 +22,6 @@ from compactlm.distill.distributed import Dist
 from compactlm.distill.loop import batch_rows, build, lr_at, make_optimizer, train_step, validate
 from compactlm.distill.run import run_distill, run_train
 from compactlm.errors import CompactLMError
-from conftest import tiny_config, tiny_tokenizer
 
 CPU = Dist(0, 1, torch.device("cpu"))
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -48,7 +48,7 @@ def _save(config, tok, path: Path, seed: int = 0) -> Path:
 
 @pytest.fixture(scope="session")
 def models(tmp_path_factory) -> dict[str, Path]:
-    """A tiny Llama teacher (hidden 32, 3 layers, untied) and a narrower student (hidden 16, 2 layers, tied)."""
+    """A tiny Llama teacher (hidden 32, 3 layers, untied) and a narrower student (hidden 16, 2 layers)."""
     root = tmp_path_factory.mktemp("kd-models")
     tok = tiny_tokenizer()
     student = tiny_config("llama", 4, 2, tied=True, layers=2)
@@ -90,7 +90,8 @@ def test_batch_rows_cover_each_epoch_once_and_depend_only_on_seed_and_position()
     for epoch in range(3):
         assert sorted(stream[epoch * 10:(epoch + 1) * 10].tolist()) == list(range(10))
     assert not torch.equal(stream[:10], stream[10:20])  # reshuffled per epoch
-    assert torch.equal(torch.cat([batch_rows(10, 0, 7, 3), batch_rows(10, 7, 23, 3)]), stream)  # straddles epochs
+    straddling = torch.cat([batch_rows(10, 0, 7, 3), batch_rows(10, 7, 23, 3)])  # batches across epochs
+    assert torch.equal(straddling, stream)
     assert not torch.equal(batch_rows(10, 0, 10, seed=4), stream[:10])
 
 
@@ -104,7 +105,8 @@ def test_checkpoint_swap_survives_a_crash_between_the_renames(tmp_path):
     os.replace(tmp_path / "checkpoint", tmp_path / ".checkpoint.old")  # killed after the first rename
     assert ckpt.latest(tmp_path) == tmp_path / ".checkpoint.old"
     state = ckpt.load(ckpt.latest(tmp_path))
-    assert state["progress"]["step"] == 2 and ckpt.read_progress(ckpt.latest(tmp_path)).best_val_loss == math.inf
+    assert state["progress"]["step"] == 2
+    assert ckpt.read_progress(ckpt.latest(tmp_path)).best_val_loss == math.inf
     draws = lambda: (torch.rand(3), random.random(), np.random.rand())  # noqa: E731
     first = draws()
     ckpt.set_rng_state_(state["rng"])
@@ -149,7 +151,8 @@ def test_padding_contributes_nothing(models):
         mask[1, 8:] = 0
         other = ids.clone()
         other[1, 8:] = 7  # only padded positions differ
-        losses = [trainee(x, mask, teacher_mod(x, mask) if teacher_mod else None)["loss"] for x in (ids, other)]
+        losses = [trainee(x, mask, teacher_mod(x, mask) if teacher_mod is not None else None)["loss"]
+                  for x in (ids, other)]
         torch.testing.assert_close(losses[0], losses[1])
 
 
@@ -212,8 +215,8 @@ def test_distill_run_outputs(distilled):
     out, result = distilled
     rows = _metrics(out)
     assert [r["step"] for r in rows] == list(range(1, 7))
-    for row in rows:
-        assert {"step", "tokens", "loss", "lr", "tokens_per_s", "grad_norm", "loss_logits", "alpha"} <= set(row)
+    expected = {"step", "tokens", "loss", "lr", "tokens_per_s", "grad_norm", "loss_logits", "alpha"}
+    assert all(expected <= row.keys() for row in rows)
     assert [r["step"] for r in rows if "val_loss" in r] == [3, 6]
     assert all({"val_kl", "val_top1", "val_ppl"} <= set(r) for r in rows if "val_loss" in r)
     assert rows[-1]["loss"] < rows[0]["loss"]  # it learns
@@ -252,7 +255,8 @@ def test_train_random_init_differs_from_pretrained(models, text_file, tmp_path):
             "train.save_every": 0, "train.activation_checkpointing": True, "data": text_file}
     runs = {}
     for init in ("pretrained", "random"):
-        cfg = load_config(None, [f"{k}={v}" for k, v in (keys | {"init": init, "out_dir": tmp_path / init}).items()])
+        run_keys = keys | {"init": init, "out_dir": tmp_path / init}
+        cfg = load_config(None, [f"{k}={v}" for k, v in run_keys.items()])
         runs[init] = run_train(cfg)
         rows = _metrics(tmp_path / init)
         assert rows[-1]["loss"] < rows[0]["loss"] and "val_kl" not in rows[-1]
@@ -328,7 +332,7 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(models, text_file, t
     assert json.loads(stdout.strip().splitlines()[-1])["steps"] == 24
     torch.testing.assert_close(_weights(killed / "final"), _weights(reference / "final"))
     got, want = _metrics(killed), _metrics(reference)
-    assert [r["step"] for r in got] == list(range(1, 25))  # rows the killed run wrote after its checkpoint are gone
+    assert [r["step"] for r in got] == list(range(1, 25))  # rows written after the checkpoint were dropped
     for key in ("loss", "lr", "val_loss"):
         assert [r.get(key) for r in got] == pytest.approx([r.get(key) for r in want], rel=1e-5)
 

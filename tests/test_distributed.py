@@ -1,4 +1,4 @@
-"""Two CPU processes (torchrun, gloo, FSDP2) follow the same trajectory as one process with the same global batch."""
+"""Two CPU processes (torchrun, gloo, FSDP2) follow one process's trajectory with the same global batch."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_distill import SRC, _args, _metrics, models, one_thread  # noqa: F401 - fixtures
 
 from compactlm.config import load_config
 from compactlm.distill import checkpoint as ckpt
 from compactlm.distill.run import run_distill
-from test_distill import SRC, _args, _metrics, models, one_thread  # noqa: F401 - fixtures
 
 
 def _torchrun(args: list[str], log: Path) -> subprocess.Popen:
@@ -29,10 +29,11 @@ def _torchrun(args: list[str], log: Path) -> subprocess.Popen:
 
 
 def test_two_processes_match_one(models, text_file, tmp_path):  # noqa: F811
-    # micro-batches of 2: rank r takes rows [2r, 2r+2) of each global batch of 4, as one process's r-th micro-batch.
+    # micro-batches of 2: rank r takes rows [2r, 2r+2) of every global batch of 4 (a process's micro-batch r).
     # 6 validation rows in chunks of 2 over 2 ranks: one rank runs a spare forward (weight 0).
-    keys = {"distill.steps": 4, "distill.micro_batch_size": 2, "distill.eval_every": 2, "distill.save_every": 2,
-            "distill.intermediate": True, "distill.ce_weight": 0.2, "distill.teacher_sharded": True}
+    keys = {"distill.steps": 4, "distill.micro_batch_size": 2, "distill.eval_every": 2,
+            "distill.save_every": 2, "distill.intermediate": True, "distill.ce_weight": 0.2,
+            "distill.teacher_sharded": True}
     two_procs = _torchrun(_args(models, text_file, tmp_path / "two", **keys), tmp_path / "torchrun.log")
     run_distill(load_config(None, _args(models, text_file, tmp_path / "one", **keys)))  # meanwhile, here
     stdout, _ = two_procs.communicate(timeout=300)
@@ -40,7 +41,8 @@ def test_two_processes_match_one(models, text_file, tmp_path):  # noqa: F811
 
     two, one = _metrics(tmp_path / "two"), _metrics(tmp_path / "one")
     assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2, 3, 4]
-    for key in ("loss", "loss_logits", "loss_intermediate", "grad_norm", "val_loss", "val_kl", "val_top1", "lr"):
+    for key in ("loss", "loss_logits", "loss_intermediate", "grad_norm", "lr", "val_loss", "val_kl",
+                "val_top1"):
         assert [r.get(key) for r in two] == pytest.approx([r.get(key) for r in one], rel=1e-4), key
     for name in ("final", "best"):
         got, want = (load_file(str(tmp_path / run / name / "model.safetensors")) for run in ("two", "one"))

@@ -3,7 +3,7 @@
 The stages as functions of a resolved config (`compactlm.config.load_config(path, ["key=value", ...])`):
 
     score(cfg) -> Scores          prune(cfg) -> Path         distill(cfg) -> dict      train(cfg) -> dict
-    search(cfg) -> dict           evaluate(cfg) -> dict      run(cfg) -> dict          load_config(...)
+    find_architecture(cfg) -> dict evaluate(cfg) -> dict      run(cfg) -> dict          load_config(...)
 
 Imported lazily, so `import compactlm` stays cheap.
 """
@@ -19,7 +19,7 @@ _API = {
     "evaluate": ("compactlm.stages", "evaluate"),
     "distill": ("compactlm.distill.run", "run_distill"),
     "train": ("compactlm.distill.run", "run_train"),
-    "search": ("compactlm.pipeline", "search_only"),
+    "find_architecture": ("compactlm.pipeline", "search_only"),
     "run": ("compactlm.pipeline", "run"),
 }
 __all__ = list(_API)

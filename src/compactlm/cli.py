@@ -15,11 +15,17 @@ from compactlm.errors import CompactLMError
 log = logging.getLogger("compactlm")
 
 
+def _print(result) -> None:
+    """The command's result as JSON on the last line of stdout (rank 0 only under torchrun)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(result))
+
+
 def _score(cfg) -> None:
     from compactlm import stages
 
     scores = stages.score(cfg)
-    print(json.dumps({"scores": f"{cfg.out_dir}/{stages.SCORES_FILE}", **scores.meta}))
+    _print({"scores": f"{cfg.out_dir}/{stages.SCORES_FILE}", **scores.meta})
 
 
 def _prune(cfg) -> None:
@@ -27,25 +33,25 @@ def _prune(cfg) -> None:
 
     out = stages.prune(cfg)
     plan = json.loads((out / stages.PLAN_FILE).read_text())
-    print(json.dumps({"out_dir": str(out), "target_shape": plan["target_shape"], "params": plan["params"]}))
+    _print({"out_dir": str(out), "target_shape": plan["target_shape"], "params": plan["params"]})
 
 
 def _eval(cfg) -> None:
     from compactlm import stages
 
-    print(json.dumps(stages.evaluate(cfg)))
+    _print(stages.evaluate(cfg))
 
 
 def _distill(cfg) -> None:
     from compactlm.distill.run import run_distill
 
-    print(json.dumps(run_distill(cfg)))
+    _print(run_distill(cfg))
 
 
 def _train(cfg) -> None:
     from compactlm.distill.run import run_train
 
-    print(json.dumps(run_train(cfg)))
+    _print(run_train(cfg))
 
 
 def _run(cfg, dry_run: bool = False) -> None:
@@ -54,13 +60,13 @@ def _run(cfg, dry_run: bool = False) -> None:
     if dry_run:
         print("\n".join(pipeline.dry_run(cfg)))
         return
-    print(json.dumps(pipeline.run(cfg)))
+    _print(pipeline.run(cfg))
 
 
 def _search(cfg) -> None:
     from compactlm import pipeline
 
-    print(json.dumps(pipeline.search_only(cfg)))
+    _print(pipeline.search_only(cfg))
 
 
 COMMANDS: dict[str, tuple[Callable, str]] = {

@@ -91,14 +91,13 @@ class TrainConfig:
     save_every: int = 50  # steps between checkpoints
     log_every: int = 1
     activation_checkpointing: bool = False
-    chunk_tokens: int = 1024  # cross-entropy and validation logits computed over this many tokens at a time
+    chunk_tokens: int = 256  # loss and validation logits computed over this many tokens at a time (memory)
 
 
 @dataclass(frozen=True)
 class DistillConfig(TrainConfig):
     temperature: float = 1.0
     ce_weight: float = 0.0  # optional cross-entropy term mixed with the KL
-    chunk_tokens: int = 1024  # KD loss computed over this many tokens at a time
     intermediate: bool = False  # cosine loss on hidden states through a learned linear map
     layer_map: tuple[tuple[int, int], ...] | None = None  # (student, teacher) block outputs; default last-2 of each
     embedding_loss: bool = False  # also match the embedding outputs
@@ -181,6 +180,11 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         return from_dict(tp, value, path)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is int and isinstance(value, str) and value.strip()[-1:] in "KMB" and value.strip()[:-1].replace(".", "").isdigit():
         return int(float(value.strip()[:-1]) * {"K": 1e3, "M": 1e6, "B": 1e9}[value.strip()[-1]])  # "70M"
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):

@@ -118,7 +118,7 @@ def load(path: str | Path) -> dict:
 
 
 def rng_state() -> dict:
-    """This process's RNG states: torch, CUDA (when present), Python `random`, numpy (as tensors/plain values)."""
+    """This process's RNG states: torch, CUDA (when present), Python `random`, numpy (tensors, plain data)"""
     import numpy as np
 
     kind, keys, pos, has_gauss, cached = np.random.get_state()
@@ -161,7 +161,7 @@ def export(config, state_dict: dict, tokenizer, out: str | Path) -> Path:
 # `trainee` is the loop's root module: `.model` (the HF student) and `.hidden_map` (nn.Linear or None).
 
 def save_state(out_dir: Path, trainee: nn.Module, optimizer, scheduler, progress: Progress, d: Dist) -> None:
-    """Gather full state dicts and every rank's RNG states; rank 0 writes out_dir/checkpoint/ (all ranks call)."""
+    """Gather full state dicts and all ranks' RNG states; rank 0 writes out_dir/checkpoint/ (collective)."""
     model_sd, optim_sd = full_state(trainee, optimizer)
     rngs = gather_objects(rng_state(), d)
     if d.is_main:
@@ -172,7 +172,7 @@ def save_state(out_dir: Path, trainee: nn.Module, optimizer, scheduler, progress
 
 
 def resume_(path: Path, trainee: nn.Module, optimizer, scheduler, d: Dist) -> Progress:
-    """Load a checkpoint into the (possibly sharded) trainee, optimizer, scheduler and RNGs; return its Progress."""
+    """Load a checkpoint into the (maybe sharded) trainee, optimizer, scheduler and RNGs; its Progress."""
     state = load(path)
     if (state["hidden_map"] is None) != (trainee.hidden_map is None):
         raise CompactLMError(f"checkpoint {path} was written with a different distill.intermediate/layer_map/"
@@ -182,7 +182,8 @@ def resume_(path: Path, trainee: nn.Module, optimizer, scheduler, d: Dist) -> Pr
     try:
         load_full_state_(trainee, optimizer, model_sd, state["optimizer"])
     except (RuntimeError, KeyError, ValueError) as e:
-        raise CompactLMError(f"checkpoint {path} does not fit this student: {str(e).splitlines()[0][:200]}") from None
+        reason = str(e).splitlines()[0][:200]
+        raise CompactLMError(f"checkpoint {path} does not fit this student: {reason}") from None
     scheduler.load_state_dict(state["scheduler"])
     rngs = state["rng"]
     set_rng_state_(rngs[d.rank] if d.rank < len(rngs) else rngs[0])

@@ -116,7 +116,7 @@ def barrier(d: Dist) -> None:
 
 
 def full_state(module: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> tuple[dict, dict]:
-    """(model, optimizer) full state dicts on the CPU, keyed by parameter name; empty on ranks other than 0."""
+    """(model, optimizer) full state dicts on the CPU, keyed by parameter name; empty on ranks but 0."""
     model_sd = get_model_state_dict(module, options=_FULL)
     optim_sd = get_optimizer_state_dict(module, optimizer, options=_FULL) if optimizer is not None else {}
     return model_sd, optim_sd

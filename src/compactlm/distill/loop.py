@@ -127,7 +127,7 @@ def _ce_sum(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor)
 
 
 def chunked_ce(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, chunk: int) -> Tensor:
-    """Mean CE over labels != IGNORE_INDEX: hidden (N, H), head (V, H), labels (N,); one (chunk, V) at a time."""
+    """Mean CE over labels != IGNORE_INDEX: hidden (N, H), head (V, H), labels (N,); (chunk, V) at a time."""
     rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)  # (n,)
     h, y = hidden.index_select(0, rows), labels.index_select(0, rows)
     total = hidden.new_zeros((), dtype=torch.float32)
@@ -198,7 +198,8 @@ class Trainee(nn.Module):
         hidden, weight = out.last_hidden_state.to(dt), head.weight.to(dt)  # (B, S, H_s), (V, H_s)
         bias = head.bias.to(dt) if head.bias is not None else None
         if teacher is None:
-            return {"loss": chunked_ce(hidden.flatten(0, 1), weight, bias, labels.flatten(), self.objective.chunk_tokens)}
+            chunk = self.objective.chunk_tokens
+            return {"loss": chunked_ce(hidden.flatten(0, 1), weight, bias, labels.flatten(), chunk)}
         o = self.objective
         t_bias = teacher.bias.to(dt) if teacher.bias is not None else None
         logits = kd_loss(hidden, weight, teacher.hidden.to(dt), teacher.head.to(dt), mask, student_bias=bias,
@@ -208,22 +209,27 @@ class Trainee(nn.Module):
             return {"loss": logits}
         inter = self._intermediate(out.hidden_states, teacher.states, mask)
         alpha = dynamic_alpha(logits, inter)
-        return {"loss": logits + alpha * inter, "loss_logits": logits, "loss_intermediate": inter, "alpha": alpha}
+        total = logits + alpha * inter
+        return {"loss": total, "loss_logits": logits, "loss_intermediate": inter, "alpha": alpha}
 
-    def _intermediate(self, states: tuple[Tensor, ...], teacher_states: tuple[Tensor, ...], mask: Tensor) -> Tensor:
+    def _intermediate(self, states: tuple[Tensor, ...], teacher_states: tuple[Tensor, ...],
+                      mask: Tensor) -> Tensor:
         """Sum over the layer map of 1 - cos(hidden_map(student state), teacher state), mean over tokens."""
         pairs = zip(self.objective.layer_map, teacher_states)
-        return sum(cosine_loss(self.hidden_map(states[s].float()), t_state, mask) for (s, _), t_state in pairs)
+        return sum(cosine_loss(self.hidden_map(states[s].float()), t_state, mask)  # (B, S, H_t) each
+                   for (s, _), t_state in pairs)
 
     def count(self, ids: Tensor, mask: Tensor) -> int:
         """Tokens the micro-batch's mean loss divides by: non-padding positions (KD) or targets (CE)."""
-        return int(mask.sum()) if self.objective.distill else int((next_token_labels(ids, mask) != IGNORE_INDEX).sum())
+        if self.objective.distill:
+            return int(mask.sum())
+        return int((next_token_labels(ids, mask) != IGNORE_INDEX).sum())
 
 
 @torch.no_grad()
 def validation_sums(hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor, mask: Tensor,
                     teacher: TeacherOut | None, chunk: int) -> Tensor:
-    """float64 (5,): CE sum, targets, KL(teacher||student) sum, top-1 matches, positions (KL/top-1 need a teacher)."""
+    """float64 (5,): CE sum, targets, KL(teacher || student) sum, top-1 matches (teacher only), positions."""
     labels = next_token_labels(ids, mask)[mask.bool()]  # (N,)
     h = hidden[mask.bool()]  # (N, H_s)
     h_t = teacher.hidden[mask.bool()] if teacher is not None else None  # (N, H_t)
@@ -231,11 +237,12 @@ def validation_sums(hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Te
     sums[1], sums[4] = (labels != IGNORE_INDEX).sum(), labels.numel()
     for start in range(0, labels.numel(), chunk):
         log_q = F.log_softmax(F.linear(h[start: start + chunk], weight, bias).float(), dim=-1)  # (c, V)
-        sums[0] += F.nll_loss(log_q, labels[start: start + chunk], ignore_index=IGNORE_INDEX, reduction="sum").double()
+        targets = labels[start: start + chunk]
+        sums[0] += F.nll_loss(log_q, targets, ignore_index=IGNORE_INDEX, reduction="sum").double()
         if teacher is None:
             continue
-        t_logits = F.linear(h_t[start: start + chunk].to(teacher.head.dtype), teacher.head, teacher.bias).float()
-        log_p = F.log_softmax(t_logits, dim=-1)  # (c, V)
+        t_hidden = h_t[start: start + chunk].to(teacher.head.dtype)
+        log_p = F.log_softmax(F.linear(t_hidden, teacher.head, teacher.bias).float(), dim=-1)  # (c, V)
         sums[2] += F.kl_div(log_q, log_p, reduction="sum", log_target=True).double()
         sums[3] += (log_q.argmax(-1) == log_p.argmax(-1)).sum().double()
     return sums
@@ -245,7 +252,7 @@ def validation_sums(hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Te
 
 def train_step(trainee: Trainee, teacher: Teacher | None, optimizer: torch.optim.Optimizer, rows: Tensor,
                micro: int, tc: TrainConfig, d: Dist) -> dict[str, float]:
-    """One optimizer step on this rank's rows (b, S): accumulate micro-batch grads, clip, step; global metrics."""
+    """One optimizer step on this rank's rows (b, S): accumulate micro-batch grads, clip, step; metrics."""
     optimizer.zero_grad(set_to_none=True)
     micros = [(r.to(d.device), torch.ones_like(r, device=d.device)) for r in rows.split(micro)]  # (m, S) each
     counts = [trainee.count(ids, mask) for ids, mask in micros]
@@ -265,7 +272,8 @@ def train_step(trainee: Trainee, teacher: Teacher | None, optimizer: torch.optim
     return dict(zip(keys, reduced)) | {"grad_norm": float(norm)}
 
 
-def validate(trainee: Trainee, teacher: Teacher | None, val_rows: Tensor, micro: int, d: Dist) -> dict[str, float]:
+def validate(trainee: Trainee, teacher: Teacher | None, val_rows: Tensor, micro: int,
+             d: Dist) -> dict[str, float]:
     """val_loss/val_ppl (+ val_kl/val_top1 with a teacher) on `val_rows`, shared out over ranks."""
     chunks = list(val_rows.split(micro))
     calls = math.ceil(len(chunks) / d.world)  # every rank runs the same number of forwards (FSDP collectives)
@@ -276,7 +284,8 @@ def validate(trainee: Trainee, teacher: Teacher | None, val_rows: Tensor, micro:
             index = i * d.world + d.rank
             ids = chunks[min(index, len(chunks) - 1)].to(d.device)  # a spare rank repeats a chunk, weight 0
             mask = torch.ones_like(ids)
-            part = trainee(ids, mask, teacher(ids, mask) if teacher is not None else None, evaluate=True)["sums"]
+            t_out = teacher(ids, mask) if teacher is not None else None
+            part = trainee(ids, mask, t_out, evaluate=True)["sums"]
             sums += part.cpu() * (index < len(chunks))
     trainee.train()
     ce, targets, kl, top1, positions = all_reduce_sum(sums, d).tolist()
@@ -307,7 +316,7 @@ class MetricsLog:
         if not enabled:
             return
         old = self.path.read_text().splitlines() if self.path.is_file() else []
-        kept = [line for line in old if _step_of(line) <= keep_until]  # drop what a killed run wrote after its checkpoint
+        kept = [line for line in old if _step_of(line) <= keep_until]  # drop rows after the checkpoint
         self.path.write_text("".join(line + "\n" for line in kept))
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -350,7 +359,8 @@ def make_optimizer(trainee: nn.Module, tc: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=tc.lr, betas=BETAS)
 
 
-def build(student: nn.Module, teacher: nn.Module | None, tc: TrainConfig, d: Dist) -> tuple[Trainee, Teacher | None]:
+def build(student: nn.Module, teacher: nn.Module | None, tc: TrainConfig,
+          d: Dist) -> tuple[Trainee, Teacher | None]:
     """The trainee (student + map) and the teacher, on the device, sharded with FSDP2 under torchrun."""
     s_family = family_of(student)
     s_dims = s_family.dims(student.config)
@@ -358,7 +368,7 @@ def build(student: nn.Module, teacher: nn.Module | None, tc: TrainConfig, d: Dis
     objective = make_objective(tc, s_dims.layers, t_dims.layers if t_dims else None)
     mapping = hidden_map(s_dims.hidden, t_dims.hidden) if objective.layer_map else None
     if tc.activation_checkpointing:  # transformers 5 renamed gradient_checkpointing_enable
-        enable = getattr(student, "activation_checkpointing_enable", None) or student.gradient_checkpointing_enable
+        enable = getattr(student, "activation_checkpointing_enable", student.gradient_checkpointing_enable)
         enable({"use_reentrant": False})
     trainee = shard_(Trainee(student, objective, mapping).to(d.device).train(),
                      get_module(student, s_family.layers_path), d)
@@ -379,17 +389,20 @@ def fit(student: nn.Module, train_rows: Tensor, val_rows: Tensor, tc: TrainConfi
     optimizer = make_optimizer(trainee, tc)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total, tc) / tc.lr)
     found = ckpt.latest(out) if session.resume else None
-    progress = ckpt.resume_(found, trainee, optimizer, scheduler, d) if found else ckpt.Progress(total_steps=total)
+    progress = ckpt.Progress(total_steps=total)
+    if found:
+        progress = ckpt.resume_(found, trainee, optimizer, scheduler, d)
     log.info("%s at step %d of %d", f"resuming from {found}" if found else "starting", progress.step, total)
     evaluate = functools.partial(_evaluate_, trainee, teacher_mod, val_rows, micro, progress, session)
     metrics = MetricsLog(out, d.is_main, keep_until=progress.step)
-    bar = tqdm(total=total, initial=progress.step, unit="step", desc="distill" if teacher is not None else "train",
+    desc = "distill" if teacher is not None else "train"
+    bar = tqdm(total=total, initial=progress.step, unit="step", desc=desc,
                disable=not (session.progress and d.is_main), dynamic_ncols=True)
     start, val = time.perf_counter(), {}
     try:
         while progress.step < total:
             tick, lr = time.perf_counter(), scheduler.get_last_lr()[0]
-            rows = _rank_rows(train_rows, progress.rows_seen, tc.batch_size, session.seed, d)  # (B / world, S)
+            rows = _rank_rows(train_rows, progress.rows_seen, tc.batch_size, session.seed, d)  # (B/world, S)
             row = train_step(trainee, teacher_mod, optimizer, rows, micro, tc, d)
             scheduler.step()
             progress.step, progress.rows_seen = progress.step + 1, progress.rows_seen + tc.batch_size
@@ -397,7 +410,7 @@ def fit(student: nn.Module, train_rows: Tensor, val_rows: Tensor, tc: TrainConfi
             row = {"step": progress.step, "tokens": progress.tokens, **row, "lr": lr,
                    "tokens_per_s": tc.batch_size * tc.seq_len / (time.perf_counter() - tick)}
             if not math.isfinite(row["loss"]):
-                raise CompactLMError(f"loss is {row['loss']} at step {progress.step}: try a lower learning rate")
+                raise CompactLMError(f"loss is {row['loss']} at step {progress.step}: try a lower lr")
             last = progress.step == total
             val = evaluate() if _every(progress.step, tc.eval_every) or last else {}
             if _every(progress.step, tc.log_every) or val or last:

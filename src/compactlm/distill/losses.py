@@ -147,7 +147,8 @@ def kd_loss(
     accumulator. Teacher inputs are constants (no grad). A tied student head receives its gradient through
     the Parameter passed as `student_head`. Matmuls run in the inputs' dtype (bf16 on GPU uses tensor
     cores); softmax, KL, CE and the head-gradient accumulation run in float32; grads come back in the
-    dtype of each input.
+    dtype of each input. mask: nonzero = real token, 0 = padding. labels: next-token ids aligned with the
+    positions (already shifted), IGNORE_INDEX skipped; CE averages over real tokens with a label.
     """
     hs, ht = student_hidden.shape[-1], teacher_hidden.shape[-1]
     if student_head.shape[0] != teacher_head.shape[0]:

@@ -35,7 +35,7 @@ def run_distill(cfg: Config) -> dict:
 
 
 def run_train(cfg: Config) -> dict:
-    """`compactlm train`: plain cross-entropy training of cfg.model (init=random: same architecture, fresh)."""
+    """`compactlm train`: plain cross-entropy training of cfg.model (init=random: fresh weights)."""
     return _run(cfg, cfg.train, "train", cfg.model, None)
 
 
@@ -44,13 +44,15 @@ def check_train_config(tc: TrainConfig, section: str, world: int) -> None:
     micro = tc.micro_batch_size or tc.batch_size // max(world, 1)
     if tc.batch_size < 1 or micro < 1 or tc.batch_size % (world * micro):
         raise CompactLMError(
-            f"{section}.batch_size={tc.batch_size} must be a positive multiple of world size x micro_batch_size "
-            f"= {world} x {micro}")
+            f"{section}.batch_size={tc.batch_size} must be a positive multiple of "
+            f"world size x micro_batch_size = {world} x {micro}")
     if total_steps(tc) < 1:
+        per_batch = tc.batch_size * tc.seq_len
         raise CompactLMError(f"{section}.tokens={tc.tokens} is less than one global batch "
-                             f"({section}.batch_size x {section}.seq_len = {tc.batch_size * tc.seq_len} tokens)")
+                             f"({section}.batch_size x {section}.seq_len = {per_batch} tokens)")
     if not 0 <= tc.min_lr <= tc.lr or tc.lr <= 0:
-        raise CompactLMError(f"{section}: need 0 <= min_lr <= lr and lr > 0, got lr={tc.lr}, min_lr={tc.min_lr}")
+        raise CompactLMError(f"{section}: need 0 <= min_lr <= lr and lr > 0, "
+                             f"got lr={tc.lr}, min_lr={tc.min_lr}")
     for key in ("chunk_tokens", "eval_sequences"):
         if getattr(tc, key) < 1:
             raise CompactLMError(f"{section}.{key} must be >= 1, got {getattr(tc, key)}")
@@ -96,14 +98,14 @@ def _run(cfg: Config, tc: TrainConfig, section: str, student_spec: str, teacher_
     try:
         check_train_config(tc, section, d.world)
         student, tokenizer, teacher = _load_models(cfg, tc, section, student_spec, teacher_spec, d.device)
-        splits = stages.load_splits(dataclasses.replace(cfg, calib=dataclasses.replace(cfg.calib, sequences=0)),
-                                    tokenizer, tc.seq_len)
+        no_calib = dataclasses.replace(cfg, calib=dataclasses.replace(cfg.calib, sequences=0))
+        splits = stages.load_splits(no_calib, tokenizer, tc.seq_len)
         val = splits.val[: tc.eval_sequences]
         out = Path(cfg.out_dir)
         if d.is_main:
             out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, out / stages.CONFIG_FILE)
-        log.info("%s: %d train rows, %d validation rows of %d tokens; %d steps of %d sequences on %d process(es)",
+        log.info("%s: %d train, %d validation rows of %d tokens; %d steps of %d sequences on %d process(es)",
                  section, len(splits.train), len(val), tc.seq_len, total_steps(tc), tc.batch_size, d.world)
         params = num_params(student)
         session = Session(out, d, tokenizer, cfg.seed, cfg.resume, progress=True)

@@ -43,15 +43,23 @@ def _weights(mask: torch.Tensor, how: str) -> torch.Tensor:
     return m.unsqueeze(1)
 
 
-def _seq_reduce(a: torch.Tensor, w: torch.Tensor, how: str) -> torch.Tensor:
-    """(B, S, C) activation and (B, 1, S) weights from `_weights` -> (B, C) float32, in a few fused ops."""
+def _seq_reduce(a: torch.Tensor, w: torch.Tensor, how: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, S, C) activation, (B, 1, S) weights from `_weights` -> (B, C) float32 in two or three passes.
+
+    `out` is float32 scratch shaped like `a` (never `a` itself): reusing one buffer saves an allocation and
+    its page faults per hook on CPU. `a` is never written.
+    """
+    out = torch.empty(a.shape, dtype=torch.float32, device=a.device) if out is None else out
+    same = a.dtype == torch.float32
     if how == "mean":
-        return torch.bmm(w, a.abs().float()).squeeze(1)  # abs before the cast: exact, and no alias of `a`
+        x = torch.abs(a, out=out) if same else out.copy_(a).abs_()
+        return torch.bmm(w, x).squeeze(1)
     if how == "l2":
-        return torch.bmm(w, a.float().square()).squeeze(1).sqrt()
-    a = a.float()
-    mean = torch.bmm(w, a)  # (B, 1, C)
-    return torch.bmm(w, (a - mean).square()).squeeze(1)  # population variance, centred: no cancellation
+        x = torch.mul(a, a, out=out) if same else out.copy_(a).square_()
+        return torch.bmm(w, x).squeeze(1).sqrt_()
+    x = out.copy_(a)
+    mean = torch.bmm(w, x)  # (B, 1, C)
+    return torch.bmm(w, x.sub_(mean).square_()).squeeze(1)  # population variance, centred: no cancellation
 
 
 def aggregate_sequence(a: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
@@ -130,6 +138,7 @@ class ActivationCollector:
         self.pending: dict[str, list[torch.Tensor | None]] = {k: [None] * n for k, n in self.sizes.items()}
         self._w: dict[torch.device, torch.Tensor] = {}
         self._rows: torch.Tensor | None = None  # (B,) bool, set between set_mask and flush
+        self._scratch: dict[torch.device, torch.Tensor] = {}  # one flat float32 buffer per device
 
     def set_mask(self, mask: torch.Tensor) -> None:
         """Fold the previous batch in, then take the (B, S) mask of the batch about to run."""
@@ -137,6 +146,13 @@ class ActivationCollector:
         w = _weights(mask, self.seq_how)
         self._w = {w.device: w}
         self._rows = mask.sum(1) > 0  # (B,) sequences with at least one real token
+
+    def _scratch_like(self, a: torch.Tensor) -> torch.Tensor:
+        """A float32 view shaped like `a` into a buffer reused by every hook (hooks run one at a time)."""
+        buf = self._scratch.get(a.device)
+        if buf is None or buf.numel() < a.numel():
+            buf = self._scratch[a.device] = torch.empty(a.numel(), dtype=torch.float32, device=a.device)
+        return buf[: a.numel()].view(a.shape)
 
     def _weights_on(self, device: torch.device) -> torch.Tensor:
         if device not in self._w:  # a model split across devices
@@ -159,13 +175,14 @@ class ActivationCollector:
 
     def record(self, kind: str, site: int, a: torch.Tensor) -> None:
         """Reduce one (B, S, C) activation over the sequence and keep its (B, C) rows for this batch."""
+        a = a.detach()  # hooks only read: no graph even when the caller runs with grad enabled
         w = self._w.get(a.device)
         w = self._weights_on(a.device) if w is None else w
         if kind == "heads" and self.head_score == "paper":
             B, S, _ = a.shape
             per_head = a.reshape(B, S, self.dims.heads, -1)  # (B, S, heads, head_dim)
             a = torch.linalg.vector_norm(per_head, dim=-1, dtype=torch.float32)  # (B, S, heads)
-        self.pending[kind][site] = _seq_reduce(a, w, self.seq_how)
+        self.pending[kind][site] = _seq_reduce(a, w, self.seq_how, self._scratch_like(a))
 
     def scores(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(hidden,), (layers, heads), (layers, ffn) float32 on CPU, after folding the last batch in."""
