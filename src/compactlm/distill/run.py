@@ -21,7 +21,7 @@ from compactlm.distill.distributed import Dist, setup, teardown
 from compactlm.distill.loop import Session, fit, total_steps
 from compactlm.errors import CompactLMError
 from compactlm.models.family import family_of, get_module
-from compactlm.models.loading import load_model, load_tokenizer, num_params
+from compactlm.models.loading import load_model, load_model_config, load_tokenizer, num_params
 
 log = logging.getLogger(__name__)
 
@@ -73,15 +73,16 @@ def _vocab(model) -> int:
 def _load_models(cfg: Config, tc: TrainConfig, section: str, student_spec: str, teacher_spec: str | None,
                  device: torch.device):
     """(student in float32, tokenizer, teacher or None), with vocabulary and sequence length checked."""
-    student = load_model(student_spec, dtype="float32", device=device)
-    tokenizer = load_tokenizer(cfg.tokenizer or student_spec)
-    stages.check_seq_len(student, tc.seq_len, f"{section}.seq_len")
-    if cfg.init == "random":
-        torch.manual_seed(cfg.seed)  # every rank builds the same weights
+    if cfg.init == "random":  # the architecture only: a config-only directory is enough
         from transformers import AutoModelForCausalLM
 
-        student = AutoModelForCausalLM.from_config(student.config, dtype=torch.float32).to(device)
+        torch.manual_seed(cfg.seed)  # every rank builds the same weights
+        student = AutoModelForCausalLM.from_config(load_model_config(student_spec), dtype=torch.float32).to(device)
         log.info("init=random: %s architecture with fresh weights (seed %d)", student_spec, cfg.seed)
+    else:
+        student = load_model(student_spec, dtype="float32", device=device)
+    tokenizer = load_tokenizer(cfg.tokenizer or student_spec)
+    stages.check_seq_len(student, tc.seq_len, f"{section}.seq_len")
     teacher = None
     if teacher_spec is not None:
         teacher = load_model(teacher_spec, dtype=cfg.dtype, device=device)
