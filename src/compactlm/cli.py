@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_transformers()
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.command != "eval" and not cfg.out_dir:
+            raise CompactLMError(f"{args.command} needs out_dir=DIR")
         command = COMMANDS[args.command][0]
         command(cfg, args.dry_run) if args.command == "run" else command(cfg)
     except CompactLMError as e:

@@ -132,7 +132,7 @@ class Config:
     teacher: str | None = None
     student: str | None = None
     data: str = "python-docs"  # built-in corpus, a .txt/.jsonl/.parquet path, or a hub dataset name
-    out_dir: str = "runs/compactlm"
+    out_dir: str | None = None  # required by every command but eval
     seed: int = 0
     device: str = "auto"  # auto: cuda when available
     dtype: str = choice("float32", "float32", "bfloat16", "float16")

@@ -222,9 +222,11 @@ def plan_stages(cfg: Config) -> list[Stage]:
 
 
 def check(cfg: Config) -> None:
-    """Checks that need no model: explicit target or search, data source, model spec."""
+    """Checks that need no model: run directory, explicit target or search, data source, model spec."""
     from compactlm.models.loading import BUILTINS
 
+    if not cfg.out_dir:
+        raise CompactLMError("run needs out_dir=DIR (the run directory)")
     if not cfg.search.target_params and not any(
         getattr(cfg.target, k) is not None for k in
         ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers", "drop_layers")

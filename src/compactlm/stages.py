@@ -193,7 +193,7 @@ def evaluate(cfg: Config) -> dict:
         speed=cfg.eval.speed, progress=True,
     )
     metrics = {"model": cfg.model, **metrics}
-    if cfg.out_dir and cfg.out_dir != Config.out_dir:
+    if cfg.out_dir:
         with staged_output(cfg.out_dir) as out:
             (out / "eval.json").write_text(json.dumps(metrics, indent=1) + "\n")
             save_config(cfg, out / CONFIG_FILE)
