@@ -53,7 +53,7 @@ def test_dry_run_rejects_an_invalid_config(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "distill.tokenz" in err and len(err.strip().splitlines()) == 1
     no_target = tmp_path / "no_target.yaml"
-    no_target.write_text("model: smollm2-135m\n")
+    no_target.write_text("model: smollm2-135m\nout_dir: runs/x\n")
     assert main(["run", "--config", str(no_target), "--dry-run"]) == 2
     assert "target" in capsys.readouterr().err
 
