@@ -81,3 +81,20 @@ def test_missing_task_file_is_one_line_error(tmp_path):
 
 def test_no_tasks_is_empty():
     assert run_tasks(torch.nn.Linear(2, 2), None, []) == {}
+
+
+def test_eval_command_runs_tasks(tiny_checkpoint, text_file, tmp_path, offline, capsys):
+    """`compactlm eval eval.tasks=[...]` reports the task metrics beside perplexity."""
+    pytest.importorskip("lm_eval")
+    import json
+
+    from compactlm.cli import main
+
+    task = _task_dir(tmp_path) / "tiny_task.yaml"
+    code = main(["eval", f"model={tiny_checkpoint}", f"data={text_file}", "eval.seq_len=32", "eval.sequences=4",
+                 "eval.speed=false", f"eval.tasks=[{task}]"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    metrics = json.loads(out.strip().splitlines()[-1])
+    (task_metrics,) = metrics["tasks"].values()
+    assert 0.0 <= task_metrics["acc"] <= 1.0 and metrics["perplexity"] > 1

@@ -167,10 +167,7 @@ def _evaluate(cfg: Config, out: Path) -> dict:
         metrics |= {"dims": vars(family_of(model).dims(model.config)), "sample": sample_text(
             model, tokenizer, "The Python interpreter", new_tokens=cfg.eval.gen_tokens)}
         if cfg.eval.tasks:
-            from compactlm.tasks import run_tasks
-
-            metrics["tasks"] = run_tasks(model, tokenizer, cfg.eval.tasks, limit=cfg.eval.task_limit,
-                                         device=str(next(model.parameters()).device))
+            metrics["tasks"] = stages.task_metrics(cfg, model, tokenizer)
         results[name] = metrics
     with stages.staged_output(out) as tmp:
         (tmp / "eval.json").write_text(json.dumps(results, indent=1) + "\n")

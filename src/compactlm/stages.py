@@ -179,6 +179,14 @@ def prune(cfg: Config) -> Path:
     return Path(cfg.out_dir)
 
 
+def task_metrics(cfg: Config, model, tokenizer) -> dict:
+    """Downstream `eval.tasks` through lm-evaluation-harness (an optional extra): {task: {metric: value}}."""
+    from compactlm.tasks import run_tasks
+
+    return run_tasks(model, tokenizer, cfg.eval.tasks, limit=cfg.eval.task_limit,
+                     device=str(next(model.parameters()).device))
+
+
 def evaluate(cfg: Config) -> dict:
     """`compactlm eval`: perplexity, params, speed, and KL/agreement against `cfg.teacher` when given."""
     from compactlm.evaluate import evaluate as evaluate_model
@@ -192,6 +200,8 @@ def evaluate(cfg: Config) -> dict:
         model, list(data.batches(val, cfg.eval.batch_size)), teacher=teacher, tokenizer=tokenizer,
         speed=cfg.eval.speed, progress=True,
     )
+    if cfg.eval.tasks:
+        metrics["tasks"] = task_metrics(cfg, model, tokenizer)
     metrics = {"model": cfg.model, **metrics}
     if cfg.out_dir:
         with staged_output(cfg.out_dir) as out:
