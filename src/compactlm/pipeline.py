@@ -101,7 +101,8 @@ def _brief_distill(cfg: Config, student, teacher, tokenizer, train_rows, out: Pa
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".search-distill.", dir=out.parent))
     try:
-        result = fit(student, train_rows, val, tc, Session(scratch, setup(cfg.device), None, cfg.seed), teacher=teacher)
+        session = Session(scratch, setup(cfg.device), None, cfg.seed, save=False)  # a trial: nothing to keep
+        result = fit(student, train_rows, val, tc, session, teacher=teacher)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return float(result["val_loss"])

@@ -306,6 +306,7 @@ class Session:
     seed: int = 0  # data order (with the epoch)
     resume: bool = False  # continue from out_dir/checkpoint/ when there is one
     progress: bool = False  # tqdm bar (rank 0 only)
+    save: bool = True  # write checkpoints, best/ and final/ (off for the search's brief trial runs)
 
 
 class MetricsLog:
@@ -417,10 +418,11 @@ def fit(student: nn.Module, train_rows: Tensor, val_rows: Tensor, tc: TrainConfi
                 metrics.write(row | val)
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
-            if _every(progress.step, tc.save_every) or last:
+            if session.save and (_every(progress.step, tc.save_every) or last):
                 ckpt.save_state(out, trainee, optimizer, scheduler, progress, d)
         val = val or evaluate()  # a resumed finished run: evaluate the weights it ends with
-        ckpt.export_(out / "final", trainee, session.tokenizer, d)
+        if session.save:
+            ckpt.export_(out / "final", trainee, session.tokenizer, d)
     finally:
         bar.close()
         metrics.close()
@@ -442,7 +444,8 @@ def _evaluate_(trainee: Trainee, teacher: Teacher | None, val_rows: Tensor, micr
     result = validate(trainee, teacher, val_rows, micro, session.dist)
     if result["val_loss"] < progress.best_val_loss:
         progress.best_val_loss = result["val_loss"]
-        ckpt.export_(session.out_dir / "best", trainee, session.tokenizer, session.dist)
+        if session.save:
+            ckpt.export_(session.out_dir / "best", trainee, session.tokenizer, session.dist)
     return result
 
 
