@@ -56,3 +56,19 @@ def test_pruned_smollm2_saves_and_reloads(smollm2, tmp_path):
     ids = torch.tensor([tokenizer.encode("def main():\n    return 0")])
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, pruned(ids).logits, rtol=0, atol=0)
+
+
+def test_gguf_file_loads_and_saves_without_quantization(tmp_path):
+    """A .gguf path loads through transformers' GGUF reader; what we save carries no quantization entry."""
+    from compactlm.models.loading import BUILTINS, _builtin_gguf, save_checkpoint
+
+    gguf = _builtin_gguf("smollm2-135m")
+    assert "smollm2-135m" in BUILTINS
+    model = load_model(str(gguf))
+    assert family_of(model).name == "llama" and not getattr(model, "is_quantized", False)
+    save_checkpoint(model, None, tmp_path / "ckpt")
+    assert "quantization_config" not in json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
