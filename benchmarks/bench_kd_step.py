@@ -138,7 +138,8 @@ def worker(args: argparse.Namespace) -> dict:
 
     from compactlm.config import DistillConfig
     from compactlm.distill.distributed import Dist
-    from compactlm.distill.loop import Objective, Trainee, build, make_optimizer, train_step
+    from compactlm.distill.loop import build, make_optimizer, train_step
+    from compactlm.distill.trainee import Objective, Trainee
     from compactlm.models.loading import load_model, num_params
 
     device = args.device

@@ -1,6 +1,7 @@
 """Knowledge distillation and plain training: losses (pure), the loop, checkpoints, distributed setup."""
 
-from compactlm.distill.loop import Objective, Session, Teacher, Trainee, fit, lr_at, total_steps
+from compactlm.distill.loop import Session, fit, lr_at, total_steps
+from compactlm.distill.trainee import Objective, Teacher, Trainee
 from compactlm.distill.losses import cosine_loss, default_layer_map, dynamic_alpha, kd_loss, kd_loss_reference
 from compactlm.distill.run import run_distill, run_train
 

@@ -13,14 +13,12 @@ Objectives (`Trainee.forward`):
   `embedding_loss`: + alpha x sum of cosine losses between `hidden_map(student state)` and the teacher
   state for each (student, teacher) pair of indices into HF `hidden_states` (0 = embedding output), where
   alpha = L_logits / L_intermediate (detached), computed per micro-batch.
-The student and its `hidden_map` live in one module (`Trainee`), the FSDP root, so that every use of the
-root's parameters (embeddings, lm_head, map) happens inside its forward. bf16 autocast on CUDA, float32
+The objectives themselves live in trainee.py. bf16 autocast on CUDA, float32
 on CPU; the chunked losses get bf16 inputs explicitly on CUDA.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
@@ -28,18 +26,16 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint as recompute
 from tqdm.auto import tqdm
 
-from compactlm.config import DistillConfig, TrainConfig
+from compactlm.config import TrainConfig
 from compactlm.distill import checkpoint as ckpt
 from compactlm.distill.distributed import Dist, all_reduce_sum, shard_
-from compactlm.distill.losses import IGNORE_INDEX, cosine_loss, default_layer_map, dynamic_alpha, kd_loss
+from compactlm.distill.trainee import Teacher, Trainee, hidden_map, make_objective, validation_sums
 from compactlm.errors import CompactLMError
 from compactlm.models.family import family_of, get_module
 
@@ -79,173 +75,6 @@ def batch_rows(n_rows: int, start: int, count: int, seed: int) -> Tensor:
         parts.append(epoch_order(n_rows, seed, epoch)[offset: offset + take])
         pos += take
     return torch.cat(parts)
-
-
-# ---------------------------------------------------------------- objectives
-
-@dataclass(frozen=True)
-class Objective:
-    """What a micro-batch's loss is: CE (no teacher) or KD (+CE, + cosine on `layer_map` hidden states)."""
-
-    distill: bool = False
-    temperature: float = 1.0
-    ce_weight: float = 0.0
-    chunk_tokens: int = 1024
-    layer_map: tuple[tuple[int, int], ...] = ()  # (student, teacher) indices into HF hidden_states
-
-
-def make_objective(tc: TrainConfig, student_layers: int, teacher_layers: int | None) -> Objective:
-    """The objective a config asks for; the layer map validated against both models' depths."""
-    if teacher_layers is None or not isinstance(tc, DistillConfig):
-        return Objective(chunk_tokens=tc.chunk_tokens)
-    pairs: list[tuple[int, int]] = []
-    if tc.intermediate or tc.layer_map is not None:
-        pairs = default_layer_map(student_layers, teacher_layers, tc.layer_map)
-    if tc.embedding_loss and (0, 0) not in pairs:
-        pairs.insert(0, (0, 0))
-    return Objective(True, tc.temperature, tc.ce_weight, tc.chunk_tokens, tuple(pairs))
-
-
-def hidden_map(student_hidden: int, teacher_hidden: int) -> nn.Linear:
-    """The learned student -> teacher width map: identity on the first min(widths) channels, no bias."""
-    linear = nn.Linear(student_hidden, teacher_hidden, bias=False)
-    with torch.no_grad():
-        nn.init.eye_(linear.weight)  # (H_t, H_s)
-    return linear
-
-
-def next_token_labels(ids: Tensor, mask: Tensor) -> Tensor:
-    """(B, S) labels: ids[:, 1:] where both positions are unmasked, else IGNORE_INDEX (last column too)."""
-    keep = mask[:, :-1].bool() & mask[:, 1:].bool()  # (B, S-1)
-    labels = torch.full_like(ids, IGNORE_INDEX)
-    labels[:, :-1] = torch.where(keep, ids[:, 1:], IGNORE_INDEX)
-    return labels
-
-
-def _ce_sum(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor) -> Tensor:
-    return F.cross_entropy(F.linear(hidden, weight, bias).float(), labels, reduction="sum")  # (c, V) logits
-
-
-def chunked_ce(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, chunk: int) -> Tensor:
-    """Mean CE over labels != IGNORE_INDEX: hidden (N, H), head (V, H), labels (N,); (chunk, V) at a time."""
-    rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)  # (n,)
-    h, y = hidden.index_select(0, rows), labels.index_select(0, rows)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, rows.numel(), chunk):
-        total = total + recompute(_ce_sum, h[start: start + chunk], weight, bias, y[start: start + chunk],
-                                  use_reentrant=False)
-    return total / max(rows.numel(), 1)
-
-
-def _autocast(device: torch.device):
-    """bf16 autocast on CUDA; nothing on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def _compute_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-class TeacherOut(NamedTuple):
-    """What the student's loss needs from the teacher for one micro-batch."""
-
-    hidden: Tensor  # (B, S, H_t) final hidden states (after the final norm)
-    states: tuple[Tensor, ...]  # (B, S, H_t) hidden states at the layer map's teacher indices
-    head: Tensor  # (V, H_t) lm_head weight
-    bias: Tensor | None  # (V,) or None
-
-
-class Teacher(nn.Module):
-    """A frozen teacher in eval mode: forward(ids, mask) -> TeacherOut, without gradients."""
-
-    def __init__(self, model: nn.Module, layers: tuple[int, ...] = ()):
-        super().__init__()
-        self.model = model.eval().requires_grad_(False)
-        self.layers = layers
-        self.family = family_of(model)
-
-    @torch.no_grad()
-    def forward(self, ids: Tensor, mask: Tensor) -> TeacherOut:  # noqa: D102
-        with _autocast(ids.device):
-            out = get_module(self.model, self.family.base_path)(
-                input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=bool(self.layers))
-        head = get_module(self.model, self.family.lm_head_path)
-        states = tuple(out.hidden_states[i] for i in self.layers)
-        return TeacherOut(out.last_hidden_state, states, head.weight, head.bias)
-
-
-class Trainee(nn.Module):
-    """The student (+ hidden-state map): forward -> loss parts, or validation sums with `evaluate=True`."""
-
-    def __init__(self, model: nn.Module, objective: Objective, hidden_map: nn.Linear | None = None):
-        super().__init__()
-        self.model, self.hidden_map, self.objective = model, hidden_map, objective
-        self.family = family_of(model)
-
-    def forward(self, ids: Tensor, mask: Tensor, teacher: TeacherOut | None = None,
-                evaluate: bool = False) -> dict[str, Tensor]:  # noqa: D102
-        states = bool(self.objective.layer_map) and not evaluate
-        with _autocast(ids.device):
-            out = get_module(self.model, self.family.base_path)(
-                input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=states)
-        head = get_module(self.model, self.family.lm_head_path)
-        if evaluate:
-            return {"sums": validation_sums(out.last_hidden_state, head.weight, head.bias, ids, mask, teacher,
-                                            self.objective.chunk_tokens)}
-        dt, labels = _compute_dtype(ids.device), next_token_labels(ids, mask)  # (B, S) labels
-        hidden, weight = out.last_hidden_state.to(dt), head.weight.to(dt)  # (B, S, H_s), (V, H_s)
-        bias = head.bias.to(dt) if head.bias is not None else None
-        if teacher is None:
-            chunk = self.objective.chunk_tokens
-            return {"loss": chunked_ce(hidden.flatten(0, 1), weight, bias, labels.flatten(), chunk)}
-        o = self.objective
-        t_bias = teacher.bias.to(dt) if teacher.bias is not None else None
-        logits = kd_loss(hidden, weight, teacher.hidden.to(dt), teacher.head.to(dt), mask, student_bias=bias,
-                         teacher_bias=t_bias, temperature=o.temperature, ce_weight=o.ce_weight, labels=labels,
-                         chunk_tokens=o.chunk_tokens)
-        if not o.layer_map:
-            return {"loss": logits}
-        inter = self._intermediate(out.hidden_states, teacher.states, mask)
-        alpha = dynamic_alpha(logits, inter)
-        total = logits + alpha * inter
-        return {"loss": total, "loss_logits": logits, "loss_intermediate": inter, "alpha": alpha}
-
-    def _intermediate(self, states: tuple[Tensor, ...], teacher_states: tuple[Tensor, ...],
-                      mask: Tensor) -> Tensor:
-        """Sum over the layer map of 1 - cos(hidden_map(student state), teacher state), mean over tokens."""
-        pairs = zip(self.objective.layer_map, teacher_states)
-        return sum(cosine_loss(self.hidden_map(states[s].float()), t_state, mask)  # (B, S, H_t) each
-                   for (s, _), t_state in pairs)
-
-    def count(self, ids: Tensor, mask: Tensor) -> int:
-        """Tokens the micro-batch's mean loss divides by: non-padding positions (KD) or targets (CE)."""
-        if self.objective.distill:
-            return int(mask.sum())
-        return int((next_token_labels(ids, mask) != IGNORE_INDEX).sum())
-
-
-@torch.no_grad()
-def validation_sums(hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor, mask: Tensor,
-                    teacher: TeacherOut | None, chunk: int) -> Tensor:
-    """float64 (5,): CE sum, targets, KL(teacher || student) sum, top-1 matches (teacher only), positions."""
-    labels = next_token_labels(ids, mask)[mask.bool()]  # (N,)
-    h = hidden[mask.bool()]  # (N, H_s)
-    h_t = teacher.hidden[mask.bool()] if teacher is not None else None  # (N, H_t)
-    sums = torch.zeros(5, dtype=torch.float64, device=hidden.device)
-    sums[1], sums[4] = (labels != IGNORE_INDEX).sum(), labels.numel()
-    for start in range(0, labels.numel(), chunk):
-        log_q = F.log_softmax(F.linear(h[start: start + chunk], weight, bias).float(), dim=-1)  # (c, V)
-        targets = labels[start: start + chunk]
-        sums[0] += F.nll_loss(log_q, targets, ignore_index=IGNORE_INDEX, reduction="sum").double()
-        if teacher is None:
-            continue
-        t_hidden = h_t[start: start + chunk].to(teacher.head.dtype)
-        log_p = F.log_softmax(F.linear(t_hidden, teacher.head, teacher.bias).float(), dim=-1)  # (c, V)
-        sums[2] += F.kl_div(log_q, log_p, reduction="sum", log_target=True).double()
-        sums[3] += (log_q.argmax(-1) == log_p.argmax(-1)).sum().double()
-    return sums
 
 
 # ---------------------------------------------------------------- one step, validation, saving
