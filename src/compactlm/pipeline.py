@@ -74,10 +74,10 @@ def run_search(cfg: Config, out: Path) -> dict:
     metric = cfg.target.layer_metric
     if metric not in scores.layers and metric not in ("random", "magnitude"):
         scores = stages.add_layer_metrics(cfg, teacher, stages.calibration_batches(cfg, tokenizer, teacher), scores, (metric,))
-    train_rows = stages.load_splits(cfg, tokenizer, cfg.distill.seq_len).train
+    rows = stages.load_splits(cfg, tokenizer, cfg.distill.seq_len)  # (N, distill.seq_len) train and val
     chosen, ranked = search.search(
         teacher, scores, cfg.search, val, layer_metric=metric, progress=True,
-        distill_fn=lambda student: _brief_distill(cfg, student, teacher, tokenizer, train_rows, out),
+        distill_fn=lambda student: _brief_distill(cfg, student, teacher, rows, out),
     )
     with stages.staged_output(out) as tmp:
         search.write_table(ranked, chosen, tmp / "search.md", tmp / "search.json")
@@ -87,22 +87,20 @@ def run_search(cfg: Config, out: Path) -> dict:
     return {"target": shape, "params": chosen.params, "candidates": len(ranked)}
 
 
-def _brief_distill(cfg: Config, student, teacher, tokenizer, train_rows, out: Path) -> float:
-    """Validation loss of `student` after `search.distill_steps` steps of distillation (in a scratch dir)."""
+def _brief_distill(cfg: Config, student, teacher, rows, out: Path) -> float:
+    """Validation loss of `student` after `search.distill_steps` steps of distillation (a trial: nothing kept)."""
     import shutil
     import tempfile
 
     from compactlm.distill.distributed import setup
     from compactlm.distill.loop import Session, fit
-    from compactlm.stages import load_splits
 
     tc = dataclasses.replace(cfg.distill, steps=cfg.search.distill_steps, eval_every=None, save_every=None, warmup_steps=1)
-    val = load_splits(cfg, tokenizer, tc.seq_len).val[: tc.eval_sequences]
     out.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=".search-distill.", dir=out.parent))
+    scratch = Path(tempfile.mkdtemp(prefix=".search-distill.", dir=out.parent))  # only metrics.jsonl lands here
     try:
-        session = Session(scratch, setup(cfg.device), None, cfg.seed, save=False)  # a trial: nothing to keep
-        result = fit(student, train_rows, val, tc, session, teacher=teacher)
+        session = Session(scratch, setup(cfg.device), None, cfg.seed, save=False)
+        result = fit(student, rows.train, rows.val[: tc.eval_sequences], tc, session, teacher=teacher)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return float(result["val_loss"])
