@@ -70,23 +70,11 @@ def _device(model) -> torch.device:
 
 
 def lm_loss(model, batches: Batches) -> float:
-    """Mean next-token cross-entropy (nats) over non-padding targets of every batch."""
-    device = _device(model)
-    total = torch.zeros((), dtype=torch.float64)
-    count = torch.zeros((), dtype=torch.float64)
-    with _eval(model):
-        for batch in batches:
-            inputs = model_inputs(batch, device)
-            logits = model(**inputs, use_cache=False).logits[:, :-1]  # (B, S-1, vocab)
-            mask = inputs["attention_mask"]
-            valid = (mask[:, :-1] > 0) & (mask[:, 1:] > 0)  # input and target are both real tokens
-            targets = inputs["input_ids"][:, 1:][valid]
-            ce = F.cross_entropy(logits[valid].float(), targets, reduction="sum")
-            total += ce.cpu().double()
-            count += valid.sum().cpu()
-    if count == 0:
-        raise CompactLMError("lm_loss: the batches hold no next-token target (all padding or one token)")
-    return float(total / count)
+    """Mean next-token cross-entropy (nats) over non-padding targets: evaluate.perplexity's loss, so the
+    logits are computed in token chunks and never exist in full for the whole batch."""
+    from compactlm.evaluate import perplexity
+
+    return perplexity(model, batches)["loss"]
 
 
 def _num_layers(model) -> int:
