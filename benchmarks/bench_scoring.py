@@ -17,18 +17,17 @@ from pathlib import Path
 
 import torch
 
+from compactlm.data import load_texts
 from compactlm.importance import activation_scores
 from compactlm.models.family import family_of, get_module
 from compactlm.models.loading import load_model, load_tokenizer
 
-DATA = Path("/work/shared/data/tinyshakespeare.txt")
-
-
-def calibration_batches(tokenizer, path: Path, sequences: int, seq_len: int, batch_size: int) -> list[dict]:
-    """Pack the text's tokens into (sequences, seq_len) rows and split them into batches without padding."""
-    ids = tokenizer(path.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+def calibration_batches(tokenizer, source: str, sequences: int, seq_len: int, batch_size: int) -> list[dict]:
+    """Pack the data source's tokens into (sequences, seq_len) rows and split them into batches without padding."""
+    text = "\n\n".join(load_texts(source, max_chars=sequences * seq_len * 8))  # ~4 chars a token: plenty
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) < sequences * seq_len:
-        raise SystemExit(f"{path} has {len(ids)} tokens, fewer than {sequences} x {seq_len}")
+        raise SystemExit(f"{source} has {len(ids)} tokens, fewer than {sequences} x {seq_len}")
     rows = torch.tensor(ids[: sequences * seq_len], dtype=torch.long).view(sequences, seq_len)
     return [{"input_ids": r, "attention_mask": torch.ones_like(r)} for r in rows.split(batch_size)]
 
@@ -47,7 +46,7 @@ def timed(fn, device: torch.device) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--data", type=Path, default=DATA)
+    p.add_argument("--data", default="python-docs", help="any compactlm data source")
     p.add_argument("--sequences", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)

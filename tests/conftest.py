@@ -71,16 +71,19 @@ def token_batch():
     return {"input_ids": ids, "attention_mask": mask}
 
 
-SHAKESPEARE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "tinyshakespeare.txt")
+def corpus_text(chars: int) -> str:
+    """The first `chars` characters of the built-in python-docs corpus (part of the project: nothing to fetch)."""
+    from compactlm import data
+
+    return "\n\n".join(data.load_texts("python-docs", max_chars=chars))
 
 
 def tiny_tokenizer(vocab_size: int = 300):
-    """An offline byte-level BPE tokenizer (any text encodes) trained on a slice of Tiny Shakespeare."""
+    """An offline byte-level BPE tokenizer (any text encodes) trained on a slice of the python-docs corpus."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    with open(SHAKESPEARE, encoding="utf-8") as f:
-        text = f.read(50_000)
+    text = corpus_text(50_000)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -108,8 +111,13 @@ def tiny_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def text_file(tmp_path_factory):
-    """A 60 KB slice of Tiny Shakespeare as a .txt corpus."""
-    path = tmp_path_factory.mktemp("data") / "shakespeare.txt"
-    with open(SHAKESPEARE, encoding="utf-8") as f:
-        path.write_text(f.read(60_000))
+    """A 60 KB slice of the python-docs corpus as a .txt file."""
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text(corpus_text(60_000))
     return path
+
+
+def assert_column_close(got: list[dict], want: list[dict], key: str, rel: float) -> None:
+    """Rows of two metrics logs carry `key` at the same steps, with values equal within `rel`."""
+    assert [key in r for r in got] == [key in r for r in want], key
+    assert [r[key] for r in got if key in r] == pytest.approx([r[key] for r in want if key in r], rel=rel), key

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from conftest import assert_column_close
 from test_distill import SRC, _args, _metrics, models, one_thread  # noqa: F401 - fixtures
 
 from compactlm.config import load_config
@@ -43,7 +44,7 @@ def test_two_processes_match_one(models, text_file, tmp_path):  # noqa: F811
     assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2, 3, 4]
     for key in ("loss", "loss_logits", "loss_intermediate", "grad_norm", "lr", "val_loss", "val_kl",
                 "val_top1"):
-        assert [r.get(key) for r in two] == pytest.approx([r.get(key) for r in one], rel=1e-4), key
+        assert_column_close(two, one, key, rel=1e-4)
     for name in ("final", "best"):
         got, want = (load_file(str(tmp_path / run / name / "model.safetensors")) for run in ("two", "one"))
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)

@@ -37,8 +37,10 @@ def _lm_eval():
         from lm_eval.evaluator import simple_evaluate
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
-    except ImportError:
-        raise CompactLMError(MISSING) from None
+    except ImportError as e:
+        if e.name == "lm_eval":
+            raise CompactLMError(MISSING) from None
+        raise CompactLMError(f"lm-evaluation-harness is installed but cannot import: {e}") from None
     return simple_evaluate, HFLM, TaskManager
 
 
