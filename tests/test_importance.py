@@ -351,6 +351,18 @@ def test_bf16_model_gives_finite_float32_scores(family, token_batch):
     assert _all_hooks_empty(model)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_float64_model_scores_like_float32(family, token_batch):
+    """Bug: the default head score called vector_norm(dtype=float32) on float64 activations and crashed."""
+    heads, kv = DEFAULT_LAYOUT[family]
+    model = tiny_model(family, heads, kv)
+    want = score(model, [token_batch], layer_metrics=())
+    got = score(model.double(), [token_batch], layer_metrics=())
+    for a, b in ((got.hidden, want.hidden), (got.heads, want.heads), (got.ffn, want.ffn)):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 # ---------------------------------------------------------------- baselines
 
 

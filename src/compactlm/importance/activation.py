@@ -181,7 +181,8 @@ class ActivationCollector:
         if kind == "heads" and self.head_score == "paper":
             B, S, _ = a.shape
             per_head = a.reshape(B, S, self.dims.heads, -1)  # (B, S, heads, head_dim)
-            a = torch.linalg.vector_norm(per_head, dim=-1, dtype=torch.float32)  # (B, S, heads)
+            dtype = torch.promote_types(a.dtype, torch.float32)  # float32 at least; float64 stays float64
+            a = torch.linalg.vector_norm(per_head, dim=-1, dtype=dtype)  # (B, S, heads)
         self.pending[kind][site] = _seq_reduce(a, w, self.seq_how, self._scratch_like(a))
 
     def scores(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
