@@ -172,3 +172,39 @@ def test_unsupported_family_lists_supported():
     model = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=16, num_attention_heads=2, num_hidden_layers=1, intermediate_size=32, vocab_size=32))
     with pytest.raises(CompactLMError, match="supports llama, mistral, qwen2, qwen3, gpt2"):
         family_of(model)
+
+
+@pytest.mark.parametrize("reorder", [False, True])
+def test_gpt2_depth_pruning_keeps_inverse_layer_index_scaling(reorder, token_batch):
+    """Bug: with scale_attn_by_inverse_layer_idx a renumbered layer divided its scores by its new index."""
+    model = tiny_model("gpt2", 4, 4, layers=4)
+    model.config.scale_attn_by_inverse_layer_idx, model.config.reorder_and_upcast_attn = True, reorder
+    model = AutoModelForCausalLM.from_config(model.config)  # rebuilt: the flag is read at construction
+    model.load_state_dict(tiny_model("gpt2", 4, 4, layers=4).state_dict())
+    model.eval()
+    fam = family_of(model)
+    with torch.no_grad():  # layer 1 becomes the identity: dropping it must change nothing
+        for block in get_module(model, fam.layers_path):
+            block.attn.c_attn.weight.mul_(30.0)  # sharp attention: at init scale, softmax is near uniform anyway
+        for path in (fam.attn_out_path, fam.mlp_out_path):
+            module = get_module(model, f"{fam.layers_path}.1.{path}")
+            module.weight.zero_()
+            module.bias.zero_()
+    plan = keep_all(fam.dims(model.config))
+    plan = type(plan)(plan.hidden, plan.heads, plan.kv_heads, plan.ffn, torch.tensor([0, 2, 3]))
+    pruned = prune_model(model, plan)
+    assert pruned.config.scale_attn_by_inverse_layer_idx
+    torch.testing.assert_close(logits(pruned, token_batch), logits(model, token_batch), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family,heads", [("gpt2", 4), ("llama", 4)])
+def test_heads_without_gqa_need_no_kv_target(family, heads, token_batch):
+    """Bug: pruning heads of a model without GQA (every GPT-2) demanded target.num_key_value_heads."""
+    model = tiny_model(family, heads, heads)
+    fam = family_of(model)
+    dims = fam.dims(model.config)
+    hidden = 16 if family == "gpt2" else dims.hidden  # GPT-2: hidden = heads x head_dim
+    target = resolve_target(TargetConfig(num_attention_heads=2, hidden_size=hidden), dims, fam)
+    assert (target.heads, target.kv_heads) == (2, 2)
+    pruned = prune_model(model, make_plan(scores_for(model), dims, target, drop_layers=[]))
+    assert fam.dims(pruned.config).heads == 2 and torch.isfinite(logits(pruned, token_batch)).all()

@@ -58,6 +58,8 @@ class Family:
     explicit_head_dim: bool  # config has a head_dim key (False: head_dim = hidden / heads)
     hidden_divisible_by_heads: bool  # the config class rejects hidden % heads != 0
     gated_mlp: bool = True
+    # config flag that divides attention scores by (layer_idx + 1): renumbered layers must rescale their queries
+    layer_index_scale_flag: str | None = None
 
     def dims(self, config) -> Dims:
         """Read a config's shape."""
@@ -188,6 +190,7 @@ GPT2 = Family(
     explicit_head_dim=False,
     hidden_divisible_by_heads=True,
     gated_mlp=False,
+    layer_index_scale_flag="scale_attn_by_inverse_layer_idx",
 )
 
 FAMILIES: tuple[Family, ...] = (

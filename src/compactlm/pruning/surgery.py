@@ -49,12 +49,28 @@ def _slice(tensor: torch.Tensor, axes: tuple, plan: Plan, layer: int | None, dim
     return tensor.contiguous()
 
 
+def _rescale_queries(tensor: torch.Tensor, axes: tuple, factor: float, q_width: int) -> torch.Tensor:
+    """Multiply the query part of a fused [q | k | v] axis by `factor` (other tensors unchanged)."""
+    if factor == 1.0 or "qkv" not in axes:
+        return tensor
+    dim = axes.index("qkv")
+    out = tensor.clone()
+    out.narrow(dim, 0, q_width).mul_(factor)
+    return out
+
+
 def prune_state_dict(
-    family: Family, dims: Dims, state_dict: dict[str, torch.Tensor], plan: Plan
+    family: Family, dims: Dims, state_dict: dict[str, torch.Tensor], plan: Plan, layer_index_scaled: bool = False
 ) -> dict[str, torch.Tensor]:
-    """Slice every weight to the plan and renumber the kept layers 0..n-1."""
+    """Slice every weight to the plan and renumber the kept layers 0..n-1.
+
+    `layer_index_scaled`: attention scores are divided by (layer_idx + 1) (GPT-2's
+    scale_attn_by_inverse_layer_idx); a layer moved from index i to j gets its queries scaled by (j+1)/(i+1),
+    so that its attention is unchanged.
+    """
     layer_key = re.compile(rf"^{re.escape(family.layers_path)}\.(\d+)\.(.+)$")
     new_index = {int(old): new for new, old in enumerate(plan.layers.tolist())}
+    q_width = plan.dims(dims).heads * dims.head_dim
     out = {}
     for key, tensor in state_dict.items():
         match = layer_key.match(key)
@@ -69,6 +85,8 @@ def prune_state_dict(
         if axes is None:
             raise CompactLMError(f"{family.name}: weight '{key}' is not described in the family record; cannot prune it")
         out[new_key] = _slice(tensor, axes, plan, layer, dims)
+        if layer_index_scaled and layer is not None:
+            out[new_key] = _rescale_queries(out[new_key], axes, (new_index[layer] + 1) / (layer + 1), q_width)
     return out
 
 
@@ -94,7 +112,8 @@ def prune_model(model, plan: Plan):
     dims = family.dims(model.config)
     plan.validate(dims)
     new_config = prune_config(model.config, family, plan)
-    state_dict = prune_state_dict(family, dims, model.state_dict(), plan)
+    scaled = bool(family.layer_index_scale_flag and getattr(model.config, family.layer_index_scale_flag, False))
+    state_dict = prune_state_dict(family, dims, model.state_dict(), plan, layer_index_scaled=scaled)
     param = next(model.parameters())
     with torch.device(param.device):
         new = AutoModelForCausalLM.from_config(new_config, dtype=param.dtype)

@@ -51,6 +51,8 @@ def resolve_target(target: TargetConfig, source: Dims, family: Family) -> Dims:
         if len(set(target.drop_layers)) >= source.layers:
             raise CompactLMError(f"target.drop_layers drops {len(set(target.drop_layers))} of {source.layers} layers")
         sizes["layers"] = source.layers - len(set(target.drop_layers))
+    if target.num_key_value_heads is None and source.kv_heads == source.heads:
+        sizes["kv_heads"] = sizes["heads"]  # no grouped-query attention (every GPT-2): heads stay their own groups
     dims = Dims(head_dim=source.head_dim, vocab=source.vocab, **sizes)
     family.check(dims)
     if dims.heads // dims.kv_heads > source.groups:
