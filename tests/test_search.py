@@ -208,3 +208,36 @@ def test_write_table(tmp_path):
     data = json.loads((tmp_path / "search.json").read_text())
     assert data["chosen"]["dims"]["hidden"] == 16 and len(data["candidates"]) == 2
     assert Candidate(Dims(**data["candidates"][1].pop("dims")), **data["candidates"][1]) == cands[1]
+
+
+def test_search_command_with_contiguous_layer_metric(tiny_checkpoint, text_file, tmp_path, capsys):
+    """Bug: `compactlm search target.layer_metric=contiguous` failed after scoring ("unknown layer metric")."""
+    from compactlm.cli import main
+
+    out = tmp_path / "search"
+    code = main(["search", f"model={tiny_checkpoint}", f"data={text_file}", f"out_dir={out}",
+                 "calib.sequences=4", "calib.seq_len=32", "calib.batch_size=4", "calib.layer_sequences=4",
+                 "eval.seq_len=32", "eval.sequences=4", "search.target_params=0.75", "search.tolerance=0.3",
+                 "search.layers=[2,3]", "search.top_k=0", "target.layer_metric=contiguous"])
+    assert code == 0, capsys.readouterr().err
+    table = json.loads((out / "search.json").read_text())["candidates"]
+    assert {c["dims"]["layers"] for c in table} == {2, 3}
+    assert all(c["zero_shot_loss"] is not None for c in table)
+
+
+def test_reused_scores_of_another_head_count_fail_naming_the_file(tiny_checkpoint, text_file, tmp_path, capsys):
+    """Bug: reused scores were checked without the heads shape; a wrong head count crashed later in a reshape."""
+    from compactlm.cli import main
+
+    from conftest import tiny_config
+
+    cfg = tiny_config("llama", 4, 2)
+    wrong = Scores(torch.rand(cfg.hidden_size), torch.rand(cfg.num_hidden_layers, 2),
+                   torch.rand(cfg.num_hidden_layers, cfg.intermediate_size))
+    wrong.save(tmp_path / "scores.safetensors")
+    code = main(["prune", f"model={tiny_checkpoint}", f"data={text_file}", f"out_dir={tmp_path / 'out'}",
+                 f"importance.scores={tmp_path / 'scores.safetensors'}", "target.num_attention_heads=2",
+                 "calib.seq_len=32"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "importance.scores" in err and "heads" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()

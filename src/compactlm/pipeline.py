@@ -62,21 +62,19 @@ def _search(cfg: Config, out: Path) -> dict:
 def run_search(cfg: Config, out: Path) -> dict:
     """Rank candidate shapes by zero-shot loss, distill the best `search.top_k` briefly, pick one; write the table."""
     from compactlm import data, search, stages
-    from compactlm.importance.scores import Scores
+    from compactlm.models.family import family_of
 
     teacher, tokenizer = stages.load(cfg)
     splits = stages.load_splits(cfg, tokenizer, cfg.eval.seq_len)
     val = list(data.batches(splits.val[: cfg.eval.sequences], cfg.eval.batch_size))
-    if cfg.importance.scores:
-        scores = Scores.load(cfg.importance.scores)
-    else:
-        scores = stages.compute_scores(cfg, teacher, stages.calibration_batches(cfg, tokenizer, teacher), ())
-    metric = cfg.target.layer_metric
-    if metric not in scores.layers and metric not in ("random", "magnitude"):
-        scores = stages.add_layer_metrics(cfg, teacher, stages.calibration_batches(cfg, tokenizer, teacher), scores, (metric,))
+    source = family_of(teacher).dims(teacher.config)
+    depths = {c.dims.layers for c in search.enumerate_candidates(teacher, cfg.search)}  # cheap: counts only
+    needed = stages.needed_layer_metrics(cfg, [source.layers - n for n in depths])
+    scores = stages.scores_for(cfg, teacher, tokenizer, needed)
     rows = stages.load_splits(cfg, tokenizer, cfg.distill.seq_len)  # (N, distill.seq_len) train and val
     chosen, ranked = search.search(
-        teacher, scores, cfg.search, val, layer_metric=metric, progress=True,
+        teacher, scores, cfg.search, val, layer_metric=cfg.target.layer_metric,
+        keep_last_layer=cfg.target.keep_last_layer, progress=True,
         distill_fn=lambda student: _brief_distill(cfg, student, teacher, rows, out),
     )
     with stages.staged_output(out) as tmp:

@@ -268,28 +268,22 @@ def _within_latency(teacher, family: Family, candidates: list[Candidate], limit_
     return fast
 
 
-def _check_scores(scores: Scores, source: Dims) -> None:
-    if scores.hidden.numel() != source.hidden or tuple(scores.ffn.shape) != (source.layers, source.ffn) \
-            or tuple(scores.heads.shape) != (source.layers, source.heads):
-        raise CompactLMError("search: the importance scores were computed for a different model shape")
-
-
 def _loss_key(loss: float | None) -> float:
     return loss if loss is not None and math.isfinite(loss) else math.inf
 
 
 def search(teacher, scores: Scores, cfg: SearchConfig, val_batches: list, *,
-           layer_metric: str = "block_importance",
+           layer_metric: str = "block_importance", keep_last_layer: bool = True,
            distill_fn: Callable[[torch.nn.Module], float] | None = None,
            progress: bool = False) -> tuple[Candidate, list[Candidate]]:
     """(chosen, every candidate ranked); `distill_fn(student) -> val loss` briefly distills the best top_k."""
     family = family_of(teacher)
     source = family.dims(teacher.config)
     device = next(teacher.parameters()).device
-    _check_scores(scores, source)
+    scores.check(source, "search: the importance scores")
     candidates = enumerate_candidates(teacher, cfg)
     # every depth choice before any pruning, so a missing layer metric fails fast
-    depth = TargetConfig(layer_metric=layer_metric)
+    depth = TargetConfig(layer_metric=layer_metric, keep_last_layer=keep_last_layer)
     drops = {n: layers_to_drop(depth, source, n, scores) for n in {c.dims.layers for c in candidates}}
     if cfg.max_latency_ms is not None:
         candidates = _within_latency(teacher, family, candidates, cfg.max_latency_ms)

@@ -11,7 +11,7 @@ import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -130,25 +130,27 @@ def score(cfg: Config) -> Scores:
     return scores
 
 
-def _needed_layer_metric(cfg: Config, n_drop: int) -> tuple[str, ...]:
-    """The depth metric a target needs, if any (random/magnitude scores carry their own)."""
-    if n_drop == 0 or cfg.target.drop_layers is not None or cfg.target.layer_metric in ("random", "magnitude"):
-        return ()
-    if cfg.target.layer_metric == "contiguous":
-        return (f"contiguous_{n_drop}",)
-    return (cfg.target.layer_metric,)
+def needed_layer_metrics(cfg: Config, drops: Iterable[int]) -> tuple[str, ...]:
+    """The depth metrics that choosing the dropped layers needs, for each count of layers dropped in `drops`."""
+    if cfg.target.drop_layers is not None or cfg.target.layer_metric in ("random", "magnitude"):
+        return ()  # explicit layers, or metrics that random/magnitude scores carry themselves
+    names = [f"contiguous_{n}" if cfg.target.layer_metric == "contiguous" else cfg.target.layer_metric
+             for n in sorted(set(drops)) if n > 0]
+    return tuple(dict.fromkeys(names))
 
 
-def _scores_for_prune(cfg: Config, model, tokenizer, needed: tuple[str, ...]) -> Scores:
-    """Saved scores when `importance.scores` is given (adding any missing depth metric), else fresh ones."""
-    if not cfg.importance.scores:
-        return compute_scores(cfg, model, calibration_batches(cfg, tokenizer, model), needed)
-    scores = Scores.load(cfg.importance.scores)
-    dims = family_of(model).dims(model.config)
-    if scores.hidden.numel() != dims.hidden or tuple(scores.ffn.shape) != (dims.layers, dims.ffn):
-        raise CompactLMError(f"importance.scores: {cfg.importance.scores} was computed for a different model shape")
+def scores_for(cfg: Config, model, tokenizer, needed: tuple[str, ...]) -> Scores:
+    """Saved scores when `importance.scores` is given (checked against the model's shape), else fresh ones;
+    then every depth metric in `needed` that they lack, computed on the calibration rows."""
+    batches: list | None = None
+    if cfg.importance.scores:
+        scores = Scores.load(cfg.importance.scores)
+        scores.check(family_of(model).dims(model.config), f"importance.scores: {cfg.importance.scores}")
+    else:
+        batches = calibration_batches(cfg, tokenizer, model)
+        scores = compute_scores(cfg, model, batches, ())
     if any(n not in scores.layers for n in needed):
-        scores = add_layer_metrics(cfg, model, calibration_batches(cfg, tokenizer, model), scores, needed)
+        scores = add_layer_metrics(cfg, model, batches or calibration_batches(cfg, tokenizer, model), scores, needed)
     return scores
 
 
@@ -162,7 +164,7 @@ def prune(cfg: Config) -> Path:
     target = resolve_target(cfg.target, source, family)  # every shape error before loading any weights
     check_seq_len(config, cfg.calib.seq_len, "calib.seq_len")
     model, tokenizer = load(cfg)
-    scores = _scores_for_prune(cfg, model, tokenizer, _needed_layer_metric(cfg, source.layers - target.layers))
+    scores = scores_for(cfg, model, tokenizer, needed_layer_metrics(cfg, [source.layers - target.layers]))
     drop = layers_to_drop(cfg.target, source, target.layers, scores)
     plan = make_plan(scores, source, target, drop)
     pruned = prune_model(model, plan)

@@ -22,6 +22,14 @@ class Scores:
     layers: dict[str, torch.Tensor] = field(default_factory=dict)  # metric -> (layers,)
     meta: dict[str, str] = field(default_factory=dict)  # method, aggregation, model, ...
 
+    def check(self, dims, what: str) -> None:
+        """One-line error naming `what` (e.g. the scores file) unless hidden, heads and ffn fit `dims` (a Dims)."""
+        want = {"hidden": (dims.hidden,), "heads": (dims.layers, dims.heads), "ffn": (dims.layers, dims.ffn)}
+        got = {"hidden": tuple(self.hidden.shape), "heads": tuple(self.heads.shape), "ffn": tuple(self.ffn.shape)}
+        wrong = [f"{k} {got[k]} != {want[k]}" for k in want if got[k] != want[k]]
+        if wrong:
+            raise CompactLMError(f"{what} was computed for a different model shape ({', '.join(wrong)})")
+
     def save(self, path: str | Path) -> None:
         """Write scores as safetensors with the metadata in the header."""
         tensors = {"hidden": self.hidden, "heads": self.heads, "ffn": self.ffn}
