@@ -50,6 +50,8 @@ def resolve(spec: str) -> tuple[str, str | None]:
         gguf = _builtin_gguf(spec)
         return str(gguf.parent), gguf.name
     path = Path(spec)
+    if not path.exists() and _aside(path).is_dir():
+        recover(path)  # a checkpoint swap (best/, final/) killed between its renames
     if spec.endswith(".gguf"):
         if not path.is_file():
             raise CompactLMError(f"model file {spec} does not exist")
@@ -137,16 +139,38 @@ def write_checkpoint(model, tokenizer, directory: str | Path) -> None:
     _strip_quantization(directory / "config.json")
 
 
-def save_checkpoint(model, tokenizer, out: str | Path) -> Path:
-    """Write a plain Hugging Face checkpoint atomically: to a temp dir beside `out`, then rename."""
+def _aside(out: Path) -> Path:
+    """Where `save_checkpoint` keeps the previous version of `out` while the new one is renamed in."""
+    return out.parent / f".{out.name}.old"
+
+
+def recover(out: str | Path) -> Path:
+    """Finish a replacement that was killed between its two renames: the previous `out` comes back."""
     out = Path(out)
+    aside = _aside(out)
+    if aside.is_dir():
+        if out.exists():  # the new version made it in: the old one is garbage
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            aside.rename(out)
+    return out
+
+
+def save_checkpoint(model, tokenizer, out: str | Path) -> Path:
+    """Write a plain Hugging Face checkpoint atomically: into a temp dir beside `out`, then swap it in.
+
+    The previous `out` is renamed aside first, never deleted before the new one is in place; a kill between
+    the two renames leaves it at `.{name}.old`, which `recover` (called by loading and the next save) restores.
+    """
+    out = recover(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         write_checkpoint(model, tokenizer, tmp)
         if out.exists():
-            shutil.rmtree(out)
+            out.rename(_aside(out))
         tmp.rename(out)
+        shutil.rmtree(_aside(out), ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
