@@ -336,3 +336,26 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(models, text_file, t
     for key in ("loss", "lr", "val_loss"):
         assert_column_close(got, want, key, rel=1e-5)
 
+
+
+def test_hidden_map_starts_as_the_pruning_plan(tiny_checkpoint, text_file, tmp_path, capsys):
+    """Bug: the student->teacher hidden map started as channel j -> j, but after hidden pruning student channel
+    j is teacher channel plan.hidden[j]: the first intermediate loss was far from the pruned model's own."""
+    from compactlm.cli import main
+
+    pruned, out = tmp_path / "pruned", tmp_path / "kd"
+    common = [f"data={text_file}", "calib.sequences=8", "calib.seq_len=32", "calib.batch_size=4"]
+    assert main(["prune", f"model={tiny_checkpoint}", f"out_dir={pruned}", "target.hidden_size=24",
+                 "importance.method=random", "seed=3", *common]) == 0, capsys.readouterr().err
+    keep = json.loads((pruned / "plan.json").read_text())["hidden"]
+    assert keep != list(range(24))  # a plan where j -> j is wrong
+    assert main(["distill", f"teacher={tiny_checkpoint}", f"student={pruned}", f"out_dir={out}",
+                 "distill.steps=1", "distill.batch_size=2", "distill.seq_len=32", "distill.lr=1e-9", "distill.min_lr=0",
+                 "distill.warmup_steps=1", "distill.intermediate=true", "distill.embedding_loss=true",
+                 "distill.eval_every=0", "distill.eval_sequences=2", *common]) == 0, capsys.readouterr().err
+    first = _metrics(out)[0]
+    # The pruned student's states are the teacher's on the kept channels (exactly so for the embedding), so the
+    # cosine loss starts small; mapped j -> j it starts near 1 (unrelated channels).
+    assert first["loss_intermediate"] < 0.3, first
+    mapping = ckpt.load(ckpt.latest(out))["hidden_map"]["weight"]  # (32, 24)
+    assert mapping.argmax(0).tolist() == keep

@@ -189,14 +189,21 @@ def make_optimizer(trainee: nn.Module, tc: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=tc.lr, betas=BETAS)
 
 
-def build(student: nn.Module, teacher: nn.Module | None, tc: TrainConfig,
-          d: Dist) -> tuple[Trainee, Teacher | None]:
-    """The trainee (student + map) and the teacher, on the device, sharded with FSDP2 under torchrun."""
+def build(student: nn.Module, teacher: nn.Module | None, tc: TrainConfig, d: Dist,
+          hidden_keep: Tensor | None = None) -> tuple[Trainee, Teacher | None]:
+    """The trainee (student + map) and the teacher, on the device, sharded with FSDP2 under torchrun.
+
+    `hidden_keep` (H_s,): the teacher channel each student channel was pruned from (plan.json's "hidden").
+    """
     s_family = family_of(student)
     s_dims = s_family.dims(student.config)
     t_dims = family_of(teacher).dims(teacher.config) if teacher is not None else None
     objective = make_objective(tc, s_dims.layers, t_dims.layers if t_dims else None)
-    mapping = hidden_map(s_dims.hidden, t_dims.hidden) if objective.layer_map else None
+    if hidden_keep is not None and t_dims is not None and (
+            len(hidden_keep) != s_dims.hidden or int(hidden_keep.max()) >= t_dims.hidden):
+        raise CompactLMError(f"the student's pruning plan keeps {len(hidden_keep)} hidden channels of up to "
+                             f"{int(hidden_keep.max()) + 1}; student hidden {s_dims.hidden}, teacher {t_dims.hidden}")
+    mapping = hidden_map(s_dims.hidden, t_dims.hidden, hidden_keep) if objective.layer_map else None
     if tc.activation_checkpointing:  # transformers 5 renamed gradient_checkpointing_enable
         enable = getattr(student, "activation_checkpointing_enable", student.gradient_checkpointing_enable)
         enable({"use_reentrant": False})
@@ -211,11 +218,11 @@ def build(student: nn.Module, teacher: nn.Module | None, tc: TrainConfig,
 
 
 def fit(student: nn.Module, train_rows: Tensor, val_rows: Tensor, tc: TrainConfig, session: Session,
-        teacher: nn.Module | None = None) -> dict[str, Any]:
+        teacher: nn.Module | None = None, hidden_keep: Tensor | None = None) -> dict[str, Any]:
     """Train `student` on (N, S) train rows (KD from `teacher` when given); checkpoints, best/ and final/."""
     d, out = session.dist, session.out_dir
     micro, total = tc.micro_batch_size or tc.batch_size // d.world, total_steps(tc)
-    trainee, teacher_mod = build(student, teacher, tc, d)
+    trainee, teacher_mod = build(student, teacher, tc, d, hidden_keep)
     optimizer = make_optimizer(trainee, tc)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total, tc) / tc.lr)
     found = ckpt.latest(out) if session.resume else None

@@ -22,6 +22,7 @@ from compactlm.distill.loop import Session, fit, total_steps
 from compactlm.errors import CompactLMError
 from compactlm.models.family import family_of, get_module
 from compactlm.models.loading import load_model, load_model_config, load_tokenizer, num_params
+from compactlm.pruning.plan import read_hidden_keep
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,8 @@ def _run(cfg: Config, tc: TrainConfig, section: str, student_spec: str, teacher_
                  section, len(splits.train), len(val), tc.seq_len, total_steps(tc), tc.batch_size, d.world)
         params = num_params(student)
         session = Session(out, d, tokenizer, cfg.seed, cfg.resume, progress=True)
-        result = fit(student, splits.train, val, tc, session, teacher=teacher)
+        keep = read_hidden_keep(student_spec) if teacher is not None else None  # hidden map starts as the plan
+        result = fit(student, splits.train, val, tc, session, teacher=teacher, hidden_keep=keep)
     finally:
         teardown(d)
     return {"out_dir": str(out), "params": params, **result}

@@ -44,11 +44,16 @@ def make_objective(tc: TrainConfig, student_layers: int, teacher_layers: int | N
     return Objective(True, tc.temperature, tc.ce_weight, tc.chunk_tokens, tuple(pairs))
 
 
-def hidden_map(student_hidden: int, teacher_hidden: int) -> nn.Linear:
-    """The learned student -> teacher width map: identity on the first min(widths) channels, no bias."""
+def hidden_map(student_hidden: int, teacher_hidden: int, keep: Tensor | None = None) -> nn.Linear:
+    """The learned student -> teacher width map, no bias. It starts as the pruning's inverse: student channel j
+    is teacher channel keep[j] (the plan's kept hidden channels); without a plan, channel j -> channel j."""
     linear = nn.Linear(student_hidden, teacher_hidden, bias=False)
     with torch.no_grad():
-        nn.init.eye_(linear.weight)  # (H_t, H_s)
+        if keep is None:
+            nn.init.eye_(linear.weight)  # (H_t, H_s)
+        else:
+            linear.weight.zero_()
+            linear.weight[keep, torch.arange(student_hidden)] = 1.0
     return linear
 
 

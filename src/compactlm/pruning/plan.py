@@ -83,6 +83,17 @@ class Plan:
         )
 
 
+def read_hidden_keep(model_dir: str | Path) -> torch.Tensor | None:
+    """(hidden',) teacher channels a pruned checkpoint kept, from the plan.json beside it; None without one."""
+    path = Path(model_dir) / "plan.json"
+    if not path.is_file():
+        return None
+    try:
+        return torch.tensor(json.loads(path.read_text())["hidden"], dtype=torch.long)
+    except (ValueError, KeyError, TypeError) as e:
+        raise CompactLMError(f"cannot read the pruning plan {path}: {e}") from None
+
+
 def _check_keep(name: str, keep: torch.Tensor, limit: int, size: int | None = None) -> None:
     if keep.dtype != torch.long or keep.ndim != 1:
         raise CompactLMError(f"plan.{name} must be a 1-D LongTensor")
