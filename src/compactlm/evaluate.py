@@ -30,7 +30,8 @@ from compactlm.models.loading import num_params
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
+CHUNK_TOKENS = 2048  # positions whose (chunk, V) logits exist at once during evaluation
+IGNORE_INDEX = -100  # a target that counts for nothing (torch's cross_entropy default)
 Batch = Mapping[str, Tensor]
 
 __all__ = ["perplexity", "teacher_agreement", "generation_speed", "evaluate", "sample_text"]
@@ -70,39 +71,55 @@ def _hidden(model, ids: Tensor, mask: Tensor) -> Tensor:
     return out.last_hidden_state
 
 
-def _targets(ids: Tensor, mask: Tensor) -> Tensor:
-    """(B, S) next-token targets: ids[:, 1:] where both positions are unmasked, else IGNORE_INDEX."""
+def next_token_labels(ids: Tensor, mask: Tensor) -> Tensor:
+    """(B, S) labels: ids[:, 1:] where both positions are unmasked, else IGNORE_INDEX (last column too)."""
     keep = mask[:, :-1].bool() & mask[:, 1:].bool()  # (B, S-1)
-    targets = torch.full_like(ids, IGNORE_INDEX)
-    targets[:, :-1] = torch.where(keep, ids[:, 1:], IGNORE_INDEX)
-    return targets
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[:, :-1] = torch.where(keep, ids[:, 1:], IGNORE_INDEX)
+    return labels
 
 
-def _batch_sums(model, teacher, batch: Batch, chunk_tokens: int) -> dict[str, float]:
-    """One batch's sums: CE (nats) and targets; KL, top-1 matches and positions with a teacher."""
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    targets = _targets(ids, mask)
-    rows = mask.bool() if teacher is not None else targets != IGNORE_INDEX  # (B, S) positions to evaluate
-    dev = _device(model)
-    h_s = _hidden(model, ids, mask)[rows.to(dev)]  # (N, H_s)
-    h_t = _hidden(teacher, ids, mask)[rows.to(_device(teacher))] if teacher is not None else None  # (N, H_t)
-    tgt = targets[rows].to(dev)  # (N,)
-    head_s = _head(model)
-    head_t = _head(teacher) if teacher is not None else None
-    sums = torch.zeros(3, dtype=torch.float64, device=dev)  # ce, kl, top1
-    for start in range(0, tgt.shape[0], chunk_tokens):
+Head = tuple[Tensor, "Tensor | None"]  # an LM head's (weight (V, H), bias (V,) or None)
+
+
+@torch.no_grad()
+def token_sums(hidden: Tensor, head: Head, ids: Tensor, mask: Tensor, teacher_hidden: Tensor | None = None,
+               teacher_head: Head | None = None, chunk_tokens: int = CHUNK_TOKENS) -> Tensor:
+    """float64 (5,): CE sum (nats), targets, KL(teacher || student) sum, top-1 matches, positions.
+
+    hidden (B, S, H_s) final states, teacher_hidden (B, S, H_t). Without a teacher only the positions with a
+    target are computed; with one, every non-padding position (its next-token distribution) counts.
+    The LM heads run on `chunk_tokens` positions at a time: a full (N, V) logit tensor never exists.
+    """
+    labels = next_token_labels(ids, mask)
+    rows = mask.bool() if teacher_hidden is not None else labels != IGNORE_INDEX  # (B, S) positions
+    dev = hidden.device
+    h_s, targets = hidden[rows.to(dev)], labels[rows].to(dev)  # (N, H_s), (N,)
+    h_t = teacher_hidden[rows.to(teacher_hidden.device)] if teacher_hidden is not None else None  # (N, H_t)
+    sums = torch.zeros(5, dtype=torch.float64, device=dev)
+    sums[1], sums[4] = (targets != IGNORE_INDEX).sum(), targets.numel()
+    for start in range(0, targets.numel(), chunk_tokens):
         part = slice(start, start + chunk_tokens)
-        log_q = F.log_softmax(head_s(h_s[part]).float(), dim=-1)  # (c, V) student
-        sums[0] += F.nll_loss(log_q, tgt[part], ignore_index=IGNORE_INDEX, reduction="sum").double()
-        if teacher is None:
+        log_q = F.log_softmax(F.linear(h_s[part], *head).float(), dim=-1)  # (c, V) student
+        sums[0] += F.nll_loss(log_q, targets[part], ignore_index=IGNORE_INDEX, reduction="sum").double()
+        if h_t is None:
             continue
-        log_p = F.log_softmax(head_t(h_t[part]).float(), dim=-1).to(dev)  # (c, V) teacher
-        sums[1] += F.kl_div(log_q, log_p, reduction="sum", log_target=True).double()
-        sums[2] += (log_q.argmax(-1) == log_p.argmax(-1)).sum().double()
-        del log_p
-    ce, kl, top1 = sums.cpu().tolist()
-    targets_counted = int((tgt != IGNORE_INDEX).sum())
-    return {"ce": ce, "targets": targets_counted, "kl": kl, "top1": top1, "positions": tgt.shape[0]}
+        weight, bias = teacher_head
+        log_p = F.log_softmax(F.linear(h_t[part].to(weight.dtype), weight, bias).float(), dim=-1).to(dev)  # (c, V)
+        sums[2] += F.kl_div(log_q, log_p, reduction="sum", log_target=True).double()
+        sums[3] += (log_q.argmax(-1) == log_p.argmax(-1)).sum().double()
+    return sums
+
+
+def _batch_sums(model, teacher, batch: Batch, chunk_tokens: int) -> Tensor:
+    """One batch's `token_sums` (5,) from the two models' final hidden states."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    head = _head(model)
+    h_t, head_t = None, None
+    if teacher is not None:
+        h_t, t = _hidden(teacher, ids, mask), _head(teacher)
+        head_t = (t.weight, t.bias)
+    return token_sums(_hidden(model, ids, mask), (head.weight, head.bias), ids, mask, h_t, head_t, chunk_tokens)
 
 
 def _scan(model, teacher, batches: Iterable[Batch], chunk_tokens: int, progress: bool) -> dict[str, float]:
@@ -113,27 +130,26 @@ def _scan(model, teacher, batches: Iterable[Batch], chunk_tokens: int, progress:
         raise CompactLMError(
             f"teacher vocabulary size {_vocab(teacher)} != student vocabulary size {_vocab(model)}: "
             "KL needs the same tokenizer")
-    total = {"ce": 0.0, "targets": 0, "kl": 0.0, "top1": 0.0, "positions": 0}
+    sums = torch.zeros(5, dtype=torch.float64)
     models = (model,) if teacher is None else (model, teacher)
     with _eval_mode(*models):
         for batch in tqdm(batches, desc="evaluate", disable=not progress, leave=False):
-            for key, value in _batch_sums(model, teacher, batch, chunk_tokens).items():
-                total[key] += value
-    if total["targets"] == 0:
+            sums += _batch_sums(model, teacher, batch, chunk_tokens).cpu()
+    ce, targets, kl, top1, positions = sums.tolist()
+    if targets == 0:
         raise CompactLMError("evaluation batches hold no non-padding target tokens (rows need 2+)")
-    loss = total["ce"] / total["targets"]
-    out = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": total["targets"]}
+    out = {"loss": ce / targets, "perplexity": math.exp(min(ce / targets, 700.0)), "tokens": int(targets)}
     if teacher is not None:
-        out |= {"kl": total["kl"] / total["positions"], "top1_agreement": total["top1"] / total["positions"]}
+        out |= {"kl": kl / positions, "top1_agreement": top1 / positions}
     return out
 
 
 def perplexity(model, batches: Iterable[Batch], *, progress: bool = False) -> dict:
     """{"loss": mean next-token CE (nats/token), "perplexity": exp(loss), "tokens": targets counted}."""
-    return _scan(model, None, batches, 2048, progress)
+    return _scan(model, None, batches, CHUNK_TOKENS, progress)
 
 
-def teacher_agreement(student, teacher, batches: Iterable[Batch], *, chunk_tokens: int = 2048,
+def teacher_agreement(student, teacher, batches: Iterable[Batch], *, chunk_tokens: int = CHUNK_TOKENS,
                       progress: bool = False) -> dict:
     """{"kl": mean KL(teacher || student) per non-padding token (nats), "top1_agreement": match rate}."""
     out = _scan(student, teacher, batches, chunk_tokens, progress)
@@ -192,7 +208,7 @@ def sample_text(model, tokenizer, prompt: str, *, new_tokens: int = 40) -> str:
 def evaluate(model, batches: Iterable[Batch], *, teacher=None, tokenizer=None, speed: bool = True,
              progress: bool = False) -> dict:
     """params, loss, perplexity, tokens; + kl, top1_agreement (teacher); + tokens_per_s (speed, tokenizer)."""
-    out = {"params": num_params(model)} | _scan(model, teacher, batches, 2048, progress)  # one pass
+    out = {"params": num_params(model)} | _scan(model, teacher, batches, CHUNK_TOKENS, progress)  # one pass
     if speed and tokenizer is not None:
         out |= generation_speed(model, tokenizer)
     log.info("evaluation: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()})

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from compactlm.config import TrainConfig
 from compactlm.distill import checkpoint as ckpt
 from compactlm.distill.distributed import Dist, all_reduce_sum, shard_
-from compactlm.distill.trainee import Teacher, Trainee, hidden_map, make_objective, validation_sums
+from compactlm.distill.trainee import Teacher, Trainee, hidden_map, make_objective
 from compactlm.errors import CompactLMError
 from compactlm.models.family import family_of, get_module
 

@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint as recompute
 
 from compactlm.config import DistillConfig, TrainConfig
 from compactlm.distill.losses import IGNORE_INDEX, cosine_loss, default_layer_map, dynamic_alpha, kd_loss
+from compactlm.evaluate import next_token_labels, token_sums
 from compactlm.models.family import family_of, get_module
 
 
@@ -26,9 +27,9 @@ class Objective:
     """What a micro-batch's loss is: CE (no teacher) or KD (+CE, + cosine on `layer_map` hidden states)."""
 
     distill: bool = False
-    temperature: float = 1.0
-    ce_weight: float = 0.0
-    chunk_tokens: int = 1024
+    temperature: float = DistillConfig.temperature  # defaults come from the config schema: one source
+    ce_weight: float = DistillConfig.ce_weight
+    chunk_tokens: int = DistillConfig.chunk_tokens
     layer_map: tuple[tuple[int, int], ...] = ()  # (student, teacher) indices into HF hidden_states
 
 
@@ -55,14 +56,6 @@ def hidden_map(student_hidden: int, teacher_hidden: int, keep: Tensor | None = N
             linear.weight.zero_()
             linear.weight[keep, torch.arange(student_hidden)] = 1.0
     return linear
-
-
-def next_token_labels(ids: Tensor, mask: Tensor) -> Tensor:
-    """(B, S) labels: ids[:, 1:] where both positions are unmasked, else IGNORE_INDEX (last column too)."""
-    keep = mask[:, :-1].bool() & mask[:, 1:].bool()  # (B, S-1)
-    labels = torch.full_like(ids, IGNORE_INDEX)
-    labels[:, :-1] = torch.where(keep, ids[:, 1:], IGNORE_INDEX)
-    return labels
 
 
 def _ce_sum(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor) -> Tensor:
@@ -135,8 +128,9 @@ class Trainee(nn.Module):
                 input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=states)
         head = get_module(self.model, self.family.lm_head_path)
         if evaluate:
-            return {"sums": validation_sums(out.last_hidden_state, head.weight, head.bias, ids, mask, teacher,
-                                            self.objective.chunk_tokens)}
+            t_hidden, t_head = (teacher.hidden, (teacher.head, teacher.bias)) if teacher is not None else (None, None)
+            return {"sums": token_sums(out.last_hidden_state, (head.weight, head.bias), ids, mask, t_hidden, t_head,
+                                       self.objective.chunk_tokens)}
         dt, labels = _compute_dtype(ids.device), next_token_labels(ids, mask)  # (B, S) labels
         hidden, weight = out.last_hidden_state.to(dt), head.weight.to(dt)  # (B, S, H_s), (V, H_s)
         bias = head.bias.to(dt) if head.bias is not None else None
@@ -167,25 +161,3 @@ class Trainee(nn.Module):
         if self.objective.distill:
             return int(mask.sum())
         return int((next_token_labels(ids, mask) != IGNORE_INDEX).sum())
-
-
-@torch.no_grad()
-def validation_sums(hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor, mask: Tensor,
-                    teacher: TeacherOut | None, chunk: int) -> Tensor:
-    """float64 (5,): CE sum, targets, KL(teacher || student) sum, top-1 matches (teacher only), positions."""
-    labels = next_token_labels(ids, mask)[mask.bool()]  # (N,)
-    h = hidden[mask.bool()]  # (N, H_s)
-    h_t = teacher.hidden[mask.bool()] if teacher is not None else None  # (N, H_t)
-    sums = torch.zeros(5, dtype=torch.float64, device=hidden.device)
-    sums[1], sums[4] = (labels != IGNORE_INDEX).sum(), labels.numel()
-    for start in range(0, labels.numel(), chunk):
-        log_q = F.log_softmax(F.linear(h[start: start + chunk], weight, bias).float(), dim=-1)  # (c, V)
-        targets = labels[start: start + chunk]
-        sums[0] += F.nll_loss(log_q, targets, ignore_index=IGNORE_INDEX, reduction="sum").double()
-        if teacher is None:
-            continue
-        t_hidden = h_t[start: start + chunk].to(teacher.head.dtype)
-        log_p = F.log_softmax(F.linear(t_hidden, teacher.head, teacher.bias).float(), dim=-1)  # (c, V)
-        sums[2] += F.kl_div(log_q, log_p, reduction="sum", log_target=True).double()
-        sums[3] += (log_q.argmax(-1) == log_p.argmax(-1)).sum().double()
-    return sums
