@@ -121,3 +121,32 @@ def assert_column_close(got: list[dict], want: list[dict], key: str, rel: float)
     """Rows of two metrics logs carry `key` at the same steps, with values equal within `rel`."""
     assert [key in r for r in got] == [key in r for r in want], key
     assert [r[key] for r in got if key in r] == pytest.approx([r[key] for r in want if key in r], rel=rel), key
+
+
+KILL_AFTER_CHECKPOINT = """
+import os, signal, sys
+from compactlm.distill import checkpoint as ckpt
+real_save = ckpt.save
+def save(out_dir, state, progress):
+    path = real_save(out_dir, state, progress)
+    if progress.step == int(os.environ["KILL_AT_STEP"]):
+        os.kill(os.getpid(), signal.SIGKILL)  # as a power cut would: no cleanup, no finally blocks
+    return path
+ckpt.save = save
+from compactlm.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def run_killed_at_checkpoint(args: list[str], step: int, log) -> int:
+    """Run `compactlm *args` in a subprocess that SIGKILLs itself right after writing the checkpoint of
+    `step`: a deterministic interruption, no polling. Returns the exit code (-SIGKILL when it was killed)."""
+    import subprocess
+    import sys
+
+    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
+    env = os.environ | {"KILL_AT_STEP": str(step), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                        "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    with open(log, "w") as err:
+        return subprocess.run([sys.executable, "-c", KILL_AFTER_CHECKPOINT, *args], env=env,
+                              stdout=subprocess.DEVNULL, stderr=err).returncode

@@ -8,12 +8,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_column_close, tiny_config, tiny_tokenizer
+from conftest import assert_column_close, run_killed_at_checkpoint, tiny_config, tiny_tokenizer
 from safetensors.torch import load_file
 
 from compactlm.config import TrainConfig, load_config
@@ -299,30 +298,15 @@ def _cli(args: list[str], log: Path) -> subprocess.Popen:
                                 stdout=subprocess.PIPE, stderr=err, text=True)
 
 
-def _checkpoint_step(out: Path) -> int:
-    """Step of the latest checkpoint, -1 when there is none (or it is being swapped right now)."""
-    try:
-        path = ckpt.latest(out)
-        return ckpt.read_progress(path).step if path is not None else -1
-    except (OSError, ValueError):
-        return -1
-
-
 def test_sigkill_then_resume_ends_like_an_uninterrupted_run(models, text_file, tmp_path):
     keys = {"distill.steps": 24, "distill.eval_every": 8, "distill.intermediate": True}
     killed = tmp_path / "killed"
-    proc = _cli(_args(models, text_file, killed, **keys), tmp_path / "killed.log")
-    deadline = time.monotonic() + 120
-    while proc.poll() is None and time.monotonic() < deadline:
-        if _checkpoint_step(killed) >= 2:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.005)
-    proc.communicate(timeout=60)
+    code = run_killed_at_checkpoint(["distill", *_args(models, text_file, killed, **keys)], 10,
+                                    tmp_path / "killed.log")
     log = (tmp_path / "killed.log").read_text()[-2000:]
-    assert proc.returncode == -signal.SIGKILL, f"the run ended before it was killed: {log}"
-    step = ckpt.read_progress(ckpt.latest(killed)).step
-    assert 2 <= step < 24 and not (killed / "final").exists()
+    assert code == -signal.SIGKILL, f"the run ended before it was killed: {log}"
+    assert ckpt.read_progress(ckpt.latest(killed)).step == 10 and not (killed / "final").exists()
+    assert [r["step"] for r in _metrics(killed)] == list(range(1, 11))
 
     resumed = _cli(_args(models, text_file, killed, resume=True, **keys), tmp_path / "resumed.log")
     reference = tmp_path / "reference"

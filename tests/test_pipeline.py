@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
+from conftest import run_killed_at_checkpoint
 from transformers import AutoModelForCausalLM
 
 from compactlm import pipeline
@@ -96,22 +93,13 @@ def test_interrupted_run_resumes_where_it_stopped(tiny_checkpoint, text_file, tm
     """Kill `compactlm run` during distillation; the rerun skips score/prune and continues the checkpoint."""
     run_dir = tmp_path / "run"
     args = tiny_run_args(tiny_checkpoint, text_file, run_dir) + [
-        "target.intermediate_size=0.5", "distill.steps=40", "distill.eval_every=0", "eval.speed=false"]
-    env = os.environ | {"PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "compactlm", "run", *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline and not (run_dir / "distill" / "checkpoint").exists():
-            assert proc.poll() is None, "run ended before its distillation checkpoint"
-            time.sleep(0.2)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        "target.intermediate_size=0.5", "distill.steps=40", "distill.eval_every=0", "eval.speed=false",
+        "distill.save_every=10"]
+    assert run_killed_at_checkpoint(["run", *args], 20, tmp_path / "killed.log") == -signal.SIGKILL
     assert (run_dir / "prune" / pipeline.DONE).is_file() and not (run_dir / "distill" / pipeline.DONE).exists()
     prune_done = (run_dir / "prune" / pipeline.DONE).stat().st_mtime_ns
     assert main(["run", *args]) == 0
     assert (run_dir / "prune" / pipeline.DONE).stat().st_mtime_ns == prune_done
     rows = [json.loads(line) for line in (run_dir / "distill" / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in rows]
-    assert steps == sorted(steps) and steps[-1] == 40 and len(steps) == len(set(steps))
+    assert steps == list(range(1, 41))  # rows after the step-20 checkpoint were dropped, then written again
