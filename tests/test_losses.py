@@ -193,3 +193,17 @@ def test_grad_for_head_only():
     (grad,) = torch.autograd.grad(kd_loss(h, w_s, h_t, w_t, mask, chunk_tokens=5), w_s)
     (ref,) = torch.autograd.grad(_reference(h, w_s, h_t, w_t, mask), w_s)
     torch.testing.assert_close(grad, ref)
+
+
+def test_kd_loss_equals_a_value_worked_out_by_hand():
+    """Teacher uniform over 3 tokens, student (1, 2, 3)/6 (logits log 1, log 2, log 3 through an identity head):
+    KL = 1/3 (log(2) + log(1) + log(2/3)) = log(4/3) / 3 = 0.0958940...; the padded position counts for
+    nothing; with ce_weight 0.5 and label 2, CE = -log(1/2) = 0.6931472... is added at half weight."""
+    eye = torch.eye(3, dtype=torch.float64)
+    student = torch.log(torch.tensor([[1.0, 2.0, 3.0], [5.0, 1.0, 1.0]], dtype=torch.float64))
+    teacher = torch.zeros(2, 3, dtype=torch.float64)
+    mask = torch.tensor([1, 0])
+    loss = kd_loss(student, eye, teacher, eye, mask, chunk_tokens=1)
+    assert float(loss) == pytest.approx(0.0958940, abs=1e-7)
+    mixed = kd_loss(student, eye, teacher, eye, mask, ce_weight=0.5, labels=torch.tensor([2, 0]))
+    assert float(mixed) == pytest.approx(0.0958940 + 0.5 * 0.6931472, abs=1e-7)

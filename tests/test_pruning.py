@@ -208,3 +208,25 @@ def test_heads_without_gqa_need_no_kv_target(family, heads, token_batch):
     assert (target.heads, target.kv_heads) == (2, 2)
     pruned = prune_model(model, make_plan(scores_for(model), dims, target, drop_layers=[]))
     assert fam.dims(pruned.config).heads == 2 and torch.isfinite(logits(pruned, token_batch)).all()
+
+
+@pytest.mark.parametrize("family,heads,kv,tied", [("llama", 4, 2, False), ("gpt2", 4, 4, True)])
+def test_plan_json_round_trip_rebuilds_the_same_model(family, heads, kv, tied, token_batch, tmp_path):
+    """plan.json holds everything surgery needs: reading it back gives the same keep indices and logits."""
+    from compactlm.pruning import Plan
+
+    model = tiny_model(family, heads, kv, tied, layers=3)
+    fam = family_of(model)
+    dims = fam.dims(model.config)
+    hidden = 16 if family == "gpt2" else 24
+    target = resolve_target(TargetConfig(hidden_size=hidden, num_attention_heads=2, intermediate_size=0.5,
+                                         num_hidden_layers=2), dims, fam)
+    plan = make_plan(scores_for(model), dims, target, drop_layers=[1])
+    plan.save(tmp_path / "plan.json", source="tiny")
+    again = Plan.from_json(json.loads((tmp_path / "plan.json").read_text()), dims)
+    assert torch.equal(again.hidden, plan.hidden) and torch.equal(again.layers, plan.layers)
+    for layer in plan.layers.tolist():
+        for axis in ("heads", "kv_heads", "ffn"):
+            assert torch.equal(getattr(again, axis)[layer], getattr(plan, axis)[layer])
+    torch.testing.assert_close(logits(prune_model(model, again), token_batch),
+                               logits(prune_model(model, plan), token_batch), rtol=0, atol=0)
