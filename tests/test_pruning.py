@@ -230,3 +230,25 @@ def test_plan_json_round_trip_rebuilds_the_same_model(family, heads, kv, tied, t
             assert torch.equal(getattr(again, axis)[layer], getattr(plan, axis)[layer])
     torch.testing.assert_close(logits(prune_model(model, again), token_batch),
                                logits(prune_model(model, plan), token_batch), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("metric", ["block_importance", "contiguous"])
+def test_prune_to_is_the_whole_path_in_one_call(metric, token_batch):
+    import compactlm
+    from compactlm.importance import score
+    from compactlm.importance.layers import with_depth_metrics
+    from compactlm.pruning import layers_to_drop
+
+    model = tiny_model("llama", 4, 2, layers=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    target = compactlm.TargetConfig(hidden_size=24, intermediate_size=0.5, num_hidden_layers=2, layer_metric=metric)
+    pruned = compactlm.prune_to(model, target, [token_batch])
+    fam = family_of(model)
+    dims = fam.dims(model.config)
+    want = resolve_target(target, dims, fam)
+    assert fam.dims(pruned.config) == want
+    scores = score(model, [token_batch], layer_metrics=())  # the same path by hand
+    scores = with_depth_metrics(model, [token_batch], scores, ["contiguous_1" if metric == "contiguous" else metric])
+    manual = prune_model(model, make_plan(scores, dims, want, layers_to_drop(target, dims, 2, scores)))
+    torch.testing.assert_close(logits(pruned, token_batch), logits(manual, token_batch), rtol=0, atol=0)
+    torch.testing.assert_close(model.state_dict(), before)  # pure: the source model is unchanged

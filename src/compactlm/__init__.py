@@ -21,6 +21,9 @@ _API = {
     "train": ("compactlm.distill.run", "run_train"),
     "find_architecture": ("compactlm.pipeline", "search_only"),
     "run": ("compactlm.pipeline", "run"),
+    "prune_to": ("compactlm.pruning.verb", "prune_to"),
+    "TargetConfig": ("compactlm.config", "TargetConfig"),
+    "ImportanceConfig": ("compactlm.config", "ImportanceConfig"),
 }
 __all__ = list(_API)
 

@@ -63,13 +63,14 @@ def run_search(cfg: Config, out: Path) -> dict:
     """Rank candidate shapes by zero-shot loss, distill the best `search.top_k` briefly, pick one; write the table."""
     from compactlm import data, search, stages
     from compactlm.models.family import family_of
+    from compactlm.pruning import depth_metrics_needed
 
     teacher, tokenizer = stages.load(cfg)
     splits = stages.load_splits(cfg, tokenizer, cfg.eval.seq_len)
     val = list(data.batches(splits.val[: cfg.eval.sequences], cfg.eval.batch_size))
     source = family_of(teacher).dims(teacher.config)
     depths = {c.dims.layers for c in search.enumerate_candidates(teacher, cfg.search)}  # cheap: counts only
-    needed = stages.needed_layer_metrics(cfg, [source.layers - n for n in depths])
+    needed = depth_metrics_needed(cfg.target, [source.layers - n for n in depths])
     scores = stages.scores_for(cfg, teacher, tokenizer, needed)
     rows = stages.load_splits(cfg, tokenizer, cfg.distill.seq_len)  # (N, distill.seq_len) train and val
     chosen, ranked = search.search(

@@ -11,7 +11,7 @@ import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ from compactlm.errors import CompactLMError
 from compactlm.importance.scores import Scores
 from compactlm.models.family import family_of
 from compactlm.models.loading import load_model, load_model_config, load_tokenizer, num_params, write_checkpoint
-from compactlm.pruning import layers_to_drop, make_plan, prune_model, resolve_target
+from compactlm.pruning import depth_metrics_needed, layers_to_drop, make_plan, prune_model, resolve_target
 
 log = logging.getLogger(__name__)
 
@@ -103,21 +103,13 @@ def compute_scores(cfg: Config, model, batches: list, layer_metrics: tuple[str, 
 
 
 def add_layer_metrics(cfg: Config, model, batches: list, scores: Scores, names: tuple[str, ...]) -> Scores:
-    """Scores with the named depth metrics added ("lm_loss", "block_importance", "contiguous_<n>")."""
-    from compactlm.importance.layers import contiguous_block_losses, layer_metrics
+    """Scores with the named depth metrics added, computed on the first `calib.layer_sequences` rows."""
+    from compactlm.importance.layers import with_depth_metrics
 
-    missing = [n for n in names if n not in scores.layers]
-    if not missing:
+    if all(n in scores.layers for n in names):
         return scores
     rows = torch.cat([b["input_ids"] for b in batches])[: cfg.calib.layer_sequences]  # (N, S), packed: no padding
-    few = list(data.batches(rows, cfg.calib.batch_size))
-    added = {}
-    for name in missing:
-        if name.startswith("contiguous_"):
-            added[name] = contiguous_block_losses(model, few, int(name.split("_")[1]))
-        else:
-            added |= layer_metrics(model, few, [name])
-    return Scores(scores.hidden, scores.heads, scores.ffn, scores.layers | added, scores.meta)
+    return with_depth_metrics(model, data.batches(rows, cfg.calib.batch_size), scores, names)
 
 
 def score(cfg: Config) -> Scores:
@@ -128,15 +120,6 @@ def score(cfg: Config) -> Scores:
         scores.save(out / SCORES_FILE)
         save_config(cfg, out / CONFIG_FILE)
     return scores
-
-
-def needed_layer_metrics(cfg: Config, drops: Iterable[int]) -> tuple[str, ...]:
-    """The depth metrics that choosing the dropped layers needs, for each count of layers dropped in `drops`."""
-    if cfg.target.drop_layers is not None or cfg.target.layer_metric in ("random", "magnitude"):
-        return ()  # explicit layers, or metrics that random/magnitude scores carry themselves
-    names = [f"contiguous_{n}" if cfg.target.layer_metric == "contiguous" else cfg.target.layer_metric
-             for n in sorted(set(drops)) if n > 0]
-    return tuple(dict.fromkeys(names))
 
 
 def scores_for(cfg: Config, model, tokenizer, needed: tuple[str, ...]) -> Scores:
@@ -164,7 +147,7 @@ def prune(cfg: Config) -> Path:
     target = resolve_target(cfg.target, source, family)  # every shape error before loading any weights
     check_seq_len(config, cfg.calib.seq_len, "calib.seq_len")
     model, tokenizer = load(cfg)
-    scores = scores_for(cfg, model, tokenizer, needed_layer_metrics(cfg, [source.layers - target.layers]))
+    scores = scores_for(cfg, model, tokenizer, depth_metrics_needed(cfg.target, [source.layers - target.layers]))
     drop = layers_to_drop(cfg.target, source, target.layers, scores)
     plan = make_plan(scores, source, target, drop)
     pruned = prune_model(model, plan)

@@ -173,3 +173,21 @@ def layer_metrics(model, batches: Batches, names: Sequence[str]) -> dict[str, to
         raise CompactLMError(f"unknown layer metric '{unknown[0]}' (choose from {', '.join(LAYER_METRICS)})")
     batches = list(batches)
     return {name: LAYER_METRICS[name](model, batches) for name in names}
+
+
+def with_depth_metrics(model, batches: Batches, scores, names: Sequence[str]):
+    """`scores` (a Scores) plus every depth metric in `names` it lacks: "lm_loss", "block_importance" or
+    "contiguous_<n>" (LM loss with each block of n layers skipped)."""
+    from compactlm.importance.scores import Scores
+
+    missing = [n for n in names if n not in scores.layers]
+    if not missing:
+        return scores
+    batches = list(batches)
+    added = {}
+    for name in missing:
+        if name.startswith("contiguous_"):
+            added[name] = contiguous_block_losses(model, batches, int(name.split("_")[1]))
+        else:
+            added |= layer_metrics(model, batches, [name])
+    return Scores(scores.hidden, scores.heads, scores.ffn, scores.layers | added, scores.meta)

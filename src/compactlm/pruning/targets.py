@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 from compactlm.config import TargetConfig
@@ -85,3 +87,12 @@ def layers_to_drop(target: TargetConfig, source: Dims, new_layers: int, scores: 
         )
     order = torch.argsort(scores.layers[metric].float(), stable=True)  # least important first
     return sorted(order[:n].tolist())
+
+
+def depth_metrics_needed(target: TargetConfig, drops: Iterable[int]) -> tuple[str, ...]:
+    """The depth metrics `layers_to_drop` needs for each count of layers dropped in `drops`."""
+    if target.drop_layers is not None or target.layer_metric in ("random", "magnitude"):
+        return ()  # explicit layers, or metrics that random/magnitude scores carry themselves
+    names = [f"contiguous_{n}" if target.layer_metric == "contiguous" else target.layer_metric
+             for n in sorted(set(drops)) if n > 0]
+    return tuple(dict.fromkeys(names))
