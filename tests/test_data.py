@@ -235,3 +235,66 @@ def test_python_docs_with_smollm2_tokenizer():
     assert int(splits.train.max()) < len(tok) and int(splits.train.min()) >= 0
     val_docs = [t for t, v in zip(texts, data.assign_val(texts, 0.05)) if v]
     assert tok.decode(splits.val[0][:20]) in val_docs[0]
+
+
+# ---------------------------------------------------------------- downloaded data sets (file:// URLs, no network)
+
+@pytest.fixture
+def fake_download(tmp_path, monkeypatch):
+    """The tinyshakespeare record pointed at a generated local file; an empty compactlm cache."""
+    import hashlib
+
+    source = tmp_path / "source.txt"
+    source.write_text("\n\n".join(make_docs(120)) + "\n", encoding="utf-8")
+    record = data.Download(source.as_uri(), hashlib.sha256(source.read_bytes()).hexdigest(), source.stat().st_size)
+    monkeypatch.setitem(data.DOWNLOADS, "tinyshakespeare", record)
+    monkeypatch.setenv("COMPACTLM_CACHE", str(tmp_path / "cache"))
+    return source, record, tmp_path / "cache" / "data"
+
+
+def test_download_lands_in_the_cache_once(fake_download, monkeypatch):
+    source, _, cache = fake_download
+    assert "tinyshakespeare" in data.BUILTIN_DATA
+    docs = data.load_texts("tinyshakespeare")
+    assert docs == data.load_texts(str(source))  # the same paragraph merging as a .txt file
+    assert [p.name for p in cache.iterdir()] == ["tinyshakespeare.txt"]
+    assert (cache / "tinyshakespeare.txt").read_bytes() == source.read_bytes()
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("downloaded again")
+
+    monkeypatch.setattr(data, "download", no_download)
+    source.unlink()
+    assert data.load_texts("tinyshakespeare", max_chars=500) == data.load_texts(
+        str(cache / "tinyshakespeare.txt"), max_chars=500)
+
+
+def test_download_checksum_mismatch_leaves_nothing(fake_download, monkeypatch):
+    _, record, cache = fake_download
+    monkeypatch.setitem(data.DOWNLOADS, "tinyshakespeare", data.Download(record.url, "0" * 64, record.size))
+    with pytest.raises(CompactLMError, match=r"download of file://.*source\.txt is corrupt: sha256") as info:
+        data.load_texts("tinyshakespeare")
+    assert "\n" not in str(info.value) and "data=FILE" in str(info.value)
+    assert list(cache.iterdir()) == []  # neither the target nor a temp file
+
+
+def test_download_offline_names_the_url_and_data_file(fake_download, tmp_path):
+    import urllib.error
+
+    source, record, cache = fake_download
+    calls = []
+
+    def offline(url, timeout):
+        calls.append((url, timeout))
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    url = "https://example.invalid/corpus.txt"
+    with pytest.raises(CompactLMError, match=r"cannot download https://example\.invalid/corpus\.txt .*data=FILE") as info:
+        data.download(url, tmp_path / "out" / "corpus.txt", record.sha256, opener=offline)
+    assert "\n" not in str(info.value) and calls == [(url, data.DOWNLOAD_TIMEOUT_S)]
+    assert list((tmp_path / "out").iterdir()) == []
+
+    source.unlink()  # load_texts: the (file://) URL no longer answers
+    with pytest.raises(CompactLMError, match=r"cannot download file://.*source\.txt .*data=FILE"):
+        data.load_texts("tinyshakespeare")
+    assert list(cache.iterdir()) == []

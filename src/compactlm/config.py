@@ -70,6 +70,7 @@ class EvalConfig:
     batch_size: int = 8
     speed: bool = True  # measure generation tokens/s
     gen_tokens: int = 32
+    prompt: str = "The Python interpreter"  # the report's sample texts continue this prompt
     tasks: tuple[str, ...] = ()  # lm-evaluation-harness task names or local task YAML files (optional extra)
     task_limit: int | None = None  # examples per task
 

@@ -1,9 +1,10 @@
-"""Corpora (built-in python-docs, local files, Hugging Face datasets), tokenise, pack, split."""
+"""Corpora (built-in python-docs and downloads, local files, Hugging Face datasets), tokenise, pack, split."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import importlib
 import inspect
 import io
@@ -12,20 +13,42 @@ import logging
 import pkgutil
 import re
 import sys
+import tempfile
 import types
+import urllib.error
+import urllib.request
 import warnings
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from compactlm.errors import CompactLMError
+from compactlm.models.loading import cache_dir
 
 log = logging.getLogger(__name__)
 
 PYTHON_DOCS = "python-docs"
+
+
+@dataclass(frozen=True)
+class Download:
+    """A built-in data set fetched once into the cache: a UTF-8 .txt file at `url`."""
+
+    url: str
+    sha256: str
+    size: int  # bytes: the progress bar's total when the server sends no Content-Length
+
+
+DOWNLOADS = {
+    "tinyshakespeare": Download(
+        "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed", 1_115_394),
+}
+BUILTIN_DATA = (PYTHON_DOCS, *DOWNLOADS)  # data names that are neither paths nor hub datasets
+DOWNLOAD_TIMEOUT_S = 60
 FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
 MIN_DOC_CHARS = 200  # python-docs: shorter topics/docstrings are dropped
 TXT_DOC_CHARS = 2000  # .txt: paragraphs are merged into documents of at least this many characters
@@ -43,12 +66,14 @@ _PATH_LIKE_SUFFIXES = FILE_SUFFIXES + (".json", ".csv", ".tsv", ".gz", ".md", ".
 
 def load_texts(source: str, *, text_field: str = "text", split: str = "train",
                max_chars: int | None = None) -> list[str]:
-    """Documents from "python-docs", a .txt/.jsonl/.parquet file or folder, or a HF dataset ("name[:config]")."""
+    """Documents from a built-in name (BUILTIN_DATA), a .txt/.jsonl/.parquet file or folder, or a HF dataset."""
     if max_chars is not None and max_chars < 1:
         raise CompactLMError(f"max_chars must be a positive number of characters, got {max_chars}")
     path = Path(source).expanduser()
     if source == PYTHON_DOCS:
         docs: Iterable[str] = _python_docs()
+    elif source in DOWNLOADS:
+        docs = _txt_docs(cached_download(source))
     elif path.exists():
         docs = _dir_docs(path, text_field) if path.is_dir() else _file_docs(path, text_field)
     elif source.startswith(("/", ".", "~")) or path.suffix.lower() in _PATH_LIKE_SUFFIXES:
@@ -184,6 +209,49 @@ def _one_line(error: Exception, limit: int = 200) -> str:
     lines = str(error).strip().splitlines()
     text = f"{type(error).__name__}: {lines[0] if lines else ''}"
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ---------------------------------------------------------------- downloaded data sets
+
+def cached_download(name: str) -> Path:
+    """The cached file of built-in data set `name`, downloaded on first use."""
+    record = DOWNLOADS[name]
+    dest = cache_dir() / "data" / f"{name}.txt"
+    if not dest.is_file():
+        log.info("downloading data set %s from %s to %s", name, record.url, dest)
+        download(record.url, dest, record.sha256, size=record.size)
+    return dest
+
+
+def download(url: str, dest: Path, sha256: str, *, size: int | None = None,
+             opener: Callable = urllib.request.urlopen, timeout: float = DOWNLOAD_TIMEOUT_S) -> Path:
+    """Fetch `url` into a temp file beside `dest`, renamed to `dest` only when its sha256 matches."""
+    from tqdm.auto import tqdm
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    tmp, digest = Path(name), hashlib.sha256()
+    try:
+        with open(fd, "wb") as out:
+            try:
+                with opener(url, timeout=timeout) as response:
+                    length = getattr(response, "headers", {}).get("Content-Length")
+                    with tqdm(total=int(length) if length else size, unit="B", unit_scale=True,
+                              desc=dest.name) as bar:
+                        while chunk := response.read(1 << 16):
+                            out.write(chunk)
+                            digest.update(chunk)
+                            bar.update(len(chunk))
+            except (OSError, ValueError) as e:  # URLError, timeouts and refused connections are OSErrors
+                raise CompactLMError(f"cannot download {url} ({_one_line(e, 120)}): offline? "
+                                     "pass data=FILE with a local copy of it") from None
+        if digest.hexdigest() != sha256:
+            raise CompactLMError(f"download of {url} is corrupt: sha256 {digest.hexdigest()} is not the expected "
+                                 f"{sha256}; retry, or pass data=FILE with a local copy of it")
+        tmp.replace(dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
 
 
 # ---------------------------------------------------------------- python-docs

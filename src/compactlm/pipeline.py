@@ -163,7 +163,7 @@ def _evaluate(cfg: Config, out: Path) -> dict:
         metrics = evaluate(model, batches, teacher=None if name == "teacher" else teacher, tokenizer=tokenizer,
                            speed=cfg.eval.speed, progress=True)
         metrics |= {"dims": vars(family_of(model).dims(model.config)), "sample": sample_text(
-            model, tokenizer, "The Python interpreter", new_tokens=cfg.eval.gen_tokens)}
+            model, tokenizer, cfg.eval.prompt, new_tokens=cfg.eval.gen_tokens)}
         if cfg.eval.tasks:
             metrics["tasks"] = stages.task_metrics(cfg, model, tokenizer)
         results[name] = metrics
@@ -193,7 +193,7 @@ def _report(cfg: Config, out: Path) -> dict:
     path = report.write_report(
         run_dir, teacher=arch("teacher"), student=arch("distilled"),
         stages={name: results[name] for name in MODELS}, plots=plots,
-        samples={name: "The Python interpreter" + results[name]["sample"] for name in MODELS},
+        samples={name: cfg.eval.prompt + results[name]["sample"] for name in MODELS},
         notes=[f"config: {run_dir / 'compactlm.yaml'}", f"distillation metrics: {run_dir / 'distill' / 'metrics.jsonl'}"],
     )
     out.mkdir(parents=True, exist_ok=True)
@@ -218,6 +218,7 @@ def plan_stages(cfg: Config) -> list[Stage]:
 
 def check(cfg: Config) -> None:
     """Checks that need no model: run directory, explicit target or search, data source, model spec."""
+    from compactlm.data import BUILTIN_DATA
     from compactlm.models.loading import BUILTINS
 
     if not cfg.out_dir:
@@ -233,7 +234,7 @@ def check(cfg: Config) -> None:
     if model not in BUILTINS and (model.startswith((".", "/", "~")) or model.endswith(".gguf")) and not Path(model).exists():
         raise CompactLMError(f"model path {model} does not exist")
     data = cfg.data
-    if data != "python-docs" and (data.startswith((".", "/", "~")) or Path(data).suffix) and not Path(data).exists():
+    if data not in BUILTIN_DATA and (data.startswith((".", "/", "~")) or Path(data).suffix) and not Path(data).exists():
         raise CompactLMError(f"data file not found: {data}")
 
 
@@ -249,9 +250,12 @@ def dry_run(cfg: Config) -> list[str]:
 
 def run(cfg: Config) -> dict:
     """Run every stage not yet done, in order; returns each stage's summary."""
+    from compactlm.chartok import prepare_tokenizer
+
     check(cfg)
     run_dir = _run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = prepare_tokenizer(cfg, run_dir)  # tokenizer=char: built from cfg.data into run_dir/tokenizer
     save_config(cfg, run_dir / "compactlm.yaml")
     summary = {}
     for stage in plan_stages(cfg):

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from compactlm import stages
+from compactlm.chartok import prepare_tokenizer
 from compactlm.config import Config, TrainConfig, save_config
 from compactlm.distill import checkpoint as ckpt
 from compactlm.distill.distributed import Dist, setup, teardown
@@ -71,18 +72,36 @@ def _vocab(model) -> int:
     return int(get_module(model, family_of(model).lm_head_path).weight.shape[0])
 
 
+def _fit_to_tokenizer(config, tokenizer):
+    """A model config for fresh weights: vocab_size = len(tokenizer), bos/eos/pad ids from the tokenizer."""
+    eos = tokenizer.eos_token_id
+    ids = {"vocab_size": len(tokenizer), "eos_token_id": eos,
+           "bos_token_id": tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos,
+           "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos}
+    for key, value in ids.items():
+        if value is not None and getattr(config, key, None) != value:
+            log.info("init=random: %s %s -> %s (from the tokenizer)", key, getattr(config, key, None), value)
+            setattr(config, key, value)
+    return config
+
+
 def _load_models(cfg: Config, tc: TrainConfig, section: str, student_spec: str, teacher_spec: str | None,
                  device: torch.device):
     """(student in float32, tokenizer, teacher or None), with vocabulary and sequence length checked."""
+    tokenizer = load_tokenizer(cfg.tokenizer or student_spec)
     if cfg.init == "random":  # the architecture only: a config-only directory is enough
         from transformers import AutoModelForCausalLM
 
+        config = _fit_to_tokenizer(load_model_config(student_spec), tokenizer)
         torch.manual_seed(cfg.seed)  # every rank builds the same weights
-        student = AutoModelForCausalLM.from_config(load_model_config(student_spec), dtype=torch.float32).to(device)
-        log.info("init=random: %s architecture with fresh weights (seed %d)", student_spec, cfg.seed)
+        student = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device)
+        log.info("init=random: %s architecture with fresh weights (seed %d), vocabulary %d",
+                 student_spec, cfg.seed, config.vocab_size)
     else:
         student = load_model(student_spec, dtype="float32", device=device)
-    tokenizer = load_tokenizer(cfg.tokenizer or student_spec)
+        if len(tokenizer) > _vocab(student):
+            raise CompactLMError(f"tokenizer {cfg.tokenizer or student_spec} has {len(tokenizer)} tokens, more than "
+                                 f"the vocabulary ({_vocab(student)}) of {student_spec}")
     stages.check_seq_len(student, tc.seq_len, f"{section}.seq_len")
     teacher = None
     if teacher_spec is not None:
@@ -96,6 +115,7 @@ def _load_models(cfg: Config, tc: TrainConfig, section: str, student_spec: str, 
 
 def _run(cfg: Config, tc: TrainConfig, section: str, student_spec: str, teacher_spec: str | None) -> dict:
     _check_out_dir(cfg)
+    cfg = prepare_tokenizer(cfg, cfg.out_dir)  # tokenizer=char: built from cfg.data into out_dir/tokenizer
     d: Dist = setup(cfg.device)
     try:
         check_train_config(tc, section, d.world)
