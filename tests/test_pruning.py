@@ -142,11 +142,9 @@ def test_pruning_does_not_change_the_source(token_batch):
     [
         ("llama", TargetConfig(hidden_size=64), "larger than the source"),
         ("llama", TargetConfig(num_attention_heads=3), "not a multiple of"),
-        ("llama", TargetConfig(num_hidden_layers=0), "at least 1"),
         ("llama", TargetConfig(drop_layers=(0, 1, 2)), "drops 3 of 3"),
         ("llama", TargetConfig(drop_layers=(7,)), "out of range"),
         ("llama", TargetConfig(hidden_size=30), "hidden_size % num_attention_heads"),
-        ("llama", TargetConfig(intermediate_size=1.5), "fraction"),
         ("gpt2", TargetConfig(hidden_size=24), "heads x head_dim"),
         ("mistral", TargetConfig(num_attention_heads=4, num_key_value_heads=1), "query heads per KV group"),
     ],
@@ -156,6 +154,19 @@ def test_bad_targets_name_the_key(family, target, message):
     fam = family_of(model)
     with pytest.raises(CompactLMError, match=message):
         resolve_target(target, fam.dims(model.config), fam)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("target.num_hidden_layers=0", "target.num_hidden_layers=0: must be at least 1"),
+    ("target.intermediate_size=1.5", "target.intermediate_size=1.5: a fraction must lie in (0, 1] (the share to keep)"),
+    ("target.drop_layers=[-1]", "target.drop_layers=[-1]: layer indices start at 0"),
+])
+def test_bad_target_values_fail_in_the_schema(override, message):
+    from compactlm.config import load_config
+
+    with pytest.raises(CompactLMError) as err:
+        load_config(None, [override])
+    assert str(err.value) == message
 
 
 def test_fraction_and_rounding():

@@ -106,9 +106,12 @@ def test_candidates_from_explicit_grids():
 
 @pytest.mark.parametrize("value,match", [(10, "closest has"), (None, "not set"), (1.5, "fraction")])
 def test_no_candidate_error_is_one_line(value, match):
+    from compactlm.config import Config, load_config
+
     model = tiny_model("llama")
-    with pytest.raises(CompactLMError, match=match) as err:
-        enumerate_candidates(model, SearchConfig(target_params=value))
+    with pytest.raises(CompactLMError, match=match) as err:  # 1.5 fails in the schema, before any model loads
+        cfg = load_config(None, [f"search.target_params={value}"]) if value is not None else Config()
+        enumerate_candidates(model, cfg.search)
     assert "search.target_params" in str(err.value) and "\n" not in str(err.value)
 
 

@@ -23,12 +23,43 @@ def choice(default: Any, *choices: Any) -> Any:
     return field(default=default, metadata={"choices": choices})
 
 
+class InvalidValue(CompactLMError):
+    """A value out of range. `key` is relative to its section; `from_dict` prefixes the section's dotted path."""
+
+    def __init__(self, key: str, value: Any, message: str):
+        self.key, self.value, self.message = key, value, message
+        super().__init__(f"{key}={value!r}: {message}")
+
+
+def _at_least(section: Any, minimum: float, *keys: str) -> None:
+    """Every named field that is set is >= minimum."""
+    for key in keys:
+        value = getattr(section, key)
+        if value is not None and value < minimum:
+            raise InvalidValue(key, value, f"must be at least {minimum}")
+
+
+def _size_or_fraction(section: Any, *keys: str) -> None:
+    """Sizes: an int >= 1 (absolute) or a float in (0, 1] (the fraction to keep)."""
+    for key in keys:
+        value = getattr(section, key)
+        if isinstance(value, float) and not 0.0 < value <= 1.0:
+            raise InvalidValue(key, value, "a fraction must lie in (0, 1] (the share to keep)")
+        if isinstance(value, int) and value < 1:
+            raise InvalidValue(key, value, "must be at least 1")
+
+
 @dataclass(frozen=True)
 class DatasetConfig:
     val_fraction: float = 0.05  # share of documents held out for validation (by a stable hash of their text)
     text_field: str = "text"  # column of .jsonl / .parquet / hub datasets
     split: str = "train"  # hub dataset split
     max_chars: int | None = None  # use only this many characters of the corpus
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.val_fraction < 1.0:
+            raise InvalidValue("val_fraction", self.val_fraction, "must lie in (0, 1)")
+        _at_least(self, 1, "max_chars")
 
 
 @dataclass(frozen=True)
@@ -37,6 +68,9 @@ class CalibConfig:
     seq_len: int = 256
     batch_size: int = 8
     layer_sequences: int = 32  # the first N calibration sequences serve the depth metrics (one pass per layer)
+
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "sequences", "seq_len", "batch_size", "layer_sequences")
 
 
 @dataclass(frozen=True)
@@ -62,6 +96,13 @@ class TargetConfig:
     keep_last_layer: bool = True  # the contiguous-block search never drops the final layer (P2)
     round_to: int | None = None  # round hidden and ffn targets down to a multiple (Model Optimizer: 64)
 
+    def __post_init__(self) -> None:
+        _size_or_fraction(self, "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                          "num_hidden_layers")
+        _at_least(self, 1, "round_to")
+        if self.drop_layers is not None and any(i < 0 for i in self.drop_layers):
+            raise InvalidValue("drop_layers", list(self.drop_layers), "layer indices start at 0")
+
 
 @dataclass(frozen=True)
 class EvalConfig:
@@ -73,6 +114,9 @@ class EvalConfig:
     prompt: str = "The Python interpreter"  # the report's sample texts continue this prompt
     tasks: tuple[str, ...] = ()  # lm-evaluation-harness task names or local task YAML files (optional extra)
     task_limit: int | None = None  # examples per task
+
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "sequences", "seq_len", "batch_size", "gen_tokens", "task_limit")
 
 
 @dataclass(frozen=True)
@@ -94,6 +138,18 @@ class TrainConfig:
     activation_checkpointing: bool = False
     chunk_tokens: int = 256  # loss and validation logits computed over this many tokens at a time (memory)
 
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "tokens", "steps", "batch_size", "micro_batch_size", "seq_len", "eval_sequences",
+                  "chunk_tokens")
+        _at_least(self, 0, "warmup_steps", "weight_decay", "grad_clip", "eval_every", "save_every", "log_every")
+        if self.lr <= 0:
+            raise InvalidValue("lr", self.lr, "must be > 0")
+        if not 0 <= self.min_lr <= self.lr:
+            raise InvalidValue("min_lr", self.min_lr, f"must lie in [0, lr={self.lr}]")
+        if self.steps is None and self.tokens < self.batch_size * self.seq_len:
+            raise InvalidValue("tokens", self.tokens, f"less than one global batch (batch_size x seq_len = "
+                                                      f"{self.batch_size * self.seq_len} tokens)")
+
 
 @dataclass(frozen=True)
 class DistillConfig(TrainConfig):
@@ -103,6 +159,12 @@ class DistillConfig(TrainConfig):
     layer_map: tuple[tuple[int, int], ...] | None = None  # (student, teacher) block outputs; default last-2 of each
     embedding_loss: bool = False  # also match the embedding outputs
     teacher_sharded: bool = False  # FSDP-shard the teacher too (default: replicate it)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.temperature <= 0:
+            raise InvalidValue("temperature", self.temperature, "must be > 0")
+        _at_least(self, 0, "ce_weight")
 
 
 @dataclass(frozen=True)
@@ -119,6 +181,14 @@ class SearchConfig:
     max_latency_ms: float | None = None  # drop candidates slower than this (forward of one sequence, this device)
     top_k: int = 3  # candidates distilled briefly before the final choice
     distill_steps: int = 20  # steps of that short distillation (P1: ~400 at scale)
+
+    def __post_init__(self) -> None:
+        _size_or_fraction(self, "target_params")
+        _at_least(self, 0, "tolerance")
+        _at_least(self, 1, "divisor", "max_candidates", "distill_steps")
+        _at_least(self, 0, "top_k")
+        if self.max_latency_ms is not None and self.max_latency_ms <= 0:
+            raise InvalidValue("max_latency_ms", self.max_latency_ms, "must be > 0")
 
 
 @dataclass(frozen=True)
@@ -212,7 +282,11 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
     for name, f in fields.items():  # nested sections keep their defaults when absent
         if name not in kwargs and dataclasses.is_dataclass(hints[name]) and f.default is not dataclasses.MISSING:
             kwargs[name] = f.default
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except InvalidValue as e:  # a range check in __post_init__: name the key with its dotted path
+        dotted = f"{path}.{e.key}" if path else e.key
+        raise CompactLMError(f"{dotted}={e.value!r}: {e.message}") from None
 
 
 def to_dict(cfg: Any) -> dict:

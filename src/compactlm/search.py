@@ -109,12 +109,8 @@ def _target_params(value: int | float | None, teacher_params: int) -> int:
     """search.target_params as an absolute count (a float in (0, 1] is a fraction of the teacher's)."""
     if value is None:
         raise CompactLMError("search.target_params is not set (an absolute count such as 70M, or a fraction)")
-    if isinstance(value, float):
-        if not 0.0 < value <= 1.0:
-            raise CompactLMError(f"search.target_params={value}: a fraction must lie in (0, 1]")
+    if isinstance(value, float):  # SearchConfig has checked it lies in (0, 1]
         return round(teacher_params * value)
-    if value < 1:
-        raise CompactLMError(f"search.target_params={value} must be at least 1")
     return value
 
 

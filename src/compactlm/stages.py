@@ -64,14 +64,14 @@ def check_seq_len(model_or_config, seq_len: int, key: str) -> None:
         raise CompactLMError(f"{key}={seq_len} exceeds the model's maximum sequence length {limit}")
 
 
-def load_splits(cfg: Config, tokenizer, seq_len: int) -> data.Splits:
-    """Tokenised, packed calibration/train/validation splits of `cfg.data` at `seq_len`."""
+def load_splits(cfg: Config, tokenizer, seq_len: int, calib: bool = True) -> data.Splits:
+    """Tokenised, packed calibration (unless `calib` is False)/train/validation splits of `cfg.data`."""
     texts = data.load_texts(
         cfg.data, text_field=cfg.dataset.text_field, split=cfg.dataset.split, max_chars=cfg.dataset.max_chars
     )
     return data.make_splits(
         texts, tokenizer, seq_len, val_fraction=cfg.dataset.val_fraction,
-        calib_sequences=cfg.calib.sequences, seed=cfg.seed,
+        calib_sequences=cfg.calib.sequences if calib else 0, seed=cfg.seed,
     )
 
 

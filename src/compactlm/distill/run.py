@@ -120,8 +120,7 @@ def _run(cfg: Config, tc: TrainConfig, section: str, student_spec: str, teacher_
     try:
         check_train_config(tc, section, d.world)
         student, tokenizer, teacher = _load_models(cfg, tc, section, student_spec, teacher_spec, d.device)
-        no_calib = dataclasses.replace(cfg, calib=dataclasses.replace(cfg.calib, sequences=0))
-        splits = stages.load_splits(no_calib, tokenizer, tc.seq_len)
+        splits = stages.load_splits(cfg, tokenizer, tc.seq_len, calib=False)
         val = splits.val[: tc.eval_sequences]
         out = Path(cfg.out_dir)
         if d.is_main:

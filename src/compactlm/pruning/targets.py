@@ -25,16 +25,12 @@ def _size(key: str, value: int | float | None, source: int, round_to: int | None
     """An absolute size, or a fraction of `source` to keep, optionally rounded down to a multiple."""
     if value is None:
         return source
-    if isinstance(value, float):
-        if not 0.0 < value <= 1.0:
-            raise CompactLMError(f"target.{key}={value}: a fraction must lie in (0, 1] (the share to keep)")
+    if isinstance(value, float):  # TargetConfig has checked it lies in (0, 1]
         value = max(1, round(source * value))
     if round_to and key in ("hidden_size", "intermediate_size") and value != source:
         value = max(round_to, value // round_to * round_to)
     if value > source:
         raise CompactLMError(f"target.{key}={value} is larger than the source model's {source}")
-    if value < 1:
-        raise CompactLMError(f"target.{key}={value} must be at least 1")
     return value
 
 
