@@ -14,10 +14,10 @@ import json
 import time
 from pathlib import Path
 
-from compactlm import data, stages
+from compactlm import data, inputs, stages
 from compactlm.config import load_config
-from compactlm.distill.run import run_distill, run_train
-from compactlm.evaluate import perplexity
+from compactlm.stages import distill as run_distill, train as run_train
+from compactlm.metrics import perplexity
 from compactlm.models.loading import load_model
 
 TARGET = ["target.hidden_size=384", "target.num_attention_heads=6", "target.intermediate_size=1024"]
@@ -48,8 +48,8 @@ def main() -> None:
             f"model={args.pruned}", f"out_dir={out}", "init=random"])),
     }
     cfg = load_config(None, base + ["model=smollm2-135m"])
-    tokenizer = stages.load(cfg)[1]
-    val = stages.load_splits(cfg, tokenizer, cfg.eval.seq_len).val[: args.eval_sequences]
+    tokenizer = inputs.load(cfg)[1]
+    val = inputs.load_splits(cfg, tokenizer, cfg.eval.seq_len).val[: args.eval_sequences]
     batches = list(data.batches(val, cfg.eval.batch_size))
     rows = [{"model": "pruned, before retraining", "seconds": 0.0, **perplexity(load_model(args.pruned), batches)}]
     for (name, fn), folder in zip(runs.items(), ("kd", "ce", "scratch")):

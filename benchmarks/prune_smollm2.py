@@ -13,9 +13,9 @@ import json
 import time
 from pathlib import Path
 
-from compactlm import data, stages
+from compactlm import data, inputs, stages
 from compactlm.config import load_config
-from compactlm.evaluate import perplexity
+from compactlm.metrics import perplexity
 from compactlm.models.loading import load_model, num_params
 
 TARGET = ["target.hidden_size=384", "target.num_attention_heads=6", "target.intermediate_size=1024"]
@@ -30,8 +30,8 @@ def main() -> None:
 
     base = ["model=smollm2-135m", "data=python-docs", "eval.seq_len=256"]
     cfg = load_config(None, base)
-    teacher, tokenizer = stages.load(cfg)
-    val = stages.load_splits(cfg, tokenizer, cfg.eval.seq_len).val[: args.eval_sequences]
+    teacher, tokenizer = inputs.load(cfg)
+    val = inputs.load_splits(cfg, tokenizer, cfg.eval.seq_len).val[: args.eval_sequences]
     batches = list(data.batches(val, cfg.eval.batch_size))
     rows = [{"model": "teacher (SmolLM2-135M)", "params": num_params(teacher), "seconds": 0.0,
              **perplexity(teacher, batches)}]

@@ -110,7 +110,7 @@ def test_pretrained_model_with_a_larger_tokenizer_is_an_error(gpt2_dir, tmp_path
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("".join(map(chr, range(0x4E00, 0x4E00 + 100))) * 20, encoding="utf-8")  # 100 characters
     cfg = Config(model=str(tmp_path / "model"), tokenizer="char", data=str(corpus), out_dir=str(tmp_path / "run"))
-    from compactlm.distill.run import run_train
+    from compactlm.stages import train as run_train
 
     with pytest.raises(CompactLMError, match=r"tokenizer .*tokenizer has 102 tokens, more than the vocabulary \(64\)") as info:
         run_train(cfg)

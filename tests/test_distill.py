@@ -19,7 +19,7 @@ from compactlm.config import TrainConfig, load_config
 from compactlm.distill import checkpoint as ckpt
 from compactlm.distill.distributed import Dist
 from compactlm.distill.loop import batch_rows, build, lr_at, make_optimizer, train_step, validate
-from compactlm.distill.run import run_distill, run_train
+from compactlm.stages import distill as run_distill, train as run_train
 from compactlm.errors import CompactLMError
 
 CPU = Dist(0, 1, torch.device("cpu"))
@@ -172,7 +172,7 @@ def test_micro_batches_give_the_same_step_as_one_batch(models):
 
 
 def test_validation_matches_evaluate(models):
-    from compactlm.evaluate import perplexity, teacher_agreement
+    from compactlm.metrics import perplexity, teacher_agreement
 
     student, teacher = _pair(models)
     trainee, teacher_mod = build(student, teacher, load_config(None, []).distill, CPU)
@@ -272,7 +272,7 @@ def test_bad_inputs_are_one_line_errors(models, text_file, tmp_path):
     (tmp_path / "empty.txt").write_text("\n\n")
     cases = [
         (["student=x"], "teacher=MODEL"),
-        ([f"teacher={tmp_path / 'vocab64'}"], "vocabulary size"),
+        ([f"teacher={tmp_path / 'vocab64'}"], "vocabulary of 64"),
         (["distill.seq_len=512"], "distill.seq_len=512"),
         ([f"data={tmp_path / 'empty.txt'}"], "no non-empty text"),
         (["distill.micro_batch_size=3"], "distill.batch_size=4"),

@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 from conftest import assert_column_close
@@ -16,7 +15,7 @@ from test_distill import SRC, _args, _metrics, models, one_thread  # noqa: F401 
 
 from compactlm.config import load_config
 from compactlm.distill import checkpoint as ckpt
-from compactlm.distill.run import run_distill
+from compactlm.stages import distill as run_distill
 
 
 def _torchrun(args: list[str], log: Path) -> subprocess.Popen:

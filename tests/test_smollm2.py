@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from compactlm import data
 from compactlm.config import TargetConfig
-from compactlm.evaluate import perplexity
+from compactlm.metrics import perplexity
 from compactlm.importance import random_scores
 from compactlm.models.family import family_of
 from compactlm.models.loading import load_model, load_tokenizer, num_params

@@ -1,10 +1,10 @@
 """compactlm: Minitron-style structured pruning and knowledge distillation for Hugging Face causal LMs.
 
-The stages as functions of a resolved config (`compactlm.config.load_config(path, ["key=value", ...])`):
+The stages, each a function of a resolved config (`load_config(path, ["key=value", ...])`) returning a dict:
 
-    score(cfg) -> Scores          prune(cfg) -> Path         distill(cfg) -> dict      train(cfg) -> dict
-    find_architecture(cfg) -> dict evaluate(cfg) -> dict      run(cfg) -> dict          load_config(...)
+    score(cfg)   prune(cfg)   search(cfg)   distill(cfg)   train(cfg)   evaluate(cfg)   report(cfg)   run(cfg)
 
+and one call to prune a model you already hold: `prune_to(model, TargetConfig(...), batches)`.
 Imported lazily, so `import compactlm` stays cheap.
 """
 
@@ -16,10 +16,11 @@ _API = {
     "load_config": ("compactlm.config", "load_config"),
     "score": ("compactlm.stages", "score"),
     "prune": ("compactlm.stages", "prune"),
+    "search": ("compactlm.stages", "search"),
+    "distill": ("compactlm.stages", "distill"),
+    "train": ("compactlm.stages", "train"),
     "evaluate": ("compactlm.stages", "evaluate"),
-    "distill": ("compactlm.distill.run", "run_distill"),
-    "train": ("compactlm.distill.run", "run_train"),
-    "find_architecture": ("compactlm.pipeline", "search_only"),
+    "report": ("compactlm.stages", "report"),
     "run": ("compactlm.pipeline", "run"),
     "prune_to": ("compactlm.pruning.verb", "prune_to"),
     "TargetConfig": ("compactlm.config", "TargetConfig"),

@@ -8,7 +8,6 @@ WordLevel model over a pre-tokenizer that isolates every character, and a decode
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import shutil
 import tempfile
@@ -67,8 +66,6 @@ def _save_atomically(tokenizer, target: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         tokenizer.save_pretrained(tmp)
-        # models.loading.resolve takes a directory only when it holds a config.json; this one names no model.
-        (tmp / "config.json").write_text(json.dumps({"tokenizer_only": True, "vocab_size": len(tokenizer)}) + "\n")
         try:
             tmp.rename(target)
         except OSError:

@@ -21,37 +21,15 @@ def _print(result) -> None:
         print(json.dumps(result))
 
 
-def _score(cfg) -> None:
-    from compactlm import stages
+def _stage(name: str) -> Callable:
+    """The command that runs stage `name` of stages.py and prints its result."""
 
-    scores = stages.score(cfg)
-    _print({"scores": f"{cfg.out_dir}/{stages.SCORES_FILE}", **scores.meta})
+    def command(cfg) -> None:
+        from compactlm import stages
 
+        _print(getattr(stages, name)(cfg))
 
-def _prune(cfg) -> None:
-    from compactlm import stages
-
-    out = stages.prune(cfg)
-    plan = json.loads((out / stages.PLAN_FILE).read_text())
-    _print({"out_dir": str(out), "target_shape": plan["target_shape"], "params": plan["params"]})
-
-
-def _eval(cfg) -> None:
-    from compactlm import stages
-
-    _print(stages.evaluate(cfg))
-
-
-def _distill(cfg) -> None:
-    from compactlm.distill.run import run_distill
-
-    _print(run_distill(cfg))
-
-
-def _train(cfg) -> None:
-    from compactlm.distill.run import run_train
-
-    _print(run_train(cfg))
+    return command
 
 
 def _run(cfg, dry_run: bool = False) -> None:
@@ -63,19 +41,14 @@ def _run(cfg, dry_run: bool = False) -> None:
     _print(pipeline.run(cfg))
 
 
-def _search(cfg) -> None:
-    from compactlm import pipeline
-
-    _print(pipeline.search_only(cfg))
-
-
 COMMANDS: dict[str, tuple[Callable, str]] = {
-    "score": (_score, "compute importance scores of model= on data= and save them to out_dir"),
-    "prune": (_prune, "prune model= to target.* and write a Hugging Face checkpoint to out_dir"),
-    "eval": (_eval, "perplexity, parameters, speed (and KL/agreement to teacher=) as JSON on the last line"),
-    "distill": (_distill, "retrain student= from teacher= by knowledge distillation"),
-    "train": (_train, "train model= with plain cross-entropy (teacher correction, baselines, from scratch)"),
-    "search": (_search, "find the best architecture of ~search.target_params parameters from model='s scores"),
+    "score": (_stage("score"), "compute importance scores of model= on data= and save them to out_dir"),
+    "prune": (_stage("prune"), "prune model= to target.* and write a Hugging Face checkpoint to out_dir"),
+    "eval": (_stage("evaluate"), "perplexity, parameters, speed (and KL/agreement to teacher=) as JSON on the last line"),
+    "distill": (_stage("distill"), "retrain student= from teacher= by knowledge distillation"),
+    "train": (_stage("train"), "train model= with plain cross-entropy (teacher correction, baselines, from scratch)"),
+    "search": (_stage("search"), "find the best architecture of ~search.target_params parameters from model='s scores"),
+    "report": (_stage("report"), "write report.md and plots of a run directory: compactlm report RUN_DIR"),
     "run": (_run, "every stage from the teacher to a compact model and report.md, resuming where it stopped"),
 }
 
@@ -110,7 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     _quiet_transformers()
     try:
-        cfg = load_config(args.config, args.overrides)
+        overrides = args.overrides
+        if args.command == "report" and overrides and "=" not in overrides[0]:  # compactlm report RUN_DIR
+            overrides = [f"out_dir={overrides[0]}", *overrides[1:]]
+        cfg = load_config(args.config, overrides)
         if args.command != "eval" and not cfg.out_dir:
             raise CompactLMError(f"{args.command} needs out_dir=DIR")
         command = COMMANDS[args.command][0]

@@ -351,6 +351,42 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), cls: 
     return from_dict(cls, _merge(data, parse_overrides(list(overrides))))
 
 
+# What may differ when a run or a training resumes: where it runs, how often it reports and saves, how a
+# batch is split over micro-batches (same gradients), what the evaluation measures besides its loss.
+MAY_CHANGE_ON_RESUME = frozenset({
+    "resume", "device", "out_dir", "eval.speed", "eval.tasks", "eval.task_limit", "eval.batch_size",
+    *(f"{section}.{key}" for section in ("distill", "train", "correction")
+      for key in ("micro_batch_size", "eval_every", "save_every", "log_every", "activation_checkpointing",
+                  "teacher_sharded")),
+})
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_resume(cfg: Any, saved: str | Path) -> None:
+    """One-line error when `cfg` differs from the config a run was started with (its saved compactlm.yaml) in
+    a key that changes what it computes; MAY_CHANGE_ON_RESUME lists the keys that may change."""
+    path = Path(saved)
+    if not path.is_file():
+        return
+    before, now = _flat(read_yaml(path)), _flat(to_dict(cfg))
+    changed = [k for k in now if k in before and before[k] != now[k] and k not in MAY_CHANGE_ON_RESUME]
+    if changed:
+        shown = ", ".join(f"{k} ({before[k]!r} -> {now[k]!r})" for k in changed[:4])
+        raise CompactLMError(
+            f"resume: {shown} changed since {path.parent} was started; only where it runs and how often it "
+            f"reports may change (device, *.micro_batch_size, *.eval_every, *.save_every, ...): "
+            f"use the old values or another out_dir")
+
+
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved config beside a run's outputs."""
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

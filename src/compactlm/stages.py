@@ -1,195 +1,279 @@
-"""The pipeline's stages as functions of a resolved `Config`: score, prune, evaluate.
+"""Every stage of compactlm as `stage(cfg) -> dict`: the CLI's commands and the steps of `compactlm run`.
 
-Each stage validates its inputs before any heavy work, writes into `cfg.out_dir` through a staging
-directory (so a failure leaves no partial output), and writes the resolved config beside its outputs.
+    score     importance of channels, heads, neurons and layers      -> scores.safetensors
+    search    rank candidate shapes, distill the best briefly, choose -> search.md, search.json
+    prune     cut `model` to `target.*`                              -> HF checkpoint, plan.json
+    distill   retrain `student` from `teacher` by KD                  -> checkpoint/, best/, final/, metrics.jsonl
+    train     cross-entropy training of `model` (teacher correction, baselines, from scratch)
+    evaluate  perplexity, parameters, speed; KL/agreement with `teacher` -> eval.json
+    compare   `teacher`, pruned `student` and distilled `model` side by side (the run's evaluate step)
+    report    report.md and plots of the run directory `out_dir`
+
+Each one checks its inputs before any heavy work, writes into `cfg.out_dir` through a staging folder (training
+through atomic checkpoints instead), so an interrupted stage leaves no partial output, and writes the resolved
+config beside its outputs. Loading helpers live in inputs.py; `pipeline.py` only orders and resumes stages.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
-import torch
-
-from compactlm import data
-from compactlm.config import Config, save_config
+from compactlm import data, inputs
+from compactlm.chartok import prepare_tokenizer
+from compactlm.config import Config, TrainConfig, check_resume, save_config
 from compactlm.errors import CompactLMError
-from compactlm.importance.scores import Scores
+from compactlm.inputs import CONFIG_FILE, load, load_splits, scores_for, staged_output
 from compactlm.models.family import family_of
-from compactlm.models.loading import load_model, load_model_config, load_tokenizer, num_params, write_checkpoint
+from compactlm.models.loading import load_model, load_model_config, num_params, write_checkpoint
 from compactlm.pruning import depth_metrics_needed, layers_to_drop, make_plan, prune_model, resolve_target
 
 log = logging.getLogger(__name__)
 
 SCORES_FILE = "scores.safetensors"
 PLAN_FILE = "plan.json"
-CONFIG_FILE = "compactlm.yaml"
+EVAL_FILE = "eval.json"
 
 
-def pick_device(name: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-@contextlib.contextmanager
-def staged_output(out_dir: str | Path) -> Iterator[Path]:
-    """Yield a temp dir beside `out_dir`; on success move its entries into `out_dir`, on failure delete it."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging.", dir=out.parent))
-    try:
-        yield tmp
-        out.mkdir(exist_ok=True)
-        for entry in tmp.iterdir():
-            target = out / entry.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            entry.replace(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def check_seq_len(model_or_config, seq_len: int, key: str) -> None:
-    """A sequence length above the model's maximum position is an error naming the key."""
-    config = getattr(model_or_config, "config", model_or_config)
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if limit is not None and seq_len > limit:
-        raise CompactLMError(f"{key}={seq_len} exceeds the model's maximum sequence length {limit}")
-
-
-def load_splits(cfg: Config, tokenizer, seq_len: int, calib: bool = True) -> data.Splits:
-    """Tokenised, packed calibration (unless `calib` is False)/train/validation splits of `cfg.data`."""
-    texts = data.load_texts(
-        cfg.data, text_field=cfg.dataset.text_field, split=cfg.dataset.split, max_chars=cfg.dataset.max_chars
-    )
-    return data.make_splits(
-        texts, tokenizer, seq_len, val_fraction=cfg.dataset.val_fraction,
-        calib_sequences=cfg.calib.sequences if calib else 0, seed=cfg.seed,
-    )
-
-
-def load(cfg: Config, spec: str | None = None):
-    """(model, tokenizer) for `spec` (default cfg.model) on the configured device and dtype."""
-    spec = spec or cfg.model
-    model = load_model(spec, dtype=cfg.dtype, device=pick_device(cfg.device))
-    return model, load_tokenizer(cfg.tokenizer or spec)
-
-
-def calibration_batches(cfg: Config, tokenizer, model) -> list[dict[str, torch.Tensor]]:
-    """The calibration split as a list of batches."""
-    check_seq_len(model, cfg.calib.seq_len, "calib.seq_len")
-    splits = load_splits(cfg, tokenizer, cfg.calib.seq_len)
-    return list(data.batches(splits.calib, cfg.calib.batch_size))
-
-
-def compute_scores(cfg: Config, model, batches: list, layer_metrics: tuple[str, ...]) -> Scores:
-    """Width importance on all calibration batches; depth metrics on the first `calib.layer_sequences` rows."""
-    from compactlm.importance import score as score_model
-
-    imp = cfg.importance
-    scores = score_model(
-        model, batches, method=imp.method, aggregation=imp.aggregation, head_score=imp.head_score,
-        layer_metrics=(), seed=cfg.seed, progress=True,
-    )
-    scores = Scores(scores.hidden, scores.heads, scores.ffn, scores.layers, scores.meta | {"model": cfg.model})
-    return add_layer_metrics(cfg, model, batches, scores, layer_metrics)
-
-
-def add_layer_metrics(cfg: Config, model, batches: list, scores: Scores, names: tuple[str, ...]) -> Scores:
-    """Scores with the named depth metrics added, computed on the first `calib.layer_sequences` rows."""
-    from compactlm.importance.layers import with_depth_metrics
-
-    if all(n in scores.layers for n in names):
-        return scores
-    rows = torch.cat([b["input_ids"] for b in batches])[: cfg.calib.layer_sequences]  # (N, S), packed: no padding
-    return with_depth_metrics(model, data.batches(rows, cfg.calib.batch_size), scores, names)
-
-
-def score(cfg: Config) -> Scores:
-    """`compactlm score`: compute and save importance scores to out_dir/scores.safetensors."""
+def score(cfg: Config) -> dict:
+    """Importance scores of `model` on the calibration split (+ `importance.layer_metrics`)."""
+    inputs.check_out_dir(cfg.out_dir)
     model, tokenizer = load(cfg)
-    scores = compute_scores(cfg, model, calibration_batches(cfg, tokenizer, model), cfg.importance.layer_metrics)
+    scores = scores_for(dataclasses.replace(cfg, importance=dataclasses.replace(cfg.importance, scores=None)),
+                        model, tokenizer, cfg.importance.layer_metrics)
     with staged_output(cfg.out_dir) as out:
         scores.save(out / SCORES_FILE)
         save_config(cfg, out / CONFIG_FILE)
-    return scores
+    return {"scores": str(Path(cfg.out_dir) / SCORES_FILE), "layer_metrics": sorted(scores.layers), **scores.meta}
 
 
-def scores_for(cfg: Config, model, tokenizer, needed: tuple[str, ...]) -> Scores:
-    """Saved scores when `importance.scores` is given (checked against the model's shape), else fresh ones;
-    then every depth metric in `needed` that they lack, computed on the calibration rows."""
-    batches: list | None = None
-    if cfg.importance.scores:
-        scores = Scores.load(cfg.importance.scores)
-        scores.check(family_of(model).dims(model.config), f"importance.scores: {cfg.importance.scores}")
-    else:
-        batches = calibration_batches(cfg, tokenizer, model)
-        scores = compute_scores(cfg, model, batches, ())
-    if any(n not in scores.layers for n in needed):
-        scores = add_layer_metrics(cfg, model, batches or calibration_batches(cfg, tokenizer, model), scores, needed)
-    return scores
-
-
-def prune(cfg: Config) -> Path:
-    """`compactlm prune`: score (or reuse scores), cut to `cfg.target`, save a plain HF checkpoint + plan.json."""
+def prune(cfg: Config) -> dict:
+    """Score (or reuse `importance.scores`), cut `model` to `target.*`, save a plain HF checkpoint + plan.json."""
+    inputs.check_out_dir(cfg.out_dir)
     if cfg.importance.scores and not Path(cfg.importance.scores).is_file():
         raise CompactLMError(f"importance.scores: file {cfg.importance.scores} does not exist")
     config = load_model_config(cfg.model)
     family = family_of(config)
     source = family.dims(config)
     target = resolve_target(cfg.target, source, family)  # every shape error before loading any weights
-    check_seq_len(config, cfg.calib.seq_len, "calib.seq_len")
+    inputs.check_seq_len(config, cfg.calib.seq_len, "calib.seq_len")
     model, tokenizer = load(cfg)
     scores = scores_for(cfg, model, tokenizer, depth_metrics_needed(cfg.target, [source.layers - target.layers]))
     drop = layers_to_drop(cfg.target, source, target.layers, scores)
     plan = make_plan(scores, source, target, drop)
     pruned = prune_model(model, plan)
-    log.info("pruned %s: %d -> %d parameters", cfg.model, num_params(model), num_params(pruned))
+    params = {"source": num_params(model), "pruned": num_params(pruned)}
+    log.info("pruned %s: %d -> %d parameters", cfg.model, params["source"], params["pruned"])
     with staged_output(cfg.out_dir) as out:
         write_checkpoint(pruned, tokenizer, out)
         plan.save(
             out / PLAN_FILE, source=cfg.model, source_shape=vars(source), target_shape=vars(target),
-            dropped_layers=drop, params={"source": num_params(model), "pruned": num_params(pruned)},
-            importance=scores.meta,
-        )
+            dropped_layers=drop, params=params, importance=scores.meta)
         scores.save(out / SCORES_FILE)
         save_config(cfg, out / CONFIG_FILE)
-    return Path(cfg.out_dir)
+    return {"out_dir": str(cfg.out_dir), "target_shape": vars(target), "params": params}
 
 
-def task_metrics(cfg: Config, model, tokenizer) -> dict:
-    """Downstream `eval.tasks` through lm-evaluation-harness (an optional extra): {task: {metric: value}}."""
-    from compactlm.tasks import run_tasks
+# ---------------------------------------------------------------- training
 
-    return run_tasks(model, tokenizer, cfg.eval.tasks, limit=cfg.eval.task_limit,
-                     device=str(next(model.parameters()).device))
+def distill(cfg: Config) -> dict:
+    """Retrain `student` from `teacher` by knowledge distillation (resumable); final metrics."""
+    missing = [key for key in ("teacher", "student") if not getattr(cfg, key)]
+    if missing:
+        raise CompactLMError(f"distill needs {' and '.join(f'{k}=MODEL' for k in missing)}")
+    return _fit(cfg, cfg.distill, "distill", cfg.student, cfg.teacher)
+
+
+def train(cfg: Config) -> dict:
+    """Plain cross-entropy training of `model` (init=random: fresh weights), resumable; final metrics."""
+    return _fit(cfg, cfg.train, "train", cfg.model, None)
+
+
+def _check_training_out_dir(cfg: Config) -> None:
+    """An out_dir that holds a checkpoint needs resume=true, and then the config it was started with."""
+    from compactlm.distill import checkpoint as ckpt
+
+    found = ckpt.latest(cfg.out_dir)
+    if found is not None and not cfg.resume:
+        raise CompactLMError(f"out_dir {cfg.out_dir} already holds a training checkpoint (step "
+                             f"{ckpt.read_progress(found).step}): pass resume=true to continue it, or choose another out_dir")
+    if found is not None:
+        check_resume(cfg, Path(cfg.out_dir) / CONFIG_FILE)
+
+
+def _fit(cfg: Config, tc: TrainConfig, section: str, student_spec: str, teacher_spec: str | None) -> dict:
+    from compactlm.distill.distributed import setup, teardown
+    from compactlm.distill.loop import Session, fit, total_steps
+    from compactlm.pruning.plan import read_hidden_keep
+
+    inputs.check_out_dir(cfg.out_dir)
+    cfg = prepare_tokenizer(cfg, cfg.out_dir)  # tokenizer=char: built from cfg.data into out_dir/tokenizer
+    _check_training_out_dir(cfg)
+    d = setup(cfg.device)
+    try:
+        micro = tc.micro_batch_size or tc.batch_size // d.world
+        if micro < 1 or tc.batch_size % (d.world * micro):
+            raise CompactLMError(f"{section}.batch_size={tc.batch_size} must be a multiple of world size x "
+                                 f"micro_batch_size = {d.world} x {micro}")
+        student, tokenizer = inputs.load_trainee(cfg, tc, section, student_spec, d.device)
+        teacher = None
+        if teacher_spec is not None:
+            teacher = load_model(teacher_spec, dtype=cfg.dtype, device=d.device)
+            inputs.check_seq_len(teacher, tc.seq_len, f"{section}.seq_len")
+            inputs.same_vocabulary(teacher_spec, teacher, student_spec, student, cfg)
+        splits = load_splits(cfg, tokenizer, tc.seq_len, calib=False)
+        val = splits.val[: tc.eval_sequences]
+        out = Path(cfg.out_dir)
+        if d.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, out / CONFIG_FILE)
+        log.info("%s: %d train, %d validation rows of %d tokens; %d steps of %d sequences on %d process(es)",
+                 section, len(splits.train), len(val), tc.seq_len, total_steps(tc), tc.batch_size, d.world)
+        params = num_params(student)
+        session = Session(out, d, tokenizer, cfg.seed, cfg.resume, progress=True)
+        keep = read_hidden_keep(student_spec) if teacher is not None else None  # hidden map starts as the plan
+        result = fit(student, splits.train, val, tc, session, teacher=teacher, hidden_keep=keep)
+    finally:
+        teardown(d)
+    return {"out_dir": str(out), "params": params, **result}
+
+
+# ---------------------------------------------------------------- search
+
+def search(cfg: Config) -> dict:
+    """Rank candidate shapes of ~`search.target_params` by zero-shot loss, distill the best `search.top_k`
+    briefly, choose one; writes search.md and search.json. The chosen shape is the result's "target"."""
+    from compactlm import arch_search as arch
+
+    if not cfg.search.target_params:
+        raise CompactLMError("search needs search.target_params (e.g. 70M, or 0.5 of the teacher)")
+    inputs.check_out_dir(cfg.out_dir)
+    teacher, tokenizer = load(cfg)
+    source = family_of(teacher).dims(teacher.config)
+    depths = {c.dims.layers for c in arch.enumerate_candidates(teacher, cfg.search)}  # cheap: counts only
+    scores = scores_for(cfg, teacher, tokenizer, depth_metrics_needed(cfg.target, [source.layers - n for n in depths]))
+    val = list(data.batches(load_splits(cfg, tokenizer, cfg.eval.seq_len).val[: cfg.eval.sequences],
+                            cfg.eval.batch_size))
+    rows = load_splits(cfg, tokenizer, cfg.distill.seq_len, calib=False)  # the brief distillations' data
+    chosen, ranked = arch.search(
+        teacher, scores, cfg.search, val, layer_metric=cfg.target.layer_metric,
+        keep_last_layer=cfg.target.keep_last_layer, progress=True,
+        distill_fn=lambda student: _brief_distill(cfg, student, teacher, rows))
+    with staged_output(cfg.out_dir) as tmp:
+        arch.write_table(ranked, chosen, tmp / "search.md", tmp / "search.json")
+        save_config(cfg, tmp / CONFIG_FILE)
+    d = chosen.dims
+    shape = {"hidden_size": d.hidden, "intermediate_size": d.ffn, "num_attention_heads": d.heads,
+             "num_key_value_heads": d.kv_heads, "num_hidden_layers": d.layers}
+    return {"target": shape, "params": chosen.params, "candidates": len(ranked)}
+
+
+def _brief_distill(cfg: Config, student, teacher, rows: data.Splits) -> float:
+    """Validation loss of `student` after `search.distill_steps` steps of distillation (a trial: nothing kept)."""
+    from compactlm.distill.distributed import setup
+    from compactlm.distill.loop import Session, fit
+
+    tc = dataclasses.replace(cfg.distill, steps=cfg.search.distill_steps, eval_every=None, save_every=None,
+                             warmup_steps=1)
+    parent = Path(cfg.out_dir).parent
+    parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".search-distill.", dir=parent))  # only metrics.jsonl lands here
+    try:
+        session = Session(scratch, setup(cfg.device), None, cfg.seed, save=False)
+        result = fit(student, rows.train, rows.val[: tc.eval_sequences], tc, session, teacher=teacher)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return float(result["val_loss"])
+
+
+# ---------------------------------------------------------------- evaluation and report
+
+def _val_batches(cfg: Config, tokenizer, model) -> list:
+    inputs.check_seq_len(model, cfg.eval.seq_len, "eval.seq_len")
+    val = load_splits(cfg, tokenizer, cfg.eval.seq_len, calib=False).val[: cfg.eval.sequences]
+    return list(data.batches(val, cfg.eval.batch_size))
+
+
+def _measure(cfg: Config, model, tokenizer, batches: list, teacher=None, sample: bool = False) -> dict:
+    """Metrics of one model (+ a greedy sample of `eval.prompt`, + lm-eval `eval.tasks`)."""
+    from compactlm.metrics import evaluate as evaluate_model, sample_text
+
+    metrics = evaluate_model(model, batches, teacher=teacher, tokenizer=tokenizer, speed=cfg.eval.speed,
+                             progress=True)
+    if sample:
+        metrics |= {"dims": vars(family_of(model).dims(model.config)),
+                    "sample": sample_text(model, tokenizer, cfg.eval.prompt, new_tokens=cfg.eval.gen_tokens)}
+    if cfg.eval.tasks:
+        from compactlm.tasks import run_tasks
+
+        metrics["tasks"] = run_tasks(model, tokenizer, cfg.eval.tasks, limit=cfg.eval.task_limit,
+                                     device=str(next(model.parameters()).device))
+    return metrics
 
 
 def evaluate(cfg: Config) -> dict:
-    """`compactlm eval`: perplexity, params, speed, and KL/agreement against `cfg.teacher` when given."""
-    from compactlm.evaluate import evaluate as evaluate_model
-
+    """Perplexity, params, speed of `model` on held-out text; KL/agreement against `teacher` when given."""
+    if cfg.out_dir:
+        inputs.check_out_dir(cfg.out_dir)
     model, tokenizer = load(cfg)
     teacher = load(cfg, cfg.teacher)[0] if cfg.teacher else None
-    check_seq_len(model, cfg.eval.seq_len, "eval.seq_len")
-    splits = load_splits(cfg, tokenizer, cfg.eval.seq_len)
-    val = splits.val[: cfg.eval.sequences]
-    metrics = evaluate_model(
-        model, list(data.batches(val, cfg.eval.batch_size)), teacher=teacher, tokenizer=tokenizer,
-        speed=cfg.eval.speed, progress=True,
-    )
-    if cfg.eval.tasks:
-        metrics["tasks"] = task_metrics(cfg, model, tokenizer)
-    metrics = {"model": cfg.model, **metrics}
+    if teacher is not None:
+        inputs.same_vocabulary(cfg.teacher, teacher, cfg.model, model, cfg)
+    metrics = {"model": cfg.model, **_measure(cfg, model, tokenizer, _val_batches(cfg, tokenizer, model), teacher)}
     if cfg.out_dir:
         with staged_output(cfg.out_dir) as out:
-            (out / "eval.json").write_text(json.dumps(metrics, indent=1) + "\n")
+            (out / EVAL_FILE).write_text(json.dumps(metrics, indent=1) + "\n")
             save_config(cfg, out / CONFIG_FILE)
     return metrics
+
+
+def compare(cfg: Config) -> dict:
+    """`teacher`, the pruned `student` and the distilled `model` on the same held-out text -> eval.json."""
+    inputs.check_out_dir(cfg.out_dir)
+    teacher, tokenizer = load(cfg, cfg.teacher)
+    batches = _val_batches(cfg, tokenizer, teacher)
+    results = {}
+    for name, spec in (("teacher", cfg.teacher), ("pruned", cfg.student), ("distilled", cfg.model)):
+        model = teacher if name == "teacher" else load(cfg, spec)[0]
+        results[name] = _measure(cfg, model, tokenizer, batches, None if name == "teacher" else teacher, sample=True)
+    with staged_output(cfg.out_dir) as tmp:
+        (tmp / EVAL_FILE).write_text(json.dumps(results | {"prompt": cfg.eval.prompt}, indent=1) + "\n")
+    return {name: {k: v for k, v in m.items() if k in ("params", "perplexity", "kl")} for name, m in results.items()}
+
+
+MODELS = ("teacher", "pruned", "distilled")
+
+
+def report(cfg: Config) -> dict:
+    """report.md and PNG plots in the run directory `out_dir`, from what its stages wrote."""
+    from compactlm import reporting as rep
+    from compactlm.importance.scores import Scores
+
+    run_dir = Path(cfg.out_dir)
+    results_file = run_dir / "evaluate" / EVAL_FILE
+    if not results_file.is_file():
+        raise CompactLMError(f"report: {run_dir} holds no evaluate/{EVAL_FILE} (is it a finished run directory?)")
+    results = json.loads(results_file.read_text())
+    prompt = results.pop("prompt", "")
+    scores = Scores.load(run_dir / "score" / SCORES_FILE)
+    rep.plot_width_importance(scores, run_dir / "importance_width.png")
+    rep.plot_layer_importance(scores, run_dir / "importance_layers.png")
+    runs = [p for p in (run_dir / "correction" / "metrics.jsonl", run_dir / "distill" / "metrics.jsonl") if p.is_file()]
+    rep.plot_training(runs, run_dir / "training.png")
+    plots = {"Width importance": "importance_width.png", "Layer importance": "importance_layers.png",
+             "Training and validation loss": "training.png"}
+    if (run_dir / "search" / "search.json").is_file():
+        rep.plot_search(json.loads((run_dir / "search" / "search.json").read_text())["candidates"], run_dir / "search.png")
+        plots["Search candidates"] = "search.png"
+    arch = lambda name: results[name]["dims"] | {"params": results[name]["params"]}  # noqa: E731
+    path = rep.write_report(
+        run_dir, teacher=arch("teacher"), student=arch("distilled"),
+        stages={name: results[name] for name in MODELS}, plots=plots,
+        samples={name: prompt + results[name]["sample"] for name in MODELS},
+        notes=[f"config: {run_dir / CONFIG_FILE}", f"distillation metrics: {run_dir / 'distill' / 'metrics.jsonl'}"],
+    )
+    return {"report": str(path)}

@@ -1,11 +1,11 @@
-"""Knowledge distillation and plain training: losses (pure), the loop, checkpoints, distributed setup."""
+"""Knowledge distillation and plain training (library code): losses (pure), the loop, checkpoints, distributed
+setup. The `distill`/`train` commands that load models and data for it are stages.distill and stages.train."""
 
 from compactlm.distill.loop import Session, fit, lr_at, total_steps
 from compactlm.distill.trainee import Objective, Teacher, Trainee
 from compactlm.distill.losses import cosine_loss, default_layer_map, dynamic_alpha, kd_loss, kd_loss_reference
-from compactlm.distill.run import run_distill, run_train
 
 __all__ = [
     "kd_loss", "kd_loss_reference", "cosine_loss", "dynamic_alpha", "default_layer_map",
-    "Objective", "Session", "Teacher", "Trainee", "fit", "lr_at", "total_steps", "run_distill", "run_train",
+    "Objective", "Session", "Teacher", "Trainee", "fit", "lr_at", "total_steps",
 ]

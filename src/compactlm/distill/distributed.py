@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from compactlm.errors import CompactLMError
-from compactlm.stages import pick_device
+from compactlm.models.loading import pick_device
 
 log = logging.getLogger(__name__)
 

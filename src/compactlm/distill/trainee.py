@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint as recompute
 
 from compactlm.config import DistillConfig, TrainConfig
 from compactlm.distill.losses import IGNORE_INDEX, cosine_loss, default_layer_map, dynamic_alpha, kd_loss
-from compactlm.evaluate import next_token_labels, token_sums
+from compactlm.metrics import next_token_labels, token_sums
 from compactlm.models.family import family_of, get_module
 
 

@@ -72,7 +72,7 @@ def _device(model) -> torch.device:
 def lm_loss(model, batches: Batches) -> float:
     """Mean next-token cross-entropy (nats) over non-padding targets: evaluate.perplexity's loss, so the
     logits are computed in token chunks and never exist in full for the whole batch."""
-    from compactlm.evaluate import perplexity
+    from compactlm.metrics import perplexity
 
     return perplexity(model, batches)["loss"]
 

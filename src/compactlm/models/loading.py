@@ -25,6 +25,13 @@ BUILTINS = {
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def pick_device(name: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; any other name as torch reads it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def cache_dir() -> Path:
     """Where converted built-in models live (COMPACTLM_CACHE, default ~/.cache/compactlm)."""
     return Path(os.environ.get("COMPACTLM_CACHE", Path.home() / ".cache" / "compactlm"))
@@ -66,10 +73,14 @@ def resolve(spec: str) -> tuple[str, str | None]:
 
 
 def load_tokenizer(spec: str):
-    """Load the tokenizer of a model spec; sets a pad token (eos) when the tokenizer has none."""
+    """Load the tokenizer of a model spec or of a tokenizer-only folder; pad token = eos when it has none."""
     from transformers import AutoTokenizer
 
-    path, gguf = resolve(spec)
+    folder = Path(spec)
+    if folder.is_dir() and (folder / "tokenizer_config.json").is_file():  # a model dir or a tokenizer alone
+        path, gguf = str(folder), None
+    else:
+        path, gguf = resolve(spec)
     try:
         tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:

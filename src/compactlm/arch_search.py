@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from compactlm.config import SearchConfig, TargetConfig
 from compactlm.errors import CompactLMError
-from compactlm.evaluate import perplexity
+from compactlm.metrics import perplexity
 from compactlm.importance.scores import Scores
 from compactlm.models.family import Dims, Family, family_of
 from compactlm.models.loading import num_params

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from compactlm.importance.scores import Scores
-from compactlm.report import (
+from compactlm.reporting import (
     MISSING,
     plot_layer_importance,
     plot_search,

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from conftest import VOCAB, model_params, tiny_config, tiny_model
 
 from compactlm.errors import CompactLMError
-from compactlm.evaluate import evaluate, generation_speed, perplexity, sample_text, teacher_agreement
+from compactlm.metrics import evaluate, generation_speed, perplexity, sample_text, teacher_agreement
 from compactlm.models.loading import num_params
 
 WORDS = ["the", "king", "queen", "speaks", "of", "love", "and", "war", "to", "his", "her", "people"]

@@ -11,12 +11,12 @@ from conftest import model_params, tiny_model
 
 from compactlm.config import SearchConfig, TargetConfig
 from compactlm.errors import CompactLMError
-from compactlm.evaluate import perplexity
+from compactlm.metrics import perplexity
 from compactlm.importance.scores import Scores
 from compactlm.models.family import Dims, family_of
 from compactlm.models.loading import num_params
 from compactlm.pruning import keep_all, layers_to_drop, make_plan, prune_model
-from compactlm.search import (
+from compactlm.arch_search import (
     Candidate,
     enumerate_candidates,
     measure_latency,

@@ -1,0 +1,183 @@
+"""What a stage reads, resolved from its config: models, tokenizer, data splits, importance scores; and how it
+writes (staged output, the resolved config beside it).
+
+The stage functions themselves live in stages.py; these helpers carry no stage logic of their own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from compactlm import data
+from compactlm.config import Config, TrainConfig
+from compactlm.errors import CompactLMError
+from compactlm.importance.scores import Scores
+from compactlm.models.family import family_of, get_module
+from compactlm.models.loading import load_model, load_model_config, load_tokenizer, pick_device
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "compactlm.yaml"
+
+
+# ---------------------------------------------------------------- output
+
+def check_out_dir(out_dir: str | Path) -> Path:
+    """A one-line error unless `out_dir` is (or can become) a writable folder."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise CompactLMError(f"out_dir {out} is a file, not a folder")
+    parent = next((p for p in (out, *out.parents) if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise CompactLMError(f"out_dir {out}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CompactLMError(f"out_dir {out}: {parent} is not writable")
+    return out
+
+
+@contextlib.contextmanager
+def staged_output(out_dir: str | Path) -> Iterator[Path]:
+    """Yield a temp dir beside `out_dir`; on success move its entries into `out_dir`, on failure delete it."""
+    out = check_out_dir(out_dir)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging.", dir=out.parent))
+    except OSError as e:  # a read-only file system, a full disk: os.access cannot tell every case
+        raise CompactLMError(f"out_dir {out}: cannot write there ({e.strerror})") from None
+    try:
+        yield tmp
+        out.mkdir(exist_ok=True)
+        for entry in tmp.iterdir():
+            target = out / entry.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            entry.replace(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- models and data
+
+def check_seq_len(model_or_config, seq_len: int, key: str) -> None:
+    """A sequence length above the model's maximum position is an error naming the key."""
+    config = getattr(model_or_config, "config", model_or_config)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if limit is not None and seq_len > limit:
+        raise CompactLMError(f"{key}={seq_len} exceeds the model's maximum sequence length {limit}")
+
+
+def vocab_size(model) -> int:
+    """Rows of the model's LM head."""
+    return int(get_module(model, family_of(model).lm_head_path).weight.shape[0])
+
+
+def load(cfg: Config, spec: str | None = None):
+    """(model, tokenizer) for `spec` (default cfg.model) on the configured device and dtype."""
+    spec = spec or cfg.model
+    model = load_model(spec, dtype=cfg.dtype, device=pick_device(cfg.device))
+    return model, load_tokenizer(cfg.tokenizer or spec)
+
+
+def load_splits(cfg: Config, tokenizer, seq_len: int, calib: bool = True) -> data.Splits:
+    """Tokenised, packed calibration (unless `calib` is False)/train/validation splits of `cfg.data`."""
+    texts = data.load_texts(
+        cfg.data, text_field=cfg.dataset.text_field, split=cfg.dataset.split, max_chars=cfg.dataset.max_chars
+    )
+    return data.make_splits(
+        texts, tokenizer, seq_len, val_fraction=cfg.dataset.val_fraction,
+        calib_sequences=cfg.calib.sequences if calib else 0, seed=cfg.seed,
+    )
+
+
+def same_vocabulary(teacher_spec: str, teacher, student_spec: str, student, cfg: Config) -> None:
+    """KD compares token distributions: one-line error unless both models use the same vocabulary."""
+    if vocab_size(teacher) != vocab_size(student):
+        raise CompactLMError(f"teacher {teacher_spec} has a vocabulary of {vocab_size(teacher)}, student "
+                             f"{student_spec} of {vocab_size(student)}: distillation needs the same tokenizer")
+    if cfg.tokenizer:  # one tokenizer given for both
+        return
+    t_vocab, s_vocab = load_tokenizer(teacher_spec).get_vocab(), load_tokenizer(student_spec).get_vocab()
+    if t_vocab != s_vocab:
+        differ = sorted(set(t_vocab.items()) ^ set(s_vocab.items()), key=str)[:1]
+        raise CompactLMError(f"teacher {teacher_spec} and student {student_spec} have different tokenizers "
+                             f"(e.g. {differ[0][0]!r}): distillation needs the same vocabulary")
+
+
+def _fit_to_tokenizer(config, tokenizer):
+    """A model config for fresh weights: vocab_size = len(tokenizer), bos/eos/pad ids from the tokenizer."""
+    eos = tokenizer.eos_token_id
+    ids = {"vocab_size": len(tokenizer), "eos_token_id": eos,
+           "bos_token_id": tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos,
+           "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos}
+    for key, value in ids.items():
+        if value is not None and getattr(config, key, None) != value:
+            log.info("init=random: %s %s -> %s (from the tokenizer)", key, getattr(config, key, None), value)
+            setattr(config, key, value)
+    return config
+
+
+def load_trainee(cfg: Config, tc: TrainConfig, section: str, spec: str, device: torch.device):
+    """(model to train, in float32; its tokenizer): `spec`'s weights, or fresh ones with init=random."""
+    tokenizer = load_tokenizer(cfg.tokenizer or spec)
+    if cfg.init == "random":  # the architecture only: a config-only directory is enough
+        from transformers import AutoModelForCausalLM
+
+        config = _fit_to_tokenizer(load_model_config(spec), tokenizer)
+        torch.manual_seed(cfg.seed)  # every rank builds the same weights
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device)
+        log.info("init=random: %s architecture with fresh weights (seed %d), vocabulary %d",
+                 spec, cfg.seed, config.vocab_size)
+    else:
+        model = load_model(spec, dtype="float32", device=device)
+        if len(tokenizer) > vocab_size(model):
+            raise CompactLMError(f"tokenizer {cfg.tokenizer or spec} has {len(tokenizer)} tokens, more than "
+                                 f"the vocabulary ({vocab_size(model)}) of {spec}")
+    check_seq_len(model, tc.seq_len, f"{section}.seq_len")
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------- importance scores
+
+def calibration_batches(cfg: Config, tokenizer, model) -> list[dict[str, torch.Tensor]]:
+    """The calibration split as a list of batches."""
+    check_seq_len(model, cfg.calib.seq_len, "calib.seq_len")
+    splits = load_splits(cfg, tokenizer, cfg.calib.seq_len)
+    return list(data.batches(splits.calib, cfg.calib.batch_size))
+
+
+def add_layer_metrics(cfg: Config, model, batches: list, scores: Scores, names: tuple[str, ...]) -> Scores:
+    """Scores with the named depth metrics added, computed on the first `calib.layer_sequences` rows."""
+    from compactlm.importance.layers import with_depth_metrics
+
+    if all(n in scores.layers for n in names):
+        return scores
+    rows = torch.cat([b["input_ids"] for b in batches])[: cfg.calib.layer_sequences]  # (N, S), packed: no padding
+    return with_depth_metrics(model, data.batches(rows, cfg.calib.batch_size), scores, names)
+
+
+def scores_for(cfg: Config, model, tokenizer, needed: tuple[str, ...]) -> Scores:
+    """Saved scores when `importance.scores` is given (checked against the model's shape), else fresh ones
+    from the calibration split; then every depth metric in `needed` that they lack."""
+    from compactlm.importance import score as score_model
+
+    batches: list | None = None
+    if cfg.importance.scores:
+        scores = Scores.load(cfg.importance.scores)
+        scores.check(family_of(model).dims(model.config), f"importance.scores: {cfg.importance.scores}")
+    else:
+        batches = calibration_batches(cfg, tokenizer, model)
+        imp = cfg.importance
+        scores = score_model(model, batches, method=imp.method, aggregation=imp.aggregation,
+                             head_score=imp.head_score, layer_metrics=(), seed=cfg.seed, progress=True)
+        scores = Scores(scores.hidden, scores.heads, scores.ffn, scores.layers, scores.meta | {"model": cfg.model})
+    if any(n not in scores.layers for n in needed):
+        scores = add_layer_metrics(cfg, model, batches or calibration_batches(cfg, tokenizer, model), scores, needed)
+    return scores
