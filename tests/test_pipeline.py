@@ -103,3 +103,60 @@ def test_interrupted_run_resumes_where_it_stopped(tiny_checkpoint, text_file, tm
     rows = [json.loads(line) for line in (run_dir / "distill" / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in rows]
     assert steps == list(range(1, 41))  # rows after the step-20 checkpoint were dropped, then written again
+
+
+def _interrupt_after(real, calls: int = 1):
+    """A stand-in for `real` that runs it, then raises KeyboardInterrupt (Ctrl-C) on its `calls`-th call."""
+    count = {"n": 0}
+
+    def wrapper(*args, **kwargs):
+        count["n"] += 1
+        out = real(*args, **kwargs)
+        if count["n"] == calls:
+            raise KeyboardInterrupt
+        return out
+
+    return wrapper
+
+
+def _ctrl_c_points():
+    """(stage, object, attribute, calls): Ctrl-C right after that call, most of them with output half written."""
+    from compactlm import arch_search, metrics, reporting, stages
+    from compactlm.distill import loop
+    from compactlm.importance.scores import Scores
+
+    return [
+        ("score", Scores, "save", 1),  # scores written into the staging folder, nothing else yet
+        ("search", arch_search, "write_table", 1),
+        ("prune", stages, "write_checkpoint", 1),  # weights written, plan.json not yet
+        ("distill", loop, "train_step", 3),  # after the step-2 checkpoint
+        ("evaluate", metrics, "sample_text", 2),  # teacher measured, the pruned model half
+        ("report", reporting, "write_report", 1),
+    ]
+
+
+@pytest.mark.parametrize("stage,where", [(p[0], p) for p in _ctrl_c_points()], ids=[p[0] for p in _ctrl_c_points()])
+def test_ctrl_c_in_each_stage_leaves_no_partial_output_and_the_rerun_finishes(
+        stage, where, tiny_checkpoint, text_file, tmp_path, capsys, monkeypatch):
+    _, owner, attribute, calls = where
+    run_dir = tmp_path / "run"
+    args = tiny_run_args(tiny_checkpoint, text_file, run_dir) + [
+        "target.intermediate_size=0.5", "distill.save_every=2", "eval.speed=false", "search.top_k=0",
+        "search.tolerance=0.3", "target.layer_metric=block_importance"]
+    if stage == "search":
+        args += ["search.target_params=0.75"]
+    monkeypatch.setattr(owner, attribute, _interrupt_after(getattr(owner, attribute), calls))
+    assert main(["run", *args]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert not (run_dir / stage / pipeline.DONE).exists()
+    assert not [p for p in run_dir.rglob(".*staging*")], "a staging folder was left behind"
+    if stage in ("score", "search", "prune", "evaluate"):  # written only through staging: nothing landed
+        assert not (run_dir / stage).exists() or not any((run_dir / stage).iterdir())
+    if stage == "distill":
+        assert (run_dir / "distill" / "checkpoint").is_dir() and not (run_dir / "distill" / "final").exists()
+    monkeypatch.undo()
+    assert main(["run", *args]) == 0, capsys.readouterr().err
+    assert (run_dir / "report" / pipeline.DONE).is_file() and (run_dir / "report.md").is_file()
+    if stage == "distill":
+        rows = [json.loads(line) for line in (run_dir / "distill" / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == list(range(1, 7))  # resumed from step 2: no step twice

@@ -371,14 +371,17 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def check_resume(cfg: Any, saved: str | Path) -> None:
+def check_resume(cfg: Any, saved: str | Path, only: tuple[str, ...] | None = None) -> None:
     """One-line error when `cfg` differs from the config a run was started with (its saved compactlm.yaml) in
-    a key that changes what it computes; MAY_CHANGE_ON_RESUME lists the keys that may change."""
+    a key that changes what it computes; MAY_CHANGE_ON_RESUME lists the keys that may change. `only`: compare
+    just these keys and sections ("distill." for a whole section)."""
     path = Path(saved)
     if not path.is_file():
         return
     before, now = _flat(read_yaml(path)), _flat(to_dict(cfg))
-    changed = [k for k in now if k in before and before[k] != now[k] and k not in MAY_CHANGE_ON_RESUME]
+    relevant = lambda k: only is None or any(k == o or (o.endswith(".") and k.startswith(o)) for o in only)  # noqa: E731
+    changed = [k for k in now if k in before and before[k] != now[k] and k not in MAY_CHANGE_ON_RESUME
+               and relevant(k)]
     if changed:
         shown = ", ".join(f"{k} ({before[k]!r} -> {now[k]!r})" for k in changed[:4])
         raise CompactLMError(

@@ -38,8 +38,10 @@ def check_out_dir(out_dir: str | Path) -> Path:
     parent = next((p for p in (out, *out.parents) if p.exists()), Path("."))
     if not parent.is_dir():
         raise CompactLMError(f"out_dir {out}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise CompactLMError(f"out_dir {out}: {parent} is not writable")
+    try:  # a real probe: permissions, read-only mounts and root's exemptions all answer the same way
+        os.rmdir(tempfile.mkdtemp(prefix=".compactlm-probe.", dir=parent))
+    except OSError as e:
+        raise CompactLMError(f"out_dir {out}: cannot write in {parent} ({e.strerror})") from None
     return out
 
 

@@ -93,7 +93,7 @@ def train(cfg: Config) -> dict:
     return _fit(cfg, cfg.train, "train", cfg.model, None)
 
 
-def _check_training_out_dir(cfg: Config) -> None:
+def _check_training_out_dir(cfg: Config, section: str) -> None:
     """An out_dir that holds a checkpoint needs resume=true, and then the config it was started with."""
     from compactlm.distill import checkpoint as ckpt
 
@@ -101,8 +101,10 @@ def _check_training_out_dir(cfg: Config) -> None:
     if found is not None and not cfg.resume:
         raise CompactLMError(f"out_dir {cfg.out_dir} already holds a training checkpoint (step "
                              f"{ckpt.read_progress(found).step}): pass resume=true to continue it, or choose another out_dir")
-    if found is not None:
-        check_resume(cfg, Path(cfg.out_dir) / CONFIG_FILE)
+    if found is not None:  # what a training depends on: its models, data, seed and its own section
+        models = ("teacher", "student") if section == "distill" else ("model",)
+        check_resume(cfg, Path(cfg.out_dir) / CONFIG_FILE,
+                     only=(*models, "tokenizer", "data", "seed", "dtype", "init", "dataset.", f"{section}."))
 
 
 def _fit(cfg: Config, tc: TrainConfig, section: str, student_spec: str, teacher_spec: str | None) -> dict:
@@ -112,7 +114,7 @@ def _fit(cfg: Config, tc: TrainConfig, section: str, student_spec: str, teacher_
 
     inputs.check_out_dir(cfg.out_dir)
     cfg = prepare_tokenizer(cfg, cfg.out_dir)  # tokenizer=char: built from cfg.data into out_dir/tokenizer
-    _check_training_out_dir(cfg)
+    _check_training_out_dir(cfg, section)
     d = setup(cfg.device)
     try:
         micro = tc.micro_batch_size or tc.batch_size // d.world
@@ -217,8 +219,11 @@ def _measure(cfg: Config, model, tokenizer, batches: list, teacher=None, sample:
 
 def evaluate(cfg: Config) -> dict:
     """Perplexity, params, speed of `model` on held-out text; KL/agreement against `teacher` when given."""
+    from compactlm.tasks import check_task_files
+
     if cfg.out_dir:
         inputs.check_out_dir(cfg.out_dir)
+    check_task_files(cfg.eval.tasks)
     model, tokenizer = load(cfg)
     teacher = load(cfg, cfg.teacher)[0] if cfg.teacher else None
     if teacher is not None:
@@ -233,7 +238,10 @@ def evaluate(cfg: Config) -> dict:
 
 def compare(cfg: Config) -> dict:
     """`teacher`, the pruned `student` and the distilled `model` on the same held-out text -> eval.json."""
+    from compactlm.tasks import check_task_files
+
     inputs.check_out_dir(cfg.out_dir)
+    check_task_files(cfg.eval.tasks)
     teacher, tokenizer = load(cfg, cfg.teacher)
     batches = _val_batches(cfg, tokenizer, teacher)
     results = {}

@@ -49,6 +49,14 @@ def _is_path(spec: str) -> bool:
     return path.suffix in (".yaml", ".yml") or path.is_dir() or "/" in spec
 
 
+def check_task_files(tasks: Sequence[str]) -> None:
+    """Before any model loads: a task given as a file path must exist (lm-eval itself is checked later)."""
+    for spec in tasks:
+        path = Path(spec).expanduser()
+        if _is_path(spec) and not path.exists():
+            raise CompactLMError(f"eval.tasks: task file {spec} does not exist")
+
+
 def _dir_tasks(manager, folder: Path, spec: str) -> list[str]:
     """Names defined by YAMLs under `folder`: its groups, or its tasks when it has no group."""
     def inside(name: str) -> bool:
