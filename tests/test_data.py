@@ -135,13 +135,13 @@ def test_hub_dataset_offline_error_and_success(monkeypatch):
 
     calls = []
 
-    def fake(name, config=None, split=None):
-        calls.append((name, config, split))
-        return datasets.Dataset.from_dict({"content": ["alpha", "", "beta"], "id": [1, 2, 3]})
+    def fake(name, config=None, split=None, streaming=False):
+        calls.append((name, config, split, streaming))
+        return datasets.Dataset.from_dict({"content": ["alpha", "", "beta"], "id": [1, 2, 3]}).to_iterable_dataset()
 
     monkeypatch.setattr(datasets, "load_dataset", fake)
     assert data.load_texts("someone/corpus:cfg", text_field="content", split="validation") == ["alpha", "beta"]
-    assert calls == [("someone/corpus", "cfg", "validation")]
+    assert calls == [("someone/corpus", "cfg", "validation", True)]  # streamed: never whole in memory
     with pytest.raises(CompactLMError, match=r"dataset 'someone/corpus' has no column 'text'"):
         data.load_texts("someone/corpus")
 
@@ -168,7 +168,7 @@ def test_make_splits_shapes_determinism_and_disjoint(tokenizer):
     texts = make_docs(300)
     splits = data.make_splits(texts, tokenizer, 32, val_fraction=0.1, calib_sequences=16, seed=0)
     for t in (splits.calib, splits.train, splits.val):
-        assert t.dtype == torch.int64 and t.dim() == 2 and t.shape[1] == 32
+        assert t.dtype == torch.int32 and t.dim() == 2 and t.shape[1] == 32
     assert len(splits.calib) == 16 and len(splits.train) > 16 and len(splits.val) > 0
 
     again = data.make_splits(texts, tokenizer, 32, val_fraction=0.1, calib_sequences=16, seed=0)
@@ -298,3 +298,47 @@ def test_download_offline_names_the_url_and_data_file(fake_download, tmp_path):
     with pytest.raises(CompactLMError, match=r"cannot download file://.*source\.txt .*data=FILE"):
         data.load_texts("tinyshakespeare")
     assert list(cache.iterdir()) == []
+
+
+def test_make_splits_streams_and_stops_at_max_tokens(tokenizer, monkeypatch):
+    """The 8B recipes' data sets do not fit in memory: documents are read lazily, only as far as needed."""
+    monkeypatch.setattr(data, "TOKENIZE_DOCS", 16)  # documents per tokenizer call
+    texts = make_docs(400)
+    full = data.make_splits(texts, tokenizer, 16, val_fraction=0.1, calib_sequences=4)
+    streamed = data.make_splits(iter(texts), tokenizer, 16, val_fraction=0.1, calib_sequences=4)
+    for a, b in ((full.train, streamed.train), (full.val, streamed.val), (full.calib, streamed.calib)):
+        assert torch.equal(a, b)  # a generator gives exactly what a list gives
+    read = []
+
+    def stream():
+        for text in texts:
+            read.append(text)
+            yield text
+
+    part = data.make_splits(stream(), tokenizer, 16, val_fraction=0.1, calib_sequences=4, max_tokens=1000)
+    assert len(read) < len(texts)  # stopped early
+    assert 1000 <= part.train.numel() + 16 and torch.equal(part.train, full.train[: len(part.train)])
+    assert torch.equal(part.val, full.val[: len(part.val)])  # the hash split agrees on every prefix
+
+
+def test_stages_read_only_what_they_need_from_big_data(tokenizer, monkeypatch):
+    """Bug: the 8B recipes read the whole hub data set into memory in every stage. With dataset.max_tokens a
+    stage stops reading once it has its calibration pool, its training budget and its validation rows."""
+    from compactlm import inputs
+    from compactlm.config import load_config
+
+    texts, read = make_docs(3000), []
+
+    def endless(*args, **kwargs):
+        for text in texts:
+            read.append(text)
+            yield text
+
+    monkeypatch.setattr(data, "iter_texts", endless)
+    monkeypatch.setattr(data, "TOKENIZE_DOCS", 8)
+    cfg = load_config(None, ["dataset.max_tokens=100000000", "calib.sequences=4"])
+    splits = inputs.load_splits(cfg, tokenizer, 16)  # scoring: a pool of 4 x 4 rows of 16 tokens
+    assert len(splits.calib) == 4 and len(read) < 100
+    read.clear()
+    splits = inputs.load_splits(cfg, tokenizer, 16, calib=False, train_tokens=20_000, val_rows=8)
+    assert 20_000 <= splits.train.numel() + 16 and len(splits.val) >= 8 and len(read) < len(texts) / 2

@@ -55,11 +55,12 @@ class DatasetConfig:
     text_field: str = "text"  # column of .jsonl / .parquet / hub datasets
     split: str = "train"  # hub dataset split
     max_chars: int | None = None  # use only this many characters of the corpus
+    max_tokens: int | None = None  # stop reading once the train split holds this many tokens (big/streamed data)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.val_fraction < 1.0:
             raise InvalidValue("val_fraction", self.val_fraction, "must lie in (0, 1)")
-        _at_least(self, 1, "max_chars")
+        _at_least(self, 1, "max_chars", "max_tokens")
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from compactlm.errors import CompactLMError
@@ -53,6 +54,7 @@ FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
 MIN_DOC_CHARS = 200  # python-docs: shorter topics/docstrings are dropped
 TXT_DOC_CHARS = 2000  # .txt: paragraphs are merged into documents of at least this many characters
 _HASH_BUCKETS = 10_000
+TOKENIZE_DOCS = 512  # documents per tokenizer call when building splits
 # Never imported for python-docs: GUI, side effects on import or on the terminal, tests, slow shims.
 _SKIP_MODULES = frozenset({
     "antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "lib2to3", "test", "tests",
@@ -64,9 +66,10 @@ _PATH_LIKE_SUFFIXES = FILE_SUFFIXES + (".json", ".csv", ".tsv", ".gz", ".md", ".
 
 # ---------------------------------------------------------------- loading
 
-def load_texts(source: str, *, text_field: str = "text", split: str = "train",
-               max_chars: int | None = None) -> list[str]:
-    """Documents from a built-in name (BUILTIN_DATA), a .txt/.jsonl/.parquet file or folder, or a HF dataset."""
+def iter_texts(source: str, *, text_field: str = "text", split: str = "train",
+               max_chars: int | None = None) -> Iterator[str]:
+    """Documents, lazily, from a built-in name (BUILTIN_DATA), a .txt/.jsonl/.parquet file or folder, or a HF
+    dataset ("name[:config]", streamed); blank ones skipped, cut at `max_chars` characters in all."""
     if max_chars is not None and max_chars < 1:
         raise CompactLMError(f"max_chars must be a positive number of characters, got {max_chars}")
     path = Path(source).expanduser()
@@ -80,26 +83,34 @@ def load_texts(source: str, *, text_field: str = "text", split: str = "train",
         raise CompactLMError(f"data file not found: {source}")
     else:
         docs = _hub_docs(source, text_field, split)
-    texts = _prefix(docs, max_chars)
-    if not texts:
+    count = 0
+    for doc in _prefix(docs, max_chars):
+        count += 1
+        yield doc
+    if not count:
         raise CompactLMError(f"no non-empty text in data source {source} (field '{text_field}')")
+
+
+def load_texts(source: str, *, text_field: str = "text", split: str = "train",
+               max_chars: int | None = None) -> list[str]:
+    """All documents of `iter_texts` as a list (small corpora; `make_splits` streams instead)."""
+    texts = list(iter_texts(source, text_field=text_field, split=split, max_chars=max_chars))
     log.info("loaded %d documents, %d characters from %s", len(texts), sum(map(len, texts)), source)
     return texts
 
 
-def _prefix(docs: Iterable[str], max_chars: int | None) -> list[str]:
+def _prefix(docs: Iterable[str], max_chars: int | None) -> Iterator[str]:
     """Non-blank documents in order, cut so that their total length is at most max_chars."""
-    texts, total = [], 0
+    total = 0
     for doc in docs:
         if not doc.strip():
             continue
         if max_chars is not None and total + len(doc) >= max_chars:
             if doc[: max_chars - total].strip():
-                texts.append(doc[: max_chars - total])
-            break
-        texts.append(doc)
+                yield doc[: max_chars - total]
+            return
+        yield doc
         total += len(doc)
-    return texts
 
 
 def _dir_docs(folder: Path, text_field: str) -> Iterator[str]:
@@ -186,22 +197,22 @@ def _parquet_docs(path: Path, text_field: str) -> Iterator[str]:
 
 
 def _hub_docs(source: str, text_field: str, split: str) -> Iterator[str]:
-    """The text_field column of a Hugging Face dataset split; source is "name" or "name:config"."""
+    """The text_field column of a Hugging Face dataset split, streamed; source is "name" or "name:config"."""
     import datasets
 
     name, _, config = source.partition(":")
     try:
-        dataset = datasets.load_dataset(name, config or None, split=split)
+        dataset = datasets.load_dataset(name, config or None, split=split, streaming=True)
+        first = next(iter(dataset), None)
     except Exception as e:  # offline, unknown name, unknown split or config: all one-line errors
         raise CompactLMError(f"cannot load dataset '{source}' split '{split}' (not a local file, offline "
                              f"or not found): {_one_line(e)}") from None
-    if text_field not in dataset.column_names:
-        raise CompactLMError(f"dataset '{source}' has no column '{text_field}' "
-                             f"(columns: {dataset.column_names})")
-    for batch in dataset.select_columns([text_field]).iter(batch_size=1024):
-        for value in batch[text_field]:
-            if value is not None:
-                yield str(value)
+    if first is not None and text_field not in first:
+        raise CompactLMError(f"dataset '{source}' has no column '{text_field}' (columns: {sorted(first)})")
+    for record in dataset:  # streaming: documents arrive as they are read, nothing is held in memory
+        value = record[text_field]
+        if value is not None:
+            yield str(value)
 
 
 def _one_line(error: Exception, limit: int = 200) -> str:
@@ -334,9 +345,9 @@ def _module_docstrings(module: types.ModuleType, seen: set[int]) -> list[str]:
 class Splits:
     """Packed token rows for calibration (a sample of train), training and validation."""
 
-    calib: torch.Tensor  # (N_calib, seq_len) int64
-    train: torch.Tensor  # (N_train, seq_len) int64
-    val: torch.Tensor  # (N_val, seq_len) int64
+    calib: torch.Tensor  # (N_calib, seq_len) int32 (token ids; `batches` hands them out as int64)
+    train: torch.Tensor  # (N_train, seq_len) int32
+    val: torch.Tensor  # (N_val, seq_len) int32
 
 
 def doc_hash(text: str) -> int:
@@ -348,45 +359,74 @@ def assign_val(texts: list[str], val_fraction: float) -> list[bool]:
     """Per document: True if it belongs to validation (by doc_hash only; never depends on seed or seq_len)."""
     if not 0.0 < val_fraction < 1.0:
         raise CompactLMError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    hashes = [doc_hash(t) for t in texts]
-    is_val = [h < val_fraction * _HASH_BUCKETS for h in hashes]
-    if len(texts) >= 2 and not any(is_val):  # smallest hash goes to val (first one on ties)
-        is_val[min(range(len(texts)), key=lambda i: hashes[i])] = True
-    if len(texts) >= 2 and all(is_val):  # largest hash goes back to train
-        is_val[max(range(len(texts)), key=lambda i: hashes[i])] = False
+    return _assign(np.array([doc_hash(t) for t in texts]), val_fraction).tolist()
+
+
+def _assign(hashes: np.ndarray, val_fraction: float) -> np.ndarray:
+    """(n,) bool: hash below the fraction; with 2+ documents, at least one in each split (ties: the first)."""
+    is_val = hashes < val_fraction * _HASH_BUCKETS
+    if len(hashes) >= 2 and not is_val.any():  # smallest hash goes to val
+        is_val[int(np.argmin(hashes))] = True
+    if len(hashes) >= 2 and is_val.all():  # largest hash goes back to train
+        is_val[int(np.argmax(hashes))] = False
     return is_val
 
 
-def make_splits(texts: list[str], tokenizer, seq_len: int, *, val_fraction: float = 0.05,
-                calib_sequences: int = 128, seed: int = 0) -> Splits:
-    """Split documents by hash into train/val, tokenise, pack into (N, seq_len) rows; calib samples train."""
+def make_splits(texts: Iterable[str], tokenizer, seq_len: int, *, val_fraction: float = 0.05,
+                calib_sequences: int = 128, seed: int = 0, max_tokens: int | None = None) -> Splits:
+    """Split documents by hash into train/val, tokenise, pack into (N, seq_len) rows; calib samples train.
+
+    `texts` is read once, lazily, and tokenised in batches of documents (a streamed hub dataset never sits in
+    memory as text); with `max_tokens`, reading stops once the train split holds that many tokens.
+    The split is `assign_val`'s: a document's hash alone decides, so every prefix of a stream agrees.
+    """
     if seq_len < 1:
         raise CompactLMError(f"seq_len must be >= 1, got {seq_len}")
     if calib_sequences < 0:
         raise CompactLMError(f"calib_sequences must be >= 0, got {calib_sequences}")
-    if not any(t.strip() for t in texts):
+    if not 0.0 < val_fraction < 1.0:
+        raise CompactLMError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    docs: list[tuple[int, np.ndarray]] = []  # (hash, ids + eos as int32) per document, in order
+    train_tokens = 0
+    for batch in _batched((t for t in texts if t.strip()), TOKENIZE_DOCS):
+        ids = tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
+        for text, doc in zip(batch, ids):
+            docs.append((doc_hash(text), _with_eos(doc, tokenizer)))
+            train_tokens += len(docs[-1][1]) if docs[-1][0] >= val_fraction * _HASH_BUCKETS else 0
+        if max_tokens is not None and train_tokens >= max_tokens:
+            log.info("splits: stopped reading at %d train tokens (dataset.max_tokens)", train_tokens)
+            break
+    if not docs:
         raise CompactLMError("no non-empty text to split into train and validation")
-    is_val = assign_val(texts, val_fraction)
-    val = _pack(_token_stream([t for t, v in zip(texts, is_val) if v], tokenizer), seq_len, "validation")
-    train = _pack(_token_stream([t for t, v in zip(texts, is_val) if not v], tokenizer), seq_len, "train")
+    is_val = _assign(np.array([h for h, _ in docs]), val_fraction)
+    val = _pack(_concat([d for (_, d), v in zip(docs, is_val) if v]), seq_len, "validation")
+    train = _pack(_concat([d for (_, d), v in zip(docs, is_val) if not v]), seq_len, "train")
     generator = torch.Generator().manual_seed(seed)
     keep = torch.randperm(len(train), generator=generator)[:calib_sequences].sort().values
     log.info("splits: %d train, %d val, %d calib rows of %d tokens", len(train), len(val), len(keep), seq_len)
     return Splits(calib=train[keep], train=train, val=val)
 
 
-def _token_stream(texts: list[str], tokenizer) -> torch.Tensor:
-    """(T,) int64 ids of all documents concatenated, each followed by eos when the tokenizer has one."""
-    if not texts:
-        return torch.zeros(0, dtype=torch.long)
-    ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+def _batched(texts: Iterable[str], n: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for text in texts:
+        batch.append(text)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _with_eos(ids: list[int], tokenizer) -> np.ndarray:
+    """A document's ids followed by eos when the tokenizer has one, as int32 (every vocabulary fits)."""
     eos = getattr(tokenizer, "eos_token_id", None)
-    flat: list[int] = []
-    for doc in ids:
-        flat.extend(doc)
-        if eos is not None:
-            flat.append(eos)
-    return torch.tensor(flat, dtype=torch.long)
+    return np.asarray(ids + [eos] if eos is not None else ids, dtype=np.int32)
+
+
+def _concat(docs: list[np.ndarray]) -> torch.Tensor:
+    """(T,) int32 token stream of documents in order."""
+    return torch.from_numpy(np.concatenate(docs)) if docs else torch.zeros(0, dtype=torch.int32)
 
 
 def _pack(stream: torch.Tensor, seq_len: int, split: str) -> torch.Tensor:

@@ -88,14 +88,28 @@ def load(cfg: Config, spec: str | None = None):
     return model, load_tokenizer(cfg.tokenizer or spec)
 
 
-def load_splits(cfg: Config, tokenizer, seq_len: int, calib: bool = True) -> data.Splits:
-    """Tokenised, packed calibration (unless `calib` is False)/train/validation splits of `cfg.data`."""
-    texts = data.load_texts(
+CALIB_POOL = 4  # with dataset.max_tokens, calibration rows are drawn from 4x as many train rows
+
+
+def load_splits(cfg: Config, tokenizer, seq_len: int, calib: bool = True, train_tokens: int = 0,
+                val_rows: int = 0) -> data.Splits:
+    """Tokenised, packed calibration (unless `calib` is False)/train/validation splits of `cfg.data`.
+
+    The source is streamed. With `dataset.max_tokens` set (big data), reading stops as soon as the stage has
+    what it says it needs: `train_tokens` train tokens (calibration: a pool of CALIB_POOL x its rows) and
+    `val_rows` validation rows, which arrive with about 1/val_fraction as many train tokens.
+    """
+    limit = cfg.dataset.max_tokens
+    if limit is not None:
+        pool = CALIB_POOL * cfg.calib.sequences * seq_len if calib else 0
+        need = max(train_tokens, pool) + int(1.2 * val_rows * seq_len / cfg.dataset.val_fraction)
+        limit = min(limit, max(need, seq_len))
+    texts = data.iter_texts(
         cfg.data, text_field=cfg.dataset.text_field, split=cfg.dataset.split, max_chars=cfg.dataset.max_chars
     )
     return data.make_splits(
         texts, tokenizer, seq_len, val_fraction=cfg.dataset.val_fraction,
-        calib_sequences=cfg.calib.sequences if calib else 0, seed=cfg.seed,
+        calib_sequences=cfg.calib.sequences if calib else 0, seed=cfg.seed, max_tokens=limit,
     )
 
 

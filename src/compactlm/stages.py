@@ -127,7 +127,8 @@ def _fit(cfg: Config, tc: TrainConfig, section: str, student_spec: str, teacher_
             teacher = load_model(teacher_spec, dtype=cfg.dtype, device=d.device)
             inputs.check_seq_len(teacher, tc.seq_len, f"{section}.seq_len")
             inputs.same_vocabulary(teacher_spec, teacher, student_spec, student, cfg)
-        splits = load_splits(cfg, tokenizer, tc.seq_len, calib=False)
+        splits = load_splits(cfg, tokenizer, tc.seq_len, calib=False,
+                             train_tokens=total_steps(tc) * tc.batch_size * tc.seq_len, val_rows=tc.eval_sequences)
         val = splits.val[: tc.eval_sequences]
         out = Path(cfg.out_dir)
         if d.is_main:
@@ -158,9 +159,11 @@ def search(cfg: Config) -> dict:
     source = family_of(teacher).dims(teacher.config)
     depths = {c.dims.layers for c in arch.enumerate_candidates(teacher, cfg.search)}  # cheap: counts only
     scores = scores_for(cfg, teacher, tokenizer, depth_metrics_needed(cfg.target, [source.layers - n for n in depths]))
-    val = list(data.batches(load_splits(cfg, tokenizer, cfg.eval.seq_len).val[: cfg.eval.sequences],
-                            cfg.eval.batch_size))
-    rows = load_splits(cfg, tokenizer, cfg.distill.seq_len, calib=False)  # the brief distillations' data
+    val = _val_batches(cfg, tokenizer, teacher)
+    steps = cfg.search.distill_steps * cfg.search.top_k  # the brief distillations' data
+    rows = load_splits(cfg, tokenizer, cfg.distill.seq_len, calib=False,
+                       train_tokens=steps * cfg.distill.batch_size * cfg.distill.seq_len,
+                       val_rows=cfg.distill.eval_sequences)
     chosen, ranked = arch.search(
         teacher, scores, cfg.search, val, layer_metric=cfg.target.layer_metric,
         keep_last_layer=cfg.target.keep_last_layer, progress=True,
@@ -196,7 +199,7 @@ def _brief_distill(cfg: Config, student, teacher, rows: data.Splits) -> float:
 
 def _val_batches(cfg: Config, tokenizer, model) -> list:
     inputs.check_seq_len(model, cfg.eval.seq_len, "eval.seq_len")
-    val = load_splits(cfg, tokenizer, cfg.eval.seq_len, calib=False).val[: cfg.eval.sequences]
+    val = load_splits(cfg, tokenizer, cfg.eval.seq_len, calib=False, val_rows=cfg.eval.sequences).val[: cfg.eval.sequences]
     return list(data.batches(val, cfg.eval.batch_size))
 
 

@@ -83,7 +83,8 @@ def train_step(trainee: Trainee, teacher: Teacher | None, optimizer: torch.optim
                micro: int, tc: TrainConfig, d: Dist) -> dict[str, float]:
     """One optimizer step on this rank's rows (b, S): accumulate micro-batch grads, clip, step; metrics."""
     optimizer.zero_grad(set_to_none=True)
-    micros = [(r.to(d.device), torch.ones_like(r, device=d.device)) for r in rows.split(micro)]  # (m, S) each
+    micros = [(r.to(d.device).long(), torch.ones_like(r, device=d.device, dtype=torch.long))
+              for r in rows.split(micro)]  # (m, S) each
     counts = [trainee.count(ids, mask) for ids, mask in micros]
     total = float(all_reduce_sum(torch.tensor(float(sum(counts)), dtype=torch.float64), d))
     sums: dict[str, Tensor] = {}
@@ -111,7 +112,7 @@ def validate(trainee: Trainee, teacher: Teacher | None, val_rows: Tensor, micro:
     with torch.no_grad():
         for i in range(calls):
             index = i * d.world + d.rank
-            ids = chunks[min(index, len(chunks) - 1)].to(d.device)  # a spare rank repeats a chunk, weight 0
+            ids = chunks[min(index, len(chunks) - 1)].to(d.device).long()  # a spare rank repeats a chunk, weight 0
             mask = torch.ones_like(ids)
             t_out = teacher(ids, mask) if teacher is not None else None
             part = trainee(ids, mask, t_out, evaluate=True)["sums"]
