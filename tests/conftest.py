@@ -95,12 +95,35 @@ def tiny_tokenizer(vocab_size: int = 300):
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory):
+def bpe_tokenizer():
+    """`tiny_tokenizer()` once per session: byte-level BPE, any text encodes, eos <eos>."""
+    return tiny_tokenizer()
+
+
+WORDS = ["the", "king", "queen", "speaks", "of", "love", "and", "war", "to", "his", "her", "people"]
+
+
+@pytest.fixture(scope="session")
+def word_tokenizer():
+    """A word-level tokenizer whose ids fit the tiny models' VOCAB: 0 <unk>, 1 </s> (eos and pad), then WORDS."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "</s>": 1} | {w: i + 2 for i, w in enumerate(WORDS)}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>", pad_token="</s>")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, bpe_tokenizer):
     """A tiny random Llama (4 heads in 2 KV groups) with a real tokenizer, saved as a HF checkpoint dir."""
     from transformers import AutoModelForCausalLM
 
     path = tmp_path_factory.mktemp("tiny-llama")
-    tok = tiny_tokenizer()
+    tok = bpe_tokenizer
     config = tiny_config("llama", 4, 2, tied=True)
     config.vocab_size, config.eos_token_id, config.pad_token_id, config.bos_token_id = len(tok), 0, 0, 0
     torch.manual_seed(0)

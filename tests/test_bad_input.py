@@ -65,7 +65,7 @@ CASES = [  # id, command, arguments, what the one line must say
 
 
 @pytest.fixture(scope="module")
-def files(tiny_checkpoint, text_file, tmp_path_factory):
+def files(tiny_checkpoint, text_file, bpe_tokenizer, tmp_path_factory):
     """Every broken or mismatched input the cases name, built once."""
     from transformers import AutoModelForCausalLM, GPTNeoXConfig
 
@@ -109,7 +109,7 @@ def files(tiny_checkpoint, text_file, tmp_path_factory):
     f["other_tokenizer"] = root / "other_tokenizer"  # same vocabulary size, other tokens
     other = tiny_tokenizer(vocab_size=200)
     config = tiny_config("llama", 4, 2, tied=True)
-    config.vocab_size = len(tiny_tokenizer())
+    config.vocab_size = len(bpe_tokenizer)
     AutoModelForCausalLM.from_config(config).save_pretrained(f["other_tokenizer"])
     other.save_pretrained(f["other_tokenizer"])
     f["trained"] = root / "trained"

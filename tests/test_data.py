@@ -17,18 +17,8 @@ WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly 
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    """A tiny offline byte-level BPE tokenizer (any text encodes) with an <eos> token."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([" ".join(WORDS)] * 4, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+def tokenizer(bpe_tokenizer):
+    return bpe_tokenizer
 
 
 def make_docs(n: int, words: int = 40, seed: int = 0) -> list[str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_column_close, run_killed_at_checkpoint, tiny_config, tiny_tokenizer
+from conftest import assert_column_close, run_killed_at_checkpoint, tiny_config
 from safetensors.torch import load_file
 
 from compactlm.config import TrainConfig, load_config
@@ -46,10 +46,10 @@ def _save(config, tok, path: Path, seed: int = 0) -> Path:
 
 
 @pytest.fixture(scope="session")
-def models(tmp_path_factory) -> dict[str, Path]:
+def models(tmp_path_factory, bpe_tokenizer) -> dict[str, Path]:
     """A tiny Llama teacher (hidden 32, 3 layers, untied) and a narrower student (hidden 16, 2 layers)."""
     root = tmp_path_factory.mktemp("kd-models")
-    tok = tiny_tokenizer()
+    tok = bpe_tokenizer
     student = tiny_config("llama", 4, 2, tied=True, layers=2)
     student.hidden_size, student.head_dim, student.intermediate_size = 16, 4, 24
     return {"teacher": _save(tiny_config("llama", 4, 2, layers=3), tok, root / "teacher", seed=1),

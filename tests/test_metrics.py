@@ -11,24 +11,6 @@ from compactlm.errors import CompactLMError
 from compactlm.metrics import evaluate, generation_speed, perplexity, sample_text, teacher_agreement
 from compactlm.models.loading import num_params
 
-WORDS = ["the", "king", "queen", "speaks", "of", "love", "and", "war", "to", "his", "her", "people"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    """A tiny offline word-level tokenizer: ids 0 <unk>, 1 </s> (eos and pad), then WORDS; fits VOCAB."""
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import Whitespace
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "</s>": 1} | {w: i + 2 for i, w in enumerate(WORDS)}
-    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>",
-                                   pad_token="</s>")
-
-
 def _rows(batch):
     """Each row alone with its right padding trimmed: a different batch split of the same tokens."""
     out = []
@@ -136,21 +118,21 @@ def test_training_mode_is_restored(token_batch):
     assert model.training
 
 
-def test_generation_speed_and_sample_text(tokenizer):
+def test_generation_speed_and_sample_text(word_tokenizer):
     model = tiny_model("llama", layers=1)
-    out = generation_speed(model, tokenizer, prompt="the king", new_tokens=4, repeats=1)
+    out = generation_speed(model, word_tokenizer, prompt="the king", new_tokens=4, repeats=1)
     assert out["tokens_per_s"] > 0
-    text = sample_text(model, tokenizer, "the king", new_tokens=5)
+    text = sample_text(model, word_tokenizer, "the king", new_tokens=5)
     assert isinstance(text, str)
     assert len(text.split()) <= 5
 
 
-def test_evaluate_merges_keys(tokenizer, token_batch):
+def test_evaluate_merges_keys(word_tokenizer, token_batch):
     model, teacher = tiny_model("gpt2", layers=1), tiny_model("gpt2", layers=1, seed=1)
     batches = iter([token_batch])  # a one-shot iterator: evaluate walks the batches once
-    out = evaluate(model, batches, teacher=teacher, tokenizer=tokenizer)
+    out = evaluate(model, batches, teacher=teacher, tokenizer=word_tokenizer)
     assert set(out) == {"params", "loss", "perplexity", "tokens", "kl", "top1_agreement", "tokens_per_s"}
     assert out["params"] == num_params(model)
     assert out["loss"] == pytest.approx(perplexity(model, [token_batch])["loss"], rel=1e-6)
-    assert set(evaluate(model, [token_batch], tokenizer=tokenizer, speed=False)) == {
+    assert set(evaluate(model, [token_batch], tokenizer=word_tokenizer, speed=False)) == {
         "params", "loss", "perplexity", "tokens"}
