@@ -136,3 +136,13 @@ def test_evaluate_merges_keys(word_tokenizer, token_batch):
     assert out["loss"] == pytest.approx(perplexity(model, [token_batch])["loss"], rel=1e-6)
     assert set(evaluate(model, [token_batch], tokenizer=word_tokenizer, speed=False)) == {
         "params", "loss", "perplexity", "tokens"}
+
+
+def test_a_shared_teacher_cache_gives_the_same_metrics(token_batch):
+    """compare evaluates two students against one teacher pass: cached hidden states change nothing."""
+    teacher, a, b = (tiny_model("llama", 4, 2, seed=s) for s in (0, 1, 2))
+    cache = {}
+    for student in (a, b):
+        fresh = evaluate(student, [token_batch], teacher=teacher, speed=False)
+        cached = evaluate(student, [token_batch], teacher=teacher, speed=False, teacher_cache=cache)
+        assert cached == pytest.approx(fresh, rel=1e-6) and set(cache) == {0}

@@ -111,19 +111,23 @@ def token_sums(hidden: Tensor, head: Head, ids: Tensor, mask: Tensor, teacher_hi
     return sums
 
 
-def _batch_sums(model, teacher, batch: Batch, chunk_tokens: int) -> Tensor:
-    """One batch's `token_sums` (5,) from the two models' final hidden states."""
+def _batch_sums(model, teacher, batch: Batch, chunk_tokens: int, h_t: Tensor | None = None) -> Tensor:
+    """One batch's `token_sums` (5,) from the two models' final hidden states (the teacher's: `h_t` if given)."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
     head = _head(model)
-    h_t, head_t = None, None
+    head_t = None
     if teacher is not None:
-        h_t, t = _hidden(teacher, ids, mask), _head(teacher)
-        head_t = (t.weight, t.bias)
+        h_t = _hidden(teacher, ids, mask) if h_t is None else h_t
+        head_t = (_head(teacher).weight, _head(teacher).bias)
     return token_sums(_hidden(model, ids, mask), (head.weight, head.bias), ids, mask, h_t, head_t, chunk_tokens)
 
 
-def _scan(model, teacher, batches: Iterable[Batch], chunk_tokens: int, progress: bool) -> dict[str, float]:
-    """One pass over `batches`: loss/perplexity/tokens, plus kl/top1_agreement when a teacher is given."""
+def _scan(model, teacher, batches: Iterable[Batch], chunk_tokens: int, progress: bool,
+          teacher_cache: dict[int, Tensor] | None = None) -> dict[str, float]:
+    """One pass over `batches`: loss/perplexity/tokens, plus kl/top1_agreement when a teacher is given.
+
+    `teacher_cache`: batch index -> the teacher's final hidden states, filled on first use; pass the same
+    dict to evaluate several students on the same batches with one teacher pass."""
     if chunk_tokens < 1:
         raise CompactLMError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     if teacher is not None and _vocab(teacher) != _vocab(model):
@@ -133,8 +137,13 @@ def _scan(model, teacher, batches: Iterable[Batch], chunk_tokens: int, progress:
     sums = torch.zeros(5, dtype=torch.float64)
     models = (model,) if teacher is None else (model, teacher)
     with _eval_mode(*models):
-        for batch in tqdm(batches, desc="evaluate", disable=not progress, leave=False):
-            sums += _batch_sums(model, teacher, batch, chunk_tokens).cpu()
+        for i, batch in enumerate(tqdm(batches, desc="evaluate", disable=not progress, leave=False)):
+            h_t = None
+            if teacher is not None and teacher_cache is not None:
+                if i not in teacher_cache:
+                    teacher_cache[i] = _hidden(teacher, batch["input_ids"], batch["attention_mask"])
+                h_t = teacher_cache[i]
+            sums += _batch_sums(model, teacher, batch, chunk_tokens, h_t).cpu()
     ce, targets, kl, top1, positions = sums.tolist()
     if targets == 0:
         raise CompactLMError("evaluation batches hold no non-padding target tokens (rows need 2+)")
@@ -206,9 +215,11 @@ def sample_text(model, tokenizer, prompt: str, *, new_tokens: int = 40) -> str:
 
 
 def evaluate(model, batches: Iterable[Batch], *, teacher=None, tokenizer=None, speed: bool = True,
-             progress: bool = False) -> dict:
-    """params, loss, perplexity, tokens; + kl, top1_agreement (teacher); + tokens_per_s (speed, tokenizer)."""
-    out = {"params": num_params(model)} | _scan(model, teacher, batches, CHUNK_TOKENS, progress)  # one pass
+             progress: bool = False, teacher_cache: dict[int, Tensor] | None = None) -> dict:
+    """params, loss, perplexity, tokens; + kl, top1_agreement (teacher); + tokens_per_s (speed, tokenizer).
+
+    `teacher_cache` (a dict shared between calls on the same batches) keeps the teacher's hidden states."""
+    out = {"params": num_params(model)} | _scan(model, teacher, batches, CHUNK_TOKENS, progress, teacher_cache)
     if speed and tokenizer is not None:
         out |= generation_speed(model, tokenizer)
     log.info("evaluation: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()})

@@ -203,12 +203,13 @@ def _val_batches(cfg: Config, tokenizer, model) -> list:
     return list(data.batches(val, cfg.eval.batch_size))
 
 
-def _measure(cfg: Config, model, tokenizer, batches: list, teacher=None, sample: bool = False) -> dict:
+def _measure(cfg: Config, model, tokenizer, batches: list, teacher=None, sample: bool = False,
+             teacher_cache: dict | None = None) -> dict:
     """Metrics of one model (+ a greedy sample of `eval.prompt`, + lm-eval `eval.tasks`)."""
     from compactlm.metrics import evaluate as evaluate_model, sample_text
 
     metrics = evaluate_model(model, batches, teacher=teacher, tokenizer=tokenizer, speed=cfg.eval.speed,
-                             progress=True)
+                             progress=True, teacher_cache=teacher_cache)
     if sample:
         metrics |= {"dims": vars(family_of(model).dims(model.config)),
                     "sample": sample_text(model, tokenizer, cfg.eval.prompt, new_tokens=cfg.eval.gen_tokens)}
@@ -247,10 +248,11 @@ def compare(cfg: Config) -> dict:
     check_task_files(cfg.eval.tasks)
     teacher, tokenizer = load(cfg, cfg.teacher)
     batches = _val_batches(cfg, tokenizer, teacher)
-    results = {}
+    results, cache = {}, {}  # one teacher pass serves both students' KL and agreement
     for name, spec in (("teacher", cfg.teacher), ("pruned", cfg.student), ("distilled", cfg.model)):
         model = teacher if name == "teacher" else load(cfg, spec)[0]
-        results[name] = _measure(cfg, model, tokenizer, batches, None if name == "teacher" else teacher, sample=True)
+        results[name] = _measure(cfg, model, tokenizer, batches, None if name == "teacher" else teacher,
+                                 sample=True, teacher_cache=cache)
     with staged_output(cfg.out_dir) as tmp:
         (tmp / EVAL_FILE).write_text(json.dumps(results | {"prompt": cfg.eval.prompt}, indent=1) + "\n")
     return {name: {k: v for k, v in m.items() if k in ("params", "perplexity", "kl")} for name, m in results.items()}
