@@ -1,0 +1,61 @@
+"""Time the README's main command as a new user meets it, and print where the time goes.
+
+Runs `compactlm run --config configs/smollm2-135m.yaml` in a fresh process with an empty compactlm cache (so
+the first load of the built-in model, its GGUF conversion, is included) into a temporary run directory, then
+prints the wall time, each stage's seconds, the distillation's tokens/s (median over steps) and the held-out
+results from the run's own files. Run it alone on the machine: other processes on the cores slow torch.
+
+    python benchmarks/main_command.py [--config configs/smollm2-135m.yaml] [--out main_command.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=str(ROOT / "configs" / "smollm2-135m.yaml"))
+    p.add_argument("--keep-cache", action="store_true", help="use the usual cache (skips the first-load cost)")
+    p.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory(prefix="compactlm-main-") as tmp:
+        env = dict(os.environ)
+        if not args.keep_cache:
+            env["COMPACTLM_CACHE"] = str(Path(tmp) / "cache")
+        run_dir = Path(tmp) / "run"
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "compactlm", "run", "--config", args.config,
+                               f"out_dir={run_dir}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            sys.exit(f"compactlm run failed ({proc.returncode}): {proc.stderr.strip().splitlines()[-1]}")
+        stages = {s.parent.name: json.loads(s.read_text())["seconds"] for s in run_dir.glob("*/stage.json")}
+        rows = [json.loads(line) for line in (run_dir / "distill" / "metrics.jsonl").read_text().splitlines()]
+        results = json.loads((run_dir / "evaluate" / "eval.json").read_text())
+    tok_s = statistics.median(r["tokens_per_s"] for r in rows)
+    print(f"main command: {wall / 60:.1f} min wall ({wall:.0f} s), fresh cache: {not args.keep_cache}")
+    for name, seconds in sorted(stages.items(), key=lambda kv: -kv[1]):
+        print(f"  {name:<10} {seconds:7.1f} s")
+    print(f"  distillation: {len(rows)} steps, {rows[-1]['tokens']:,} tokens, median {tok_s:.0f} tokens/s")
+    for name in ("teacher", "pruned", "distilled"):
+        m = results[name]
+        kl = f", KL {m['kl']:.3f}, top-1 {m['top1_agreement']:.1%}" if "kl" in m else ""
+        print(f"  {name:<10} {m['params'] / 1e6:.1f}M params, held-out perplexity {m['perplexity']:.1f}{kl}")
+    if args.out:
+        args.out.write_text(json.dumps({"wall_s": wall, "stages_s": stages, "distill_tokens_per_s": tok_s,
+                                        "results": results}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
