@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -44,7 +45,9 @@ def main() -> None:
         rows = [json.loads(line) for line in (run_dir / "distill" / "metrics.jsonl").read_text().splitlines()]
         results = json.loads((run_dir / "evaluate" / "eval.json").read_text())
     tok_s = statistics.median(r["tokens_per_s"] for r in rows)
-    print(f"main command: {wall / 60:.1f} min wall ({wall:.0f} s), fresh cache: {not args.keep_cache}")
+    rss_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB on Linux
+    print(f"main command: {wall / 60:.1f} min wall ({wall:.0f} s), peak RSS {rss_gb:.1f} GB, "
+          f"fresh cache: {not args.keep_cache}")
     for name, seconds in sorted(stages.items(), key=lambda kv: -kv[1]):
         print(f"  {name:<10} {seconds:7.1f} s")
     print(f"  distillation: {len(rows)} steps, {rows[-1]['tokens']:,} tokens, median {tok_s:.0f} tokens/s")
@@ -53,7 +56,7 @@ def main() -> None:
         kl = f", KL {m['kl']:.3f}, top-1 {m['top1_agreement']:.1%}" if "kl" in m else ""
         print(f"  {name:<10} {m['params'] / 1e6:.1f}M params, held-out perplexity {m['perplexity']:.1f}{kl}")
     if args.out:
-        args.out.write_text(json.dumps({"wall_s": wall, "stages_s": stages, "distill_tokens_per_s": tok_s,
+        args.out.write_text(json.dumps({"wall_s": wall, "peak_rss_gb": rss_gb, "stages_s": stages, "distill_tokens_per_s": tok_s,
                                         "results": results}, indent=1) + "\n")
 
 

@@ -60,6 +60,7 @@ CASES = [  # id, command, arguments, what the one line must say
     ("checkpoint-without-resume", "distill", ["out_dir={trained}"], "pass resume=true"),
     ("resume-with-changed-config", "distill", ["out_dir={trained}", "resume=true", "distill.lr=0.5"],
      "resume: distill.lr (0.0001 -> 0.5) changed"),
+    ("char-tokenizer-not-built-here", "prune", ["tokenizer=char"], "tokenizer=char is built by run, train and distill"),
     ("task-file-missing", "eval", ["eval.tasks=[./no/such/task.yaml]"], "eval.tasks"),
 ]
 

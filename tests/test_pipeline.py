@@ -75,6 +75,11 @@ def test_run_end_to_end_with_report(tiny_checkpoint, text_file, tmp_path, capsys
     assert main(["run", *args]) == 0  # everything done: nothing recomputed
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob(pipeline.DONE)} == before
 
+    (run_dir / "report.md").unlink()
+    assert main(["report", str(run_dir)]) == 0  # `compactlm report RUN_DIR` rewrites it from the run's files
+    assert (run_dir / "report.md").read_text() == report
+    assert main(["report", str(tmp_path)]) == 2 and "holds no evaluate/eval.json" in capsys.readouterr().err
+
 
 def test_run_with_search(tiny_checkpoint, text_file, tmp_path, capsys):
     run_dir = tmp_path / "run"

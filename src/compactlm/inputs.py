@@ -84,6 +84,9 @@ def vocab_size(model) -> int:
 def load(cfg: Config, spec: str | None = None):
     """(model, tokenizer) for `spec` (default cfg.model) on the configured device and dtype."""
     spec = spec or cfg.model
+    if cfg.tokenizer == "char":  # chartok.CHAR: built from the data by run/train/distill, read from its folder here
+        raise CompactLMError("tokenizer=char is built by run, train and distill; here pass the folder it was "
+                             "saved to: tokenizer=RUN_DIR/tokenizer")
     model = load_model(spec, dtype=cfg.dtype, device=pick_device(cfg.device))
     return model, load_tokenizer(cfg.tokenizer or spec)
 
