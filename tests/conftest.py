@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# token stores of the tests' throwaway data go to a temp folder (subprocesses inherit it), not the user's cache
+os.environ["COMPACTLM_TOKENS"] = tempfile.mkdtemp(prefix="compactlm-test-tokens-")
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
 LAYOUTS = ((4, 4), (4, 2), (4, 1))

@@ -326,9 +326,10 @@ def test_stages_read_only_what_they_need_from_big_data(tokenizer, monkeypatch):
 
     monkeypatch.setattr(data, "iter_texts", endless)
     monkeypatch.setattr(data, "TOKENIZE_DOCS", 8)
+    monkeypatch.setattr(inputs, "READ_AT_LEAST", 100)  # as a 20M-token floor is to a corpus of billions
     cfg = load_config(None, ["dataset.max_tokens=100000000", "calib.sequences=4"])
     splits = inputs.load_splits(cfg, tokenizer, 16)  # scoring: a pool of 4 x 4 rows of 16 tokens
     assert len(splits.calib) == 4 and len(read) < 100
     read.clear()
     splits = inputs.load_splits(cfg, tokenizer, 16, calib=False, train_tokens=20_000, val_rows=8)
-    assert 20_000 <= splits.train.numel() + 16 and len(splits.val) >= 8 and len(read) < len(texts) / 2
+    assert 20_000 <= len(splits.train) * 16 + 16 and len(splits.val) >= 8 and len(read) < len(texts) / 2

@@ -53,7 +53,7 @@ DOWNLOAD_TIMEOUT_S = 60
 FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
 MIN_DOC_CHARS = 200  # python-docs: shorter topics/docstrings are dropped
 TXT_DOC_CHARS = 2000  # .txt: paragraphs are merged into documents of at least this many characters
-_HASH_BUCKETS = 10_000
+HASH_BUCKETS = 10_000
 TOKENIZE_DOCS = 512  # documents per tokenizer call when building splits
 # Never imported for python-docs: GUI, side effects on import or on the terminal, tests, slow shims.
 _SKIP_MODULES = frozenset({
@@ -352,7 +352,7 @@ class Splits:
 
 def doc_hash(text: str) -> int:
     """Stable bucket in [0, 10_000) of a document: zlib.crc32 of its UTF-8 bytes."""
-    return zlib.crc32(text.encode("utf-8")) % _HASH_BUCKETS
+    return zlib.crc32(text.encode("utf-8")) % HASH_BUCKETS
 
 
 def assign_val(texts: list[str], val_fraction: float) -> list[bool]:
@@ -364,7 +364,7 @@ def assign_val(texts: list[str], val_fraction: float) -> list[bool]:
 
 def _assign(hashes: np.ndarray, val_fraction: float) -> np.ndarray:
     """(n,) bool: hash below the fraction; with 2+ documents, at least one in each split (ties: the first)."""
-    is_val = hashes < val_fraction * _HASH_BUCKETS
+    is_val = hashes < val_fraction * HASH_BUCKETS
     if len(hashes) >= 2 and not is_val.any():  # smallest hash goes to val
         is_val[int(np.argmin(hashes))] = True
     if len(hashes) >= 2 and is_val.all():  # largest hash goes back to train
@@ -388,11 +388,11 @@ def make_splits(texts: Iterable[str], tokenizer, seq_len: int, *, val_fraction: 
         raise CompactLMError(f"val_fraction must be in (0, 1), got {val_fraction}")
     docs: list[tuple[int, np.ndarray]] = []  # (hash, ids + eos as int32) per document, in order
     train_tokens = 0
-    for batch in _batched((t for t in texts if t.strip()), TOKENIZE_DOCS):
+    for batch in batched((t for t in texts if t.strip()), TOKENIZE_DOCS):
         ids = tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
         for text, doc in zip(batch, ids):
             docs.append((doc_hash(text), _with_eos(doc, tokenizer)))
-            train_tokens += len(docs[-1][1]) if docs[-1][0] >= val_fraction * _HASH_BUCKETS else 0
+            train_tokens += len(docs[-1][1]) if docs[-1][0] >= val_fraction * HASH_BUCKETS else 0
         if max_tokens is not None and train_tokens >= max_tokens:
             log.info("splits: stopped reading at %d train tokens (dataset.max_tokens)", train_tokens)
             break
@@ -407,7 +407,7 @@ def make_splits(texts: Iterable[str], tokenizer, seq_len: int, *, val_fraction: 
     return Splits(calib=train[keep], train=train, val=val)
 
 
-def _batched(texts: Iterable[str], n: int) -> Iterator[list[str]]:
+def batched(texts: Iterable[str], n: int) -> Iterator[list[str]]:
     batch: list[str] = []
     for text in texts:
         batch.append(text)

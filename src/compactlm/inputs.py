@@ -91,29 +91,38 @@ def load(cfg: Config, spec: str | None = None):
     return model, load_tokenizer(cfg.tokenizer or spec)
 
 
-CALIB_POOL = 4  # with dataset.max_tokens, calibration rows are drawn from 4x as many train rows
+CALIB_POOL = 4  # calibration rows are drawn from at least 4x as many train rows
+READ_AT_LEAST = 20_000_000  # train tokens a stage reads of a big source even when it needs fewer
 
 
 def load_splits(cfg: Config, tokenizer, seq_len: int, calib: bool = True, train_tokens: int = 0,
                 val_rows: int = 0) -> data.Splits:
-    """Tokenised, packed calibration (unless `calib` is False)/train/validation splits of `cfg.data`.
+    """Calibration (unless `calib` is False), train and validation rows of `cfg.data` at `seq_len`, from the
+    token store of (data, tokenizer): tokenised once, memory-mapped, read on demand (tokenstore.py).
 
-    The source is streamed. With `dataset.max_tokens` set (big data), reading stops as soon as the stage has
-    what it says it needs: `train_tokens` train tokens (calibration: a pool of CALIB_POOL x its rows) and
-    `val_rows` validation rows, which arrive with about 1/val_fraction as many train tokens.
+    The store is read (and built) only as far as the stage needs: `train_tokens` train tokens (calibration: a
+    pool of CALIB_POOL x its rows) and `val_rows` validation rows, which arrive with about 1/val_fraction as
+    many train tokens; but at least READ_AT_LEAST tokens (a small corpus: all of it), so that calibration
+    samples and training shuffles draw from a wide pool; at most `dataset.max_tokens` when it is set.
     """
-    limit = cfg.dataset.max_tokens
-    if limit is not None:
-        pool = CALIB_POOL * cfg.calib.sequences * seq_len if calib else 0
-        need = max(train_tokens, pool) + int(1.2 * val_rows * seq_len / cfg.dataset.val_fraction)
-        limit = min(limit, max(need, seq_len))
-    texts = data.iter_texts(
-        cfg.data, text_field=cfg.dataset.text_field, split=cfg.dataset.split, max_chars=cfg.dataset.max_chars
-    )
-    return data.make_splits(
-        texts, tokenizer, seq_len, val_fraction=cfg.dataset.val_fraction,
-        calib_sequences=cfg.calib.sequences if calib else 0, seed=cfg.seed, max_tokens=limit,
-    )
+    from compactlm.tokenstore import Source, open_store
+
+    pool = CALIB_POOL * cfg.calib.sequences * seq_len if calib else 0
+    need = max(train_tokens, pool) + int(1.2 * val_rows * seq_len / cfg.dataset.val_fraction)
+    limit = max(need, READ_AT_LEAST)
+    if cfg.dataset.max_tokens is not None:
+        limit = min(limit, max(cfg.dataset.max_tokens, seq_len))
+    ds = cfg.dataset
+    store = open_store(Source(cfg.data, ds.text_field, ds.split, ds.max_chars, ds.val_fraction), tokenizer, limit)
+    train, val = store.rows("train", seq_len), store.rows("val", seq_len)
+    for name, rows in (("train", train), ("validation", val)):
+        if len(rows) == 0:
+            raise CompactLMError(f"{name} split has {store.meta['tokens']['train' if name == 'train' else 'val']} "
+                                 f"tokens, fewer than seq_len={seq_len}: use more text or a smaller seq_len")
+    keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))
+    keep = keep[: cfg.calib.sequences if calib else 0].sort().values
+    log.info("splits: %d train, %d val, %d calib rows of %d tokens", len(train), len(val), len(keep), seq_len)
+    return data.Splits(calib=train[keep], train=train, val=val)
 
 
 def same_vocabulary(teacher_spec: str, teacher, student_spec: str, student, cfg: Config) -> None:

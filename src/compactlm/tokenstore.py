@@ -1,0 +1,231 @@
+"""A token store: a data source tokenised once into memory-mapped token files, cached by source and tokenizer.
+
+    <store>/train.bin, val.bin   the two splits' token streams (uint16 when the vocabulary fits, else uint32):
+                                 documents in source order, each followed by eos, split by `data.doc_hash`
+    <store>/meta.json            written last, atomically: token counts, documents read, whether the source
+                                 is exhausted; a reader trusts only what meta.json counts
+
+Stores live in `COMPACTLM_TOKENS` (default `<compactlm cache>/tokens`), one folder per key: the source (a local
+file's path, size and mtime), its reading options, the validation fraction and the tokenizer's fingerprint.
+A stage asks for the train tokens it needs: the store is built in one streaming pass (bounded memory, the
+tokenizer's batch encoder, a progress bar) up to that budget, extended later when a stage needs more, and
+reused as it is otherwise. A build happens in a temp folder renamed in at the end; an extension appends past
+the counted tokens and rewrites meta.json last, so an interrupted one leaves the old store intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from compactlm import data
+from compactlm.errors import CompactLMError
+from compactlm.models.loading import cache_dir
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val")
+_HUGE = 1 << 62  # no budget: read the whole source
+
+
+@dataclass(frozen=True)
+class Source:
+    """What is tokenised: a data source and how it is read and split."""
+
+    source: str
+    text_field: str = "text"
+    split: str = "train"
+    max_chars: int | None = None
+    val_fraction: float = 0.05
+
+
+def store_root() -> Path:
+    """Where token stores live: COMPACTLM_TOKENS, default <compactlm cache>/tokens."""
+    return Path(os.environ.get("COMPACTLM_TOKENS") or cache_dir() / "tokens")
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of everything that decides the ids: the tokenizer's full JSON (fast tokenizers) or its vocabulary,
+    and its eos id."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(f"{text}\n{tokenizer.eos_token_id}".encode()).hexdigest()
+
+
+def store_key(src: Source, tokenizer) -> str:
+    """The store folder name for (source, tokenizer); a local file's size and mtime are part of it."""
+    identity = asdict(src)
+    path = Path(src.source).expanduser()
+    if path.exists():
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        identity["files"] = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    identity["tokenizer"] = tokenizer_fingerprint(tokenizer)
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
+
+
+class TokenRows:
+    """(N, seq_len) rows of a memory-mapped token stream, read on demand: indexing gives int64 tensors."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int):
+        self.seq_len = seq_len
+        n = len(tokens) // seq_len
+        self.rows = tokens[: n * seq_len].reshape(n, seq_len)  # a view: nothing is read yet
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.rows.shape)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        """Rows by int, slice or index tensor -> int64 tensor (only those rows are read from disk)."""
+        index = index.numpy() if isinstance(index, torch.Tensor) else index
+        return torch.from_numpy(np.array(self.rows[index], dtype=np.int64))
+
+
+@dataclass
+class TokenStore:
+    """An opened store: its folder and meta.json."""
+
+    path: Path
+    meta: dict
+
+    def tokens(self, split: str) -> np.ndarray:
+        """(T,) the split's whole token stream, memory-mapped (T from meta.json)."""
+        count = self.meta["tokens"][split]
+        if count == 0:
+            return np.zeros(0, dtype=self.meta["dtype"])
+        return np.memmap(self.path / f"{split}.bin", dtype=self.meta["dtype"], mode="r", shape=(count,))
+
+    def rows(self, split: str, seq_len: int) -> TokenRows:
+        """The split packed into rows of seq_len tokens (the remainder is dropped)."""
+        return TokenRows(self.tokens(split), seq_len)
+
+
+def open_store(src: Source, tokenizer, need_train_tokens: int | None = None, *, progress: bool = True) -> TokenStore:
+    """The store of (src, tokenizer) with at least `need_train_tokens` train tokens, or the whole source when
+    None: reused when it has them, extended when it has fewer, built when there is none."""
+    if not 0.0 < src.val_fraction < 1.0:
+        raise CompactLMError(f"val_fraction must be in (0, 1), got {src.val_fraction}")
+    need = _HUGE if need_train_tokens is None else need_train_tokens
+    path = store_root() / store_key(src, tokenizer)
+    meta = _read_meta(path)
+    if meta is not None and (meta["exhausted"] or meta["tokens"]["train"] >= need):
+        log.info("token store %s: reused (%d train, %d val tokens)", path, *meta["tokens"].values())
+        return TokenStore(path, meta)
+    if meta is None:  # a fresh build goes to a temp folder, renamed in once complete
+        path.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            meta = _fill(work, src, tokenizer, need, _empty_meta(src, tokenizer), progress)
+            try:
+                work.rename(path)
+            except OSError:  # another process finished the same store first: theirs is as good
+                pass
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    else:  # extend in place: append past the counted tokens, meta.json last
+        meta = _fill(path, src, tokenizer, need, meta, progress)
+    log.info("token store %s: %d train, %d val tokens", path, *meta["tokens"].values())
+    return TokenStore(path, _read_meta(path))
+
+
+def _empty_meta(src: Source, tokenizer) -> dict:
+    dtype = "uint16" if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else "uint32"
+    return {"source": asdict(src), "dtype": dtype, "tokens": {"train": 0, "val": 0}, "docs": 0,
+            "exhausted": False, "min_train_doc": None, "max_val_doc": None}
+
+
+def _read_meta(path: Path) -> dict | None:
+    try:
+        return json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_meta(path: Path, meta: dict) -> None:
+    tmp = path / "meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=1) + "\n")
+    for split in SPLITS:  # the tokens meta.json counts are on disk before it counts them
+        with open(path / f"{split}.bin", "ab") as f:
+            os.fsync(f.fileno())
+    tmp.replace(path / "meta.json")
+
+
+def _fill(path: Path, src: Source, tokenizer, need: int, meta: dict, progress: bool) -> dict:
+    """Append documents after the `meta["docs"]` already stored until train holds `need` tokens or the source
+    ends; returns the new meta (written to path/meta.json)."""
+    from tqdm.auto import tqdm
+
+    dtype, eos = np.dtype(meta["dtype"]), tokenizer.eos_token_id
+    texts = data.iter_texts(src.source, text_field=src.text_field, split=src.split, max_chars=src.max_chars)
+    texts = itertools.islice(texts, meta["docs"], None)  # documents already stored are read, not tokenised
+    files = {}
+    for split in SPLITS:
+        f = open(path / f"{split}.bin", "ab")
+        f.truncate(meta["tokens"][split] * dtype.itemsize)  # drop what an interrupted extension left
+        files[split] = f
+    exhausted = True
+    batches = data.batched(texts, data.TOKENIZE_DOCS)
+    first = next(batches, None)  # a missing or unreadable source fails here, before any progress bar
+    try:
+        with tqdm(total=None if need == _HUGE else need, initial=meta["tokens"]["train"], unit="tok",
+                  desc="tokenise", disable=not progress, unit_scale=True) as bar:
+            for batch in itertools.chain([first] if first else [], batches):
+                ids = tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
+                for text, doc in zip(batch, ids):
+                    _append(files, meta, text, doc, eos, dtype, src.val_fraction)
+                bar.update(meta["tokens"]["train"] - bar.n)
+                if meta["tokens"]["train"] >= need:
+                    exhausted = False
+                    break
+    finally:
+        for f in files.values():
+            f.close()
+    meta["exhausted"] = exhausted
+    if exhausted:
+        _every_split_nonempty(path, meta, dtype)
+    if meta["docs"] == 0:
+        raise CompactLMError(f"no non-empty text in data source {src.source}")
+    _write_meta(path, meta)
+    return meta
+
+
+def _append(files: dict, meta: dict, text: str, ids: list[int], eos: int | None, dtype, val_fraction: float) -> None:
+    """Write one document to its split; keep the smallest-hash train and largest-hash val document's place."""
+    h = data.doc_hash(text)
+    split = "val" if h < val_fraction * data.HASH_BUCKETS else "train"
+    arr = np.asarray(ids + [eos] if eos is not None else ids, dtype=dtype)
+    doc = {"hash": h, "offset": meta["tokens"][split], "length": len(arr)}
+    files[split].write(arr.tobytes())
+    meta["tokens"][split] += len(arr)
+    meta["docs"] += 1
+    if split == "train" and (meta["min_train_doc"] is None or h < meta["min_train_doc"]["hash"]):
+        meta["min_train_doc"] = doc
+    if split == "val" and (meta["max_val_doc"] is None or h > meta["max_val_doc"]["hash"]):
+        meta["max_val_doc"] = doc
+
+
+def _every_split_nonempty(path: Path, meta: dict, dtype) -> None:
+    """A tiny source whose hashes put every document in one split: move one over (data.assign_val's rule)."""
+    if meta["docs"] < 2 or (meta["tokens"]["train"] and meta["tokens"]["val"]):
+        return
+    source, target, doc = ("train", "val", meta["min_train_doc"]) if not meta["tokens"]["val"] else \
+        ("val", "train", meta["max_val_doc"])
+    tokens = np.fromfile(path / f"{source}.bin", dtype=dtype)
+    start, end = doc["offset"], doc["offset"] + doc["length"]
+    np.concatenate([tokens[:start], tokens[end:]]).tofile(path / f"{source}.bin")
+    tokens[start:end].tofile(path / f"{target}.bin")
+    meta["tokens"][source] -= doc["length"]
+    meta["tokens"][target] = doc["length"]
