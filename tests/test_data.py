@@ -333,3 +333,17 @@ def test_stages_read_only_what_they_need_from_big_data(tokenizer, monkeypatch):
     read.clear()
     splits = inputs.load_splits(cfg, tokenizer, 16, calib=False, train_tokens=20_000, val_rows=8)
     assert 20_000 <= len(splits.train) * 16 + 16 and len(splits.val) >= 8 and len(read) < len(texts) / 2
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7, 64, 1 << 20])
+def test_txt_paragraphs_stream_in_chunks_like_one_split(chunk, tmp_path):
+    """A .txt file is read in chunks (it may not fit in memory); the paragraphs are those of one whole split."""
+    import random
+    import re
+
+    rng = random.Random(chunk)
+    pieces = ["word", "more words", "\n", "\n\n", " \n", "\n \n \n", "\t\n\n", "\r\n\r\n", "é ü", "\n\n\n"]
+    text = "".join(rng.choice(pieces) for _ in range(3000))
+    path = tmp_path / "t.txt"
+    path.write_text(text, encoding="utf-8")
+    assert list(data._paragraphs(path, chunk_chars=chunk)) == re.split(r"\n[ \t\r\f\v]*\n", path.read_text())

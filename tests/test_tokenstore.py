@@ -90,7 +90,8 @@ def test_an_interrupted_build_leaves_no_store(bpe_tokenizer, tmp_path, monkeypat
     path = corpus(tmp_path / "c.jsonl", 100)
     with pytest.raises(KeyboardInterrupt):
         open_store(Source(str(path)), Counting(bpe_tokenizer, fail_at=3), progress=False)
-    assert not any(store_root().glob("*/meta.json")) and not any(p.name.startswith(".") for p in store_root().iterdir())
+    assert not any(store_root().glob("*/meta.json"))
+    assert not [p for p in store_root().iterdir() if p.is_dir()]  # no store and no temp folder (the lock file stays)
     assert open_store(Source(str(path)), bpe_tokenizer, progress=False).meta["docs"] == 100
 
 
@@ -112,3 +113,19 @@ def test_a_vocabulary_over_65536_is_stored_as_uint32(bpe_tokenizer, tmp_path):
     path = corpus(tmp_path / "c.jsonl", 50)
     store = open_store(Source(str(path)), Counting(bpe_tokenizer, size=70_000), progress=False)
     assert store.meta["dtype"] == "uint32" and (store.path / "train.bin").stat().st_size == 4 * store.meta["tokens"]["train"]
+
+
+def test_two_processes_building_the_same_store_at_once_agree(bpe_tokenizer, tmp_path):
+    """torchrun's ranks open the same store together: one builds it, the other waits and reuses it."""
+    import subprocess
+    import sys
+
+    path = corpus(tmp_path / "c.jsonl", 300)
+    bpe_tokenizer.save_pretrained(tmp_path / "tok")
+    code = ("import sys; from transformers import AutoTokenizer; from compactlm.tokenstore import Source, open_store;"
+            f"s = open_store(Source({str(path)!r}), AutoTokenizer.from_pretrained({str(tmp_path / 'tok')!r}), "
+            "progress=False); print(s.meta['tokens']['train'], s.meta['docs'])")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120)[0].split() for p in procs]
+    assert all(p.returncode == 0 for p in procs) and outs[0] == outs[1] and outs[0][1] == "300"
+    assert len([p for p in store_root().iterdir() if p.is_dir()]) == 1  # one store, no leftover temp folder

@@ -127,7 +127,7 @@ def _file_docs(path: Path, text_field: str) -> Iterator[str]:
     """Documents of one .txt/.jsonl/.parquet file."""
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        return iter(_txt_docs(path))
+        return _txt_docs(path)
     if suffix == ".jsonl":
         return _jsonl_docs(path, text_field)
     if suffix == ".parquet":
@@ -136,27 +136,43 @@ def _file_docs(path: Path, text_field: str) -> Iterator[str]:
                          f"(use {', '.join(FILE_SUFFIXES)}, a folder of them, or a dataset name)")
 
 
-def _txt_docs(path: Path) -> list[str]:
-    """Paragraphs (split at blank lines) merged into documents of at least TXT_DOC_CHARS characters."""
+_PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n")
+
+
+def _paragraphs(path: Path, chunk_chars: int = 1 << 20) -> Iterator[str]:
+    """The text between blank lines, read in chunks (a file larger than memory streams): the same pieces as
+    `_PARAGRAPH_BREAK.split(whole_text)`, since a break never spans more than the carried-over tail."""
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open(encoding="utf-8") as f:
+            carry = ""
+            while chunk := f.read(chunk_chars):
+                parts = _PARAGRAPH_BREAK.split(carry + chunk)
+                carry = parts.pop()  # may continue in the next chunk
+                yield from parts
+            yield carry
     except UnicodeDecodeError as e:
-        raise CompactLMError(f"{path} is not UTF-8 text (byte {e.start})") from None
-    docs, current = [], []
+        raise CompactLMError(f"{path} is not UTF-8 text (byte {e.start} of a chunk)") from None
+
+
+def _txt_docs(path: Path) -> Iterator[str]:
+    """Paragraphs (split at blank lines) merged into documents of at least TXT_DOC_CHARS characters."""
+    done, current = None, []  # `done` waits one step: a short tail at the end joins it
     size = -2  # "\n\n" joins paragraphs: n paragraphs add 2 * (n - 1) characters
-    for paragraph in re.split(r"\n[ \t\r\f\v]*\n", text):
+    for paragraph in _paragraphs(path):
         paragraph = paragraph.strip("\r\n")
         if not paragraph.strip():
             continue
         current.append(paragraph)
         size += len(paragraph) + 2
         if size >= TXT_DOC_CHARS:
-            docs.append("\n\n".join(current))
-            current, size = [], -2
+            if done is not None:
+                yield done
+            done, current, size = "\n\n".join(current), [], -2
     if current:  # a short tail joins the previous document
         tail = "\n\n".join(current)
-        docs[-1:] = [docs[-1] + "\n\n" + tail] if docs else [tail]
-    return docs
+        done = done + "\n\n" + tail if done is not None else tail
+    if done is not None:
+        yield done
 
 
 def _jsonl_docs(path: Path, text_field: str) -> Iterator[str]:

@@ -15,6 +15,8 @@ the counted tokens and rewrites meta.json last, so an interrupted one leaves the
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import itertools
 import json
@@ -22,6 +24,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -120,19 +123,34 @@ def open_store(src: Source, tokenizer, need_train_tokens: int | None = None, *, 
         raise CompactLMError(f"val_fraction must be in (0, 1), got {src.val_fraction}")
     need = _HUGE if need_train_tokens is None else need_train_tokens
     path = store_root() / store_key(src, tokenizer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(path.parent / f".{path.name}.lock"):  # torchrun's ranks: one builds, the others then reuse
+        return _open(path, src, tokenizer, need, progress)
+
+
+@contextlib.contextmanager
+def _locked(lock: Path) -> Iterator[None]:
+    """An exclusive advisory lock (fcntl.flock) held for the block; released when the process dies too."""
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _open(path: Path, src: Source, tokenizer, need: int, progress: bool) -> TokenStore:
     meta = _read_meta(path)
     if meta is not None and (meta["exhausted"] or meta["tokens"]["train"] >= need):
         log.info("token store %s: reused (%d train, %d val tokens)", path, *meta["tokens"].values())
         return TokenStore(path, meta)
     if meta is None:  # a fresh build goes to a temp folder, renamed in once complete
-        path.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:
             meta = _fill(work, src, tokenizer, need, _empty_meta(src, tokenizer), progress)
-            try:
-                work.rename(path)
-            except OSError:  # another process finished the same store first: theirs is as good
-                pass
+            if path.exists():  # a folder left without meta.json by an old interrupted extension
+                shutil.rmtree(path)
+            work.rename(path)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     else:  # extend in place: append past the counted tokens, meta.json last
