@@ -263,3 +263,30 @@ def test_prune_to_is_the_whole_path_in_one_call(metric, token_batch):
     manual = prune_model(model, make_plan(scores, dims, want, layers_to_drop(target, dims, 2, scores)))
     torch.testing.assert_close(logits(pruned, token_batch), logits(manual, token_batch), rtol=0, atol=0)
     torch.testing.assert_close(model.state_dict(), before)  # pure: the source model is unchanged
+
+
+@pytest.mark.parametrize("family,heads,kv,tied", [p for p in model_params() if p.values[1:3] in ((4, 2), (4, 4))])
+def test_streamed_surgery_equals_the_in_memory_one(family, heads, kv, tied, token_batch, tmp_path):
+    """Pruning a checkpoint on disk tensor by tensor into shards gives exactly the in-memory pruned model."""
+    from compactlm.pruning.stream import INDEX, prune_checkpoint
+
+    model = tiny_model(family, heads, kv, tied, layers=3)
+    if family == "gpt2":
+        model.config.scale_attn_by_inverse_layer_idx = True
+        model = AutoModelForCausalLM.from_config(model.config).eval()
+    model.save_pretrained(tmp_path / "src", max_shard_size="20KB")  # several source shards
+    fam = family_of(model)
+    dims = fam.dims(model.config)
+    hidden = 16 if family == "gpt2" else 24
+    target = resolve_target(TargetConfig(hidden_size=hidden, num_attention_heads=2, intermediate_size=0.5,
+                                         num_hidden_layers=2), dims, fam)
+    plan = make_plan(scores_for(model), dims, target, drop_layers=[0])
+    prune_checkpoint(tmp_path / "src", plan, tmp_path / "out", max_shard_bytes=8_000)
+    index = json.loads((tmp_path / "out" / INDEX).read_text())
+    assert len(set(index["weight_map"].values())) > 1  # written as several shards
+    streamed = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    in_memory = prune_model(model, plan)
+    want = in_memory.state_dict()
+    got = streamed.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    torch.testing.assert_close(logits(streamed, token_batch), logits(in_memory, token_batch), rtol=0, atol=0)

@@ -52,7 +52,7 @@ def staged_output(out_dir: str | Path) -> Iterator[Path]:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging.", dir=out.parent))
-    except OSError as e:  # a read-only file system, a full disk: os.access cannot tell every case
+    except OSError as e:  # what changed since the probe: a full disk, a folder removed meanwhile
         raise CompactLMError(f"out_dir {out}: cannot write there ({e.strerror})") from None
     try:
         yield tmp

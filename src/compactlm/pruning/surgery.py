@@ -59,35 +59,35 @@ def _rescale_queries(tensor: torch.Tensor, axes: tuple, factor: float, q_width: 
     return out
 
 
+def prune_tensor(family: Family, dims: Dims, plan: Plan, key: str, tensor: torch.Tensor,
+                 layer_index_scaled: bool = False) -> tuple[str, torch.Tensor] | None:
+    """One weight sliced to the plan, under its new name (kept layers renumbered 0..n-1); None when its layer
+    is dropped. `layer_index_scaled`: attention scores are divided by (layer_idx + 1) (GPT-2's
+    scale_attn_by_inverse_layer_idx); a layer moved from index i to j gets its queries scaled by (j+1)/(i+1),
+    so that its attention is unchanged."""
+    match = re.match(rf"^{re.escape(family.layers_path)}\.(\d+)\.(.+)$", key)
+    if match:
+        layer, suffix = int(match.group(1)), match.group(2)
+        kept = plan.layers.tolist()
+        if layer not in kept:
+            return None
+        axes, new_key = family.layer_params.get(suffix), f"{family.layers_path}.{kept.index(layer)}.{suffix}"
+    else:
+        layer, axes, new_key = None, family.global_params.get(key), key
+    if axes is None:
+        raise CompactLMError(f"{family.name}: weight '{key}' is not described in the family record; cannot prune it")
+    out = _slice(tensor, axes, plan, layer, dims)
+    if layer_index_scaled and layer is not None:
+        out = _rescale_queries(out, axes, (kept.index(layer) + 1) / (layer + 1), plan.dims(dims).heads * dims.head_dim)
+    return new_key, out
+
+
 def prune_state_dict(
     family: Family, dims: Dims, state_dict: dict[str, torch.Tensor], plan: Plan, layer_index_scaled: bool = False
 ) -> dict[str, torch.Tensor]:
-    """Slice every weight to the plan and renumber the kept layers 0..n-1.
-
-    `layer_index_scaled`: attention scores are divided by (layer_idx + 1) (GPT-2's
-    scale_attn_by_inverse_layer_idx); a layer moved from index i to j gets its queries scaled by (j+1)/(i+1),
-    so that its attention is unchanged.
-    """
-    layer_key = re.compile(rf"^{re.escape(family.layers_path)}\.(\d+)\.(.+)$")
-    new_index = {int(old): new for new, old in enumerate(plan.layers.tolist())}
-    q_width = plan.dims(dims).heads * dims.head_dim
-    out = {}
-    for key, tensor in state_dict.items():
-        match = layer_key.match(key)
-        if match:
-            layer, suffix = int(match.group(1)), match.group(2)
-            if layer not in new_index:
-                continue
-            axes = family.layer_params.get(suffix)
-            new_key = f"{family.layers_path}.{new_index[layer]}.{suffix}"
-        else:
-            layer, axes, new_key = None, family.global_params.get(key), key
-        if axes is None:
-            raise CompactLMError(f"{family.name}: weight '{key}' is not described in the family record; cannot prune it")
-        out[new_key] = _slice(tensor, axes, plan, layer, dims)
-        if layer_index_scaled and layer is not None:
-            out[new_key] = _rescale_queries(out[new_key], axes, (new_index[layer] + 1) / (layer + 1), q_width)
-    return out
+    """Every weight of `state_dict` through `prune_tensor`."""
+    pruned = (prune_tensor(family, dims, plan, k, t, layer_index_scaled) for k, t in state_dict.items())
+    return dict(item for item in pruned if item is not None)
 
 
 def prune_config(config, family: Family, plan: Plan):

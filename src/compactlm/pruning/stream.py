@@ -1,0 +1,80 @@
+"""Surgery that streams: a safetensors checkpoint pruned tensor by tensor into sharded safetensors.
+
+The model is never built: each tensor is read (memory-mapped) from its source shard, sliced by the same
+`prune_tensor` as in-memory surgery, and appended to the output shard being filled; a shard is written once it
+reaches `max_shard_bytes`. At most one source tensor and one output shard are in memory. The output is an
+ordinary Hugging Face checkpoint: config.json (from `prune_config`), model-0000i-of-0000n.safetensors and
+model.safetensors.index.json, which `from_pretrained` loads.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from compactlm.errors import CompactLMError
+from compactlm.models.family import family_of
+from compactlm.pruning.plan import Plan
+from compactlm.pruning.surgery import prune_config, prune_tensor
+
+INDEX = "model.safetensors.index.json"
+
+
+def source_shards(checkpoint: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it, in the checkpoint's order."""
+    if (checkpoint / INDEX).is_file():
+        weight_map = json.loads((checkpoint / INDEX).read_text())["weight_map"]
+        return {name: checkpoint / file for name, file in weight_map.items()}
+    single = checkpoint / "model.safetensors"
+    if not single.is_file():
+        raise CompactLMError(f"{checkpoint} holds no model.safetensors or {INDEX}")
+    with safe_open(str(single), framework="pt") as f:
+        return {name: single for name in f.keys()}
+
+
+def prune_checkpoint(checkpoint: str | Path, plan: Plan, out: str | Path, *, max_shard_bytes: int = 2**30) -> Path:
+    """Write `checkpoint` pruned to `plan` into the folder `out` (config + sharded weights + index)."""
+    from transformers import AutoConfig
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    config = AutoConfig.from_pretrained(checkpoint)
+    family = family_of(config)
+    dims = family.dims(config)
+    plan.validate(dims)
+    scaled = bool(family.layer_index_scale_flag and getattr(config, family.layer_index_scale_flag, False))
+    out.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, str]] = []  # per output shard: tensor name -> (temporary) file name
+    current: dict[str, torch.Tensor] = {}
+    size = total = 0
+
+    def flush() -> None:
+        nonlocal current, size
+        if current:
+            name = f".shard-{len(shards):05d}.safetensors"
+            save_file(current, str(out / name), metadata={"format": "pt"})
+            shards.append({key: name for key in current})
+            current, size = {}, 0
+
+    for name, file in source_shards(checkpoint).items():
+        with safe_open(str(file), framework="pt") as f:
+            pruned = prune_tensor(family, dims, plan, name, f.get_tensor(name), scaled)
+        if pruned is None:
+            continue
+        key, tensor = pruned
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            flush()
+        current[key], size, total = tensor.contiguous(), size + nbytes, total + nbytes
+    flush()
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        final = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        (out / next(iter(shard.values()))).rename(out / final)
+        weight_map |= {key: final for key in shard}
+    (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    prune_config(config, family, plan).save_pretrained(out)
+    return out
