@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
@@ -59,3 +61,31 @@ def test_prune_with_contiguous_block_metric(capsys, tiny_checkpoint, text_file, 
     assert code == 0, err
     plan = json.loads((tmp_path / "p" / "plan.json").read_text())
     assert plan["dropped_layers"] == [0, 1]  # the final layer is kept by default
+
+
+def test_prune_with_saved_scores_streams_and_equals_the_in_memory_prune(capsys, tiny_checkpoint, text_file, tmp_path,
+                                                                         monkeypatch):
+    """With saved scores and a local checkpoint, `compactlm prune` never builds the model: it streams the
+    surgery tensor by tensor, and the result equals the in-memory prune's."""
+    from compactlm import inputs, stages
+
+    args = common(tiny_checkpoint, text_file, tmp_path / "scores")
+    assert run(capsys, "score", *args)[0] == 0
+    prune_args = [f"importance.scores={tmp_path / 'scores' / 'scores.safetensors'}", "target.hidden_size=24",
+                  "target.intermediate_size=0.5", "importance.layer_metrics=[block_importance]"]
+    built = []
+    monkeypatch.setattr(inputs, "load_model", lambda *a, **k: built.append(a) or pytest.fail("model built"))
+    code, _, err = run(capsys, "prune", *common(tiny_checkpoint, text_file, tmp_path / "streamed"), *prune_args)
+    assert code == 0, err
+    monkeypatch.undo()
+    monkeypatch.setattr(stages, "_streamable", lambda spec: False)
+    code, _, err = run(capsys, "prune", *common(tiny_checkpoint, text_file, tmp_path / "in_memory"), *prune_args)
+    assert code == 0, err
+    streamed = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed").state_dict()
+    in_memory = AutoModelForCausalLM.from_pretrained(tmp_path / "in_memory").state_dict()
+    assert streamed.keys() == in_memory.keys() and all(torch.equal(streamed[k], in_memory[k]) for k in streamed)
+    plans = [json.loads((tmp_path / d / "plan.json").read_text()) for d in ("streamed", "in_memory")]
+    assert plans[0] == plans[1]  # the same keep indices and the same parameter counts
+    assert (tmp_path / "streamed" / "tokenizer.json").is_file() and not built
+    assert (tmp_path / "streamed" / "model.safetensors.index.json").is_file()  # shards: it streamed
+    assert (tmp_path / "in_memory" / "model.safetensors").is_file()

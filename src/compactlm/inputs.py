@@ -191,16 +191,23 @@ def add_layer_metrics(cfg: Config, model, batches: list, scores: Scores, names: 
     return with_depth_metrics(model, data.batches(rows, cfg.calib.batch_size), scores, names)
 
 
+def saved_scores(cfg: Config, dims) -> Scores | None:
+    """The scores file `importance.scores` names, checked against the model's shape `dims`; None when unset."""
+    if not cfg.importance.scores:
+        return None
+    scores = Scores.load(cfg.importance.scores)
+    scores.check(dims, f"importance.scores: {cfg.importance.scores}")
+    return scores
+
+
 def scores_for(cfg: Config, model, tokenizer, needed: tuple[str, ...]) -> Scores:
     """Saved scores when `importance.scores` is given (checked against the model's shape), else fresh ones
     from the calibration split; then every depth metric in `needed` that they lack."""
     from compactlm.importance import score as score_model
 
     batches: list | None = None
-    if cfg.importance.scores:
-        scores = Scores.load(cfg.importance.scores)
-        scores.check(family_of(model).dims(model.config), f"importance.scores: {cfg.importance.scores}")
-    else:
+    scores = saved_scores(cfg, family_of(model).dims(model.config))
+    if scores is None:
         batches = calibration_batches(cfg, tokenizer, model)
         imp = cfg.importance
         scores = score_model(model, batches, method=imp.method, aggregation=imp.aggregation,

@@ -61,8 +61,12 @@ def prune(cfg: Config) -> dict:
     source = family.dims(config)
     target = resolve_target(cfg.target, source, family)  # every shape error before loading any weights
     inputs.check_seq_len(config, cfg.calib.seq_len, "calib.seq_len")
+    needed = depth_metrics_needed(cfg.target, [source.layers - target.layers])
+    scores = inputs.saved_scores(cfg, source)
+    if scores is not None and all(n in scores.layers for n in needed) and _streamable(cfg.model):
+        return _prune_streamed(cfg, config, scores, target)  # nothing to compute: the model never loads
     model, tokenizer = load(cfg)
-    scores = scores_for(cfg, model, tokenizer, depth_metrics_needed(cfg.target, [source.layers - target.layers]))
+    scores = scores_for(cfg, model, tokenizer, needed)
     drop = layers_to_drop(cfg.target, source, target.layers, scores)
     plan = make_plan(scores, source, target, drop)
     pruned = prune_model(model, plan)
@@ -70,12 +74,42 @@ def prune(cfg: Config) -> dict:
     log.info("pruned %s: %d -> %d parameters", cfg.model, params["source"], params["pruned"])
     with staged_output(cfg.out_dir) as out:
         write_checkpoint(pruned, tokenizer, out)
-        plan.save(
-            out / PLAN_FILE, source=cfg.model, source_shape=vars(source), target_shape=vars(target),
-            dropped_layers=drop, params=params, importance=scores.meta)
-        scores.save(out / SCORES_FILE)
-        save_config(cfg, out / CONFIG_FILE)
+        _write_plan(cfg, out, plan, scores, source, target, drop, params)
     return {"out_dir": str(cfg.out_dir), "target_shape": vars(target), "params": params}
+
+
+def _streamable(spec: str) -> bool:
+    """A local safetensors checkpoint: surgery can stream it tensor by tensor (pruning/stream.py)."""
+    path = Path(spec)
+    return path.is_dir() and ((path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file())
+
+
+def _prune_streamed(cfg: Config, config, scores, target) -> dict:
+    """Prune with saved scores without building the model: tensor by tensor into sharded safetensors."""
+    from compactlm.models.loading import load_tokenizer, params_of_config
+    from compactlm.pruning import prune_config
+    from compactlm.pruning.stream import prune_checkpoint
+
+    family = family_of(config)
+    source = family.dims(config)
+    drop = layers_to_drop(cfg.target, source, target.layers, scores)
+    plan = make_plan(scores, source, target, drop)
+    params = {"source": params_of_config(config), "pruned": params_of_config(prune_config(config, family, plan))}
+    log.info("pruned %s tensor by tensor: %d -> %d parameters", cfg.model, params["source"], params["pruned"])
+    with staged_output(cfg.out_dir) as out:
+        prune_checkpoint(cfg.model, plan, out)
+        load_tokenizer(cfg.tokenizer or cfg.model).save_pretrained(out)
+        _write_plan(cfg, out, plan, scores, source, target, drop, params)
+    return {"out_dir": str(cfg.out_dir), "target_shape": vars(target), "params": params}
+
+
+def _write_plan(cfg: Config, out: Path, plan, scores, source, target, drop: list[int], params: dict) -> None:
+    """plan.json, the scores used and the resolved config, beside a pruned checkpoint."""
+    plan.save(
+        out / PLAN_FILE, source=cfg.model, source_shape=vars(source), target_shape=vars(target),
+        dropped_layers=drop, params=params, importance=scores.meta)
+    scores.save(out / SCORES_FILE)
+    save_config(cfg, out / CONFIG_FILE)
 
 
 # ---------------------------------------------------------------- training
