@@ -361,9 +361,9 @@ def _module_docstrings(module: types.ModuleType, seen: set[int]) -> list[str]:
 class Splits:
     """Packed token rows for calibration (a sample of train), training and validation."""
 
-    calib: torch.Tensor  # (N_calib, seq_len) int32 (token ids; `batches` hands them out as int64)
-    train: torch.Tensor  # (N_train, seq_len) int32
-    val: torch.Tensor  # (N_val, seq_len) int32
+    calib: torch.Tensor  # (N_calib, seq_len) token ids; `batches` hands rows out as int64
+    train: torch.Tensor  # (N_train, seq_len): int32 in memory (make_splits), or tokenstore.TokenRows read on demand
+    val: torch.Tensor  # (N_val, seq_len): the same kind as train
 
 
 def doc_hash(text: str) -> int:
