@@ -221,18 +221,25 @@ def test_heads_without_gqa_need_no_kv_target(family, heads, token_batch):
     assert fam.dims(pruned.config).heads == 2 and torch.isfinite(logits(pruned, token_batch)).all()
 
 
+def smaller_plan(model, drop: int):
+    """A plan cutting every axis of a 3-layer tiny model: hidden 24 (GPT-2: 16 = 2 heads x 8), 2 heads, half
+    the MLP, layer `drop` removed; keep indices from random scores."""
+    fam = family_of(model)
+    dims = fam.dims(model.config)
+    hidden = 16 if fam.name == "gpt2" else 24
+    target = resolve_target(TargetConfig(hidden_size=hidden, num_attention_heads=2, intermediate_size=0.5,
+                                         num_hidden_layers=2), dims, fam)
+    return make_plan(scores_for(model), dims, target, drop_layers=[drop])
+
+
 @pytest.mark.parametrize("family,heads,kv,tied", [("llama", 4, 2, False), ("gpt2", 4, 4, True)])
 def test_plan_json_round_trip_rebuilds_the_same_model(family, heads, kv, tied, token_batch, tmp_path):
     """plan.json holds everything surgery needs: reading it back gives the same keep indices and logits."""
     from compactlm.pruning import Plan
 
     model = tiny_model(family, heads, kv, tied, layers=3)
-    fam = family_of(model)
-    dims = fam.dims(model.config)
-    hidden = 16 if family == "gpt2" else 24
-    target = resolve_target(TargetConfig(hidden_size=hidden, num_attention_heads=2, intermediate_size=0.5,
-                                         num_hidden_layers=2), dims, fam)
-    plan = make_plan(scores_for(model), dims, target, drop_layers=[1])
+    dims = family_of(model).dims(model.config)
+    plan = smaller_plan(model, drop=1)
     plan.save(tmp_path / "plan.json", source="tiny")
     again = Plan.from_json(json.loads((tmp_path / "plan.json").read_text()), dims)
     assert torch.equal(again.hidden, plan.hidden) and torch.equal(again.layers, plan.layers)
@@ -275,12 +282,7 @@ def test_streamed_surgery_equals_the_in_memory_one(family, heads, kv, tied, toke
         model.config.scale_attn_by_inverse_layer_idx = True
         model = AutoModelForCausalLM.from_config(model.config).eval()
     model.save_pretrained(tmp_path / "src", max_shard_size="20KB")  # several source shards
-    fam = family_of(model)
-    dims = fam.dims(model.config)
-    hidden = 16 if family == "gpt2" else 24
-    target = resolve_target(TargetConfig(hidden_size=hidden, num_attention_heads=2, intermediate_size=0.5,
-                                         num_hidden_layers=2), dims, fam)
-    plan = make_plan(scores_for(model), dims, target, drop_layers=[0])
+    plan = smaller_plan(model, drop=0)
     prune_checkpoint(tmp_path / "src", plan, tmp_path / "out", max_shard_bytes=8_000)
     index = json.loads((tmp_path / "out" / INDEX).read_text())
     assert len(set(index["weight_map"].values())) > 1  # written as several shards
