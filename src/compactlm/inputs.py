@@ -20,7 +20,8 @@ from compactlm import data
 from compactlm.config import Config, TrainConfig
 from compactlm.errors import CompactLMError
 from compactlm.importance.scores import Scores
-from compactlm.models.family import family_of, get_module
+from compactlm.metrics import vocab_size
+from compactlm.models.family import family_of
 from compactlm.models.loading import load_model, load_model_config, load_tokenizer, pick_device
 
 log = logging.getLogger(__name__)
@@ -74,11 +75,6 @@ def check_seq_len(model_or_config, seq_len: int, key: str) -> None:
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if limit is not None and seq_len > limit:
         raise CompactLMError(f"{key}={seq_len} exceeds the model's maximum sequence length {limit}")
-
-
-def vocab_size(model) -> int:
-    """Rows of the model's LM head."""
-    return int(get_module(model, family_of(model).lm_head_path).weight.shape[0])
 
 
 def load(cfg: Config, spec: str | None = None):
@@ -200,13 +196,13 @@ def saved_scores(cfg: Config, dims) -> Scores | None:
     return scores
 
 
-def scores_for(cfg: Config, model, tokenizer, needed: tuple[str, ...]) -> Scores:
-    """Saved scores when `importance.scores` is given (checked against the model's shape), else fresh ones
-    from the calibration split; then every depth metric in `needed` that they lack."""
+def scores_for(cfg: Config, model, tokenizer, needed: tuple[str, ...], saved: Scores | None = None) -> Scores:
+    """Saved scores when `importance.scores` is given (checked against the model's shape; `saved`: already
+    loaded), else fresh ones from the calibration split; then every depth metric in `needed` that they lack."""
     from compactlm.importance import score as score_model
 
     batches: list | None = None
-    scores = saved_scores(cfg, family_of(model).dims(model.config))
+    scores = saved if saved is not None else saved_scores(cfg, family_of(model).dims(model.config))
     if scores is None:
         batches = calibration_batches(cfg, tokenizer, model)
         imp = cfg.importance

@@ -59,7 +59,7 @@ def _head(model) -> torch.nn.Module:
     return get_module(model, family_of(model).lm_head_path)
 
 
-def _vocab(model) -> int:
+def vocab_size(model) -> int:
     return int(_head(model).weight.shape[0])
 
 
@@ -130,9 +130,9 @@ def _scan(model, teacher, batches: Iterable[Batch], chunk_tokens: int, progress:
     dict to evaluate several students on the same batches with one teacher pass."""
     if chunk_tokens < 1:
         raise CompactLMError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    if teacher is not None and _vocab(teacher) != _vocab(model):
+    if teacher is not None and vocab_size(teacher) != vocab_size(model):
         raise CompactLMError(
-            f"teacher vocabulary size {_vocab(teacher)} != student vocabulary size {_vocab(model)}: "
+            f"teacher vocabulary size {vocab_size(teacher)} != student vocabulary size {vocab_size(model)}: "
             "KL needs the same tokenizer")
     sums = torch.zeros(5, dtype=torch.float64)
     models = (model,) if teacher is None else (model, teacher)

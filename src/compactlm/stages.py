@@ -66,7 +66,7 @@ def prune(cfg: Config) -> dict:
     if scores is not None and all(n in scores.layers for n in needed) and _streamable(cfg.model):
         return _prune_streamed(cfg, config, scores, target)  # nothing to compute: the model never loads
     model, tokenizer = load(cfg)
-    scores = scores_for(cfg, model, tokenizer, needed)
+    scores = scores_for(cfg, model, tokenizer, needed, saved=scores)  # the file is read once
     drop = layers_to_drop(cfg.target, source, target.layers, scores)
     plan = make_plan(scores, source, target, drop)
     pruned = prune_model(model, plan)
