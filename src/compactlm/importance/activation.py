@@ -19,6 +19,7 @@ from torch.utils.hooks import RemovableHandle
 from compactlm.errors import CompactLMError
 from compactlm.importance.scores import Scores
 from compactlm.models.family import Family, family_of, get_module
+from compactlm.models.layerwise import decoder_passes, skeleton
 
 log = logging.getLogger(__name__)
 
@@ -118,34 +119,32 @@ def aggregate(a: torch.Tensor, mask: torch.Tensor, aggregation: str = "l2_mean")
 
 
 class ActivationCollector:
-    """Hooks' state: per-site (B, C) rows of the current batch, folded into float32 `BatchStats` per batch."""
+    """Hooks' state: each site's (B, C) rows of the current batch folded into that site's float32 `BatchStats`.
+
+    Every site keeps its own statistics, so the layers may run in any order (a whole forward per batch, or
+    layer by layer over all batches): each site sees its batches in order and gives the same result.
+    """
 
     def __init__(self, model, family: Family, aggregation: str, head_score: str):
         if head_score not in HEAD_SCORES:
             raise CompactLMError(f"unknown head_score '{head_score}' (choose {', '.join(HEAD_SCORES)})")
         self.batch_how, self.seq_how = parse_aggregation(aggregation)
         self.head_score = head_score
-        self.dims = family.dims(model.config)
-        d = self.dims
+        self.dims = d = family.dims(model.config)
         device = get_module(model, family.embed_path).weight.device
         head_width = d.heads if head_score == "paper" else d.heads * d.head_dim
-        self.sizes = {"ffn": d.layers, "heads": d.layers, "hidden": d.layers * len(family.norm_paths)}
-        self.stats = {
-            "ffn": BatchStats((d.layers, d.ffn), device),
-            "heads": BatchStats((d.layers, head_width), device),
-            "hidden": BatchStats((self.sizes["hidden"], d.hidden), device),
-        }
-        self.pending: dict[str, list[torch.Tensor | None]] = {k: [None] * n for k, n in self.sizes.items()}
+        widths = {"ffn": d.ffn, "heads": head_width, "hidden": d.hidden}
+        sites = {"ffn": d.layers, "heads": d.layers, "hidden": d.layers * len(family.norm_paths)}
+        self.stats = {k: [BatchStats((widths[k],), device) for _ in range(n)] for k, n in sites.items()}
         self._w: dict[torch.device, torch.Tensor] = {}
-        self._rows: torch.Tensor | None = None  # (B,) bool, set between set_mask and flush
+        self._rows: torch.Tensor | None = None  # (B,) bool: sequences of the current batch with a real token
         self._scratch: dict[torch.device, torch.Tensor] = {}  # one flat float32 buffer per device
 
     def set_mask(self, mask: torch.Tensor) -> None:
-        """Fold the previous batch in, then take the (B, S) mask of the batch about to run."""
-        self.flush()
+        """Take the (B, S) mask of the batch about to run."""
         w = _weights(mask, self.seq_how)
         self._w = {w.device: w}
-        self._rows = mask.sum(1) > 0  # (B,) sequences with at least one real token
+        self._rows = mask.sum(1) > 0
 
     def _scratch_like(self, a: torch.Tensor) -> torch.Tensor:
         """A float32 view shaped like `a` into a buffer reused by every hook (hooks run one at a time)."""
@@ -159,41 +158,34 @@ class ActivationCollector:
             self._w[device] = next(iter(self._w.values())).to(device)
         return self._w[device]
 
-    def flush(self) -> None:
-        """Fold the current batch's per-sequence rows into the running sums (one stack per site kind)."""
-        if self._rows is None:
-            return
-        for kind, rows in self.pending.items():
-            missing = [i for i, r in enumerate(rows) if r is None]
-            if missing:
-                raise CompactLMError(f"importance: {kind} hooks at sites {missing} did not run")
-            stats = self.stats[kind]
-            stacked = torch.stack([r.to(stats.mean.device) for r in rows], 1)  # (B, sites, C)
-            stats.add_(stacked, self._rows)
-            self.pending[kind] = [None] * len(rows)
-        self._rows = None
-
     def record(self, kind: str, site: int, a: torch.Tensor) -> None:
-        """Reduce one (B, S, C) activation over the sequence and keep its (B, C) rows for this batch."""
+        """Reduce one (B, S, C) activation over the sequence and fold its (B, C) rows into the site's stats."""
         a = a.detach()  # hooks only read: no graph even when the caller runs with grad enabled
-        w = self._w.get(a.device)
-        w = self._weights_on(a.device) if w is None else w
         if kind == "heads" and self.head_score == "paper":
             B, S, _ = a.shape
             per_head = a.reshape(B, S, self.dims.heads, -1)  # (B, S, heads, head_dim)
             dtype = torch.promote_types(a.dtype, torch.float32)  # float32 at least; float64 stays float64
             a = torch.linalg.vector_norm(per_head, dim=-1, dtype=dtype)  # (B, S, heads)
-        self.pending[kind][site] = _seq_reduce(a, w, self.seq_how, self._scratch_like(a))
+        rows = _seq_reduce(a, self._weights_on(a.device), self.seq_how, self._scratch_like(a))
+        stats = self.stats[kind][site]
+        stats.add_(rows.to(stats.mean.device), self._rows)
+
+    def _result(self, kind: str) -> torch.Tensor:
+        """(sites, C) float32; a one-line error when some site saw fewer sequences than the others."""
+        stats = self.stats[kind]
+        counts = [float(s.count) for s in stats]
+        missing = [i for i, c in enumerate(counts) if c != max(counts)]
+        if missing:
+            raise CompactLMError(f"importance: {kind} hooks at sites {missing} did not run for every batch")
+        return torch.stack([s.result(self.batch_how) for s in stats])
 
     def scores(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(hidden,), (layers, heads), (layers, ffn) float32 on CPU, after folding the last batch in."""
-        self.flush()
-        how = self.batch_how
-        hidden = self.stats["hidden"].result(how).sum(0)  # one score per norm, summed over every norm
-        heads = self.stats["heads"].result(how)
+        """(hidden,), (layers, heads), (layers, ffn) float32 on CPU."""
+        hidden = self._result("hidden").sum(0)  # one score per norm, summed over every norm
+        heads = self._result("heads")
         if self.head_score == "channel":  # Model Optimizer: L2 over the head's channel scores
             heads = torch.linalg.vector_norm(heads.view(self.dims.layers, self.dims.heads, -1), dim=-1)
-        return hidden.cpu(), heads.cpu(), self.stats["ffn"].result(how).cpu()
+        return hidden.cpu(), heads.cpu(), self._result("ffn").cpu()
 
 
 def _hooks(model, family: Family, collector: ActivationCollector) -> Iterator[RemovableHandle]:
@@ -235,36 +227,16 @@ def collect_activations(model, family: Family, aggregation: str = "l2_mean",
             handle.remove()
 
 
-def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """A batch's input_ids and attention_mask on `device`, ready for a forward without cache."""
-    if "input_ids" not in batch:
-        raise CompactLMError("importance: a calibration batch has no 'input_ids'")
-    ids = batch["input_ids"].to(device)
-    mask = batch.get("attention_mask")
-    mask = torch.ones_like(ids) if mask is None else mask.to(device)
-    return {"input_ids": ids, "attention_mask": mask}
-
-
 def activation_scores(model, batches: Iterable[dict[str, torch.Tensor]], *, aggregation: str = "l2_mean",
                       head_score: str = "paper", progress: bool = False) -> Scores:
-    """Scores hidden (hidden,), heads (layers, heads), ffn (layers, ffn) from no-grad decoder forwards."""
-    family = family_of(model)
-    base = get_module(model, family.base_path)  # the decoder without the LM head: scores never need logits
-    device = get_module(model, family.embed_path).weight.device
-    was_training = model.training
-    model.eval()
-    if progress:
-        from tqdm.auto import tqdm
+    """Scores hidden (hidden,), heads (layers, heads), ffn (layers, ffn) from no-grad decoder forwards.
 
-        batches = tqdm(batches, desc="importance", unit="batch")
-    try:
-        with torch.no_grad(), collect_activations(model, family, aggregation, head_score) as collector:
-            for batch in batches:
-                inputs = model_inputs(batch, device)
-                collector.set_mask(inputs["attention_mask"])
-                base(**inputs, use_cache=False)
-            hidden, heads, ffn = collector.scores()
-    finally:
-        model.train(was_training)
+    `model` is a loaded model or a `Layerwise` (one decoder layer in memory at a time): the same scores."""
+    net = skeleton(model)
+    family = family_of(net)
+    with collect_activations(net, family, aggregation, head_score) as collector:
+        decoder_passes(model, batches, lambda b, inputs: collector.set_mask(inputs["attention_mask"]),
+                       progress=progress, desc="importance")
+        hidden, heads, ffn = collector.scores()
     meta = {"method": "activation", "aggregation": aggregation, "head_score": head_score}
     return Scores(hidden=hidden, heads=heads, ffn=ffn, meta=meta)

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from compactlm.errors import CompactLMError
-from compactlm.importance.activation import model_inputs
 from compactlm.models.family import family_of, get_module
+from compactlm.models.layerwise import Layerwise, decoder_passes, skeleton
 
 log = logging.getLogger(__name__)
 
@@ -53,20 +53,11 @@ def skip_layers(model, layers: Iterable[int]) -> Iterator[None]:
             handle.remove()
 
 
-@contextlib.contextmanager
-def _eval(model) -> Iterator[None]:
-    """No-grad, eval mode; the model's training flag is restored afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
-
-
-def _device(model) -> torch.device:
-    return get_module(model, family_of(model).embed_path).weight.device
+def _in_memory(model, metric: str) -> None:
+    """LM-loss metrics run the whole model once per skipped layer or block: a `Layerwise` cannot."""
+    if isinstance(model, Layerwise):
+        raise CompactLMError(f"layer metric '{metric}' needs the whole model in memory; with memory_gb set "
+                             f"use block_importance (importance.layer_metrics, target.layer_metric)")
 
 
 def lm_loss(model, batches: Batches) -> float:
@@ -78,11 +69,12 @@ def lm_loss(model, batches: Batches) -> float:
 
 
 def _num_layers(model) -> int:
-    return family_of(model).dims(model.config).layers
+    return family_of(skeleton(model)).dims(skeleton(model).config).layers
 
 
 def lm_loss_importance(model, batches: Batches) -> torch.Tensor:
     """(layers,) float32: LM loss with that layer alone skipped minus the loss of the full model."""
+    _in_memory(model, "lm_loss")
     batches = list(batches)
     baseline = lm_loss(model, batches)
     out = []
@@ -94,6 +86,7 @@ def lm_loss_importance(model, batches: Batches) -> torch.Tensor:
 
 def contiguous_block_losses(model, batches: Batches, n: int) -> torch.Tensor:
     """(layers - n + 1,) float32: LM loss with layers s..s+n-1 skipped, for every start s."""
+    _in_memory(model, f"contiguous_{n}")
     layers = _num_layers(model)
     if not 1 <= n <= layers:
         raise CompactLMError(f"block size n={n} must be between 1 and the model's {layers} layers")
@@ -112,7 +105,6 @@ class _CosineTracker:
         self.n = n
         self.inputs: dict[int, torch.Tensor] = {}
         self.sums = torch.zeros(layers - n + 1, dtype=torch.float32, device=device)
-        self.tokens = torch.zeros((), dtype=torch.float32, device=device)
         self.mask: torch.Tensor | None = None
 
     def pre(self, i: int):
@@ -134,33 +126,42 @@ class _CosineTracker:
 
 
 def block_importance(model, batches: Batches, n: int = 1) -> torch.Tensor:
-    """(layers - n + 1,) float32 BI: 1 - mean over real tokens of cos(input of layer i, output of i+n-1)."""
-    family = family_of(model)
-    layers = _num_layers(model)
+    """(layers - n + 1,) float32 BI: 1 - mean over real tokens of cos(input of layer i, output of i+n-1).
+
+    `model`: a loaded model, or a `Layerwise` for n = 1 (one layer's input and output at a time)."""
+    net = skeleton(model)
+    layers = _num_layers(net)
     if not 1 <= n <= layers:
         raise CompactLMError(f"block size n={n} must be between 1 and the model's {layers} layers")
-    modules = get_module(model, family.layers_path)
-    base = get_module(model, family.base_path)
-    device = _device(model)
-    tracker = _CosineTracker(layers, n, device)
+    if n > 1 and isinstance(model, Layerwise):
+        raise CompactLMError(f"block_importance over blocks of n={n} layers needs the whole model in memory")
+    batches = list(batches)
+    modules = get_module(net, family_of(net).layers_path)
+    tracker = _CosineTracker(layers, n, get_module(net, family_of(net).embed_path).weight.device)
+    tokens = sum(float(_mask(b).sum()) for b in batches)
+    if tokens == 0:
+        raise CompactLMError("block_importance: the batches hold no non-padding token")
+
+    def on_batch(b: int, inputs: dict) -> None:
+        tracker.mask = inputs["attention_mask"].float()
+        tracker.inputs.clear()
+
     handles = []
     try:
         for i in range(layers):
             handles.append(modules[i].register_forward_pre_hook(tracker.pre(i), with_kwargs=True))
             handles.append(modules[i].register_forward_hook(tracker.post(i), with_kwargs=True))
-        with _eval(model):
-            for batch in batches:
-                inputs = model_inputs(batch, device)
-                tracker.mask = inputs["attention_mask"].float()
-                tracker.tokens += tracker.mask.sum()
-                base(**inputs, use_cache=False)
-                tracker.inputs.clear()
+        decoder_passes(model, batches, on_batch, desc="block importance")
     finally:
         for handle in handles:
             handle.remove()
-    if float(tracker.tokens) == 0:
-        raise CompactLMError("block_importance: the batches hold no non-padding token")
-    return (1.0 - tracker.sums / tracker.tokens).float().cpu()
+    return (1.0 - tracker.sums / tokens).float().cpu()
+
+
+def _mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A batch's (B, S) attention mask (all ones when it has none)."""
+    mask = batch.get("attention_mask")
+    return torch.ones_like(batch["input_ids"]) if mask is None else mask
 
 
 LAYER_METRICS = {"lm_loss": lm_loss_importance, "block_importance": block_importance}

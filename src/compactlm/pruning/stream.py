@@ -13,27 +13,12 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from compactlm.errors import CompactLMError
 from compactlm.models.family import family_of
+from compactlm.models.shards import INDEX, Shards
 from compactlm.pruning.plan import Plan
 from compactlm.pruning.surgery import prune_config, prune_tensor
-
-INDEX = "model.safetensors.index.json"
-
-
-def source_shards(checkpoint: Path) -> dict[str, Path]:
-    """Tensor name -> the safetensors file holding it, in the checkpoint's order."""
-    if (checkpoint / INDEX).is_file():
-        weight_map = json.loads((checkpoint / INDEX).read_text())["weight_map"]
-        return {name: checkpoint / file for name, file in weight_map.items()}
-    single = checkpoint / "model.safetensors"
-    if not single.is_file():
-        raise CompactLMError(f"{checkpoint} holds no model.safetensors or {INDEX}")
-    with safe_open(str(single), framework="pt") as f:
-        return {name: single for name in f.keys()}
 
 
 def prune_checkpoint(checkpoint: str | Path, plan: Plan, out: str | Path, *, max_shard_bytes: int = 2**30) -> Path:
@@ -59,9 +44,9 @@ def prune_checkpoint(checkpoint: str | Path, plan: Plan, out: str | Path, *, max
             shards.append({key: name for key in current})
             current, size = {}, 0
 
-    for name, file in source_shards(checkpoint).items():
-        with safe_open(str(file), framework="pt") as f:
-            pruned = prune_tensor(family, dims, plan, name, f.get_tensor(name), scaled)
+    source = Shards(checkpoint)
+    for name in source.files:
+        pruned = prune_tensor(family, dims, plan, name, source.mapped(name), scaled)
         if pruned is None:
             continue
         key, tensor = pruned
