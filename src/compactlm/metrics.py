@@ -26,13 +26,15 @@ from tqdm.auto import tqdm
 
 from compactlm.errors import CompactLMError
 from compactlm.models.family import family_of, get_module
-from compactlm.models.loading import num_params
+from compactlm.models.layerwise import Layerwise, skeleton
+from compactlm.models.loading import num_params, params_of_config
 
 log = logging.getLogger(__name__)
 
 CHUNK_TOKENS = 2048  # positions whose (chunk, V) logits exist at once during evaluation
 IGNORE_INDEX = -100  # a target that counts for nothing (torch's cross_entropy default)
 Batch = Mapping[str, Tensor]
+Head = tuple[Tensor, "Tensor | None"]  # an LM head's (weight (V, H), bias (V,) or None)
 
 __all__ = ["perplexity", "teacher_agreement", "generation_speed", "evaluate", "sample_text"]
 
@@ -55,12 +57,17 @@ def _eval_mode(*models) -> Iterator[None]:
             m.train(mode)
 
 
-def _head(model) -> torch.nn.Module:
-    return get_module(model, family_of(model).lm_head_path)
+def _head(model) -> Head:
+    """The LM head's (weight (V, H), bias (V,) or None) of a loaded model or a `Layerwise`."""
+    if isinstance(model, Layerwise):
+        return model.head()
+    module = get_module(model, family_of(model).lm_head_path)
+    return module.weight, module.bias
 
 
 def vocab_size(model) -> int:
-    return int(_head(model).weight.shape[0])
+    net = skeleton(model)
+    return int(get_module(net, family_of(net).lm_head_path).weight.shape[0])
 
 
 def _hidden(model, ids: Tensor, mask: Tensor) -> Tensor:
@@ -77,9 +84,6 @@ def next_token_labels(ids: Tensor, mask: Tensor) -> Tensor:
     labels = torch.full_like(ids, IGNORE_INDEX)
     labels[:, :-1] = torch.where(keep, ids[:, 1:], IGNORE_INDEX)
     return labels
-
-
-Head = tuple[Tensor, "Tensor | None"]  # an LM head's (weight (V, H), bias (V,) or None)
 
 
 @torch.no_grad()
@@ -111,15 +115,11 @@ def token_sums(hidden: Tensor, head: Head, ids: Tensor, mask: Tensor, teacher_hi
     return sums
 
 
-def _batch_sums(model, teacher, batch: Batch, chunk_tokens: int, h_t: Tensor | None = None) -> Tensor:
-    """One batch's `token_sums` (5,) from the two models' final hidden states (the teacher's: `h_t` if given)."""
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    head = _head(model)
-    head_t = None
-    if teacher is not None:
-        h_t = _hidden(teacher, ids, mask) if h_t is None else h_t
-        head_t = (_head(teacher).weight, _head(teacher).bias)
-    return token_sums(_hidden(model, ids, mask), (head.weight, head.bias), ids, mask, h_t, head_t, chunk_tokens)
+def _final_states(model, batches: list[Batch], progress: bool) -> dict[int, Tensor] | None:
+    """A `Layerwise`'s final hidden states of every batch (its layers run one at a time); None otherwise."""
+    if not isinstance(model, Layerwise):
+        return None
+    return dict(enumerate(model.final_hidden(batches, progress=progress)))
 
 
 def _scan(model, teacher, batches: Iterable[Batch], chunk_tokens: int, progress: bool,
@@ -127,23 +127,33 @@ def _scan(model, teacher, batches: Iterable[Batch], chunk_tokens: int, progress:
     """One pass over `batches`: loss/perplexity/tokens, plus kl/top1_agreement when a teacher is given.
 
     `teacher_cache`: batch index -> the teacher's final hidden states, filled on first use; pass the same
-    dict to evaluate several students on the same batches with one teacher pass."""
+    dict to evaluate several students on the same batches with one teacher pass. Either model may be a
+    `Layerwise`: its final hidden states come from one layer-by-layer pass over all batches first."""
     if chunk_tokens < 1:
         raise CompactLMError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     if teacher is not None and vocab_size(teacher) != vocab_size(model):
         raise CompactLMError(
             f"teacher vocabulary size {vocab_size(teacher)} != student vocabulary size {vocab_size(model)}: "
             "KL needs the same tokenizer")
+    batches = list(batches)
+    states = _final_states(model, batches, progress) or {}
+    keep = teacher_cache is not None
+    teacher_cache = teacher_cache if keep else {}
+    if not teacher_cache:
+        teacher_cache |= _final_states(teacher, batches, progress) or {}
+    head, head_t = _head(model), _head(teacher) if teacher is not None else None
     sums = torch.zeros(5, dtype=torch.float64)
-    models = (model,) if teacher is None else (model, teacher)
+    models = tuple(skeleton(m) for m in (model, teacher) if m is not None)
     with _eval_mode(*models):
         for i, batch in enumerate(tqdm(batches, desc="evaluate", disable=not progress, leave=False)):
-            h_t = None
-            if teacher is not None and teacher_cache is not None:
-                if i not in teacher_cache:
-                    teacher_cache[i] = _hidden(teacher, batch["input_ids"], batch["attention_mask"])
-                h_t = teacher_cache[i]
-            sums += _batch_sums(model, teacher, batch, chunk_tokens, h_t).cpu()
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            h_t = teacher_cache.get(i)
+            if teacher is not None and h_t is None:
+                h_t = _hidden(teacher, ids, mask)
+                if keep:
+                    teacher_cache[i] = h_t
+            h_s = states.pop(i) if i in states else _hidden(model, ids, mask)
+            sums += token_sums(h_s, head, ids, mask, h_t, head_t, chunk_tokens).cpu()
     ce, targets, kl, top1, positions = sums.tolist()
     if targets == 0:
         raise CompactLMError("evaluation batches hold no non-padding target tokens (rows need 2+)")
@@ -219,8 +229,11 @@ def evaluate(model, batches: Iterable[Batch], *, teacher=None, tokenizer=None, s
     """params, loss, perplexity, tokens; + kl, top1_agreement (teacher); + tokens_per_s (speed, tokenizer).
 
     `teacher_cache` (a dict shared between calls on the same batches) keeps the teacher's hidden states."""
-    out = {"params": num_params(model)} | _scan(model, teacher, batches, CHUNK_TOKENS, progress, teacher_cache)
-    if speed and tokenizer is not None:
+    params = params_of_config(model.model.config) if isinstance(model, Layerwise) else num_params(model)
+    out = {"params": params} | _scan(model, teacher, batches, CHUNK_TOKENS, progress, teacher_cache)
+    if speed and tokenizer is not None and isinstance(model, Layerwise):
+        log.info("evaluation: no generation speed layer by layer (the model does not fit in memory_gb)")
+    elif speed and tokenizer is not None:
         out |= generation_speed(model, tokenizer)
     log.info("evaluation: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()})
     return out

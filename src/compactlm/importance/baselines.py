@@ -17,11 +17,12 @@ import torch
 
 from compactlm.importance.scores import Scores
 from compactlm.models.family import Axes, family_of
+from compactlm.models.layerwise import Layerwise, skeleton
 
 
 def random_scores(model, seed: int = 0) -> Scores:
     """Uniform [0, 1) scores of every shape from a seeded generator, with a "random" layer metric."""
-    d = family_of(model).dims(model.config)
+    d = family_of(skeleton(model)).dims(skeleton(model).config)
     g = torch.Generator().manual_seed(seed)
     rand = lambda *shape: torch.rand(shape, generator=g, dtype=torch.float32)  # noqa: E731
     return Scores(hidden=rand(d.hidden), heads=rand(d.layers, d.heads), ffn=rand(d.layers, d.ffn),
@@ -45,10 +46,13 @@ def _axis_sumsq(p: torch.Tensor, axes: Axes, axis: str, q_width: int) -> torch.T
 
 
 def magnitude_scores(model) -> Scores:
-    """Weight-magnitude hidden (hidden,), heads (layers, heads), ffn (layers, ffn); layer "magnitude"."""
-    family = family_of(model)
-    d = family.dims(model.config)
-    params = dict(model.named_parameters())  # tied weights appear once
+    """Weight-magnitude hidden (hidden,), heads (layers, heads), ffn (layers, ffn); layer "magnitude".
+
+    `model`: a loaded model, or a `Layerwise` (each weight read from its memory-mapped shard in turn)."""
+    net = skeleton(model)
+    family = family_of(net)
+    d = family.dims(net.config)
+    params = model.parameters_from_shards() if isinstance(model, Layerwise) else dict(net.named_parameters())
     q_width = d.heads * d.head_dim
     hidden = torch.zeros(d.hidden)
     heads, ffn, total = torch.zeros(d.layers, q_width), torch.zeros(d.layers, d.ffn), torch.zeros(d.layers)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -57,6 +57,28 @@ def _cast_output(dtype: torch.dtype):
         return output.to(dtype)
 
     return hook
+
+
+class _LazyTensors(Mapping):
+    """name -> tensor, each produced by `get` when looked up (nothing kept)."""
+
+    def __init__(self, names: list[str], get: Callable[[str], Tensor]):
+        self.names, self._get = names, get
+        self._known = set(names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._known
+
+    def __getitem__(self, name: str) -> Tensor:
+        if name not in self._known:
+            raise KeyError(name)
+        return self._get(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 class _Catch(nn.Module):
@@ -135,25 +157,35 @@ class Layerwise:
         with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary) real
             self.model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
         self.layers = get_module(self.model, self.family.layers_path)
+        self.tied = bool(getattr(config, "tie_word_embeddings", False))
         self._outside(head)
 
     def _outside(self, head: bool) -> None:
-        """Give the parameters outside the decoder layers their weights (the LM head only when `head`)."""
+        """Give the parameters outside the decoder layers their weights (the LM head only when `head`).
+
+        Embedding tables stay memory-mapped in the file's dtype (a lookup reads only its rows) and their
+        output is cast to the compute dtype: the same numbers as looking up in a converted table."""
         prefix = self.family.layers_path + "."
-        tied = getattr(self.model.config, "tie_word_embeddings", False)
         head_name = self.family.lm_head_path + ".weight"
-        for name, param in list(self.model.named_parameters(remove_duplicate=False)):
-            if name.startswith(prefix) or (name == head_name and not head):
+        for name, _ in list(self.model.named_parameters(remove_duplicate=False)):
+            if name.startswith(prefix) or name == head_name:
                 continue
-            source = self.family.embed_path + ".weight" if name == head_name and tied else name
-            tensor = self.shards.mapped(source)
+            tensor = self.shards.mapped(name)
+            module = get_module(self.model, name.rpartition(".")[0])
             if tensor.dtype != self.dtype:
-                if param.ndim == 2 and name != head_name:  # an embedding table: look up, then cast the rows
-                    module = get_module(self.model, name.rpartition(".")[0])
+                if isinstance(module, nn.Embedding):
                     module.register_forward_hook(_cast_output(self.dtype))
                 else:
                     tensor = tensor.to(self.dtype)
             _set_params(self.model, {name: tensor})
+        if not head:
+            return
+        embed = get_module(self.model, self.family.embed_path).weight
+        if self.tied and embed.dtype == self.dtype:
+            _set_params(self.model, {head_name: embed})  # the same tensor, as in the loaded model
+        else:
+            source = self.family.embed_path + ".weight" if self.tied else head_name
+            _set_params(self.model, {head_name: self.shards.mapped(source).to(self.dtype)})
 
     def head(self) -> tuple[Tensor, Tensor | None]:
         """The LM head's (weight, bias) in the compute dtype (memory-mapped when the file has that dtype)."""
@@ -161,6 +193,12 @@ class Layerwise:
         if module.weight.is_meta:
             raise CompactLMError("Layerwise: built without its LM head (pass head=True)")
         return module.weight, module.bias
+
+    def parameters_from_shards(self) -> Mapping[str, Tensor]:
+        """Every parameter (a tied LM head once, as the embedding) by name, memory-mapped when looked up."""
+        head = self.family.lm_head_path + ".weight"
+        names = [name for name, _ in self.model.named_parameters() if not (self.tied and name == head)]
+        return _LazyTensors(names, self.shards.mapped)
 
     def layer_bytes(self) -> int:
         """Bytes of the largest decoder layer's weights in the compute dtype."""

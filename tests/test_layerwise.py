@@ -1,0 +1,137 @@
+"""Layer by layer (models/layerwise.py) computes what the loaded model computes: equal to the bit on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FAMILIES, VOCAB, tiny_model
+
+from compactlm.errors import CompactLMError
+from compactlm.importance import activation_scores, block_importance, lm_loss_importance, magnitude_scores
+from compactlm.metrics import perplexity, teacher_agreement
+from compactlm.models.layerwise import Layerwise
+from compactlm.models.shards import Shards, model_bytes
+
+
+def _batches() -> list[dict[str, torch.Tensor]]:
+    """Two batches with padded rows (the mask matters), one of another length."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(2, VOCAB, (3, 16), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 12:] = 0
+    mask[2, 9:] = 0
+    other = torch.randint(2, VOCAB, (2, 11), generator=g)
+    return [{"input_ids": ids, "attention_mask": mask},
+            {"input_ids": other, "attention_mask": torch.ones_like(other)}]
+
+
+def _saved(model, tmp_path, name: str = "m", dtype: torch.dtype | None = None):
+    path = tmp_path / name
+    (model.to(dtype) if dtype else model).save_pretrained(path, max_shard_size="20KB")  # several shards
+    return path
+
+
+def _assert_scores_equal(a, b) -> None:
+    for field in ("hidden", "heads", "ffn"):
+        assert torch.equal(getattr(a, field), getattr(b, field)), field
+    assert a.layers.keys() == b.layers.keys()
+    for name in a.layers:
+        assert torch.equal(a.layers[name], b.layers[name]), name
+
+
+def _kv(family: str) -> int:
+    return 4 if family == "gpt2" else 2
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_scores_equal_in_memory(family, tied, tmp_path):
+    model = tiny_model(family, kv_heads=_kv(family), tied=tied)
+    lw = Layerwise(_saved(model, tmp_path))
+    batches = _batches()
+    for head_score in ("paper", "channel"):
+        _assert_scores_equal(activation_scores(model, batches, head_score=head_score),
+                             activation_scores(lw, batches, head_score=head_score))
+    assert torch.equal(block_importance(model, batches), block_importance(lw, batches))
+    _assert_scores_equal(magnitude_scores(model), magnitude_scores(lw))
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_evaluation_equal_in_memory(family, tied, tmp_path):
+    student = tiny_model(family, kv_heads=_kv(family), tied=tied)
+    teacher = tiny_model(family, kv_heads=_kv(family), tied=tied, seed=3)
+    lw_student = Layerwise(_saved(student, tmp_path, "s"), head=True)
+    lw_teacher = Layerwise(_saved(teacher, tmp_path, "t"), head=True)
+    batches = _batches()
+    assert perplexity(lw_student, batches) == perplexity(student, batches)
+    assert teacher_agreement(lw_student, lw_teacher, batches) == teacher_agreement(student, teacher, batches)
+    assert teacher_agreement(lw_student, teacher, batches) == teacher_agreement(student, teacher, batches)
+
+
+def test_bfloat16_file_scored_in_float32(tmp_path):
+    """Weights stored in bf16, computed in f32: embeddings stay mapped in bf16 and their rows are cast."""
+    model = tiny_model("llama", tied=True)
+    path = _saved(model, tmp_path, dtype=torch.bfloat16)
+    loaded = type(model).from_pretrained(path, dtype=torch.float32).eval()
+    lw = Layerwise(path, torch.float32, head=True)
+    assert lw.model.model.embed_tokens.weight.dtype == torch.bfloat16
+    batches = _batches()
+    _assert_scores_equal(activation_scores(loaded, batches), activation_scores(lw, batches))
+    assert perplexity(lw, batches) == perplexity(loaded, batches)
+
+
+def test_hidden_states_spilled_to_files(tmp_path):
+    model = tiny_model("qwen3")
+    batches = _batches()
+    lw = Layerwise(_saved(model, tmp_path), spill_bytes=0, head=True)  # every batch's states on disk
+    _assert_scores_equal(activation_scores(model, batches), activation_scores(lw, batches))
+    assert perplexity(lw, batches) == perplexity(model, batches)
+
+
+def test_sliding_and_full_layers_get_their_own_masks(tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                         num_hidden_layers=4, vocab_size=VOCAB, max_position_embeddings=128, use_sliding_window=True,
+                         sliding_window=4, max_window_layers=2, layer_types=["full_attention", "sliding_attention"] * 2)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config).eval()
+    lw = Layerwise(_saved(model, tmp_path), head=True)
+    batches = _batches()
+    _assert_scores_equal(activation_scores(model, batches), activation_scores(lw, batches))
+    assert perplexity(lw, batches) == perplexity(model, batches)
+
+
+def test_one_layer_resident_at_a_time(tmp_path):
+    lw = Layerwise(_saved(tiny_model("llama", layers=4), tmp_path))
+    resident = []
+
+    def count(module, args, kwargs) -> None:
+        resident.append(sum(not next(layer.parameters()).is_meta for layer in lw.layers))
+
+    for layer in lw.layers:
+        layer.register_forward_pre_hook(count, with_kwargs=True)
+    lw.run(_batches()).close()
+    assert resident == [1] * 8  # 4 layers x 2 batches, each with only its own layer loaded
+    assert all(p.is_meta for layer in lw.layers for p in layer.parameters())
+
+
+def test_lm_loss_needs_the_whole_model(tmp_path):
+    lw = Layerwise(_saved(tiny_model("llama"), tmp_path))
+    with pytest.raises(CompactLMError, match="lm_loss.*whole model in memory"):
+        lm_loss_importance(lw, _batches())
+    with pytest.raises(CompactLMError, match="n=2 layers needs the whole model"):
+        block_importance(lw, _batches(), n=2)
+
+
+def test_shards_sizes_and_missing_tensor(tmp_path):
+    model = tiny_model("gpt2", kv_heads=4)
+    path = _saved(model, tmp_path)
+    n = sum(p.numel() for p in model.state_dict().values())  # GPT-2 saves its tied head once
+    shards = Shards(path)
+    assert model_bytes(path, torch.bfloat16) == 2 * sum(shards.mapped(k).numel() for k in shards.files)
+    assert torch.equal(shards.read("transformer.wpe.weight", torch.float32), model.transformer.wpe.weight)
+    assert n >= sum(shards.mapped(k).numel() for k in shards.files)
+    with pytest.raises(CompactLMError, match="no tensor 'nope'"):
+        shards.mapped("nope")
