@@ -62,6 +62,11 @@ CASES = [  # id, command, arguments, what the one line must say
      "resume: distill.lr (0.0001 -> 0.5) changed"),
     ("char-tokenizer-not-built-here", "prune", ["tokenizer=char"], "tokenizer=char is built by run, train and distill"),
     ("task-file-missing", "eval", ["eval.tasks=[./no/such/task.yaml]"], "eval.tasks"),
+    ("memory-gb-not-positive", "prune", ["memory_gb=0"], "memory_gb=0.0: must be > 0"),
+    ("memory-gb-needs-safetensors", "score", ["memory_gb=0.00001", "model={config_only}"],
+     "layer-by-layer reads a local safetensors checkpoint"),
+    ("memory-gb-lm-loss-metric", "prune", ["memory_gb=0.00001", "target.num_hidden_layers=2"],
+     "layer metric 'lm_loss' needs the whole model in memory"),
 ]
 
 
@@ -89,6 +94,11 @@ def files(tiny_checkpoint, text_file, bpe_tokenizer, tmp_path_factory):
         (f["truncated"] / file.name).write_bytes(file.read_bytes())
     shard = f["truncated"] / "model.safetensors"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    f["config_only"] = root / "config_only"  # weights elsewhere (a hub download in progress, a .bin file)
+    f["config_only"].mkdir()
+    for file in tiny_checkpoint.iterdir():
+        if file.suffix != ".safetensors":
+            (f["config_only"] / file.name).write_bytes(file.read_bytes())
     f["corrupt_scores"] = root / "corrupt.safetensors"
     f["corrupt_scores"].write_bytes(b"\x00" * 64)
     config = tiny_config("llama", 4, 2)

@@ -67,7 +67,7 @@ def test_prune_with_saved_scores_streams_and_equals_the_in_memory_prune(capsys, 
                                                                          monkeypatch):
     """With saved scores and a local checkpoint, `compactlm prune` never builds the model: it streams the
     surgery tensor by tensor, and the result equals the in-memory prune's."""
-    from compactlm import inputs, stages
+    from compactlm import inputs
 
     args = common(tiny_checkpoint, text_file, tmp_path / "scores")
     assert run(capsys, "score", *args)[0] == 0
@@ -78,7 +78,7 @@ def test_prune_with_saved_scores_streams_and_equals_the_in_memory_prune(capsys, 
     code, _, err = run(capsys, "prune", *common(tiny_checkpoint, text_file, tmp_path / "streamed"), *prune_args)
     assert code == 0, err
     monkeypatch.undo()
-    monkeypatch.setattr(stages, "_streamable", lambda spec: False)
+    monkeypatch.setattr(inputs, "local_safetensors", lambda spec: False)
     code, _, err = run(capsys, "prune", *common(tiny_checkpoint, text_file, tmp_path / "in_memory"), *prune_args)
     assert code == 0, err
     streamed = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed").state_dict()

@@ -135,3 +135,75 @@ def test_shards_sizes_and_missing_tensor(tmp_path):
     assert n >= sum(shards.mapped(k).numel() for k in shards.files)
     with pytest.raises(CompactLMError, match="no tensor 'nope'"):
         shards.mapped("nope")
+
+
+# ---------------------------------------------------------------- the stages under memory_gb
+
+
+def _cli(capsys, *args: str) -> dict:
+    import json
+
+    from compactlm.cli import main
+
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _common(checkpoint, text_file, out_dir) -> list[str]:
+    return [f"model={checkpoint}", f"data={text_file}", f"out_dir={out_dir}", "calib.sequences=8", "calib.seq_len=32",
+            "calib.batch_size=4", "eval.seq_len=32", "eval.sequences=8", "eval.speed=false"]
+
+
+TINY_BUDGET = "memory_gb=0.00001"  # 10 KB: below the tiny model's weights
+
+
+def test_prune_within_budget_equals_unbudgeted(capsys, tiny_checkpoint, text_file, tmp_path, caplog):
+    from safetensors.torch import load_file
+
+    from compactlm.models.shards import Shards
+
+    target = ["target.hidden_size=16", "target.intermediate_size=24", "target.num_attention_heads=2",
+              "target.num_hidden_layers=2", "target.layer_metric=block_importance"]
+    _cli(capsys, "prune", *_common(tiny_checkpoint, text_file, tmp_path / "whole"), *target)
+    with caplog.at_level("INFO"):
+        _cli(capsys, "prune", *_common(tiny_checkpoint, text_file, tmp_path / "budget"), *target, TINY_BUDGET)
+    assert "one decoder layer" in caplog.text
+    whole, budget = Shards(tmp_path / "whole"), Shards(tmp_path / "budget")
+    assert set(whole.files) - {"lm_head.weight"} == set(budget.files)  # the tied head is saved once
+    for name in budget.files:
+        assert torch.equal(whole.mapped(name), budget.mapped(name)), name
+    assert torch.equal(load_file(tmp_path / "whole" / "scores.safetensors")["ffn"],
+                       load_file(tmp_path / "budget" / "scores.safetensors")["ffn"])
+    from transformers import AutoModelForCausalLM
+
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "whole")
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "budget")
+    ids = torch.randint(0, a.config.vocab_size, (1, 12))
+    assert torch.equal(a(ids).logits, b(ids).logits)
+
+
+def test_score_and_eval_within_budget(capsys, tiny_checkpoint, text_file, tmp_path, caplog):
+    from compactlm.importance.scores import Scores
+
+    _cli(capsys, "score", *_common(tiny_checkpoint, text_file, tmp_path / "whole"))
+    with caplog.at_level("WARNING"):
+        _cli(capsys, "score", *_common(tiny_checkpoint, text_file, tmp_path / "budget"), TINY_BUDGET)
+    assert "need the whole model in memory" in caplog.text  # lm_loss is skipped, block_importance is not
+    whole = Scores.load(tmp_path / "whole" / "scores.safetensors")
+    budget = Scores.load(tmp_path / "budget" / "scores.safetensors")
+    assert sorted(budget.layers) == ["block_importance"]
+    whole = Scores(whole.hidden, whole.heads, whole.ffn, {"block_importance": whole.layers["block_importance"]})
+    _assert_scores_equal(whole, budget)
+
+    plain = _cli(capsys, "eval", *_common(tiny_checkpoint, text_file, tmp_path / "e1"), f"teacher={tiny_checkpoint}")
+    budgeted = _cli(capsys, "eval", *_common(tiny_checkpoint, text_file, tmp_path / "e2"), f"teacher={tiny_checkpoint}",
+                    TINY_BUDGET)
+    assert budgeted == plain
+
+
+def test_budget_that_fits_loads_whole(capsys, tiny_checkpoint, text_file, tmp_path, caplog):
+    with caplog.at_level("INFO"):
+        _cli(capsys, "eval", *_common(tiny_checkpoint, text_file, tmp_path / "e"), "memory_gb=1")
+    assert "fit memory_gb=1" in caplog.text

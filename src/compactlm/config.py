@@ -208,6 +208,7 @@ class Config:
     seed: int = 0
     device: str = "auto"  # auto: cuda when available
     dtype: str = choice("float32", "float32", "bfloat16", "float16")
+    memory_gb: float | None = None  # weights above this: score, prune and eval run one decoder layer at a time
     resume: bool = False
     init: str = choice("pretrained", "pretrained", "random")
     dataset: DatasetConfig = DatasetConfig()
@@ -219,6 +220,10 @@ class Config:
     train: TrainConfig = TrainConfig(lr=2e-5, min_lr=2e-6)
     search: SearchConfig = SearchConfig()
     correction: CorrectionConfig = CorrectionConfig(tokens=200_000, lr=2e-5, min_lr=2e-6)
+
+    def __post_init__(self) -> None:
+        if self.memory_gb is not None and self.memory_gb <= 0:
+            raise InvalidValue("memory_gb", self.memory_gb, "must be > 0 (GiB)")
 
 
 def _type_name(tp: Any) -> str:

@@ -80,11 +80,57 @@ def check_seq_len(model_or_config, seq_len: int, key: str) -> None:
 def load(cfg: Config, spec: str | None = None):
     """(model, tokenizer) for `spec` (default cfg.model) on the configured device and dtype."""
     spec = spec or cfg.model
+    tokenizer = _tokenizer(cfg, spec)
+    return load_model(spec, dtype=cfg.dtype, device=pick_device(cfg.device)), tokenizer
+
+
+def _tokenizer(cfg: Config, spec: str):
     if cfg.tokenizer == "char":  # chartok.CHAR: built from the data by run/train/distill, read from its folder here
         raise CompactLMError("tokenizer=char is built by run, train and distill; here pass the folder it was "
                              "saved to: tokenizer=RUN_DIR/tokenizer")
-    model = load_model(spec, dtype=cfg.dtype, device=pick_device(cfg.device))
-    return model, load_tokenizer(cfg.tokenizer or spec)
+    return load_tokenizer(cfg.tokenizer or spec)
+
+
+def local_safetensors(spec: str) -> bool:
+    """A local folder holding a safetensors checkpoint (model.safetensors or its sharded index)."""
+    path = Path(spec)
+    return path.is_dir() and ((path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file())
+
+
+def layerwise(cfg: Config, spec: str | None = None, head: bool = False):
+    """A `Layerwise` of `spec` (default cfg.model) when `memory_gb` is set and its weights, in `dtype`, exceed
+    it; None when they fit (or no budget is set): then the model loads whole.
+
+    Hidden states between layers stay in memory up to half the budget less one layer's weights, the rest
+    goes to temporary files. Layer by layer runs on the CPU."""
+    from compactlm.models.layerwise import Layerwise
+    from compactlm.models.loading import DTYPES, params_of_config
+
+    if cfg.memory_gb is None:
+        return None
+    spec = spec or cfg.model
+    dtype = DTYPES[cfg.dtype]
+    need, budget = params_of_config(load_model_config(spec)) * dtype.itemsize, int(cfg.memory_gb * 2**30)
+    if need <= budget:
+        log.info("%s: %.2f GB of weights fit memory_gb=%s: loading it whole", spec, need / 2**30, cfg.memory_gb)
+        return None
+    if not local_safetensors(spec):
+        raise CompactLMError(f"memory_gb={cfg.memory_gb}: {spec} needs {need / 2**30:.1f} GB and layer-by-layer "
+                             "reads a local safetensors checkpoint: save it with save_pretrained first")
+    if pick_device(cfg.device).type != "cpu":
+        log.warning("memory_gb: layer by layer runs on the CPU")
+    model = Layerwise(spec, dtype, head=head)
+    model.spill_bytes = max(0, budget // 2 - model.layer_bytes())
+    log.info("%s: %.2f GB of weights exceed memory_gb=%s: one decoder layer (%.2f GB) at a time",
+             spec, need / 2**30, cfg.memory_gb, model.layer_bytes() / 2**30)
+    return model
+
+
+def load_within(cfg: Config, spec: str | None = None, head: bool = False):
+    """(model, tokenizer) like `load`, the model a `Layerwise` when it exceeds `memory_gb` (see `layerwise`)."""
+    spec = spec or cfg.model
+    lw = layerwise(cfg, spec, head)
+    return load(cfg, spec) if lw is None else (lw, _tokenizer(cfg, spec))
 
 
 CALIB_POOL = 4  # calibration rows are drawn from at least 4x as many train rows

@@ -29,6 +29,8 @@ from compactlm.config import Config, TrainConfig, check_resume, save_config
 from compactlm.errors import CompactLMError
 from compactlm.inputs import CONFIG_FILE, load, load_splits, scores_for, staged_output
 from compactlm.models.family import family_of
+from compactlm.importance.layers import LAYERWISE_METRICS, check_layerwise
+from compactlm.models.layerwise import Layerwise
 from compactlm.models.loading import load_model, load_model_config, num_params, write_checkpoint
 from compactlm.pruning import depth_metrics_needed, layers_to_drop, make_plan, prune_model, resolve_target
 
@@ -42,9 +44,15 @@ EVAL_FILE = "eval.json"
 def score(cfg: Config) -> dict:
     """Importance scores of `model` on the calibration split (+ `importance.layer_metrics`)."""
     inputs.check_out_dir(cfg.out_dir)
-    model, tokenizer = load(cfg)
+    model, tokenizer = inputs.load_within(cfg)
+    names = cfg.importance.layer_metrics
+    if isinstance(model, Layerwise):  # the LM-loss metrics run the whole model once per skipped layer
+        skipped = [n for n in names if n not in LAYERWISE_METRICS]
+        names = tuple(n for n in names if n in LAYERWISE_METRICS)
+        if skipped:
+            log.warning("score: layer metrics %s need the whole model in memory (memory_gb): skipped", skipped)
     scores = scores_for(dataclasses.replace(cfg, importance=dataclasses.replace(cfg.importance, scores=None)),
-                        model, tokenizer, cfg.importance.layer_metrics)
+                        model, tokenizer, names)
     with staged_output(cfg.out_dir) as out:
         scores.save(out / SCORES_FILE)
         save_config(cfg, out / CONFIG_FILE)
@@ -63,10 +71,14 @@ def prune(cfg: Config) -> dict:
     inputs.check_seq_len(config, cfg.calib.seq_len, "calib.seq_len")
     needed = depth_metrics_needed(cfg.target, [source.layers - target.layers])
     scores = inputs.saved_scores(cfg, source)
-    if scores is not None and all(n in scores.layers for n in needed) and _streamable(cfg.model):
+    if scores is not None and all(n in scores.layers for n in needed) and inputs.local_safetensors(cfg.model):
         return _prune_streamed(cfg, config, scores, target)  # nothing to compute: the model never loads
-    model, tokenizer = load(cfg)
+    model, tokenizer = inputs.load_within(cfg)
+    for name in needed if scores is None else [n for n in needed if n not in scores.layers]:
+        check_layerwise(model, name)  # before the slow passes
     scores = scores_for(cfg, model, tokenizer, needed, saved=scores)  # the file is read once
+    if isinstance(model, Layerwise):  # scored one layer at a time: cut tensor by tensor too
+        return _prune_streamed(cfg, config, scores, target)
     drop = layers_to_drop(cfg.target, source, target.layers, scores)
     plan = make_plan(scores, source, target, drop)
     pruned = prune_model(model, plan)
@@ -76,12 +88,6 @@ def prune(cfg: Config) -> dict:
         write_checkpoint(pruned, tokenizer, out)
         _write_plan(cfg, out, plan, scores, source, target, drop, params)
     return {"out_dir": str(cfg.out_dir), "target_shape": vars(target), "params": params}
-
-
-def _streamable(spec: str) -> bool:
-    """A local safetensors checkpoint: surgery can stream it tensor by tensor (pruning/stream.py)."""
-    path = Path(spec)
-    return path.is_dir() and ((path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file())
 
 
 def _prune_streamed(cfg: Config, config, scores, target) -> dict:
@@ -262,8 +268,10 @@ def evaluate(cfg: Config) -> dict:
     if cfg.out_dir:
         inputs.check_out_dir(cfg.out_dir)
     check_task_files(cfg.eval.tasks)
-    model, tokenizer = load(cfg)
-    teacher = load(cfg, cfg.teacher)[0] if cfg.teacher else None
+    model, tokenizer = inputs.load_within(cfg, head=True)
+    teacher = inputs.load_within(cfg, cfg.teacher, head=True)[0] if cfg.teacher else None
+    if cfg.eval.tasks and isinstance(model, Layerwise):
+        raise CompactLMError("eval.tasks: lm-eval tasks need the whole model in memory (memory_gb is exceeded)")
     if teacher is not None:
         inputs.same_vocabulary(cfg.teacher, teacher, cfg.model, model, cfg)
     metrics = {"model": cfg.model, **_measure(cfg, model, tokenizer, _val_batches(cfg, tokenizer, model), teacher)}

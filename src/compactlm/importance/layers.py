@@ -53,9 +53,12 @@ def skip_layers(model, layers: Iterable[int]) -> Iterator[None]:
             handle.remove()
 
 
-def _in_memory(model, metric: str) -> None:
+LAYERWISE_METRICS = ("block_importance", "magnitude", "random")  # depth metrics a `Layerwise` computes
+
+
+def check_layerwise(model, metric: str) -> None:
     """LM-loss metrics run the whole model once per skipped layer or block: a `Layerwise` cannot."""
-    if isinstance(model, Layerwise):
+    if isinstance(model, Layerwise) and metric not in LAYERWISE_METRICS:
         raise CompactLMError(f"layer metric '{metric}' needs the whole model in memory; with memory_gb set "
                              f"use block_importance (importance.layer_metrics, target.layer_metric)")
 
@@ -74,7 +77,7 @@ def _num_layers(model) -> int:
 
 def lm_loss_importance(model, batches: Batches) -> torch.Tensor:
     """(layers,) float32: LM loss with that layer alone skipped minus the loss of the full model."""
-    _in_memory(model, "lm_loss")
+    check_layerwise(model, "lm_loss")
     batches = list(batches)
     baseline = lm_loss(model, batches)
     out = []
@@ -86,7 +89,7 @@ def lm_loss_importance(model, batches: Batches) -> torch.Tensor:
 
 def contiguous_block_losses(model, batches: Batches, n: int) -> torch.Tensor:
     """(layers - n + 1,) float32: LM loss with layers s..s+n-1 skipped, for every start s."""
-    _in_memory(model, f"contiguous_{n}")
+    check_layerwise(model, f"contiguous_{n}")
     layers = _num_layers(model)
     if not 1 <= n <= layers:
         raise CompactLMError(f"block size n={n} must be between 1 and the model's {layers} layers")

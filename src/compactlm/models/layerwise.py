@@ -187,6 +187,11 @@ class Layerwise:
             source = self.family.embed_path + ".weight" if self.tied else head_name
             _set_params(self.model, {head_name: self.shards.mapped(source).to(self.dtype)})
 
+    @property
+    def config(self):
+        """The model's Hugging Face config (so `family_of` and shape checks read a Layerwise like a model)."""
+        return self.model.config
+
     def head(self) -> tuple[Tensor, Tensor | None]:
         """The LM head's (weight, bias) in the compute dtype (memory-mapped when the file has that dtype)."""
         module = get_module(self.model, self.family.lm_head_path)
