@@ -27,9 +27,9 @@ from compactlm import data, inputs
 from compactlm.chartok import prepare_tokenizer
 from compactlm.config import Config, TrainConfig, check_resume, save_config
 from compactlm.errors import CompactLMError
+from compactlm.importance.layers import LAYERWISE_METRICS, check_layerwise
 from compactlm.inputs import CONFIG_FILE, load, load_splits, scores_for, staged_output
 from compactlm.models.family import family_of
-from compactlm.importance.layers import LAYERWISE_METRICS, check_layerwise
 from compactlm.models.layerwise import Layerwise
 from compactlm.models.loading import load_model, load_model_config, num_params, write_checkpoint
 from compactlm.pruning import depth_metrics_needed, layers_to_drop, make_plan, prune_model, resolve_target
@@ -246,7 +246,8 @@ def _val_batches(cfg: Config, tokenizer, model) -> list:
 def _measure(cfg: Config, model, tokenizer, batches: list, teacher=None, sample: bool = False,
              teacher_cache: dict | None = None) -> dict:
     """Metrics of one model (+ a greedy sample of `eval.prompt`, + lm-eval `eval.tasks`)."""
-    from compactlm.metrics import evaluate as evaluate_model, sample_text
+    from compactlm.metrics import evaluate as evaluate_model
+    from compactlm.metrics import sample_text
 
     metrics = evaluate_model(model, batches, teacher=teacher, tokenizer=tokenizer, speed=cfg.eval.speed,
                              progress=True, teacher_cache=teacher_cache)
