@@ -2,7 +2,7 @@
 
 The model is never built: each tensor is read (memory-mapped) from its source shard, sliced by the same
 `prune_tensor` as in-memory surgery, and appended to the output shard being filled; a shard is written once it
-reaches `max_shard_bytes`. At most one source tensor and one output shard are in memory. The output is an
+would pass `max_shard_bytes`. At most one source tensor, its pruned copy and one output shard are in memory. The output is an
 ordinary Hugging Face checkpoint: config.json (from `prune_config`), model-0000i-of-0000n.safetensors and
 model.safetensors.index.json, which `from_pretrained` loads.
 """
@@ -46,13 +46,15 @@ def prune_checkpoint(checkpoint: str | Path, plan: Plan, out: str | Path, *, max
 
     source = Shards(checkpoint)
     for name in source.files:
-        pruned = prune_tensor(family, dims, plan, name, source.mapped(name), scaled)
+        tensor = source.mapped(name)
+        if current and size + tensor.numel() * tensor.element_size() > max_shard_bytes:
+            flush()  # the source size bounds the pruned size: the shard is written before it could overflow
+        pruned = prune_tensor(family, dims, plan, name, tensor, scaled)
+        del tensor  # unmaps the source pages
         if pruned is None:
             continue
         key, tensor = pruned
         nbytes = tensor.numel() * tensor.element_size()
-        if current and size + nbytes > max_shard_bytes:
-            flush()
         current[key], size, total = tensor.contiguous(), size + nbytes, total + nbytes
     flush()
     weight_map = {}
