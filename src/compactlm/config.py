@@ -160,12 +160,15 @@ class DistillConfig(TrainConfig):
     layer_map: tuple[tuple[int, int], ...] | None = None  # (student, teacher) block outputs; default last-2 of each
     embedding_loss: bool = False  # also match the embedding outputs
     teacher_sharded: bool = False  # FSDP-shard the teacher too (default: replicate it)
+    teacher_offload: bool = False  # with teacher_sharded: keep its shards in CPU memory (FSDP2 CPUOffloadPolicy)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.temperature <= 0:
             raise InvalidValue("temperature", self.temperature, "must be > 0")
         _at_least(self, 0, "ce_weight")
+        if self.teacher_offload and not self.teacher_sharded:
+            raise InvalidValue("teacher_offload", True, "offloads the teacher's FSDP shards: set teacher_sharded=true")
 
 
 @dataclass(frozen=True)
@@ -363,7 +366,7 @@ MAY_CHANGE_ON_RESUME = frozenset({
     "resume", "device", "out_dir", "eval.speed", "eval.tasks", "eval.task_limit", "eval.batch_size",
     *(f"{section}.{key}" for section in ("distill", "train", "correction")
       for key in ("micro_batch_size", "eval_every", "save_every", "log_every", "activation_checkpointing",
-                  "teacher_sharded")),
+                  "teacher_sharded", "teacher_offload")),
 })
 
 

@@ -165,7 +165,9 @@ def _fit(cfg: Config, tc: TrainConfig, section: str, student_spec: str, teacher_
         student, tokenizer = inputs.load_trainee(cfg, tc, section, student_spec, d.device)
         teacher = None
         if teacher_spec is not None:
-            teacher = load_model(teacher_spec, dtype=cfg.dtype, device=d.device)
+            # a teacher to be sharded loads on the CPU: fully_shard moves only this rank's shard to the GPU
+            sharded = cfg.distill.teacher_sharded and d.sharded
+            teacher = load_model(teacher_spec, dtype=cfg.dtype, device="cpu" if sharded else d.device)
             inputs.check_seq_len(teacher, tc.seq_len, f"{section}.seq_len")
             inputs.same_vocabulary(teacher_spec, teacher, student_spec, student, cfg)
         splits = load_splits(cfg, tokenizer, tc.seq_len, calib=False,

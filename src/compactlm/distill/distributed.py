@@ -77,17 +77,21 @@ def teardown(d: Dist) -> None:
         dist.destroy_process_group()
 
 
-def shard_(module: nn.Module, layers: nn.ModuleList, d: Dist) -> nn.Module:
-    """FSDP2 in place: `fully_shard` every decoder layer, then `module` as the root; no-op for one process."""
+def shard_(module: nn.Module, layers: nn.ModuleList, d: Dist, offload: bool = False) -> nn.Module:
+    """FSDP2 in place: `fully_shard` every decoder layer, then `module` as the root; no-op for one process.
+
+    `offload`: the shards live in (pinned) CPU memory and each layer's parameters are copied to the GPU for its
+    forward (`CPUOffloadPolicy`): a frozen teacher then costs GPU memory for one layer at a time."""
     if not d.sharded:
         return module
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     mesh = init_device_mesh(d.device.type, (d.world,))
+    policy = CPUOffloadPolicy(pin_memory=d.device.type == "cuda") if offload else OffloadPolicy()
     for layer in layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(module, mesh=mesh)  # the root keeps its parameters (embeddings, head) unsharded after forward
+        fully_shard(layer, mesh=mesh, offload_policy=policy)
+    fully_shard(module, mesh=mesh, offload_policy=policy)  # the root keeps embeddings and head unsharded after forward
     return module
 
 

@@ -212,9 +212,11 @@ def build(student: nn.Module, teacher: nn.Module | None, tc: TrainConfig, d: Dis
                      get_module(student, s_family.layers_path), d)
     if teacher is None:
         return trainee, None
-    wrapped = Teacher(teacher, tuple(t for _, t in objective.layer_map)).to(d.device)
-    if tc.teacher_sharded:
-        shard_(wrapped, get_module(teacher, family_of(teacher).layers_path), d)
+    wrapped = Teacher(teacher, tuple(t for _, t in objective.layer_map))
+    if tc.teacher_sharded and d.sharded:  # loaded on the CPU: each rank moves only its shards (or none: offload)
+        shard_(wrapped, get_module(teacher, family_of(teacher).layers_path), d, offload=tc.teacher_offload)
+    else:
+        wrapped.to(d.device)
     return trainee, wrapped
 
 

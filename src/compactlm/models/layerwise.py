@@ -16,6 +16,7 @@ This is how GPTQ-style calibrators (AutoGPTQ, llm-compressor) handle models larg
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import shutil
 import tempfile
@@ -32,6 +33,19 @@ from compactlm.models.shards import Shards
 log = logging.getLogger(__name__)
 
 OnBatch = Callable[[int, dict[str, Tensor]], None]  # (batch index, model inputs) before each layer call
+
+
+def _return_big_frees() -> None:
+    """Make glibc hand every tensor of 1 MB or more back to the system when it is freed.
+
+    By default glibc raises its mmap threshold to the size of each big block freed (up to 32 MB), so later
+    tensors of a layer come from a heap that does not shrink: on a 1.24B model scored layer by layer the peak
+    RSS grew by 25 MB per layer. A fixed threshold (mallopt M_MMAP_THRESHOLD) keeps it flat. Elsewhere (not
+    glibc) this does nothing."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def model_inputs(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
@@ -148,6 +162,7 @@ class Layerwise:
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        _return_big_frees()
         self.shards = Shards(checkpoint)
         config = AutoConfig.from_pretrained(checkpoint)
         self.family = family_of(config)

@@ -9,8 +9,10 @@ both read checkpoints through here.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -55,8 +57,9 @@ class Shards:
     def __contains__(self, name: str) -> bool:
         return name in self.files
 
-    def mapped(self, name: str) -> Tensor:
-        """The tensor `name` as a copy-on-write view of its file: no copy, pages read when touched."""
+    def mapped(self, name: str, rows: tuple[int, int] | None = None) -> Tensor:
+        """The tensor `name` (only `rows` [start, end) of its first axis, when given) as a copy-on-write view of
+        its file: no copy, pages read when touched, unmapped when the tensor is freed."""
         if name not in self.files:
             raise CompactLMError(f"{self.checkpoint}: no tensor '{name}' in the checkpoint (layer-by-layer loading "
                                  "reads checkpoints written by save_pretrained)")
@@ -68,10 +71,22 @@ class Shards:
         dtype = _ST_DTYPES[entry["dtype"]]
         with open(path, "rb") as f:
             buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private: writes never reach the file
+        shape = list(entry["shape"])
         count = (end - begin) // dtype.itemsize
+        if rows is not None:
+            row = count // shape[0]
+            begin, count, shape[0] = begin + rows[0] * row * dtype.itemsize, (rows[1] - rows[0]) * row, rows[1] - rows[0]
         if count == 0:
-            return torch.empty(entry["shape"], dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype, count=count, offset=entry["start"] + begin).view(entry["shape"])
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype, count=count, offset=entry["start"] + begin).view(shape)
+
+    def meta(self, name: str) -> Tensor:
+        """An empty tensor on the meta device with the shape and dtype of `name` (reads only the header)."""
+        path = self.files[name]
+        if path not in self._headers:
+            self._headers[path] = _header(path)
+        entry = self._headers[path][name]
+        return torch.empty(entry["shape"], dtype=_ST_DTYPES[entry["dtype"]], device="meta")
 
     def read(self, name: str, dtype: torch.dtype) -> Tensor:
         """The tensor `name` in memory, in `dtype` (a fresh copy: its file pages are not kept)."""
@@ -88,6 +103,31 @@ class Shards:
                     n *= s
                 total += n * (dtype.itemsize if dtype is not None else _ST_DTYPES[entry["dtype"]].itemsize)
         return total
+
+
+def write_safetensors(path: str | Path, entries: list[tuple[str, torch.Size, torch.dtype]],
+                      chunks: Iterator[Tensor]) -> None:
+    """A safetensors file of `entries` (name, shape, dtype), whose bytes arrive in order from `chunks`: each
+    tensor as one or more contiguous pieces. Nothing is gathered in memory (safetensors' own writer makes a
+    bytes copy of every tensor); the sizes are checked against the header."""
+    names = {v: k for k, v in _ST_DTYPES.items()}
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape, dtype in entries:
+        size = dtype.itemsize * math.prod(shape)
+        header[name] = {"dtype": names[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    written = 0
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for chunk in chunks:
+            data = chunk.contiguous().reshape(-1).view(torch.uint8).numpy()  # a view: no copy
+            f.write(data)
+            written += data.nbytes
+    if written != offset:
+        raise CompactLMError(f"{path}: wrote {written} bytes of tensor data, the header promises {offset}")
 
 
 def model_bytes(checkpoint: str | Path, dtype: torch.dtype) -> int:

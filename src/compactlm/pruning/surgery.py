@@ -59,23 +59,30 @@ def _rescale_queries(tensor: torch.Tensor, axes: tuple, factor: float, q_width: 
     return out
 
 
+def weight_axes(family: Family, key: str) -> tuple[int | None, str, tuple]:
+    """(layer index or None, name within the layer, axis labels) of the weight `key`; a one-line error when the
+    family record does not describe it."""
+    match = re.match(rf"^{re.escape(family.layers_path)}\.(\d+)\.(.+)$", key)
+    layer, suffix = (int(match.group(1)), match.group(2)) if match else (None, key)
+    axes = family.layer_params.get(suffix) if match else family.global_params.get(key)
+    if axes is None:
+        raise CompactLMError(f"{family.name}: weight '{key}' is not described in the family record; cannot prune it")
+    return layer, suffix, axes
+
+
 def prune_tensor(family: Family, dims: Dims, plan: Plan, key: str, tensor: torch.Tensor,
                  layer_index_scaled: bool = False) -> tuple[str, torch.Tensor] | None:
     """One weight sliced to the plan, under its new name (kept layers renumbered 0..n-1); None when its layer
     is dropped. `layer_index_scaled`: attention scores are divided by (layer_idx + 1) (GPT-2's
     scale_attn_by_inverse_layer_idx); a layer moved from index i to j gets its queries scaled by (j+1)/(i+1),
     so that its attention is unchanged."""
-    match = re.match(rf"^{re.escape(family.layers_path)}\.(\d+)\.(.+)$", key)
-    if match:
-        layer, suffix = int(match.group(1)), match.group(2)
+    layer, suffix, axes = weight_axes(family, key)
+    new_key = key
+    if layer is not None:
         kept = plan.layers.tolist()
         if layer not in kept:
             return None
-        axes, new_key = family.layer_params.get(suffix), f"{family.layers_path}.{kept.index(layer)}.{suffix}"
-    else:
-        layer, axes, new_key = None, family.global_params.get(key), key
-    if axes is None:
-        raise CompactLMError(f"{family.name}: weight '{key}' is not described in the family record; cannot prune it")
+        new_key = f"{family.layers_path}.{kept.index(layer)}.{suffix}"
     out = _slice(tensor, axes, plan, layer, dims)
     if layer_index_scaled and layer is not None:
         out = _rescale_queries(out, axes, (kept.index(layer) + 1) / (layer + 1), plan.dims(dims).heads * dims.head_dim)
