@@ -14,6 +14,7 @@ Prints wall time and peak RSS side by side and checks that both checkpoints (and
 tensor for tensor.
 
     python benchmarks/bench_layerwise_prune.py [--calib 32] [--work DIR] [--out result.json]
+    python benchmarks/bench_layerwise_prune.py --model DIR --hidden H --ffn F --memory-gb G   # another model
 """
 
 from __future__ import annotations
@@ -88,19 +89,23 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--calib", type=int, default=32, help="calibration sequences of 256 tokens")
     p.add_argument("--memory-gb", type=float, default=1.5)
+    p.add_argument("--model", type=Path, help="an existing safetensors checkpoint instead of the random 1.24B")
+    p.add_argument("--hidden", type=int, default=1536, help="target hidden_size")
+    p.add_argument("--ffn", type=int, default=4096, help="target intermediate_size")
     p.add_argument("--work", type=Path, help="where the model and outputs go (default: a temp dir)")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="compactlm-layerwise-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    model = work / "llama-1.24b"
+    model = args.model or work / "llama-1.24b"
     env = dict(os.environ) | {"PYTHONPATH": str(ROOT / "src"), "COMPACTLM_TOKENS": str(work / "stores")}
     start = time.time()
-    subprocess.run([sys.executable, __file__, "--make", str(model)], check=True, env=env)
-    print(f"model: {model} ({sum(f.stat().st_size for f in model.glob('*.safetensors')) / 2**30:.2f} GB bf16, "
+    if args.model is None:
+        subprocess.run([sys.executable, __file__, "--make", str(model)], check=True, env=env)
+    print(f"model: {model} ({sum(f.stat().st_size for f in model.glob('*.safetensors')) / 2**30:.2f} GB on disk, "
           f"{time.time() - start:.0f} s)", flush=True)
     prune = [sys.executable, "-m", "compactlm", "prune", f"model={model}", "data=python-docs",
-             "target.hidden_size=1536", "target.intermediate_size=4096", f"calib.sequences={args.calib}",
+             f"target.hidden_size={args.hidden}", f"target.intermediate_size={args.ffn}", f"calib.sequences={args.calib}",
              "calib.seq_len=256"]
     # the token store once, outside the timed runs (both runs read the same store)
     warm = ("import sys; from compactlm import inputs; from compactlm.config import load_config; "

@@ -35,3 +35,20 @@ def test_a_kill_while_replacing_a_checkpoint_keeps_the_old_one(tmp_path, monkeyp
     save_checkpoint(new, None, out)  # and the next save works as usual
     torch.testing.assert_close(load_model(str(out)).state_dict(), new.state_dict())
     assert [p.name for p in tmp_path.iterdir()] == ["best"]
+
+
+def test_a_model_bigger_than_one_gpu_spreads_over_several(monkeypatch):
+    """device_map=auto only on CUDA with 2+ GPUs and weights above 90% of one GPU's free memory."""
+    from conftest import tiny_config
+
+    from compactlm.models.loading import params_of_config, spread_over_gpus
+
+    config = tiny_config("llama")
+    need = params_of_config(config) * 4
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (need, 10 * need))
+    assert spread_over_gpus(config, "float32", torch.device("cuda", 0)) == "auto"
+    assert spread_over_gpus(config, "bfloat16", torch.device("cuda", 0)) is None  # half the bytes: fits
+    assert spread_over_gpus(config, "float32", torch.device("cpu")) is None
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert spread_over_gpus(config, "float32", torch.device("cuda", 0)) is None

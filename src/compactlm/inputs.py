@@ -22,7 +22,7 @@ from compactlm.errors import CompactLMError
 from compactlm.importance.scores import Scores
 from compactlm.metrics import vocab_size
 from compactlm.models.family import family_of
-from compactlm.models.loading import load_model, load_model_config, load_tokenizer, pick_device
+from compactlm.models.loading import load_model, load_model_config, load_tokenizer, pick_device, spread_over_gpus
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,9 @@ def load(cfg: Config, spec: str | None = None):
     """(model, tokenizer) for `spec` (default cfg.model) on the configured device and dtype."""
     spec = spec or cfg.model
     tokenizer = _tokenizer(cfg, spec)
-    return load_model(spec, dtype=cfg.dtype, device=pick_device(cfg.device)), tokenizer
+    device = pick_device(cfg.device)
+    spread = spread_over_gpus(load_model_config(spec), cfg.dtype, device) if cfg.memory_gb is None else None
+    return load_model(spec, dtype=cfg.dtype, device=device, device_map=spread), tokenizer
 
 
 def _tokenizer(cfg: Config, spec: str):

@@ -266,8 +266,11 @@ def fit(student: nn.Module, train_rows: Tensor, val_rows: Tensor, tc: TrainConfi
         bar.close()
         metrics.close()
     best = None if math.isinf(progress.best_val_loss) else progress.best_val_loss
-    return {"steps": progress.step, "tokens": progress.tokens, **val, "best_val_loss": best,
-            "wall_s": time.perf_counter() - start}
+    out = {"steps": progress.step, "tokens": progress.tokens, **val, "best_val_loss": best,
+           "wall_s": time.perf_counter() - start}
+    if d.device.type == "cuda":  # this rank's peak, for the GPU check and the README's sizes
+        out["peak_gpu_gb"] = torch.cuda.max_memory_allocated(d.device) / 2**30
+    return out
 
 
 def _rank_rows(train_rows: Tensor, rows_seen: int, batch_size: int, seed: int, d: Dist) -> Tensor:

@@ -103,12 +103,16 @@ def load_model_config(spec: str):
     return config
 
 
-def load_model(spec: str, *, dtype: str = "float32", device: str | torch.device = "cpu"):
-    """Load a causal LM from a hub id, directory, .gguf file or built-in name, in eval mode."""
+def load_model(spec: str, *, dtype: str = "float32", device: str | torch.device = "cpu",
+               device_map: str | None = None):
+    """Load a causal LM from a hub id, directory, .gguf file or built-in name, in eval mode. `device_map`
+    ("auto"): spread its layers over the visible GPUs (accelerate) instead of moving it to `device`."""
     from transformers import AutoModelForCausalLM
 
     path, gguf = resolve(spec)
     kwargs = {"dtype": DTYPES[dtype]}
+    if device_map:
+        kwargs["device_map"] = device_map
     if gguf:
         kwargs["gguf_file"] = gguf
     try:
@@ -120,7 +124,21 @@ def load_model(spec: str, *, dtype: str = "float32", device: str | torch.device 
         _clear_quantizer(model)
         if spec in BUILTINS:
             _cache_builtin(model, spec)
-    return model.to(device).eval()
+    return (model if device_map else model.to(device)).eval()
+
+
+def spread_over_gpus(config, dtype: str, device: torch.device) -> str | None:
+    """"auto" when the weights in `dtype` need more than 90% of one GPU's free memory and 2+ GPUs are visible
+    (on CUDA): the model then loads across them (layers split, hidden states passed on); else None."""
+    if device.type != "cuda" or torch.cuda.device_count() < 2:
+        return None
+    need = params_of_config(config) * DTYPES[dtype].itemsize
+    free = torch.cuda.mem_get_info(device)[0]
+    if need <= 0.9 * free:
+        return None
+    log.info("%.1f GB of weights exceed one GPU (%.1f GB free): spread over %d GPUs (device_map=auto)",
+             need / 2**30, free / 2**30, torch.cuda.device_count())
+    return "auto"
 
 
 def _clear_quantizer(model) -> None:
