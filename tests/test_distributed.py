@@ -33,7 +33,7 @@ def test_two_processes_match_one(models, text_file, tmp_path):  # noqa: F811
     # 6 validation rows in chunks of 2 over 2 ranks: one rank runs a spare forward (weight 0).
     keys = {"distill.steps": 4, "distill.micro_batch_size": 2, "distill.eval_every": 2,
             "distill.save_every": 2, "distill.intermediate": True, "distill.ce_weight": 0.2,
-            "distill.teacher_sharded": True}
+            "distill.teacher_sharded": True, "distill.teacher_offload": True}
     two_procs = _torchrun(_args(models, text_file, tmp_path / "two", **keys), tmp_path / "torchrun.log")
     run_distill(load_config(None, _args(models, text_file, tmp_path / "one", **keys)))  # meanwhile, here
     stdout, _ = two_procs.communicate(timeout=300)

@@ -134,7 +134,7 @@ def _ctrl_c_points():
     return [
         ("score", Scores, "save", 1),  # scores written into the staging folder, nothing else yet
         ("search", arch_search, "write_table", 1),
-        ("prune", stream, "save_file", 1),  # the first shard written (a local teacher streams), plan.json not yet
+        ("prune", stream, "write_safetensors", 1),  # the first shard written (a local teacher streams), plan.json not yet
         ("distill", loop, "train_step", 3),  # after the step-2 checkpoint
         ("evaluate", metrics, "sample_text", 2),  # teacher measured, the pruned model half
         ("report", reporting, "write_report", 1),
