@@ -91,7 +91,8 @@ def prune(cfg: Config) -> dict:
 
 
 def _prune_streamed(cfg: Config, config, scores, target) -> dict:
-    """Prune with saved scores without building the model: tensor by tensor into sharded safetensors."""
+    """Cut a local safetensors checkpoint to `target` with `scores` (saved, or computed layer by layer) without
+    building the model: tensor by tensor into sharded safetensors (pruning/stream.py)."""
     from compactlm.models.loading import load_tokenizer, params_of_config
     from compactlm.pruning import prune_config
     from compactlm.pruning.stream import prune_checkpoint
@@ -103,8 +104,7 @@ def _prune_streamed(cfg: Config, config, scores, target) -> dict:
     params = {"source": params_of_config(config), "pruned": params_of_config(prune_config(config, family, plan))}
     log.info("pruned %s tensor by tensor: %d -> %d parameters", cfg.model, params["source"], params["pruned"])
     with staged_output(cfg.out_dir) as out:
-        shard = 2**30 if cfg.memory_gb is None else min(2**30, int(cfg.memory_gb * 2**30) // 4)
-        prune_checkpoint(cfg.model, plan, out, max_shard_bytes=shard)
+        prune_checkpoint(cfg.model, plan, out)
         load_tokenizer(cfg.tokenizer or cfg.model).save_pretrained(out)
         _write_plan(cfg, out, plan, scores, source, target, drop, params)
     return {"out_dir": str(cfg.out_dir), "target_shape": vars(target), "params": params}
