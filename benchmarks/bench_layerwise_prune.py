@@ -15,6 +15,7 @@ tensor for tensor.
 
     python benchmarks/bench_layerwise_prune.py [--calib 32] [--work DIR] [--out result.json]
     python benchmarks/bench_layerwise_prune.py --model DIR --hidden H --ffn F --memory-gb G   # another model
+    python benchmarks/bench_layerwise_prune.py --project    # only the projection to 8B and 70B
 """
 
 from __future__ import annotations
@@ -85,6 +86,29 @@ def same_checkpoints(a: Path, b: Path) -> tuple[int, list[str]]:
     return len(names) + len(scores_a), differ
 
 
+PROJECTED = {  # name: (parameters, hidden, ffn, layers, heads, kv_heads, head_dim, memory_gb)
+    "Llama-3.1-8B": (8.03e9, 4096, 14336, 32, 32, 8, 128, 3),
+    "Llama-3.1-70B": (70.6e9, 8192, 28672, 80, 64, 8, 128, 8),
+}
+
+
+def project(interpreter_gb: float, calib: int = 128, seq_len: int = 256, batch: int = 8) -> None:
+    """What scoring holds in float32, in memory and layer by layer, by the README's formula (GiB):
+    weights; one layer L; calibration states N x S x hidden x 4 (in memory up to budget/2 - L, the rest on
+    disk); one batch's activations in one layer T x (4 ffn + 6 hidden) x 4; about 0.15 GB of the rest."""
+    gib = 2**30
+    print(f"\nprojected, float32, calibration {calib} x {seq_len}, batches of {batch}:")
+    print(f"{'model':<15} {'weights':>8} {'L':>6} {'states':>7} {'batch':>6} {'in memory':>10} {'layer by layer':>15}")
+    for name, (params, hidden, ffn, layers, heads, kv, head_dim, budget) in PROJECTED.items():
+        layer = 4 * (hidden * head_dim * (2 * heads + 2 * kv) + 3 * hidden * ffn + 2 * hidden) / gib
+        states = 4 * calib * seq_len * hidden / gib
+        acts = 4 * batch * seq_len * (4 * ffn + 6 * hidden) / gib
+        kept = min(states, max(0.0, budget / 2 - layer))
+        print(f"{name:<15} {4 * params / gib:>8.1f} {layer:>6.2f} {states:>7.2f} {acts:>6.2f} "
+              f"{interpreter_gb + 4 * params / gib + acts:>10.1f} "
+              f"{interpreter_gb + layer + kept + acts + 0.15:>9.1f} (memory_gb={budget})")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--calib", type=int, default=32, help="calibration sequences of 256 tokens")
@@ -125,6 +149,7 @@ def main() -> None:
               f"{round(r['peak_rss_gb'] - footprint, 2) if r['run'] != 'interpreter' else '':>18}"
               + (f"  ({r['last_line']})" if r["exit"] else ""))
     print(f"\nequal checkpoints: {compared} tensors compared, {len(differ)} differ {differ[:5]}")
+    project(footprint)
     if args.out:
         args.out.write_text(json.dumps({"results": results, "compared": compared, "differ": differ,
                                         "memory_gb": args.memory_gb, "calib": args.calib}, indent=1) + "\n")
@@ -133,5 +158,7 @@ def main() -> None:
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--make":
         make_model(Path(sys.argv[2]))
+    elif len(sys.argv) == 2 and sys.argv[1] == "--project":  # the projection alone (interpreter: 0.36 GB)
+        project(0.36)
     else:
         main()
