@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from compactlm.errors import CompactLMError
 from compactlm.models.family import family_of, get_module
-from compactlm.models.layerwise import Layerwise, decoder_passes, skeleton
+from compactlm.models.layerwise import Layerwise, decoder_passes, model_inputs, skeleton
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def block_importance(model, batches: Batches, n: int = 1) -> torch.Tensor:
     batches = list(batches)
     modules = get_module(net, family_of(net).layers_path)
     tracker = _CosineTracker(layers, n, get_module(net, family_of(net).embed_path).weight.device)
-    tokens = sum(float(_mask(b).sum()) for b in batches)
+    tokens = sum(float(model_inputs(b, torch.device("cpu"))["attention_mask"].sum()) for b in batches)
     if tokens == 0:
         raise CompactLMError("block_importance: the batches hold no non-padding token")
 
@@ -159,12 +159,6 @@ def block_importance(model, batches: Batches, n: int = 1) -> torch.Tensor:
         for handle in handles:
             handle.remove()
     return (1.0 - tracker.sums / tokens).float().cpu()
-
-
-def _mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """A batch's (B, S) attention mask (all ones when it has none)."""
-    mask = batch.get("attention_mask")
-    return torch.ones_like(batch["input_ids"]) if mask is None else mask
 
 
 LAYER_METRICS = {"lm_loss": lm_loss_importance, "block_importance": block_importance}

@@ -166,7 +166,6 @@ class Layerwise:
         self.shards = Shards(checkpoint)
         config = AutoConfig.from_pretrained(checkpoint)
         self.family = family_of(config)
-        self.dims = self.family.dims(config)
         self.dtype = dtype
         self.spill_bytes = spill_bytes
         with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary) real
@@ -233,7 +232,7 @@ class Layerwise:
         layer = self.layers[i]
         _set_params(layer, {n: torch.empty_like(p, device="meta") for n, p in layer.named_parameters()})
 
-    def _capture(self, batches: list[dict[str, Tensor]]) -> tuple[_States, list[dict[int, tuple]]]:
+    def _capture(self, inputs: list[dict[str, Tensor]]) -> tuple[_States, list[dict[int, tuple]]]:
         """Each batch's input to layer 0, and the other arguments every layer gets, from the model's forward."""
         base = get_module(self.model, self.family.base_path)
         originals = list(self.layers)
@@ -241,10 +240,10 @@ class Layerwise:
         try:
             for i in range(len(originals)):
                 self.layers[i] = _Catch(i, {})
-            for batch in batches:
+            for batch in inputs:
                 for catcher in self.layers:
                     catcher.calls.clear()
-                base(**model_inputs(batch, torch.device("cpu")), use_cache=False)
+                base(**batch, use_cache=False)
                 states.append(self.layers[0].calls[0][0])
                 calls.append({i: c.calls[i][1:] for i, c in enumerate(self.layers)})
         finally:
@@ -258,16 +257,16 @@ class Layerwise:
         norm). `on_batch(b, inputs)` runs before each layer call of batch b (e.g. to give hooks the mask)."""
         from tqdm.auto import tqdm
 
-        batches = list(batches)
+        inputs = [model_inputs(batch, torch.device("cpu")) for batch in batches]
         with torch.no_grad():
-            states, calls = self._capture(batches)
+            states, calls = self._capture(inputs)
             try:
                 for i in tqdm(range(len(self.layers)), desc="layers", unit="layer", disable=not progress):
                     self._load_layer(i)
                     try:
-                        for b, batch in enumerate(batches):
+                        for b, batch in enumerate(inputs):
                             if on_batch is not None:
-                                on_batch(b, model_inputs(batch, torch.device("cpu")))
+                                on_batch(b, batch)
                             args, kwargs = calls[b][i]
                             out = self.layers[i](states[b], *args, **kwargs)
                             states[b] = out[0] if isinstance(out, tuple) else out

@@ -57,16 +57,20 @@ class Shards:
     def __contains__(self, name: str) -> bool:
         return name in self.files
 
-    def mapped(self, name: str, rows: tuple[int, int] | None = None) -> Tensor:
-        """The tensor `name` (only `rows` [start, end) of its first axis, when given) as a copy-on-write view of
-        its file: no copy, pages read when touched, unmapped when the tensor is freed."""
+    def _entry(self, name: str) -> tuple[Path, dict]:
+        """(file, header entry) of the tensor `name`; a one-line error when the checkpoint lacks it."""
         if name not in self.files:
             raise CompactLMError(f"{self.checkpoint}: no tensor '{name}' in the checkpoint (layer-by-layer loading "
                                  "reads checkpoints written by save_pretrained)")
         path = self.files[name]
         if path not in self._headers:
             self._headers[path] = _header(path)
-        entry = self._headers[path][name]
+        return path, self._headers[path][name]
+
+    def mapped(self, name: str, rows: tuple[int, int] | None = None) -> Tensor:
+        """The tensor `name` (only `rows` [start, end) of its first axis, when given) as a copy-on-write view of
+        its file: no copy, pages read when touched, unmapped when the tensor is freed."""
+        path, entry = self._entry(name)
         begin, end = entry["data_offsets"]
         dtype = _ST_DTYPES[entry["dtype"]]
         with open(path, "rb") as f:
@@ -82,27 +86,13 @@ class Shards:
 
     def meta(self, name: str) -> Tensor:
         """An empty tensor on the meta device with the shape and dtype of `name` (reads only the header)."""
-        path = self.files[name]
-        if path not in self._headers:
-            self._headers[path] = _header(path)
-        entry = self._headers[path][name]
+        entry = self._entry(name)[1]
         return torch.empty(entry["shape"], dtype=_ST_DTYPES[entry["dtype"]], device="meta")
 
     def read(self, name: str, dtype: torch.dtype) -> Tensor:
         """The tensor `name` in memory, in `dtype` (a fresh copy: its file pages are not kept)."""
         tensor = self.mapped(name)
         return tensor.to(dtype, copy=True)
-
-    def nbytes(self, dtype: torch.dtype | None = None) -> int:
-        """Bytes of every tensor of the checkpoint (in `dtype` when given)."""
-        total = 0
-        for path in set(self.files.values()):
-            for entry in _header(path).values():
-                n = 1
-                for s in entry["shape"]:
-                    n *= s
-                total += n * (dtype.itemsize if dtype is not None else _ST_DTYPES[entry["dtype"]].itemsize)
-        return total
 
 
 def write_safetensors(path: str | Path, entries: list[tuple[str, torch.Size, torch.dtype]],
@@ -129,7 +119,3 @@ def write_safetensors(path: str | Path, entries: list[tuple[str, torch.Size, tor
     if written != offset:
         raise CompactLMError(f"{path}: wrote {written} bytes of tensor data, the header promises {offset}")
 
-
-def model_bytes(checkpoint: str | Path, dtype: torch.dtype) -> int:
-    """Bytes the checkpoint's weights take in memory in `dtype`."""
-    return Shards(checkpoint).nbytes(dtype)

@@ -23,7 +23,6 @@ from compactlm.models.shards import INDEX, Shards, write_safetensors
 from compactlm.pruning.plan import Plan
 from compactlm.pruning.surgery import prune_config, prune_tensor, weight_axes
 
-
 CHUNK_BYTES = 64 * 2**20  # a big tensor whose rows are not pruned (embeddings, LM head) is cut this many bytes at a time
 
 
