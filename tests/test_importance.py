@@ -116,7 +116,7 @@ def test_bf16_activations_aggregate_in_float32():
 def test_unknown_names_raise_one_line_errors():
     model = tiny_model("llama")
     batch = {"input_ids": torch.randint(2, VOCAB, (1, 4))}
-    for kwargs in ({"aggregation": "max_mean"}, {"head_score": "nope"}, {"method": "taylor"},
+    for kwargs in ({"aggregation": "max_mean"}, {"head_score": "nope"}, {"method": "fisher"},
                    {"layer_metrics": ("perplexity",)}):
         with pytest.raises(CompactLMError) as err:
             score(model, [batch], **kwargs)
@@ -384,3 +384,77 @@ def test_random_and_magnitude_baselines(family):
     assert m.ffn[0, 5] == 0 and torch.all(m.ffn[0, torch.arange(d.ffn) != 5] > 0)
     assert m.hidden.shape == (d.hidden,) and m.heads.shape == (d.layers, d.heads) and torch.all(m.heads > 0)
     assert set(m.layers) == {"magnitude"} and m.layers["magnitude"].shape == (d.layers,)
+
+
+# ---------------------------------------------------------------- output-aware and Taylor
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_output_aware_scores_weight_each_unit_by_its_outgoing_weights(family, token_batch):
+    heads, kv = DEFAULT_LAYOUT[family]
+    model = tiny_model(family, heads, kv)
+    fam = family_of(model)
+    d = fam.dims(model.config)
+    plain = activation_scores(model, [token_batch])
+    aware = score(model, [token_batch], method="output_aware", layer_metrics=())
+    assert aware.meta["method"] == "output_aware"
+    layers = get_module(model, fam.layers_path)
+    for i in range(d.layers):
+        w = get_module(layers[i], fam.mlp_out_path).weight.detach()
+        columns = w.norm(dim=0 if family != "gpt2" else 1)  # a neuron's down_proj column (Conv1D: its row)
+        torch.testing.assert_close(aware.ffn[i], plain.ffn[i] * columns)
+        w = get_module(layers[i], fam.attn_out_path).weight.detach()
+        per_head = (w if family != "gpt2" else w.T).reshape(-1, d.heads, d.head_dim).square().sum((0, 2)).sqrt()
+        torch.testing.assert_close(aware.heads[i], plain.heads[i] * per_head)
+    assert aware.hidden.shape == (d.hidden,) and torch.all(aware.hidden > 0)
+    with torch.no_grad():  # a channel that no projection reads scores 0, however large its activations
+        for i in range(d.layers):
+            for paths in fam.reads():
+                for path in paths:
+                    w = get_module(layers[i], path).weight
+                    (w[3] if family == "gpt2" else w[:, 3]).zero_()
+    assert activation_scores(model, [token_batch], output_aware=True).hidden[3] == 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_taylor_scores_zero_for_units_nothing_reads(family, token_batch):
+    """A neuron whose down_proj column is zero has a zero gradient, so its first-order removal cost is 0; the
+    weights get no gradient and keep their requires_grad."""
+    heads, kv = DEFAULT_LAYOUT[family]
+    model = tiny_model(family, heads, kv)
+    fam = family_of(model)
+    d = fam.dims(model.config)
+    with torch.no_grad():
+        w = get_module(model, f"{fam.layers_path}.1.{fam.mlp_out_path}").weight
+        (w[5] if family == "gpt2" else w[:, 5]).zero_()
+    model.lm_head.weight.requires_grad_(False)
+    scores = score(model, [token_batch], method="taylor", layer_metrics=())
+    assert scores.meta["method"] == "taylor"
+    assert scores.ffn.shape == (d.layers, d.ffn) and scores.heads.shape == (d.layers, d.heads)
+    assert scores.ffn[1, 5] == 0 and (scores.ffn[1] > 0).sum() == d.ffn - 1
+    assert torch.all(scores.heads > 0) and torch.all(scores.hidden > 0)
+    assert all(p.grad is None for p in model.parameters())
+    assert not model.lm_head.weight.requires_grad and get_module(model, fam.embed_path).weight.requires_grad
+    assert _all_hooks_empty(model)
+
+
+def test_taylor_matches_autograd_on_one_site(token_batch):
+    """The per-sequence |sum_t a * dL/da| of layer 0's MLP neurons, computed again by hand with autograd."""
+    model = tiny_model("llama", 4, 2)
+    fam = family_of(model)
+    down = get_module(model, f"{fam.layers_path}.0.{fam.mlp_out_path}")
+    seen = {}
+
+    def keep(module, args):
+        args[0].retain_grad()
+        seen["a"] = args[0]
+
+    handle = down.register_forward_pre_hook(keep)
+    mask = token_batch["attention_mask"]
+    labels = token_batch["input_ids"].masked_fill(mask == 0, -100)
+    model(**token_batch, labels=labels).loss.backward()
+    handle.remove()
+    a, g = seen["a"].detach(), seen["a"].grad
+    expected = ((a * g) * mask[..., None]).sum(1).abs().sum(0) / 3  # three sequences
+    model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(score(model, [token_batch], method="taylor", layer_metrics=()).ffn[0], expected)

@@ -52,6 +52,8 @@ def test_scores_equal_in_memory(family, tied, tmp_path):
     for head_score in ("paper", "channel"):
         _assert_scores_equal(activation_scores(model, batches, head_score=head_score),
                              activation_scores(lw, batches, head_score=head_score))
+    _assert_scores_equal(activation_scores(model, batches, output_aware=True),
+                         activation_scores(lw, batches, output_aware=True))
     assert torch.equal(block_importance(model, batches), block_importance(lw, batches))
     _assert_scores_equal(magnitude_scores(model), magnitude_scores(lw))
 
@@ -168,10 +170,11 @@ def test_prune_within_budget_equals_unbudgeted(capsys, tiny_checkpoint, text_fil
 
     target = ["target.hidden_size=16", "target.intermediate_size=24", "target.num_attention_heads=2",
               "target.num_hidden_layers=2", "target.layer_metric=block_importance"]
-    _cli(capsys, "prune", *_common(tiny_checkpoint, text_file, tmp_path / "whole"), *target)
+    _cli(capsys, "prune", *_common(tiny_checkpoint, text_file, tmp_path / "whole"), *target, "prune.reconstruct=none")
     with caplog.at_level("INFO"):
         _cli(capsys, "prune", *_common(tiny_checkpoint, text_file, tmp_path / "budget"), *target, TINY_BUDGET)
     assert "one decoder layer" in caplog.text
+    assert "prune.reconstruct needs the whole model in memory" in caplog.text  # the default refit is skipped
     whole, budget = Shards(tmp_path / "whole"), Shards(tmp_path / "budget")
     assert set(whole.files) - {"lm_head.weight"} == set(budget.files)  # the tied head is saved once
     for name in budget.files:

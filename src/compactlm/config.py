@@ -76,13 +76,24 @@ class CalibConfig:
 
 @dataclass(frozen=True)
 class ImportanceConfig:
-    method: str = choice("activation", "activation", "magnitude", "random")
+    method: str = choice("activation", "activation", "output_aware", "taylor", "magnitude", "random")
     aggregation: str = choice(
         "l2_mean", *(f"{b}_{s}" for b in ("mean", "l2", "var") for s in ("mean", "l2", "var"))
     )  # "<batch>_<sequence>"
     head_score: str = choice("paper", "paper", "channel")  # per-token head norm (P1) or per-channel (Model Optimizer)
     layer_metrics: tuple[str, ...] = ("lm_loss", "block_importance")  # computed by `score`; `prune` adds what it needs
     scores: str | None = None  # reuse a saved scores.safetensors instead of calibrating again
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    reconstruct: str = choice("outputs", "none", "outputs", "all")  # refit projections by ridge least squares
+    reconstruct_inputs: str = choice("sequential", "sequential", "teacher")  # the student's own inputs, or the teacher's
+    ridge: float = 1e-2  # ridge penalty, relative to the mean diagonal of the Gram matrix
+
+    def __post_init__(self) -> None:
+        if self.ridge < 0:
+            raise InvalidValue("ridge", self.ridge, "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -218,6 +229,7 @@ class Config:
     calib: CalibConfig = CalibConfig()
     importance: ImportanceConfig = ImportanceConfig()
     target: TargetConfig = TargetConfig()
+    prune: PruneConfig = PruneConfig()
     eval: EvalConfig = EvalConfig()
     distill: DistillConfig = DistillConfig()
     train: TrainConfig = TrainConfig(lr=2e-5, min_lr=2e-6)

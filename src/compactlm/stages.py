@@ -71,17 +71,25 @@ def prune(cfg: Config) -> dict:
     inputs.check_seq_len(config, cfg.calib.seq_len, "calib.seq_len")
     needed = depth_metrics_needed(cfg.target, [source.layers - target.layers])
     scores = inputs.saved_scores(cfg, source)
-    if scores is not None and all(n in scores.layers for n in needed) and inputs.local_safetensors(cfg.model):
+    if (scores is not None and all(n in scores.layers for n in needed) and inputs.local_safetensors(cfg.model)
+            and cfg.prune.reconstruct == "none"):
         return _prune_streamed(cfg, config, scores, target)  # nothing to compute: the model never loads
     model, tokenizer = inputs.load_within(cfg)
     for name in needed if scores is None else [n for n in needed if n not in scores.layers]:
         check_layerwise(model, name)  # before the slow passes
     scores = scores_for(cfg, model, tokenizer, needed, saved=scores)  # the file is read once
     if isinstance(model, Layerwise):  # scored one layer at a time: cut tensor by tensor too
+        if cfg.prune.reconstruct != "none":
+            log.warning("prune: prune.reconstruct needs the whole model in memory (memory_gb): skipped")
         return _prune_streamed(cfg, config, scores, target)
     drop = layers_to_drop(cfg.target, source, target.layers, scores)
     plan = make_plan(scores, source, target, drop)
     pruned = prune_model(model, plan)
+    if cfg.prune.reconstruct != "none":
+        from compactlm.pruning.reconstruct import reconstruct
+
+        reconstruct(model, pruned, plan, inputs.calibration_batches(cfg, tokenizer, model), sites=cfg.prune.reconstruct,
+                    inputs=cfg.prune.reconstruct_inputs, ridge=cfg.prune.ridge, progress=True)
     params = {"source": num_params(model), "pruned": num_params(pruned)}
     log.info("pruned %s: %d -> %d parameters", cfg.model, params["source"], params["pruned"])
     with staged_output(cfg.out_dir) as out:

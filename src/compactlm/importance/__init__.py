@@ -28,29 +28,36 @@ from compactlm.importance.layers import (
     skip_layers,
 )
 from compactlm.importance.scores import Scores
+from compactlm.importance.taylor import taylor_scores
 
-METHODS = ("activation", "magnitude", "random")
+METHODS = ("activation", "output_aware", "taylor", "magnitude", "random")
 
 
 def score(model, batches: Iterable[dict[str, torch.Tensor]] | None, *, method: str = "activation",
           aggregation: str = "l2_mean", head_score: str = "paper",
           layer_metrics: Sequence[str] = ("lm_loss", "block_importance"), seed: int = 0,
           progress: bool = False) -> Scores:
-    """Width scores and layer metrics; "random"/"magnitude" need no batches and give only their own metric."""
+    """Width scores and layer metrics; "random"/"magnitude" need no batches and give only their own metric.
+
+    Methods: "activation" (P1's activation score), "output_aware" (that, times each unit's outgoing weight
+    norm), "taylor" (first-order Taylor on activations; needs a backward pass), "magnitude", "random"."""
     if method == "random":
         return random_scores(model, seed)
     if method == "magnitude":
         return magnitude_scores(model)
-    if method != "activation":
+    if method not in METHODS:
         raise CompactLMError(f"unknown importance method '{method}' (choose one of {', '.join(METHODS)})")
     if batches is None:
-        raise CompactLMError("importance method 'activation' needs calibration batches")
+        raise CompactLMError(f"importance method '{method}' needs calibration batches")
     unknown = [m for m in layer_metrics if m not in LAYER_METRICS]
     if unknown:  # fail before the slow passes
         raise CompactLMError(f"unknown layer metric '{unknown[0]}' (choose from {', '.join(LAYER_METRICS)})")
     batches = list(batches)  # several passes: width scores, then each layer metric
-    width = activation_scores(model, batches, aggregation=aggregation, head_score=head_score,
-                              progress=progress)
+    if method == "taylor":
+        width = taylor_scores(model, batches, progress=progress)
+    else:
+        width = activation_scores(model, batches, aggregation=aggregation, head_score=head_score,
+                                  output_aware=method == "output_aware", progress=progress)
     layers = depth.layer_metrics(model, batches, layer_metrics)
     return Scores(hidden=width.hidden, heads=width.heads, ffn=width.ffn, layers=layers, meta=width.meta)
 
@@ -75,4 +82,5 @@ __all__ = [
     "random_scores",
     "score",
     "skip_layers",
+    "taylor_scores",
 ]

@@ -17,6 +17,7 @@ import torch
 from torch.utils.hooks import RemovableHandle
 
 from compactlm.errors import CompactLMError
+from compactlm.importance.baselines import outgoing_norms
 from compactlm.importance.scores import Scores
 from compactlm.models.family import Family, family_of, get_module
 from compactlm.models.layerwise import decoder_passes, skeleton
@@ -179,13 +180,20 @@ class ActivationCollector:
             raise CompactLMError(f"importance: {kind} hooks at sites {missing} did not run for every batch")
         return torch.stack([s.result(self.batch_how) for s in stats])
 
-    def scores(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(hidden,), (layers, heads), (layers, ffn) float32 on CPU."""
-        hidden = self._result("hidden").sum(0)  # one score per norm, summed over every norm
-        heads = self._result("heads")
+    def scores(self, outgoing: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(hidden,), (layers, heads), (layers, ffn) float32 on CPU. `outgoing`: the norms of each unit's
+        outgoing weights from `outgoing_norms`, multiplied into every site's score before the sum over norms
+        (output-aware activation importance)."""
+        d = self.dims
+        hidden = self._result("hidden").cpu().view(d.layers, -1, d.hidden)  # one score per norm
+        heads = self._result("heads").cpu()
         if self.head_score == "channel":  # Model Optimizer: L2 over the head's channel scores
-            heads = torch.linalg.vector_norm(heads.view(self.dims.layers, self.dims.heads, -1), dim=-1)
-        return hidden.cpu(), heads.cpu(), self._result("ffn").cpu()
+            heads = torch.linalg.vector_norm(heads.view(d.layers, d.heads, -1), dim=-1)
+        ffn = self._result("ffn").cpu()
+        if outgoing is not None:
+            hidden, heads, ffn = hidden * outgoing[0], heads * outgoing[1], ffn * outgoing[2]
+        return hidden.sum((0, 1)), heads, ffn
 
 
 def _hooks(model, family: Family, collector: ActivationCollector) -> Iterator[RemovableHandle]:
@@ -228,15 +236,19 @@ def collect_activations(model, family: Family, aggregation: str = "l2_mean",
 
 
 def activation_scores(model, batches: Iterable[dict[str, torch.Tensor]], *, aggregation: str = "l2_mean",
-                      head_score: str = "paper", progress: bool = False) -> Scores:
+                      head_score: str = "paper", output_aware: bool = False, progress: bool = False) -> Scores:
     """Scores hidden (hidden,), heads (layers, heads), ffn (layers, ffn) from no-grad decoder forwards.
 
+    `output_aware`: each unit's score times the L2 norm of the weights it is read through (a neuron's down_proj
+    column, a head's o_proj columns, a norm output channel's columns in the projections that read that norm),
+    i.e. the size of what the unit writes rather than of the unit's activation alone (method "output_aware").
     `model` is a loaded model or a `Layerwise` (one decoder layer in memory at a time): the same scores."""
     net = skeleton(model)
     family = family_of(net)
     with collect_activations(net, family, aggregation, head_score) as collector:
         decoder_passes(model, batches, lambda b, inputs: collector.set_mask(inputs["attention_mask"]),
                        progress=progress, desc="importance")
-        hidden, heads, ffn = collector.scores()
-    meta = {"method": "activation", "aggregation": aggregation, "head_score": head_score}
+        hidden, heads, ffn = collector.scores(outgoing_norms(model) if output_aware else None)
+    meta = {"method": "output_aware" if output_aware else "activation", "aggregation": aggregation,
+            "head_score": head_score}
     return Scores(hidden=hidden, heads=heads, ffn=ffn, meta=meta)

@@ -13,10 +13,13 @@ Magnitude scores (float32, from the family's axis labels, tied weights counted o
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
+from torch import nn
 
 from compactlm.importance.scores import Scores
-from compactlm.models.family import Axes, family_of
+from compactlm.models.family import Axes, Dims, Family, family_of
 from compactlm.models.layerwise import Layerwise, skeleton
 
 
@@ -45,14 +48,39 @@ def _axis_sumsq(p: torch.Tensor, axes: Axes, axis: str, q_width: int) -> torch.T
     return None
 
 
+def _params(model) -> tuple[nn.Module, Family, Dims, Mapping[str, torch.Tensor]]:
+    """The skeleton, family, shape and parameters by name (a `Layerwise`'s memory-mapped from its shards)."""
+    net = skeleton(model)
+    family = family_of(net)
+    params = model.parameters_from_shards() if isinstance(model, Layerwise) else dict(net.named_parameters())
+    return net, family, family.dims(net.config), params
+
+
+def outgoing_norms(model) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """L2 norms of the weights through which each unit is read, float32:
+    (layers, 2, hidden): each norm's output channels, over the columns of the projections that read that norm
+    (q/k/v for the pre-attention norm, gate/up for the pre-MLP one; `Family.reads`);
+    (layers, heads): each head's o_proj columns (its head_dim block); (layers, ffn): each neuron's down_proj column."""
+    _, family, d, params = _params(model)
+    q_width = d.heads * d.head_dim
+    hidden, heads, ffn = torch.zeros(d.layers, 2, d.hidden), torch.zeros(d.layers, q_width), torch.zeros(d.layers, d.ffn)
+    axes_of = lambda path: family.layer_params[path + ".weight"]  # noqa: E731
+    for i in range(d.layers):
+        prefix = f"{family.layers_path}.{i}."
+        weight = lambda path: params[prefix + path + ".weight"]  # noqa: E731,B023
+        ffn[i] = _axis_sumsq(weight(family.mlp_out_path), axes_of(family.mlp_out_path), "ffn", q_width)
+        heads[i] = _axis_sumsq(weight(family.attn_out_path), axes_of(family.attn_out_path), "q", q_width)
+        for j, paths in enumerate(family.reads()):
+            for path in paths:
+                hidden[i, j] += _axis_sumsq(weight(path), axes_of(path), "hidden", q_width)
+    return hidden.sqrt(), heads.view(d.layers, d.heads, d.head_dim).sum(-1).sqrt(), ffn.sqrt()
+
+
 def magnitude_scores(model) -> Scores:
     """Weight-magnitude hidden (hidden,), heads (layers, heads), ffn (layers, ffn); layer "magnitude".
 
     `model`: a loaded model, or a `Layerwise` (each weight read from its memory-mapped shard in turn)."""
-    net = skeleton(model)
-    family = family_of(net)
-    d = family.dims(net.config)
-    params = model.parameters_from_shards() if isinstance(model, Layerwise) else dict(net.named_parameters())
+    _, family, d, params = _params(model)
     q_width = d.heads * d.head_dim
     hidden = torch.zeros(d.hidden)
     heads, ffn, total = torch.zeros(d.layers, q_width), torch.zeros(d.layers, d.ffn), torch.zeros(d.layers)

@@ -70,6 +70,21 @@ class Family:
         kv_heads = get("kv_heads") or heads
         return Dims(hidden, ffn, heads, kv_heads, head_dim, get("layers"), get("vocab"))
 
+    def reads(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Per layer, the projections that read the residual stream: through the pre-attention norm (q/k/v,
+        GPT-2's c_attn) and through the pre-MLP norm (gate/up, c_fc), as module paths in declaration order.
+        They are the weights under the attention or MLP module with a "hidden" axis, other than the two output
+        projections (which write the residual stream)."""
+        attn, mlp = self.attn_out_path.rpartition(".")[0], self.mlp_out_path.rpartition(".")[0]
+        found: dict[str, list[str]] = {attn: [], mlp: []}
+        for suffix, axes in self.layer_params.items():
+            path, _, leaf = suffix.rpartition(".")
+            parent = path.rpartition(".")[0]
+            if leaf == "weight" and parent in found and "hidden" in axes and path not in (
+                    self.attn_out_path, self.mlp_out_path):
+                found[parent].append(path)
+        return tuple(found[attn]), tuple(found[mlp])
+
     def config_updates(self, dims: Dims) -> dict[str, int]:
         """Config attributes that describe `dims` (head_dim written explicitly where the family has it)."""
         out = {self.keys[f]: getattr(dims, f) for f in ("hidden", "ffn", "heads", "layers", "vocab")}

@@ -232,25 +232,6 @@ class Layerwise:
         layer = self.layers[i]
         _set_params(layer, {n: torch.empty_like(p, device="meta") for n, p in layer.named_parameters()})
 
-    def _capture(self, inputs: list[dict[str, Tensor]]) -> tuple[_States, list[dict[int, tuple]]]:
-        """Each batch's input to layer 0, and the other arguments every layer gets, from the model's forward."""
-        base = get_module(self.model, self.family.base_path)
-        originals = list(self.layers)
-        states, calls = _States(self.spill_bytes), []
-        try:
-            for i in range(len(originals)):
-                self.layers[i] = _Catch(i, {})
-            for batch in inputs:
-                for catcher in self.layers:
-                    catcher.calls.clear()
-                base(**batch, use_cache=False)
-                states.append(self.layers[0].calls[0][0])
-                calls.append({i: c.calls[i][1:] for i, c in enumerate(self.layers)})
-        finally:
-            for i, layer in enumerate(originals):
-                self.layers[i] = layer
-        return states, calls
-
     def run(self, batches: Iterable[dict[str, Tensor]], on_batch: OnBatch | None = None,
             progress: bool = False) -> _States:
         """Every batch through every decoder layer, layer-major; the last layer's outputs (before the final
@@ -259,7 +240,7 @@ class Layerwise:
 
         inputs = [model_inputs(batch, torch.device("cpu")) for batch in batches]
         with torch.no_grad():
-            states, calls = self._capture(inputs)
+            states, calls = capture_layer_calls(self.model, inputs, self.spill_bytes)
             try:
                 for i in tqdm(range(len(self.layers)), desc="layers", unit="layer", disable=not progress):
                     self._load_layer(i)
@@ -287,6 +268,31 @@ class Layerwise:
                     yield norm(states[b])
         finally:
             states.close()
+
+
+def capture_layer_calls(model: nn.Module, inputs: list[dict[str, Tensor]], spill_bytes: int | None = None
+                        ) -> tuple[_States, list[dict[int, tuple]]]:
+    """Each batch's input to decoder layer 0, and the other arguments (masks, rotary embeddings, ...) that the
+    model passes every layer, from one forward of the decoder with each layer replaced by a catcher. Works on a
+    loaded model and on a `Layerwise` skeleton alike (no layer weight is used)."""
+    family = family_of(model)
+    base = get_module(model, family.base_path)
+    layers = get_module(model, family.layers_path)
+    originals = list(layers)
+    states, calls = _States(spill_bytes), []
+    try:
+        for i in range(len(originals)):
+            layers[i] = _Catch(i, {})
+        for batch in inputs:
+            for catcher in layers:
+                catcher.calls.clear()
+            base(**batch, use_cache=False)
+            states.append(layers[0].calls[0][0])
+            calls.append({i: c.calls[i][1:] for i, c in enumerate(layers)})
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+    return states, calls
 
 
 def skeleton(model) -> nn.Module:

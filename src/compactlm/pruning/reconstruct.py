@@ -1,0 +1,227 @@
+"""Reconstruction after pruning (`prune.reconstruct`): refit the projections around the cut by ridge least
+squares, so that each pruned layer's projections reproduce the teacher's outputs on calibration text.
+
+For a teacher projection y = W x + b, and the student's copy of it that keeps input channels K and output
+rows R, the refit is
+
+    W', b' = argmin  sum_t || y_t[R] - W' z_t - b' ||^2  +  lam ||W'||^2,      lam = ridge * mean(diag G)
+
+over the calibration tokens t, where y_t is the teacher's output on the teacher's own input, and z_t is the
+student's input, chosen by `inputs`:
+- "sequential": z_t is what the student itself computes at that projection, with every earlier projection
+  (earlier layers, and earlier projections of the same layer) already refitted: the errors of the cut do not
+  accumulate unseen (GPTQ/SparseGPT-style sequential calibration). Targets stay the teacher's.
+- "teacher": z_t = x_t[K], the teacher's input restricted to the kept channels (one teacher pass per layer).
+
+Which projections (`sites`):
+- "outputs": the projections that consume pruned units: the attention output projection (heads) and the MLP
+  down projection (neurons). Their kept input columns absorb what the pruned heads and neurons contributed.
+- "all": also the projections that read the residual stream (q/k/v, gate/up): the equivalent for pruned
+  hidden channels. The residual stream itself has no projection to refit (it is an identity path), but its
+  readers can be refitted to the kept channels, as renormalised by the student's smaller norm.
+
+Statistics accumulate in float32 (G = sum z z^T, C = sum y z^T, padding excluded), the solve runs in float64;
+a bias is fitted as a constant input column without penalty. One layer's statistics exist at a time (a
+14336-wide MLP's G is 0.8 GB), and the refitted weights are ordinary weights: the checkpoint stays plain.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from compactlm.errors import CompactLMError
+from compactlm.models.family import Dims, Family, family_of, get_module
+from compactlm.models.layerwise import capture_layer_calls, model_inputs
+from compactlm.pruning.plan import Plan
+from compactlm.pruning.surgery import _axis_index, _rescale_queries
+
+log = logging.getLogger(__name__)
+
+SITES = ("none", "outputs", "all")
+INPUTS = ("sequential", "teacher")
+
+
+def ridge_fit(gram: Tensor, cross: Tensor, ridge: float, bias: bool) -> Tensor:
+    """Solve W (G + lam D) = C for W in float64: G (k, k) = sum z z^T, C (out, k) = sum y z^T; D is the
+    identity except the last entry when `bias` (the constant column, not penalised). Returns (out, k) float64."""
+    g, c = gram.double(), cross.double()
+    k = g.shape[0]
+    weight_part = k - 1 if bias else k
+    lam = ridge * float(g.diagonal()[:weight_part].mean()) if weight_part else 0.0
+    penalty = torch.ones(k, dtype=torch.float64)
+    if bias:
+        penalty[-1] = 0.0
+    a = g + torch.diag(penalty * max(lam, 1e-12))
+    return torch.linalg.solve(a, c.T).T  # G is symmetric: (G + lam D) W^T = C^T
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D"  # transformers' GPT-2 projection: weight stored (in, out)
+
+
+def _stages(family: Family, sites: str) -> list[tuple[str, ...]]:
+    """Projection paths inside one layer, in forward order: [attention reads], [attention output], [MLP reads],
+    [MLP output] ("outputs": the two output projections only)."""
+    attn_reads, mlp_reads = family.reads()
+    if sites == "outputs":
+        return [(family.attn_out_path,), (family.mlp_out_path,)]
+    return [s for s in (attn_reads, (family.attn_out_path,), mlp_reads, (family.mlp_out_path,)) if s]
+
+
+class _Fit:
+    """Float32 sums for one projection: G = sum z z^T and C = sum y z^T over real tokens."""
+
+    def __init__(self, k: int, out: int, bias: bool, device: torch.device):
+        self.bias = bias
+        k += int(bias)
+        self.gram = torch.zeros(k, k, dtype=torch.float32, device=device)
+        self.cross = torch.zeros(out, k, dtype=torch.float32, device=device)
+        self.tokens = 0
+
+    def add_(self, z: Tensor, y: Tensor) -> None:
+        """z (T, k) student inputs, y (T, out) teacher outputs, real tokens only."""
+        z, y = z.float(), y.float()
+        if self.bias:
+            z = torch.cat([z, torch.ones(z.shape[0], 1, dtype=z.dtype, device=z.device)], 1)
+        self.gram.addmm_(z.T, z)
+        self.cross.addmm_(y.T, z)
+        self.tokens += z.shape[0]
+
+
+class _Site:
+    """One projection of one layer: teacher and student modules, and the kept input and output indices."""
+
+    def __init__(self, path: str, family: Family, plan: Plan, dims: Dims, i: int, teacher_layer, student_layer):
+        self.path = path
+        self.teacher, self.student = get_module(teacher_layer, path), get_module(student_layer, path)
+        axes = family.layer_params[path + ".weight"]
+        self.conv1d = _is_conv1d(self.teacher)
+        in_label, out_label = (axes[0], axes[1]) if self.conv1d else (axes[1], axes[0])
+        self.out_label = out_label
+        self.keep_in = _axis_index(in_label, plan, i, dims)
+        self.keep_out = _axis_index(out_label, plan, i, dims)
+        bias = getattr(self.student, "bias", None) is not None
+        self.fit = _Fit(len(self.keep_in), len(self.keep_out), bias, self.student.weight.device)
+        self.z: Tensor | None = None
+        self.y: Tensor | None = None
+
+    def hooks(self, sequential: bool) -> list:
+        """Teacher: its output (and its input when fitting from the teacher's inputs); student: its input."""
+
+        def teacher_hook(module, args, output):
+            self.y = output.detach()
+            if not sequential:
+                self.z = args[0].detach().index_select(-1, self.keep_in.to(output.device))
+
+        def student_hook(module, args):
+            self.z = args[0].detach()
+
+        handles = [self.teacher.register_forward_hook(teacher_hook)]
+        if sequential:
+            handles.append(self.student.register_forward_pre_hook(student_hook))
+        return handles
+
+    def accumulate(self, real: Tensor) -> None:
+        """Fold this batch's (B, S, .) z and y at the real tokens `real` (B, S) bool into the sums."""
+        y = self.y.index_select(-1, self.keep_out.to(self.y.device))
+        self.fit.add_(self.z[real.to(self.z.device)], y[real.to(y.device)].to(self.fit.cross.device))
+        self.z = self.y = None
+
+    def apply(self, ridge: float, query_scale: float, q_width: int) -> None:
+        """Solve and write the refitted weight (and bias) into the student's projection."""
+        w = ridge_fit(self.fit.gram, self.fit.cross, ridge, self.fit.bias)
+        weight, bias = (w[:, :-1], w[:, -1]) if self.fit.bias else (w, None)
+        axes = (self.out_label,)
+        weight_axes = (None, self.out_label) if self.conv1d else (self.out_label, None)
+        weight = weight.T if self.conv1d else weight
+        with torch.no_grad():
+            target = self.student.weight
+            target.copy_(_rescale_queries(weight, weight_axes, query_scale, q_width).to(target.dtype))
+            if bias is not None:
+                self.student.bias.copy_(_rescale_queries(bias, axes, query_scale, q_width).to(self.student.bias.dtype))
+        self.fit = None  # free G and C before the next site
+
+
+def _layer_call(layer: nn.Module, state: Tensor, call: tuple) -> Tensor:
+    args, kwargs = call
+    out = layer(state, *args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def reconstruct(teacher: nn.Module, student: nn.Module, plan: Plan, batches: Iterable[dict[str, Tensor]], *,
+                sites: str = "outputs", inputs: str = "sequential", ridge: float = 1e-2,
+                progress: bool = False) -> dict:
+    """Refit the student's projections in place (see the module docstring); the teacher is not changed.
+
+    `student` is `teacher` pruned by `plan`. Returns {"sites": projections refitted, "tokens": per fit}."""
+    from tqdm.auto import tqdm
+
+    if sites not in SITES or sites == "none":
+        raise CompactLMError(f"prune.reconstruct must be one of {', '.join(SITES[1:])} here, not '{sites}'")
+    if inputs not in INPUTS:
+        raise CompactLMError(f"unknown prune.reconstruct_inputs '{inputs}' (choose {', '.join(INPUTS)})")
+    family = family_of(teacher)
+    dims = family.dims(teacher.config)
+    new_heads = plan.dims(dims).heads
+    sequential = inputs == "sequential"
+    t_layers, s_layers = get_module(teacher, family.layers_path), get_module(student, family.layers_path)
+    kept = plan.layers.tolist()
+    scaled = bool(family.layer_index_scale_flag and getattr(teacher.config, family.layer_index_scale_flag, False))
+    device = get_module(teacher, family.embed_path).weight.device
+    batches = [model_inputs(b, device) for b in batches]
+    real = [b["attention_mask"].bool() for b in batches]
+    fitted, tokens = 0, 0
+    was = teacher.training, student.training
+    teacher.eval()
+    student.eval()
+    try:
+        with torch.no_grad():
+            t_states, t_calls = capture_layer_calls(teacher, batches)
+            s_states, s_calls = capture_layer_calls(student, batches) if sequential else (None, None)
+            for i in tqdm(range(dims.layers), desc="reconstruct", unit="layer", disable=not progress):
+                t_layer = t_layers[i]
+                if i not in kept:  # a dropped layer: the teacher's states move on, the student has none
+                    for b in range(len(batches)):
+                        t_states[b] = _layer_call(t_layer, t_states[b], t_calls[b][i])
+                    continue
+                j = kept.index(i)
+                s_layer = s_layers[j]
+                stages = _stages(family, sites)
+                if not sequential:  # nothing depends on the student: every projection from one teacher pass
+                    stages = [tuple(p for stage in stages for p in stage)]
+                for n, stage in enumerate(stages):
+                    last = n == len(stages) - 1
+                    group = [_Site(p, family, plan, dims, i, t_layer, s_layer) for p in stage]
+                    handles = [h for site in group for h in site.hooks(sequential)]
+                    try:
+                        for b in range(len(batches)):
+                            out = _layer_call(t_layer, t_states[b], t_calls[b][i])
+                            if last:
+                                t_states[b] = out
+                            if sequential:
+                                _layer_call(s_layer, s_states[b], s_calls[b][j])
+                            for site in group:
+                                site.accumulate(real[b])
+                    finally:
+                        for h in handles:
+                            h.remove()
+                    tokens = group[0].fit.tokens
+                    for site in group:
+                        site.apply(ridge, (j + 1) / (i + 1) if scaled else 1.0, new_heads * dims.head_dim)
+                    fitted += len(group)
+                if sequential:  # the student's states through its refitted layer
+                    for b in range(len(batches)):
+                        s_states[b] = _layer_call(s_layer, s_states[b], s_calls[b][j])
+            for states in (t_states, s_states):
+                if states is not None:
+                    states.close()
+    finally:
+        teacher.train(was[0])
+        student.train(was[1])
+    log.info("reconstruct: %d projections refitted by ridge least squares on %d tokens each (%s inputs)",
+             fitted, tokens, inputs)
+    return {"sites": fitted, "tokens": tokens}

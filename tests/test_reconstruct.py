@@ -1,0 +1,150 @@
+"""Reconstruction after pruning (`prune.reconstruct`): invariants and that it reduces the error it targets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FAMILIES, VOCAB, tiny_model
+from test_pruning import logits, scores_for, smaller_plan, zero_columns_
+from transformers import AutoModelForCausalLM
+
+from compactlm.config import TargetConfig
+from compactlm.errors import CompactLMError
+from compactlm.models.family import family_of, get_module
+from compactlm.pruning import keep_all, make_plan, prune_model, resolve_target
+from compactlm.pruning.reconstruct import reconstruct, ridge_fit
+
+EXACT = 1e-6  # a ridge this small leaves an exactly solvable fit exact (smaller: float32 noise in G decides
+# the direction that LayerNorm outputs leave out, since their channels sum to a constant)
+
+
+def calibration(seed: int = 3, rows: int = 8, seq: int = 32) -> list[dict[str, torch.Tensor]]:
+    """Two batches of random tokens (512 tokens: more than any tiny model's widest input), one row padded."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, VOCAB, (rows, seq), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, seq // 2:] = 0
+    half = rows // 2
+    return [{"input_ids": ids[:half], "attention_mask": mask[:half]},
+            {"input_ids": ids[half:], "attention_mask": mask[half:]}]
+
+
+def model_for(family: str, layers: int = 3):
+    """A tiny model of `family`; GPT-2's projections scaled up 10x: at its init scale (0.02) a 3-layer GPT-2
+    barely depends on its input, so there would be nothing for a fit to recover."""
+    model = tiny_model(family, 4, 4 if family == "gpt2" else 2, layers=layers)
+    if family == "gpt2":
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.ndim == 2 and ".h." in name:
+                    p.mul_(10.0)
+    return model
+
+
+def test_ridge_fit_solves_the_normal_equations():
+    torch.manual_seed(0)
+    z, w = torch.randn(200, 6), torch.randn(3, 6)
+    y = z @ w.T
+    fitted = ridge_fit(z.T @ z, y.T @ z, EXACT, bias=False)
+    torch.testing.assert_close(fitted.float(), w, rtol=1e-3, atol=1e-3)
+    ones = torch.cat([z, torch.ones(200, 1)], 1)  # a bias column, fitted without penalty
+    with_bias = ridge_fit(ones.T @ ones, (y + 2.0).T @ ones, 10.0, bias=True)
+    assert torch.allclose(with_bias[:, -1].float().mean(), torch.tensor(2.0), atol=0.3)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("inputs", ["sequential", "teacher"])
+def test_keep_all_reconstruction_changes_nothing(family, inputs, token_batch):
+    """The student equals the teacher: every fit is exact and gives back the teacher's own weights."""
+    model = model_for(family)
+    student = prune_model(model, keep_all(family_of(model).dims(model.config)))
+    reconstruct(model, student, keep_all(family_of(model).dims(model.config)), calibration(), sites="all",
+                inputs=inputs, ridge=EXACT)
+    torch.testing.assert_close(logits(student, token_batch), logits(model, token_batch), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reconstruction_after_pruning_zeroed_neurons_changes_nothing(family, token_batch):
+    """Neurons whose down_proj columns are zero contribute nothing: the kept columns already fit exactly."""
+    model = model_for(family)
+    fam = family_of(model)
+    dims = fam.dims(model.config)
+    scores = scores_for(model)
+    for layer in range(dims.layers):
+        dead = torch.randperm(dims.ffn)[:16]
+        scores.ffn[layer, dead] = 0.0
+        zero_columns_(get_module(model, f"{fam.layers_path}.{layer}.{fam.mlp_out_path}").weight, dead,
+                      conv1d=family == "gpt2")
+    plan = make_plan(scores, dims, resolve_target(TargetConfig(intermediate_size=dims.ffn - 16), dims, fam), [])
+    student = prune_model(model, plan)
+    reconstruct(model, student, plan, calibration(), sites="outputs", ridge=EXACT)
+    torch.testing.assert_close(logits(student, token_batch), logits(model, token_batch), rtol=1e-3, atol=1e-3)
+
+
+def logit_error(teacher, student, batches) -> float:
+    """Mean squared difference of the student's log-probabilities from the teacher's over the batches."""
+    with torch.no_grad():
+        errors = [(teacher(**b).logits.log_softmax(-1) - student(**b).logits.log_softmax(-1)).square().mean()
+                  for b in batches]
+    return float(torch.stack(errors).mean())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("sites", ["outputs", "all"])
+def test_sequential_reconstruction_brings_the_cut_model_closer_to_the_teacher(family, sites):
+    """Every axis cut and a layer dropped: on the calibration text the refitted student is closer to the teacher
+    than the plainly sliced one."""
+    model = model_for(family)
+    plan = smaller_plan(model, drop=1)
+    batches = calibration()
+    plain, refitted = prune_model(model, plan), prune_model(model, plan)
+    result = reconstruct(model, refitted, plan, batches, sites=sites, inputs="sequential")
+    assert result["sites"] >= 4 and result["tokens"] == 8 * 32 - 16  # padding excluded
+    assert logit_error(model, refitted, batches) < logit_error(model, plain, batches)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_teacher_input_reconstruction_helps_a_width_only_mlp_cut(family):
+    """From the teacher's inputs: right when only MLP neurons go (with hidden channels or layers cut too, the
+    student's inputs drift from the teacher's and the sequential fit is the one to use)."""
+    model = model_for(family)
+    fam = family_of(model)
+    dims = fam.dims(model.config)
+    plan = make_plan(scores_for(model), dims, resolve_target(TargetConfig(intermediate_size=0.5), dims, fam), [])
+    batches = calibration()
+    plain, refitted = prune_model(model, plan), prune_model(model, plan)
+    reconstruct(model, refitted, plan, batches, sites="outputs", inputs="teacher")
+    assert logit_error(model, refitted, batches) < logit_error(model, plain, batches)
+
+
+def test_gpt2_renumbered_layers_keep_their_query_scaling(token_batch):
+    """GPT-2 with scale_attn_by_inverse_layer_idx: a refitted c_attn of a moved layer keeps the rescaled queries,
+    so with every width kept and teacher inputs, reconstruction equals plain surgery."""
+    base = model_for("gpt2", layers=4)
+    base.config.scale_attn_by_inverse_layer_idx = True
+    model = AutoModelForCausalLM.from_config(base.config).eval()
+    model.load_state_dict(base.state_dict())
+    dims = family_of(model).dims(model.config)
+    plan = keep_all(dims)
+    plan = type(plan)(plan.hidden, plan.heads, plan.kv_heads, plan.ffn, torch.tensor([1, 2, 3]))
+    plain, refitted = prune_model(model, plan), prune_model(model, plan)
+    reconstruct(model, refitted, plan, calibration(), sites="all", inputs="teacher", ridge=EXACT)
+    torch.testing.assert_close(logits(refitted, token_batch), logits(plain, token_batch), rtol=1e-3, atol=1e-3)
+
+
+def test_reconstruction_leaves_the_teacher_alone():
+    model = tiny_model("llama", 4, 2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = smaller_plan(model, drop=0)
+    reconstruct(model, prune_model(model, plan), plan, calibration(), sites="all")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(not p.requires_grad or p.grad is None for p in model.parameters())
+
+
+def test_bad_reconstruction_names_the_key():
+    model = tiny_model("llama", 4, 2)
+    plan = keep_all(family_of(model).dims(model.config))
+    with pytest.raises(CompactLMError, match="prune.reconstruct_inputs"):
+        reconstruct(model, prune_model(model, plan), plan, calibration(), inputs="student")
+    with pytest.raises(CompactLMError, match="prune.reconstruct"):
+        reconstruct(model, prune_model(model, plan), plan, calibration(), sites="none")
