@@ -11,7 +11,7 @@ student's input, chosen by `inputs`:
 - "sequential": z_t is what the student itself computes at that projection, with every earlier projection
   (earlier layers, and earlier projections of the same layer) already refitted: the errors of the cut do not
   accumulate unseen (GPTQ/SparseGPT-style sequential calibration). Targets stay the teacher's.
-- "teacher": z_t = x_t[K], the teacher's input restricted to the kept channels (one teacher pass per layer).
+- "teacher": z_t = x_t[K], the teacher's input restricted to the kept channels (the student never runs).
 
 Which projections (`sites`):
 - "outputs": the projections that consume pruned units: the attention output projection (heads) and the MLP
@@ -20,9 +20,12 @@ Which projections (`sites`):
   hidden channels. The residual stream itself has no projection to refit (it is an identity path), but its
   readers can be refitted to the kept channels, as renormalised by the student's smaller norm.
 
-Statistics accumulate in float32 (G = sum z z^T, C = sum y z^T, padding excluded), the solve runs in float64;
-a bias is fitted as a constant input column without penalty. One layer's statistics exist at a time (a
-14336-wide MLP's G is 0.8 GB), and the refitted weights are ordinary weights: the checkpoint stays plain.
+The layers run layer-major on captured inputs, as in models/layerwise.py: per kept layer the teacher runs once
+(keeping its targets, at the kept output rows and real tokens, until the layer is fitted), and from sequential
+inputs the student runs once per stage of projections and once more to move on. Statistics accumulate in
+float32 (G = sum z z^T, C = sum y z^T, padding excluded), the solve runs in float64; a bias is fitted as a
+constant input column without penalty. One layer's statistics exist at a time (a 14336-wide MLP's G is 0.8 GB),
+and the refitted weights are ordinary weights: the checkpoint stays plain.
 """
 
 from __future__ import annotations
@@ -93,7 +96,8 @@ class _Fit:
 
 
 class _Site:
-    """One projection of one layer: teacher and student modules, and the kept input and output indices."""
+    """One projection of one layer: teacher and student modules, the kept input and output indices, the teacher's
+    target outputs of each batch (sequential) and the running sums."""
 
     def __init__(self, path: str, family: Family, plan: Plan, dims: Dims, i: int, teacher_layer, student_layer):
         self.path = path
@@ -106,44 +110,51 @@ class _Site:
         self.keep_out = _axis_index(out_label, plan, i, dims)
         bias = getattr(self.student, "bias", None) is not None
         self.fit = _Fit(len(self.keep_in), len(self.keep_out), bias, self.student.weight.device)
-        self.z: Tensor | None = None
-        self.y: Tensor | None = None
+        self.targets: list[Tensor] = []  # per batch: (real tokens, kept outputs)
+        self.z: Tensor | None = None  # the input seen by the last hook call
 
-    def hooks(self, sequential: bool) -> list:
-        """Teacher: its output (and its input when fitting from the teacher's inputs); student: its input."""
+    def watch_teacher(self, real: list[Tensor], from_teacher: bool):
+        """Hook: the teacher's kept outputs at real tokens become this batch's targets; fitting from the
+        teacher's inputs, its kept input channels are folded into the sums at once."""
 
-        def teacher_hook(module, args, output):
-            self.y = output.detach()
-            if not sequential:
-                self.z = args[0].detach().index_select(-1, self.keep_in.to(output.device))
+        def hook(module, args, output):
+            mask = real[len(self.targets)].to(output.device)
+            y = output.detach()[mask].index_select(-1, self.keep_out.to(output.device))
+            if from_teacher:
+                z = args[0].detach()[mask].index_select(-1, self.keep_in.to(output.device))
+                self.fit.add_(z, y.to(self.fit.cross.device))
+                y = y[:0]  # nothing to keep
+            self.targets.append(y)
 
-        def student_hook(module, args):
-            self.z = args[0].detach()
+        return self.teacher.register_forward_hook(hook)
 
-        handles = [self.teacher.register_forward_hook(teacher_hook)]
-        if sequential:
-            handles.append(self.student.register_forward_pre_hook(student_hook))
-        return handles
+    def watch_student(self, real: list[Tensor]):
+        """Pre-hook: the student's input at real tokens, folded into the sums against the batch's targets."""
+        seen = [0]
 
-    def accumulate(self, real: Tensor) -> None:
-        """Fold this batch's (B, S, .) z and y at the real tokens `real` (B, S) bool into the sums."""
-        y = self.y.index_select(-1, self.keep_out.to(self.y.device))
-        self.fit.add_(self.z[real.to(self.z.device)], y[real.to(y.device)].to(self.fit.cross.device))
-        self.z = self.y = None
+        def hook(module, args):
+            b = seen[0]
+            seen[0] += 1
+            z = args[0].detach()[real[b].to(args[0].device)]
+            self.fit.add_(z, self.targets[b].to(self.fit.cross.device))
 
-    def apply(self, ridge: float, query_scale: float, q_width: int) -> None:
-        """Solve and write the refitted weight (and bias) into the student's projection."""
+        return self.student.register_forward_pre_hook(hook)
+
+    def apply(self, ridge: float, query_scale: float, q_width: int) -> int:
+        """Solve, write the refitted weight (and bias) into the student's projection; the tokens it was fitted on."""
         w = ridge_fit(self.fit.gram, self.fit.cross, ridge, self.fit.bias)
         weight, bias = (w[:, :-1], w[:, -1]) if self.fit.bias else (w, None)
-        axes = (self.out_label,)
         weight_axes = (None, self.out_label) if self.conv1d else (self.out_label, None)
         weight = weight.T if self.conv1d else weight
         with torch.no_grad():
             target = self.student.weight
             target.copy_(_rescale_queries(weight, weight_axes, query_scale, q_width).to(target.dtype))
             if bias is not None:
-                self.student.bias.copy_(_rescale_queries(bias, axes, query_scale, q_width).to(self.student.bias.dtype))
-        self.fit = None  # free G and C before the next site
+                b = _rescale_queries(bias, (self.out_label,), query_scale, q_width)
+                self.student.bias.copy_(b.to(self.student.bias.dtype))
+        tokens = self.fit.tokens
+        self.fit, self.targets = None, []  # free G, C and the targets before the next site
+        return tokens
 
 
 def _layer_call(layer: nn.Module, state: Tensor, call: tuple) -> Tensor:
@@ -152,12 +163,27 @@ def _layer_call(layer: nn.Module, state: Tensor, call: tuple) -> Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+def _run_layer(layer: nn.Module, states, calls: list[dict[int, tuple]], i: int, hooks: list, advance: bool) -> None:
+    """Every batch through `layer` (index i in `calls`) with `hooks` registered; `advance`: keep the outputs as
+    the next layer's states."""
+    try:
+        for b in range(len(states)):
+            out = _layer_call(layer, states[b], calls[b][i])
+            if advance:
+                states[b] = out
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def reconstruct(teacher: nn.Module, student: nn.Module, plan: Plan, batches: Iterable[dict[str, Tensor]], *,
-                sites: str = "outputs", inputs: str = "sequential", ridge: float = 1e-2,
+                sites: str = "outputs", inputs: str = "sequential", ridge: float = 1e-3,
                 progress: bool = False) -> dict:
     """Refit the student's projections in place (see the module docstring); the teacher is not changed.
 
-    `student` is `teacher` pruned by `plan`. Returns {"sites": projections refitted, "tokens": per fit}."""
+    `student` is `teacher` pruned by `plan`. Per kept layer, the teacher runs once (its targets are kept, at the
+    kept output rows, until the layer is fitted); from sequential inputs the student runs once per stage of
+    projections and once more to move on. Returns {"sites": projections refitted, "tokens": per fit}."""
     from tqdm.auto import tqdm
 
     if sites not in SITES or sites == "none":
@@ -166,7 +192,7 @@ def reconstruct(teacher: nn.Module, student: nn.Module, plan: Plan, batches: Ite
         raise CompactLMError(f"unknown prune.reconstruct_inputs '{inputs}' (choose {', '.join(INPUTS)})")
     family = family_of(teacher)
     dims = family.dims(teacher.config)
-    new_heads = plan.dims(dims).heads
+    q_width = plan.dims(dims).heads * dims.head_dim
     sequential = inputs == "sequential"
     t_layers, s_layers = get_module(teacher, family.layers_path), get_module(student, family.layers_path)
     kept = plan.layers.tolist()
@@ -178,48 +204,34 @@ def reconstruct(teacher: nn.Module, student: nn.Module, plan: Plan, batches: Ite
     was = teacher.training, student.training
     teacher.eval()
     student.eval()
+    t_states = s_states = None
     try:
         with torch.no_grad():
             t_states, t_calls = capture_layer_calls(teacher, batches)
             s_states, s_calls = capture_layer_calls(student, batches) if sequential else (None, None)
             for i in tqdm(range(dims.layers), desc="reconstruct", unit="layer", disable=not progress):
-                t_layer = t_layers[i]
                 if i not in kept:  # a dropped layer: the teacher's states move on, the student has none
-                    for b in range(len(batches)):
-                        t_states[b] = _layer_call(t_layer, t_states[b], t_calls[b][i])
+                    _run_layer(t_layers[i], t_states, t_calls, i, [], advance=True)
                     continue
                 j = kept.index(i)
-                s_layer = s_layers[j]
-                stages = _stages(family, sites)
-                if not sequential:  # nothing depends on the student: every projection from one teacher pass
-                    stages = [tuple(p for stage in stages for p in stage)]
-                for n, stage in enumerate(stages):
-                    last = n == len(stages) - 1
-                    group = [_Site(p, family, plan, dims, i, t_layer, s_layer) for p in stage]
-                    handles = [h for site in group for h in site.hooks(sequential)]
-                    try:
-                        for b in range(len(batches)):
-                            out = _layer_call(t_layer, t_states[b], t_calls[b][i])
-                            if last:
-                                t_states[b] = out
-                            if sequential:
-                                _layer_call(s_layer, s_states[b], s_calls[b][j])
-                            for site in group:
-                                site.accumulate(real[b])
-                    finally:
-                        for h in handles:
-                            h.remove()
-                    tokens = group[0].fit.tokens
-                    for site in group:
-                        site.apply(ridge, (j + 1) / (i + 1) if scaled else 1.0, new_heads * dims.head_dim)
-                    fitted += len(group)
+                stages = [[_Site(p, family, plan, dims, i, t_layers[i], s_layers[j]) for p in stage]
+                          for stage in _stages(family, sites)]
+                every = [site for stage in stages for site in stage]
+                _run_layer(t_layers[i], t_states, t_calls, i, [s.watch_teacher(real, not sequential) for s in every],
+                           advance=True)
+                scale = (j + 1) / (i + 1) if scaled else 1.0
+                for stage in stages:
+                    if sequential:  # the student's inputs at this stage, earlier stages already refitted
+                        _run_layer(s_layers[j], s_states, s_calls, j, [s.watch_student(real) for s in stage],
+                                   advance=False)
+                    tokens = [site.apply(ridge, scale, q_width) for site in stage][0]
+                    fitted += len(stage)
                 if sequential:  # the student's states through its refitted layer
-                    for b in range(len(batches)):
-                        s_states[b] = _layer_call(s_layer, s_states[b], s_calls[b][j])
-            for states in (t_states, s_states):
-                if states is not None:
-                    states.close()
+                    _run_layer(s_layers[j], s_states, s_calls, j, [], advance=True)
     finally:
+        for states in (t_states, s_states):
+            if states is not None:
+                states.close()
         teacher.train(was[0])
         student.train(was[1])
     log.info("reconstruct: %d projections refitted by ridge least squares on %d tokens each (%s inputs)",

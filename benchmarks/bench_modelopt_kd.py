@@ -1,0 +1,150 @@
+"""Distil the same pruned SmolLM2 with compactlm and with NVIDIA Model Optimizer (`modelopt.torch.distill`) and
+print held-out perplexity before/after, median seconds per step and peak RSS side by side.
+
+    bash scripts/setup_modelopt.sh && python benchmarks/bench_modelopt_kd.py [--steps 40] [--out FILE.json]
+
+Same for every run: the student (the README's shape, pruned by compactlm into RUN_DIR/pruned), the teacher
+(the built-in SmolLM2-135M saved as a plain checkpoint in RUN_DIR/teacher), the training batches (compactlm's
+own rows in its own order, exported to RUN_DIR/rows.pt), steps, batch 8 x 256, AdamW (lr 1e-3, betas 0.9/0.95,
+weight decay 0.01 on matrices), warm-up 5 steps then cosine to 1e-4, grad clip 1.0, float32, temperature 1.
+Each training runs in a fresh process under /usr/bin/time -v (peak RSS); compactlm in this venv, Model
+Optimizer in its own (benchmarks/modelopt_kd_worker.py), twice: with the per-token mean of the KL (compactlm's
+loss, and that of modelopt's HF KDTrainer) and with LogitsDistillationLoss's default reduction="mean" (the
+same KL divided by the vocabulary size). Perplexity is compactlm's evaluator on the same validation rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from compactlm import stages
+from compactlm.config import load_config
+from compactlm.data import batches
+from compactlm.distill.loop import batch_rows, total_steps
+from compactlm.inputs import load_splits
+from compactlm.metrics import perplexity
+from compactlm.models.loading import load_model, load_tokenizer, write_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "benchmarks" / "modelopt_kd_worker.py"
+TARGET = ["target.hidden_size=384", "target.num_attention_heads=6", "target.intermediate_size=1024"]
+TRAIN = {"batch_size": 8, "seq_len": 256, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 5, "weight_decay": 0.01,
+         "grad_clip": 1.0, "temperature": 1.0, "eval_every": 0, "save_every": 0, "eval_sequences": 8}  # 0: at the end only
+MODELOPT = {"token": "Model Optimizer, KL mean over tokens", "mean": "Model Optimizer, default reduction='mean'"}
+
+
+def distill_overrides(run_dir: Path, steps: int, out_dir: Path) -> list[str]:
+    """compactlm's distill config for this benchmark; the exported rows are read with the same one."""
+    return [f"teacher={run_dir / 'teacher'}", f"student={run_dir / 'pruned'}", "data=python-docs", f"out_dir={out_dir}",
+            f"distill.steps={steps}", *(f"distill.{k}={v}" for k, v in TRAIN.items())]
+
+
+def prepare(run_dir: Path, steps: int, val_rows: int) -> torch.Tensor:
+    """Pruned student and teacher checkpoints (reused when present) and RUN_DIR/rows.pt; the (N, S) val rows."""
+    if not (run_dir / "pruned" / "config.json").is_file():
+        stages.prune(load_config(None, ["model=smollm2-135m", "data=python-docs", "calib.sequences=64", *TARGET,
+                                        f"out_dir={run_dir / 'pruned'}"]))
+    if not (run_dir / "teacher" / "config.json").is_file():
+        write_checkpoint(load_model("smollm2-135m"), load_tokenizer("smollm2-135m"), run_dir / "teacher")
+    cfg = load_config(None, distill_overrides(run_dir, steps, run_dir / "compactlm"))
+    tc = cfg.distill
+    splits = load_splits(cfg, load_tokenizer(cfg.student), tc.seq_len, calib=False,  # as stages._fit reads them
+                         train_tokens=total_steps(tc) * tc.batch_size * tc.seq_len, val_rows=tc.eval_sequences)
+    n = len(splits.train)
+    train = torch.stack([splits.train[batch_rows(n, s * tc.batch_size, tc.batch_size, cfg.seed)] for s in range(steps)])
+    val = torch.as_tensor(splits.val[:val_rows])  # (N, S)
+    torch.save({"train": train, "val": val}, run_dir / "rows.pt")  # train: (steps, B, S), the loop's order
+    return val
+
+
+def timed(cmd: list[str], log: Path) -> tuple[float, float]:
+    """Run `cmd` in a fresh process under /usr/bin/time -v: (wall seconds, peak RSS in GiB)."""
+    start = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-v", "-o", str(log), *cmd])
+    if proc.returncode != 0:
+        sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}")
+    kib = re.search(r"Maximum resident set size \(kbytes\): (\d+)", log.read_text()).group(1)
+    return time.perf_counter() - start, int(kib) / 2**20
+
+
+def run_compactlm(run_dir: Path, steps: int) -> dict:
+    out = run_dir / "compactlm"
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run, not a resume
+    wall, rss = timed([sys.executable, "-m", "compactlm", "distill", *distill_overrides(run_dir, steps, out)],
+                      run_dir / "compactlm.time.txt")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    seconds = [TRAIN["batch_size"] * TRAIN["seq_len"] / r["tokens_per_s"] for r in rows]
+    return {"tool": "compactlm, forward KL (chunked)", "model": out / "final", "wall_s": wall, "peak_rss_gb": rss,
+            "step_seconds": seconds, "losses": [r["loss"] for r in rows], "tokens": rows[-1]["tokens"]}
+
+
+def run_modelopt(run_dir: Path, python: str, reduction: str) -> dict:
+    out = run_dir / f"modelopt-{reduction}"
+    shutil.rmtree(out, ignore_errors=True)
+    flags = {"--lr": TRAIN["lr"], "--min-lr": TRAIN["min_lr"], "--warmup-steps": TRAIN["warmup_steps"],
+             "--weight-decay": TRAIN["weight_decay"], "--grad-clip": TRAIN["grad_clip"],
+             "--temperature": TRAIN["temperature"], "--reduction": reduction}
+    cmd = [python, str(WORKER), "--teacher", str(run_dir / "teacher"), "--student", str(run_dir / "pruned"),
+           "--rows", str(run_dir / "rows.pt"), "--out", str(out), *(str(x) for kv in flags.items() for x in kv)]
+    wall, rss = timed(cmd, run_dir / f"modelopt-{reduction}.time.txt")
+    rows = json.loads((out / "result.json").read_text())["rows"]
+    return {"tool": MODELOPT[reduction], "model": out / "final", "wall_s": wall, "peak_rss_gb": rss,
+            "step_seconds": [r["seconds"] for r in rows], "losses": [r["loss"] for r in rows], "tokens": rows[-1]["tokens"]}
+
+
+def table(results: list[dict], before: float) -> str:
+    lines = ["| tool | steps | tokens | held-out ppl before | after | median s/step | peak RSS GB | KD loss, step 1 -> last |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['tool']} | {len(r['losses'])} | {r['tokens']:,} | {before:,.1f} | {r['perplexity']:,.1f} | "
+                     f"{statistics.median(r['step_seconds']):.2f} | {r['peak_rss_gb']:.2f} | "
+                     f"{r['losses'][0]:.4g} -> {r['losses'][-1]:.4g} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--run-dir", type=Path, default=Path("runs/bench/modelopt_kd"))
+    parser.add_argument("--modelopt-python", default=str(ROOT / ".venv-modelopt" / "bin" / "python"))
+    parser.add_argument("--modelopt-loss", choices=("both", *MODELOPT), default="both",
+                        help="reduction(s) of modelopt's LogitsDistillationLoss to run (see the module docstring)")
+    parser.add_argument("--val-rows", type=int, default=64, help="held-out rows of 256 tokens for perplexity")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = parser.parse_args()
+    if not Path(args.modelopt_python).is_file():
+        print(f"no Model Optimizer venv at {args.modelopt_python}: run bash scripts/setup_modelopt.sh first")
+        sys.exit(2)
+
+    start = time.perf_counter()
+    args.run_dir.mkdir(parents=True, exist_ok=True)
+    val = list(batches(prepare(args.run_dir, args.steps, args.val_rows), 8))
+    results = [run_compactlm(args.run_dir, args.steps)]
+    for reduction in MODELOPT if args.modelopt_loss == "both" else [args.modelopt_loss]:
+        results.append(run_modelopt(args.run_dir, args.modelopt_python, reduction))
+    before = perplexity(load_model(str(args.run_dir / "pruned")), val)["perplexity"]
+    for r in results:
+        r["perplexity"] = perplexity(load_model(str(r["model"])), val)["perplexity"]
+    wall = time.perf_counter() - start
+
+    print(table(results, before))
+    print(f"\n{len(val)} validation batches of 8 x 256 tokens; benchmark wall time {wall / 60:.1f} min")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        rows = [{k: str(v) if k == "model" else v for k, v in r.items()} for r in results]
+        args.out.write_text(json.dumps({"steps": args.steps, "train": TRAIN, "perplexity_before": before,
+                                        "wall_s": wall, "results": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""How good is the pruned model before any retraining? SmolLM2-135M cut to three shapes, held-out perplexity.
+
+    python benchmarks/prune_quality.py --out runs/bench/prune_quality.json            # every table (~25 min)
+    python benchmarks/prune_quality.py --tables importance,aggregation                 # some of them
+
+Tables (all zero-shot, on the same held-out python-docs rows; calibration 64 x 256 tokens unless varied):
+- importance:   each `importance.method` without reconstruction, at every shape.
+- reconstruct:  `prune.reconstruct` x `prune.reconstruct_inputs` (and two ridges) with the default importance.
+- calibration:  the default recipe with 8 to 256 calibration sequences (README shape).
+- aggregation:  P1 Table 13 in miniature: all nine (batch, sequence) aggregations, activation importance, no
+                reconstruction, zero-shot LM loss (README shape).
+Shapes: MLP-only to ffn 1072 and 768 (of 1536), and the README's shape (hidden 384, 6 heads, ffn 1024).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from functools import cache
+from pathlib import Path
+
+from compactlm import data, inputs
+from compactlm.config import PruneConfig, TargetConfig, load_config
+from compactlm.importance import AGGREGATIONS, score
+from compactlm.metrics import perplexity
+from compactlm.models.family import family_of
+from compactlm.pruning import make_plan, prune_model, resolve_target
+from compactlm.pruning.reconstruct import reconstruct
+
+SHAPES = {
+    "ffn 1072": TargetConfig(intermediate_size=1072),
+    "ffn 768": TargetConfig(intermediate_size=768),
+    "h384 6 heads ffn 1024": TargetConfig(hidden_size=384, num_attention_heads=6, intermediate_size=1024),
+}
+README_SHAPE = "h384 6 heads ffn 1024"
+TABLES = ("importance", "reconstruct", "calibration", "aggregation")
+DEFAULT = PruneConfig()
+
+
+class Bench:
+    """The teacher, held-out batches and calibration batches of any size, loaded once."""
+
+    def __init__(self, eval_sequences: int, calib_seq_len: int):
+        self.cfg = load_config(None, ["model=smollm2-135m", "data=python-docs", f"calib.seq_len={calib_seq_len}"])
+        self.teacher, self.tokenizer = inputs.load(self.cfg)
+        self.family = family_of(self.teacher)
+        self.source = self.family.dims(self.teacher.config)
+        val = inputs.load_splits(self.cfg, self.tokenizer, 256).val[:eval_sequences]
+        self.val = list(data.batches(val, 8))
+        self.calib = cache(self._calib)
+        self.scores = cache(self._scores)
+
+    def _calib(self, sequences: int) -> list:
+        cfg = load_config(None, ["model=smollm2-135m", "data=python-docs", f"calib.sequences={sequences}",
+                                 f"calib.seq_len={self.cfg.calib.seq_len}"])
+        return inputs.calibration_batches(cfg, self.tokenizer, self.teacher)
+
+    def _scores(self, method: str, aggregation: str = "l2_mean", sequences: int = 64):
+        start = time.perf_counter()
+        scores = score(self.teacher, self.calib(sequences), method=method, aggregation=aggregation, layer_metrics=())
+        return scores, time.perf_counter() - start
+
+    def row(self, shape: str, method: str = "activation", aggregation: str = "l2_mean", sequences: int = 64,
+            sites: str = "none", how: str = DEFAULT.reconstruct_inputs, ridge: float = DEFAULT.ridge) -> dict:
+        """Prune the teacher to `shape` with these settings; held-out loss and perplexity, seconds taken."""
+        scores, score_s = self.scores(method, aggregation, sequences)
+        target = resolve_target(SHAPES[shape], self.source, self.family)
+        plan = make_plan(scores, self.source, target, [])
+        student = prune_model(self.teacher, plan)
+        start = time.perf_counter()
+        if sites != "none":
+            reconstruct(self.teacher, student, plan, self.calib(sequences), sites=sites, inputs=how, ridge=ridge)
+        ppl = perplexity(student, self.val)
+        row = {"shape": shape, "method": method, "aggregation": aggregation, "calib_sequences": sequences,
+               "reconstruct": sites, "inputs": how if sites != "none" else "", "ridge": ridge if sites != "none" else None,
+               "loss": ppl["loss"], "perplexity": ppl["perplexity"], "score_s": round(score_s, 1),
+               "reconstruct_s": round(time.perf_counter() - start, 1) if sites != "none" else 0.0}
+        print(f"  {shape:22} {method:12} {aggregation:8} calib {sequences:>3} {sites:7} {row['inputs']:10} "
+              f"ppl {row['perplexity']:9.2f} loss {row['loss']:.3f}  ({row['score_s']} s + {row['reconstruct_s']} s)",
+              flush=True)
+        return row
+
+
+def run_tables(bench: Bench, tables: list[str]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {"teacher": [{"perplexity": perplexity(bench.teacher, bench.val)["perplexity"]}]}
+    if "importance" in tables:
+        out["importance"] = [bench.row(shape, method) for shape in SHAPES
+                             for method in ("activation", "output_aware", "taylor", "magnitude", "random")]
+    if "reconstruct" in tables:
+        rows = []
+        for shape in SHAPES:
+            rows.append(bench.row(shape))
+            variants = [(DEFAULT.reconstruct, DEFAULT.reconstruct_inputs)] if shape == "ffn 1072" else [
+                ("outputs", "teacher"), ("outputs", "sequential"), ("all", "teacher"), ("all", "sequential")]
+            rows += [bench.row(shape, sites=sites, how=how) for sites, how in variants]
+        rows += [bench.row(README_SHAPE, sites=DEFAULT.reconstruct, ridge=r) for r in (1e-4, 1e-2)]
+        out["reconstruct"] = rows
+    if "calibration" in tables:
+        out["calibration"] = [bench.row(README_SHAPE, sequences=n, sites=DEFAULT.reconstruct)
+                               for n in (8, 16, 32, 64, 128, 256)]
+    if "aggregation" in tables:
+        out["aggregation"] = [bench.row(README_SHAPE, aggregation=a) for a in AGGREGATIONS]
+    return out
+
+
+def print_tables(results: dict[str, list[dict]]) -> None:
+    print(f"\nteacher: held-out perplexity {results['teacher'][0]['perplexity']:.2f}")
+    columns = {"importance": ("shape", "method"), "reconstruct": ("shape", "reconstruct", "inputs", "ridge"),
+               "calibration": ("calib_sequences",), "aggregation": ("aggregation",)}
+    for name, keys in columns.items():
+        if name not in results:
+            continue
+        print(f"\n{name}:\n| {' | '.join(keys)} | held-out perplexity | loss | seconds |")
+        print("|" + "---|" * (len(keys) + 3))
+        for r in results[name]:
+            cells = [str(r[k]) for k in keys] + [f"{r['perplexity']:.2f}", f"{r['loss']:.3f}",
+                                                  f"{r['score_s'] + r['reconstruct_s']:.0f}"]
+            print("| " + " | ".join(cells) + " |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tables", default=",".join(TABLES), help=f"comma-separated, of {', '.join(TABLES)}")
+    parser.add_argument("--eval-sequences", type=int, default=64)
+    parser.add_argument("--calib-seq-len", type=int, default=256)
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args()
+    tables = [t for t in args.tables.split(",") if t]
+    unknown = [t for t in tables if t not in TABLES]
+    if unknown:
+        parser.error(f"unknown table '{unknown[0]}' (choose from {', '.join(TABLES)})")
+    start = time.perf_counter()
+    results = run_tables(Bench(args.eval_sequences, args.calib_seq_len), tables)
+    print_tables(results)
+    print(f"\n({time.perf_counter() - start:.0f} s in all; defaults: prune.reconstruct={DEFAULT.reconstruct}, "
+          f"prune.reconstruct_inputs={DEFAULT.reconstruct_inputs}, prune.ridge={DEFAULT.ridge})")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

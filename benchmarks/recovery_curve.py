@@ -1,0 +1,91 @@
+"""Recovery curve: held-out perplexity of the pruned SmolLM2 against distillation tokens, up to 1M tokens.
+
+    python benchmarks/recovery_curve.py            # about an hour alone on 2 CPU cores; resumes when rerun
+
+Prunes the README's shape (hidden 384, 6 heads, ffn 1024, all 30 layers; 67.6M of 134.5M parameters) with the
+default recipe, then distils it from the teacher for --tokens tokens (8 x 256 per step, AdamW, LR 1e-3 cosine to
+1e-4), validating every --eval-every steps on the same held-out python-docs rows. Writes
+benchmarks/results/recovery_curve.json and .png (committed: this one is run once, not by run_all).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from compactlm import data, inputs, stages
+from compactlm.config import load_config
+from compactlm.metrics import perplexity
+from compactlm.models.loading import load_model
+
+TARGET = ["target.hidden_size=384", "target.num_attention_heads=6", "target.intermediate_size=1024"]
+RESULTS = Path(__file__).parent / "results"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", default="runs/bench/recovery")
+    parser.add_argument("--tokens", type=int, default=1_048_576)
+    parser.add_argument("--eval-every", type=int, default=32, help="steps (of 2,048 tokens) between validations")
+    parser.add_argument("--eval-sequences", type=int, default=32)
+    parser.add_argument("--out", default=str(RESULTS / "recovery_curve.json"))
+    args = parser.parse_args()
+
+    run = Path(args.run_dir)
+    base = ["data=python-docs", "seed=0"]
+    pruned = run / "prune"
+    if not (pruned / "config.json").is_file():
+        stages.prune(load_config(None, base + TARGET + ["model=smollm2-135m", f"out_dir={pruned}"]))
+    distill = [f"distill.{k}={v}" for k, v in (
+        ("tokens", args.tokens), ("lr", 1e-3), ("min_lr", 1e-4), ("batch_size", 8), ("seq_len", 256),
+        ("warmup_steps", 5), ("eval_every", args.eval_every), ("save_every", args.eval_every),
+        ("eval_sequences", args.eval_sequences))]
+    cfg = load_config(None, base + distill + ["teacher=smollm2-135m", f"student={pruned}",
+                                              f"out_dir={run / 'distill'}", "resume=true"])
+    stages.distill(cfg)
+
+    teacher, tokenizer = inputs.load(load_config(None, base + ["model=smollm2-135m"]))
+    val = inputs.load_splits(cfg, tokenizer, cfg.distill.seq_len, calib=False,
+                             val_rows=args.eval_sequences).val[: args.eval_sequences]
+    batches = list(data.batches(val, 8))
+    tokens_per_step = cfg.distill.batch_size * cfg.distill.seq_len
+    points = [{"tokens": 0, "perplexity": perplexity(load_model(str(pruned)), batches)["perplexity"]}]
+    for line in (run / "distill" / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "val_ppl" in row:
+            points.append({"tokens": row["step"] * tokens_per_step, "perplexity": row["val_ppl"]})
+    result = {"teacher_perplexity": perplexity(teacher, batches)["perplexity"], "points": points,
+              "command": "python benchmarks/recovery_curve.py", "shape": TARGET}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, out.with_suffix(".png"))
+    print(f"{'tokens':>10} {'held-out perplexity':>20}")
+    for p in points:
+        print(f"{p['tokens']:>10,} {p['perplexity']:>20.2f}")
+    print(f"teacher: {result['teacher_perplexity']:.2f}; wrote {out}")
+
+
+def plot(result: dict, path: Path) -> None:
+    """Perplexity against tokens (log y), the teacher as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [p["tokens"] for p in result["points"]]
+    ax.plot(xs, [p["perplexity"] for p in result["points"]], marker="o", label="pruned student, distilled")
+    ax.axhline(result["teacher_perplexity"], linestyle="--", color="gray", label="teacher (SmolLM2-135M)")
+    ax.set_yscale("log")
+    ax.set_xlabel("distillation tokens")
+    ax.set_ylabel("held-out perplexity")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""P1 Tables 1 and 10 in miniature: width, depth and width+depth pruning of SmolLM2-135M to the same parameter
+count (~67M of 134.5M), held-out perplexity before and after the same distillation budget; and whether a better
+start (the default recipe against P1's plain activation score) still matters after distillation.
+
+    python benchmarks/width_depth.py --out runs/bench/width_depth.json      # ~20 min alone on 2 CPU cores
+
+Every student is distilled from the teacher for --steps steps of 8 x 256 tokens (AdamW, LR 1e-3 cosine to 1e-4,
+5 warm-up steps), the same data in the same order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from compactlm import data, inputs, stages
+from compactlm.config import load_config
+from compactlm.metrics import perplexity
+from compactlm.models.family import family_of
+from compactlm.models.loading import load_model, num_params
+
+WIDTH = ["target.hidden_size=384", "target.num_attention_heads=6", "target.intermediate_size=1024"]
+PAPER = ["importance.method=activation", "prune.reconstruct=none"]  # P1's activation score, plain slicing
+VARIANTS = {
+    "width, P1 recipe (activation, no reconstruction)": WIDTH + PAPER,
+    "width, defaults": WIDTH,
+    "depth (11 of 30 layers), lm_loss": ["target.num_hidden_layers=11", "target.layer_metric=lm_loss"],
+    "depth (11 of 30 layers), block_importance": ["target.num_hidden_layers=11",
+                                                  "target.layer_metric=block_importance"],
+    "depth (11 of 30 layers), contiguous": ["target.num_hidden_layers=11", "target.layer_metric=contiguous"],
+    "width + depth (24 layers)": ["target.num_hidden_layers=24", "target.hidden_size=384",
+                                  "target.num_attention_heads=6", "target.intermediate_size=1344",
+                                  "target.layer_metric=lm_loss"],
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", default="runs/bench/width_depth")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--eval-sequences", type=int, default=64)
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args()
+
+    base = ["data=python-docs", "seed=0", "calib.sequences=64", "calib.layer_sequences=16"]
+    cfg = load_config(None, base + ["model=smollm2-135m"])
+    teacher, tokenizer = inputs.load(cfg)
+    val = inputs.load_splits(cfg, tokenizer, 256).val[: args.eval_sequences]
+    batches = list(data.batches(val, 8))
+    teacher_ppl = perplexity(teacher, batches)["perplexity"]
+    budget = [f"distill.{k}={v}" for k, v in (
+        ("steps", args.steps), ("lr", 1e-3), ("min_lr", 1e-4), ("batch_size", 8), ("seq_len", 256),
+        ("warmup_steps", 5), ("eval_every", 0), ("save_every", args.steps), ("eval_sequences", 16))]
+    rows = []
+    for i, (name, overrides) in enumerate(VARIANTS.items()):
+        run = Path(args.run_dir) / str(i)
+        start = time.perf_counter()
+        if not (run / "prune" / "config.json").is_file():
+            stages.prune(load_config(None, base + overrides + ["model=smollm2-135m", f"out_dir={run / 'prune'}"]))
+        prune_s = time.perf_counter() - start
+        pruned = load_model(str(run / "prune"))
+        before = perplexity(pruned, batches)["perplexity"]
+        start = time.perf_counter()
+        stages.distill(load_config(None, base + budget + ["teacher=smollm2-135m", f"student={run / 'prune'}",
+                                                          f"out_dir={run / 'distill'}", "resume=true"]))
+        after = perplexity(load_model(str(run / "distill" / "final")), batches)["perplexity"]
+        d = family_of(pruned).dims(pruned.config)
+        rows.append({"variant": name, "layers": d.layers, "hidden": d.hidden, "heads": d.heads, "ffn": d.ffn,
+                     "params": num_params(pruned), "zero_shot": before, "after_kd": after,
+                     "prune_s": round(prune_s, 1), "distill_s": round(time.perf_counter() - start, 1)})
+        print(rows[-1], flush=True)
+    tokens = args.steps * 8 * 256
+    print(f"\nteacher: {teacher_ppl:.2f}; distillation: {args.steps} steps, {tokens:,} tokens each")
+    print("| variant | layers | hidden | heads | ffn | params | zero-shot perplexity | after KD |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['layers']} | {r['hidden']} | {r['heads']} | {r['ffn']} | {r['params'] / 1e6:.1f}M "
+              f"| {r['zero_shot']:,.1f} | {r['after_kd']:.2f} |")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"teacher": teacher_ppl, "tokens": tokens, "rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
