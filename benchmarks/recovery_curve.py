@@ -11,6 +11,7 @@ benchmarks/results/recovery_curve.json and .png (committed: this one is run once
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -55,8 +56,11 @@ def main() -> None:
         row = json.loads(line)
         if "val_ppl" in row:
             points.append({"tokens": row["step"] * tokens_per_step, "perplexity": row["val_ppl"]})
+    used = load_config(str(pruned / "compactlm.yaml"), [])  # the recipe the student was pruned with
     result = {"teacher_perplexity": perplexity(teacher, batches)["perplexity"], "points": points,
-              "command": "python benchmarks/recovery_curve.py", "shape": TARGET}
+              "command": "python benchmarks/recovery_curve.py", "shape": TARGET,
+              "recipe": {"importance": used.importance.method, "aggregation": used.importance.aggregation,
+                         **{f"prune.{k}": v for k, v in dataclasses.asdict(used.prune).items()}}}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")

@@ -255,7 +255,9 @@ def test_prune_to_is_the_whole_path_in_one_call(metric, token_batch):
     import compactlm
     from compactlm.importance import score
     from compactlm.importance.layers import with_depth_metrics
+    from compactlm.config import PruneConfig
     from compactlm.pruning import layers_to_drop
+    from compactlm.pruning.reconstruct import reconstruct
 
     model = tiny_model("llama", 4, 2, layers=3)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -267,9 +269,14 @@ def test_prune_to_is_the_whole_path_in_one_call(metric, token_batch):
     assert fam.dims(pruned.config) == want
     scores = score(model, [token_batch], layer_metrics=())  # the same path by hand
     scores = with_depth_metrics(model, [token_batch], scores, ["contiguous_1" if metric == "contiguous" else metric])
-    manual = prune_model(model, make_plan(scores, dims, want, layers_to_drop(target, dims, 2, scores)))
+    plan = make_plan(scores, dims, want, layers_to_drop(target, dims, 2, scores))
+    manual = prune_model(model, plan)
+    reconstruct(model, manual, plan, [token_batch])  # the default refit (prune.reconstruct)
     torch.testing.assert_close(logits(pruned, token_batch), logits(manual, token_batch), rtol=0, atol=0)
     torch.testing.assert_close(model.state_dict(), before)  # pure: the source model is unchanged
+    sliced = compactlm.prune_to(model, target, [token_batch], prune=PruneConfig(reconstruct="none"))
+    unfitted = prune_model(model, plan)
+    torch.testing.assert_close(logits(sliced, token_batch), logits(unfitted, token_batch), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("family,heads,kv,tied", [p for p in model_params() if p.values[1:3] in ((4, 2), (4, 4))])

@@ -87,9 +87,9 @@ class ImportanceConfig:
 
 @dataclass(frozen=True)
 class PruneConfig:
-    reconstruct: str = choice("outputs", "none", "outputs", "all")  # refit projections by ridge least squares
+    reconstruct: str = choice("all", "none", "outputs", "all")  # refit projections by ridge least squares (none: plain slicing)
     reconstruct_inputs: str = choice("sequential", "sequential", "teacher")  # the student's own inputs, or the teacher's
-    ridge: float = 1e-2  # ridge penalty, relative to the mean diagonal of the Gram matrix
+    ridge: float = 1e-3  # ridge penalty, relative to the mean diagonal of the Gram matrix
 
     def __post_init__(self) -> None:
         if self.ridge < 0:

@@ -36,6 +36,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from compactlm.config import PruneConfig
 from compactlm.errors import CompactLMError
 from compactlm.models.family import Dims, Family, family_of, get_module
 from compactlm.models.layerwise import capture_layer_calls, model_inputs
@@ -44,6 +45,7 @@ from compactlm.pruning.surgery import _axis_index, _rescale_queries
 
 log = logging.getLogger(__name__)
 
+DEFAULTS = PruneConfig()
 SITES = ("none", "outputs", "all")
 INPUTS = ("sequential", "teacher")
 
@@ -177,8 +179,8 @@ def _run_layer(layer: nn.Module, states, calls: list[dict[int, tuple]], i: int, 
 
 
 def reconstruct(teacher: nn.Module, student: nn.Module, plan: Plan, batches: Iterable[dict[str, Tensor]], *,
-                sites: str = "outputs", inputs: str = "sequential", ridge: float = 1e-3,
-                progress: bool = False) -> dict:
+                sites: str = DEFAULTS.reconstruct, inputs: str = DEFAULTS.reconstruct_inputs,
+                ridge: float = DEFAULTS.ridge, progress: bool = False) -> dict:
     """Refit the student's projections in place (see the module docstring); the teacher is not changed.
 
     `student` is `teacher` pruned by `plan`. Per kept layer, the teacher runs once (its targets are kept, at the
