@@ -95,7 +95,10 @@ def plan_stages(cfg: Config) -> list[Stage]:
     if cfg.search.target_params:
         out.append(Stage("search", f"search architectures of ~{cfg.search.target_params} parameters",
                          stages.search, _search))
-    out.append(Stage("prune", "cut the teacher to the target and save a Hugging Face checkpoint", stages.prune, _prune))
+    refit = "" if cfg.prune.reconstruct == "none" else (
+        f", refit the projections around the cut ({cfg.prune.reconstruct}, {cfg.prune.reconstruct_inputs} inputs)")
+    out.append(Stage("prune", f"cut the teacher to the target{refit}, save a Hugging Face checkpoint",
+                     stages.prune, _prune))
     budget = f"{cfg.distill.steps} steps" if cfg.distill.steps else f"{cfg.distill.tokens} tokens"
     out.append(Stage("distill", f"distill from the teacher for {budget}", stages.distill, _distill))
     out.append(Stage("evaluate", "perplexity, KL, agreement and speed: teacher, pruned, distilled",

@@ -97,6 +97,24 @@ class _Fit:
         self.tokens += z.shape[0]
 
 
+class _Done(Exception):
+    """Raised by the last hook of a stage: the rest of the student's layer need not run for this batch."""
+
+
+class _Stage:
+    """Counts a stage's hooks within one batch; once every projection of the stage has seen its input, stops
+    the student's layer (the attention reads need only the first norm, the MLP reads only the second)."""
+
+    def __init__(self, size: int):
+        self.size, self.count = size, 0
+
+    def seen(self) -> None:
+        self.count += 1
+        if self.count == self.size:
+            self.count = 0
+            raise _Done
+
+
 class _Site:
     """One projection of one layer: teacher and student modules, the kept input and output indices, the teacher's
     target outputs of each batch (sequential) and the running sums."""
@@ -130,7 +148,7 @@ class _Site:
 
         return self.teacher.register_forward_hook(hook)
 
-    def watch_student(self, real: list[Tensor]):
+    def watch_student(self, real: list[Tensor], stage: _Stage):
         """Pre-hook: the student's input at real tokens, folded into the sums against the batch's targets."""
         seen = [0]
 
@@ -139,8 +157,10 @@ class _Site:
             seen[0] += 1
             z = args[0].detach()[real[b].to(args[0].device)]
             self.fit.add_(z, self.targets[b].to(self.fit.cross.device))
+            stage.seen()
 
         return self.student.register_forward_pre_hook(hook)
+
 
     def apply(self, ridge: float, query_scale: float, q_width: int) -> int:
         """Solve, write the refitted weight (and bias) into the student's projection; the tokens it was fitted on."""
@@ -170,7 +190,10 @@ def _run_layer(layer: nn.Module, states, calls: list[dict[int, tuple]], i: int, 
     the next layer's states."""
     try:
         for b in range(len(states)):
-            out = _layer_call(layer, states[b], calls[b][i])
+            try:
+                out = _layer_call(layer, states[b], calls[b][i])
+            except _Done:  # a stage's inputs are all seen: the rest of the layer is not needed
+                continue
             if advance:
                 states[b] = out
     finally:
@@ -224,7 +247,8 @@ def reconstruct(teacher: nn.Module, student: nn.Module, plan: Plan, batches: Ite
                 scale = (j + 1) / (i + 1) if scaled else 1.0
                 for stage in stages:
                     if sequential:  # the student's inputs at this stage, earlier stages already refitted
-                        _run_layer(s_layers[j], s_states, s_calls, j, [s.watch_student(real) for s in stage],
+                        counter = _Stage(len(stage))
+                        _run_layer(s_layers[j], s_states, s_calls, j, [s.watch_student(real, counter) for s in stage],
                                    advance=False)
                     tokens = [site.apply(ridge, scale, q_width) for site in stage][0]
                     fitted += len(stage)
