@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import statistics
@@ -126,7 +127,7 @@ def main() -> None:
         print(f"no Model Optimizer venv at {args.modelopt_python}: run bash scripts/setup_modelopt.sh first")
         sys.exit(2)
 
-    start = time.perf_counter()
+    start, load = time.perf_counter(), os.getloadavg()[1]  # other processes on the cores slow every number
     args.run_dir.mkdir(parents=True, exist_ok=True)
     val = list(batches(prepare(args.run_dir, args.steps, args.val_rows), 8))
     results = [run_compactlm(args.run_dir, args.steps)]
@@ -135,15 +136,16 @@ def main() -> None:
     before = perplexity(load_model(str(args.run_dir / "pruned")), val)["perplexity"]
     for r in results:
         r["perplexity"] = perplexity(load_model(str(r["model"])), val)["perplexity"]
-    wall = time.perf_counter() - start
+    wall, load = time.perf_counter() - start, max(load, os.getloadavg()[1])
 
     print(table(results, before))
-    print(f"\n{len(val)} validation batches of 8 x 256 tokens; benchmark wall time {wall / 60:.1f} min")
+    print(f"\n{len(val)} validation batches of 8 x 256 tokens; benchmark wall time {wall / 60:.1f} min, "
+          f"5-min load average up to {load:.1f} on {os.cpu_count()} cores")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         rows = [{k: str(v) if k == "model" else v for k, v in r.items()} for r in results]
         args.out.write_text(json.dumps({"steps": args.steps, "train": TRAIN, "perplexity_before": before,
-                                        "wall_s": wall, "results": rows}, indent=1) + "\n")
+                                        "wall_s": wall, "load_avg_5min": load, "results": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

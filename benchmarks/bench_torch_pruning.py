@@ -21,6 +21,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from queue import Empty
 
 import torch
 
@@ -50,13 +51,15 @@ def compactlm_prune(base: list[str], overrides: list[str], out_dir: Path):
 # ---------------------------------------------------------------- Torch-Pruning
 
 def mlp_pruner(model, importance, ffn: int, example: torch.Tensor) -> tp.pruner.MetaPruner:
-    """A local (per layer) pruner that cuts only the MLP neurons: every gate_proj (with its up_proj and down_proj
-    in the same dependency group) keeps `ffn`; the default ratio 0 leaves hidden channels and heads alone."""
-    layers = model.model.layers
-    ratio = 1 - ffn / layers[0].mlp.gate_proj.out_features
-    return tp.pruner.MetaPruner(model, example, importance, global_pruning=False, pruning_ratio=0.0,
-                                pruning_ratio_dict={layer.mlp.gate_proj: ratio for layer in layers},
-                                ignored_layers=[model.lm_head], output_transform=lambda out: out.logits)
+    """A local (per layer) pruner of the MLP neurons only: every Linear but gate_proj / up_proj is ignored, so the
+    only groups are gate_proj's (with up_proj and down_proj's inputs), each cut to `ffn`. Ignoring them also keeps
+    the pruner from tracing the hidden-channel group, which spans the whole model and is too slow to build here
+    (see the full-recipe line)."""
+    ignored = [m for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and not name.endswith(("gate_proj", "up_proj"))]
+    ratio = 1 - ffn / model.config.intermediate_size
+    return tp.pruner.MetaPruner(model, example, importance, global_pruning=False, pruning_ratio=ratio,
+                                ignored_layers=ignored, output_transform=lambda out: out.logits)
 
 
 def activation_pass(model, importance: tp.importance.ActivationImportance, batches: list) -> None:
@@ -104,11 +107,13 @@ def tp_prune(cfg, method: str, ffn: int, batches: list):
 
 
 def full_recipe(overrides: list[str], example: torch.Tensor, queue) -> None:
-    """TP's LLM recipe set-up on SmolLM2 (in a subprocess): pruner over hidden channels, heads and MLP at
-    ratio 0.5 with head pruning and magnitude importance, then one step. Puts (status, seconds, detail)."""
+    """TP's LLM recipe set-up on SmolLM2 (run in a subprocess): a pruner over hidden channels, heads and MLP at
+    ratio 0.5 with head pruning and magnitude importance, then one step. Puts each stage reached on `queue`,
+    then ("finished" | "failed", seconds, detail)."""
     start = time.perf_counter()
     try:
         model, _ = inputs.load(load_config(None, overrides))
+        queue.put(("stage", "building the MetaPruner (dependency graph and all groups)"))
         attn = [layer.self_attn for layer in model.model.layers]
         c = model.config
         num_heads = {m.q_proj: c.num_attention_heads for m in attn}
@@ -117,32 +122,40 @@ def full_recipe(overrides: list[str], example: torch.Tensor, queue) -> None:
             model, example, tp.importance.GroupMagnitudeImportance(p=2), global_pruning=False, pruning_ratio=0.5,
             ignored_layers=[model.lm_head], num_heads=num_heads, prune_num_heads=True, prune_head_dims=False,
             head_pruning_ratio=0.5, round_to=4, output_transform=lambda out: out.logits)
+        queue.put(("stage", f"pruner.step() (pruner built after {time.perf_counter() - start:.0f} s)"))
         pruner.step()
-        mlp = model.model.layers[0].mlp
-        detail = (f"hidden {model.lm_head.in_features}, ffn {mlp.gate_proj.out_features}, "
-                  f"q_proj out {model.model.layers[0].self_attn.q_proj.out_features}, {num_params(model):,} params")
+        layer = model.model.layers[0]
+        detail = (f"hidden {model.lm_head.in_features}, q_proj out {layer.self_attn.q_proj.out_features}, "
+                  f"ffn {layer.mlp.gate_proj.out_features}, {num_params(model):,} params")
         queue.put(("finished", time.perf_counter() - start, detail))
     except Exception as e:  # reported, not raised: the parent prints the outcome
         queue.put(("failed", time.perf_counter() - start, f"{type(e).__name__}: {e}"))
 
 
 def bounded_full_recipe(overrides: list[str], example: torch.Tensor, bound_s: float) -> dict:
-    """Run `full_recipe` in a spawned process; kill it after `bound_s` seconds."""
+    """Run `full_recipe` in a spawned process, killed after `bound_s` seconds: {"status", "seconds", "line"}."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=full_recipe, args=(overrides, example, queue))
     start = time.perf_counter()
     proc.start()
-    proc.join(bound_s)
+    stage, result = "loading the model", None
+    while result is None and time.perf_counter() - start < bound_s and (proc.is_alive() or not queue.empty()):
+        try:
+            msg = queue.get(timeout=1.0)
+        except Empty:
+            continue
+        stage, result = (msg[1], None) if msg[0] == "stage" else (stage, msg)
+    seconds = time.perf_counter() - start
     if proc.is_alive():
         proc.kill()
-        proc.join()
-        return {"status": "timeout", "seconds": time.perf_counter() - start,
-                "line": f"did not finish setting up within {bound_s:.0f} s (killed)"}
-    if queue.empty():
-        return {"status": "crashed", "seconds": time.perf_counter() - start,
-                "line": f"exited with code {proc.exitcode} without a result"}
-    status, seconds, detail = queue.get()
+    proc.join()
+    if result is None:
+        status = "timeout" if seconds >= bound_s else "crashed"
+        line = (f"did not finish setting up within {bound_s:.0f} s (killed while {stage})" if status == "timeout"
+                else f"exited with code {proc.exitcode} after {seconds:.0f} s while {stage}")
+        return {"status": status, "seconds": seconds, "line": line}
+    status, seconds, detail = result
     verb = "finished in" if status == "finished" else "failed after"
     return {"status": status, "seconds": seconds, "line": f"{verb} {seconds:.1f} s: {detail}"}
 

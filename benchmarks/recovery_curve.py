@@ -1,6 +1,7 @@
 """Recovery curve: held-out perplexity of the pruned SmolLM2 against distillation tokens, up to 1M tokens.
 
     python benchmarks/recovery_curve.py            # about an hour alone on 2 CPU cores; resumes when rerun
+    python benchmarks/recovery_curve.py --report-only   # the curve so far, while a run is in progress
 
 Prunes the README's shape (hidden 384, 6 heads, ffn 1024, all 30 layers; 67.6M of 134.5M parameters) with the
 default recipe, then distils it from the teacher for --tokens tokens (8 x 256 per step, AdamW, LR 1e-3 cosine to
@@ -31,10 +32,12 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=32, help="steps (of 2,048 tokens) between validations")
     parser.add_argument("--eval-sequences", type=int, default=32)
     parser.add_argument("--out", default=str(RESULTS / "recovery_curve.json"))
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the JSON and plot from the validations logged so far (a run in progress)")
     args = parser.parse_args()
 
     run = Path(args.run_dir)
-    base = ["data=python-docs", "seed=0"]
+    base = ["data=python-docs", "seed=0", "calib.sequences=64"]
     pruned = run / "prune"
     if not (pruned / "config.json").is_file():
         stages.prune(load_config(None, base + TARGET + ["model=smollm2-135m", f"out_dir={pruned}"]))
@@ -44,7 +47,8 @@ def main() -> None:
         ("eval_sequences", args.eval_sequences))]
     cfg = load_config(None, base + distill + ["teacher=smollm2-135m", f"student={pruned}",
                                               f"out_dir={run / 'distill'}", "resume=true"])
-    stages.distill(cfg)
+    if not args.report_only:
+        stages.distill(cfg)
 
     teacher, tokenizer = inputs.load(load_config(None, base + ["model=smollm2-135m"]))
     val = inputs.load_splits(cfg, tokenizer, cfg.distill.seq_len, calib=False,
@@ -58,6 +62,7 @@ def main() -> None:
             points.append({"tokens": row["step"] * tokens_per_step, "perplexity": row["val_ppl"]})
     used = load_config(str(pruned / "compactlm.yaml"), [])  # the recipe the student was pruned with
     result = {"teacher_perplexity": perplexity(teacher, batches)["perplexity"], "points": points,
+              "tokens_planned": args.tokens,
               "command": "python benchmarks/recovery_curve.py", "shape": TARGET,
               "recipe": {"importance": used.importance.method, "aggregation": used.importance.aggregation,
                          **{f"prune.{k}": v for k, v in dataclasses.asdict(used.prune).items()}}}
