@@ -21,7 +21,6 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from queue import Empty
 
 import torch
 
@@ -106,14 +105,14 @@ def tp_prune(cfg, method: str, ffn: int, batches: list):
     return model, time.perf_counter() - start
 
 
-def full_recipe(overrides: list[str], example: torch.Tensor, queue) -> None:
+def full_recipe(overrides: list[str], example: torch.Tensor, conn) -> None:
     """TP's LLM recipe set-up on SmolLM2 (run in a subprocess): a pruner over hidden channels, heads and MLP at
-    ratio 0.5 with head pruning and magnitude importance, then one step. Puts each stage reached on `queue`,
-    then ("finished" | "failed", seconds, detail)."""
+    ratio 0.5 with head pruning and magnitude importance, then one step. Sends ("stage", what) as it goes, then
+    ("finished" | "failed", seconds, detail) through `conn`."""
     start = time.perf_counter()
     try:
         model, _ = inputs.load(load_config(None, overrides))
-        queue.put(("stage", "building the MetaPruner (dependency graph and all groups)"))
+        conn.send(("stage", "building the MetaPruner (dependency graph and all groups)"))
         attn = [layer.self_attn for layer in model.model.layers]
         c = model.config
         num_heads = {m.q_proj: c.num_attention_heads for m in attn}
@@ -122,39 +121,42 @@ def full_recipe(overrides: list[str], example: torch.Tensor, queue) -> None:
             model, example, tp.importance.GroupMagnitudeImportance(p=2), global_pruning=False, pruning_ratio=0.5,
             ignored_layers=[model.lm_head], num_heads=num_heads, prune_num_heads=True, prune_head_dims=False,
             head_pruning_ratio=0.5, round_to=4, output_transform=lambda out: out.logits)
-        queue.put(("stage", f"pruner.step() (pruner built after {time.perf_counter() - start:.0f} s)"))
+        conn.send(("stage", f"in pruner.step() (pruner built after {time.perf_counter() - start:.0f} s)"))
         pruner.step()
         layer = model.model.layers[0]
         detail = (f"hidden {model.lm_head.in_features}, q_proj out {layer.self_attn.q_proj.out_features}, "
                   f"ffn {layer.mlp.gate_proj.out_features}, {num_params(model):,} params")
-        queue.put(("finished", time.perf_counter() - start, detail))
+        conn.send(("finished", time.perf_counter() - start, detail))
     except Exception as e:  # reported, not raised: the parent prints the outcome
-        queue.put(("failed", time.perf_counter() - start, f"{type(e).__name__}: {e}"))
+        conn.send(("failed", time.perf_counter() - start, f"{type(e).__name__}: {e}"))
 
 
 def bounded_full_recipe(overrides: list[str], example: torch.Tensor, bound_s: float) -> dict:
     """Run `full_recipe` in a spawned process, killed after `bound_s` seconds: {"status", "seconds", "line"}."""
     ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=full_recipe, args=(overrides, example, queue))
+    receive, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=full_recipe, args=(overrides, example, send))
     start = time.perf_counter()
     proc.start()
+    send.close()  # the child holds the only write end: EOF once it exits
     stage, result = "loading the model", None
-    while result is None and time.perf_counter() - start < bound_s and (proc.is_alive() or not queue.empty()):
-        try:
-            msg = queue.get(timeout=1.0)
-        except Empty:
-            continue
-        stage, result = (msg[1], None) if msg[0] == "stage" else (stage, msg)
+    while result is None and time.perf_counter() - start < bound_s:
+        if receive.poll(1.0):
+            try:
+                msg = receive.recv()
+            except EOFError:  # the child died without a result
+                break
+            stage, result = (msg[1], None) if msg[0] == "stage" else (stage, msg)
     seconds = time.perf_counter() - start
     if proc.is_alive():
         proc.kill()
     proc.join()
+    if result is None and seconds >= bound_s:
+        return {"status": "timeout", "seconds": seconds,
+                "line": f"did not finish setting up within {bound_s:.0f} s (killed while {stage})"}
     if result is None:
-        status = "timeout" if seconds >= bound_s else "crashed"
-        line = (f"did not finish setting up within {bound_s:.0f} s (killed while {stage})" if status == "timeout"
-                else f"exited with code {proc.exitcode} after {seconds:.0f} s while {stage}")
-        return {"status": status, "seconds": seconds, "line": line}
+        return {"status": "crashed", "seconds": seconds,
+                "line": f"exited with code {proc.exitcode} after {seconds:.0f} s while {stage}"}
     status, seconds, detail = result
     verb = "finished in" if status == "finished" else "failed after"
     return {"status": status, "seconds": seconds, "line": f"{verb} {seconds:.1f} s: {detail}"}
