@@ -18,11 +18,13 @@ import argparse
 import json
 import multiprocessing as mp
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 try:
     import torch_pruning as tp
@@ -87,7 +89,7 @@ def tp_prune(cfg, method: str, ffn: int, batches: list):
     """(pruned model, seconds): a fresh teacher cut to `ffn` by Torch-Pruning with `method` importance."""
     start = time.perf_counter()
     model, _ = inputs.load(cfg)
-    importance = {"activation": tp.importance.ActivationImportance(p=2, target_types=[torch.nn.Linear]),
+    importance = {"activation": tp.importance.ActivationImportance(target_types=[torch.nn.Linear]),
                   "taylor": tp.importance.GroupTaylorImportance(),
                   "magnitude": tp.importance.GroupMagnitudeImportance(p=2)}[method]
     pruner = mlp_pruner(model, importance, ffn, batches[0]["input_ids"][:1, :32])  # traced before calibrating
@@ -109,6 +111,7 @@ def full_recipe(overrides: list[str], example: torch.Tensor, conn) -> None:
     """TP's LLM recipe set-up on SmolLM2 (run in a subprocess): a pruner over hidden channels, heads and MLP at
     ratio 0.5 with head pruning and magnitude importance, then one step. Sends ("stage", what) as it goes, then
     ("finished" | "failed", seconds, detail) through `conn`."""
+    tqdm.set_lock(threading.RLock())  # not tqdm's default multiprocessing lock: a killed child would leak it
     start = time.perf_counter()
     try:
         model, _ = inputs.load(load_config(None, overrides))

@@ -35,7 +35,8 @@ def main() -> None:
 
     base = ["data=python-docs", "eval.seq_len=256", "resume=true"]
     if not (Path(args.pruned) / "config.json").is_file():
-        stages.prune(load_config(None, base + TARGET + ["model=smollm2-135m", f"out_dir={args.pruned}"]))
+        stages.prune(load_config(None, base + TARGET + ["model=smollm2-135m", f"out_dir={args.pruned}",
+                                                        "prune.reconstruct=none"]))  # the start its table shows
     budget = [f"{s}.{k}={v}" for s in ("distill", "train") for k, v in (
         ("tokens", args.tokens), ("lr", args.lr), ("min_lr", args.lr / 10), ("batch_size", 8), ("seq_len", 256),
         ("warmup_steps", 5), ("eval_every", 0), ("save_every", 20), ("eval_sequences", 16))]

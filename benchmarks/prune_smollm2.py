@@ -3,7 +3,9 @@ print held-out perplexity of each beside the teacher's.
 
     python benchmarks/prune_smollm2.py --out runs/bench/prune_smollm2.json
 
-Same target for every method: hidden 384, 6 heads (2 per KV group), ffn 1024, all 30 layers.
+Same target for every method: hidden 384, 6 heads (2 per KV group), ffn 1024, all 30 layers; the weights are
+only sliced (`prune.reconstruct=none`), so the table compares the importance scores alone
+(benchmarks/prune_quality.py measures the refit).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def main() -> None:
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
 
-    base = ["model=smollm2-135m", "data=python-docs", "eval.seq_len=256"]
+    base = ["model=smollm2-135m", "data=python-docs", "eval.seq_len=256", "prune.reconstruct=none"]  # plain slicing
     cfg = load_config(None, base)
     teacher, tokenizer = inputs.load(cfg)
     val = inputs.load_splits(cfg, tokenizer, cfg.eval.seq_len).val[: args.eval_sequences]
