@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from compactlm.errors import CompactLMError
+from compactlm.importance import layers as depth
 from compactlm.importance.activation import (
     AGGREGATIONS,
     HEAD_SCORES,
@@ -16,7 +17,6 @@ from compactlm.importance.activation import (
     aggregate_sequence,
     collect_activations,
 )
-from compactlm.importance import layers as depth
 from compactlm.importance.baselines import magnitude_scores, random_scores
 from compactlm.importance.layers import (
     LAYER_METRICS,

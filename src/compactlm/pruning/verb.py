@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from compactlm.config import ImportanceConfig, PruneConfig, TargetConfig
-from compactlm.importance import score
 from compactlm.errors import CompactLMError
+from compactlm.importance import score
 from compactlm.importance.layers import with_depth_metrics
 from compactlm.importance.scores import Scores
 from compactlm.models.family import family_of
