@@ -121,12 +121,17 @@ def main() -> None:
     parser.add_argument("--modelopt-loss", choices=("both", *MODELOPT), default="both",
                         help="reduction(s) of modelopt's LogitsDistillationLoss to run (see the module docstring)")
     parser.add_argument("--val-rows", type=int, default=64, help="held-out rows of 256 tokens for perplexity")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads of every process (0: torch's default); 1 on cores shared with other jobs")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
     if not Path(args.modelopt_python).is_file():
         print(f"no Model Optimizer venv at {args.modelopt_python}: run bash scripts/setup_modelopt.sh first")
         sys.exit(2)
 
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the training processes
+        torch.set_num_threads(args.threads)
     start, load = time.perf_counter(), os.getloadavg()[1]  # other processes on the cores slow every number
     args.run_dir.mkdir(parents=True, exist_ok=True)
     val = list(batches(prepare(args.run_dir, args.steps, args.val_rows), 8))
@@ -140,12 +145,13 @@ def main() -> None:
 
     print(table(results, before))
     print(f"\n{len(val)} validation batches of 8 x 256 tokens; benchmark wall time {wall / 60:.1f} min, "
-          f"5-min load average up to {load:.1f} on {os.cpu_count()} cores")
+          f"{torch.get_num_threads()} torch threads per process, 5-min load average up to {load:.1f} on {os.cpu_count()} cores")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         rows = [{k: str(v) if k == "model" else v for k, v in r.items()} for r in results]
-        args.out.write_text(json.dumps({"steps": args.steps, "train": TRAIN, "perplexity_before": before,
-                                        "wall_s": wall, "load_avg_5min": load, "results": rows}, indent=1) + "\n")
+        meta = {"steps": args.steps, "train": TRAIN, "perplexity_before": before, "wall_s": wall,
+                "threads": torch.get_num_threads(), "load_avg_5min": load}
+        args.out.write_text(json.dumps(meta | {"results": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
