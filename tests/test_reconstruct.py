@@ -148,3 +148,16 @@ def test_bad_reconstruction_names_the_key():
         reconstruct(model, prune_model(model, plan), plan, calibration(), inputs="student")
     with pytest.raises(CompactLMError, match="prune.reconstruct"):
         reconstruct(model, prune_model(model, plan), plan, calibration(), sites="none")
+
+
+def test_too_few_calibration_tokens_keep_the_sliced_weights(token_batch, caplog):
+    """Fewer than 4 tokens per input of a projection: that projection is not refitted (a fit would follow the
+    text), the others are, and the log says which and what to raise."""
+    model = model_for("llama")
+    plan = smaller_plan(model, drop=1)
+    plain, refitted = prune_model(model, plan), prune_model(model, plan)
+    few = [{k: v[:2, :16] for k, v in calibration()[1].items()}]  # 32 tokens: below 4 x (24 or 24 + 1) inputs
+    with caplog.at_level("WARNING"):
+        result = reconstruct(model, refitted, plan, few, sites="all")
+    assert result["sites"] == 0 and result["skipped"] > 0 and "raise calib.sequences" in caplog.text
+    torch.testing.assert_close(logits(refitted, token_batch), logits(plain, token_batch), rtol=0, atol=0)
