@@ -83,14 +83,14 @@ class Bench:
         return row
 
 
-def run_tables(bench: Bench, tables: list[str]) -> dict[str, list[dict]]:
+def run_tables(bench: Bench, tables: list[str], shapes: list[str], calib_sizes: list[int]) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {"teacher": [{"perplexity": perplexity(bench.teacher, bench.val)["perplexity"]}]}
     if "importance" in tables:
-        out["importance"] = [bench.row(shape, method) for shape in SHAPES
+        out["importance"] = [bench.row(shape, method) for shape in shapes
                              for method in ("activation", "output_aware", "taylor", "magnitude", "random")]
     if "reconstruct" in tables:
         rows = []
-        for shape in SHAPES:
+        for shape in shapes:
             rows.append(bench.row(shape))
             variants = [(DEFAULT.reconstruct, DEFAULT.reconstruct_inputs)] if shape == "ffn 1072" else [
                 ("outputs", "teacher"), ("outputs", "sequential"), ("all", "sequential")] + (
@@ -98,11 +98,11 @@ def run_tables(bench: Bench, tables: list[str]) -> dict[str, list[dict]]:
             rows += [bench.row(shape, sites=sites, how=how) for sites, how in variants]
             if shape != "ffn 1072":  # does the better importance still win after the refit?
                 rows += [bench.row(shape, method, sites=DEFAULT.reconstruct) for method in ("output_aware", "taylor")]
-        rows += [bench.row(README_SHAPE, sites=DEFAULT.reconstruct, ridge=r) for r in (1e-4, 1e-2)]
+        if README_SHAPE in shapes:
+            rows += [bench.row(README_SHAPE, sites=DEFAULT.reconstruct, ridge=r) for r in (1e-4, 1e-2)]
         out["reconstruct"] = rows
     if "calibration" in tables:
-        out["calibration"] = [bench.row(README_SHAPE, sequences=n, sites=DEFAULT.reconstruct)
-                               for n in (8, 16, 32, 64, 128, 256)]
+        out["calibration"] = [bench.row(README_SHAPE, sequences=n, sites=DEFAULT.reconstruct) for n in calib_sizes]
     if "aggregation" in tables:
         out["aggregation"] = [bench.row(README_SHAPE, aggregation=a) for a in AGGREGATIONS]
     return out
@@ -128,14 +128,17 @@ def main() -> None:
     parser.add_argument("--tables", default=",".join(TABLES), help=f"comma-separated, of {', '.join(TABLES)}")
     parser.add_argument("--eval-sequences", type=int, default=64)
     parser.add_argument("--calib-seq-len", type=int, default=256)
+    parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
+    parser.add_argument("--calib-sizes", default="8,16,32,64,128,256", help="calibration sequences of that table")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
-    tables = [t for t in args.tables.split(",") if t]
-    unknown = [t for t in tables if t not in TABLES]
-    if unknown:
-        parser.error(f"unknown table '{unknown[0]}' (choose from {', '.join(TABLES)})")
+    tables, shapes = [t for t in args.tables.split(",") if t], [s for s in args.shapes.split(",") if s]
+    for given, known, what in ((tables, TABLES, "table"), (shapes, SHAPES, "shape")):
+        if unknown := [x for x in given if x not in known]:
+            parser.error(f"unknown {what} '{unknown[0]}' (choose from {', '.join(known)})")
     start = time.perf_counter()
-    results = run_tables(Bench(args.eval_sequences, args.calib_seq_len), tables)
+    results = run_tables(Bench(args.eval_sequences, args.calib_seq_len), tables, shapes,
+                         [int(n) for n in args.calib_sizes.split(",")])
     print_tables(results)
     print(f"\n({time.perf_counter() - start:.0f} s in all; defaults: prune.reconstruct={DEFAULT.reconstruct}, "
           f"prune.reconstruct_inputs={DEFAULT.reconstruct_inputs}, prune.ridge={DEFAULT.ridge})")
