@@ -65,14 +65,16 @@ def test_prune_with_contiguous_block_metric(capsys, tiny_checkpoint, text_file, 
 
 def test_prune_with_saved_scores_streams_and_equals_the_in_memory_prune(capsys, tiny_checkpoint, text_file, tmp_path,
                                                                          monkeypatch):
-    """With saved scores and a local checkpoint, `compactlm prune` never builds the model: it streams the
-    surgery tensor by tensor, and the result equals the in-memory prune's."""
+    """With saved scores, a local checkpoint and no refit (prune.reconstruct=none: a refit needs the models),
+    `compactlm prune` never builds the model: it streams the surgery tensor by tensor, and the result equals
+    the in-memory prune's."""
     from compactlm import inputs
 
     args = common(tiny_checkpoint, text_file, tmp_path / "scores")
     assert run(capsys, "score", *args)[0] == 0
     prune_args = [f"importance.scores={tmp_path / 'scores' / 'scores.safetensors'}", "target.hidden_size=24",
-                  "target.intermediate_size=0.5", "importance.layer_metrics=[block_importance]"]
+                  "target.intermediate_size=0.5", "importance.layer_metrics=[block_importance]",
+                  "prune.reconstruct=none"]
     built = []
     monkeypatch.setattr(inputs, "load_model", lambda *a, **k: built.append(a) or pytest.fail("model built"))
     code, _, err = run(capsys, "prune", *common(tiny_checkpoint, text_file, tmp_path / "streamed"), *prune_args)

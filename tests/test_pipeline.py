@@ -126,15 +126,14 @@ def _interrupt_after(real, calls: int = 1):
 
 def _ctrl_c_points():
     """(stage, object, attribute, calls): Ctrl-C right after that call, most of them with output half written."""
-    from compactlm import arch_search, metrics, reporting
+    from compactlm import arch_search, metrics, reporting, stages
     from compactlm.distill import loop
     from compactlm.importance.scores import Scores
-    from compactlm.pruning import stream
 
     return [
         ("score", Scores, "save", 1),  # scores written into the staging folder, nothing else yet
         ("search", arch_search, "write_table", 1),
-        ("prune", stream, "write_safetensors", 1),  # the first shard written (a local teacher streams), plan.json not yet
+        ("prune", stages, "write_checkpoint", 1),  # the refitted model written into staging, plan.json not yet
         ("distill", loop, "train_step", 3),  # after the step-2 checkpoint
         ("evaluate", metrics, "sample_text", 2),  # teacher measured, the pruned model half
         ("report", reporting, "write_report", 1),
