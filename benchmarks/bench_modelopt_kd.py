@@ -68,25 +68,36 @@ def prepare(run_dir: Path, steps: int, val_rows: int) -> torch.Tensor:
     return val
 
 
-def timed(cmd: list[str], log: Path) -> tuple[float, float]:
-    """Run `cmd` in a fresh process under /usr/bin/time -v: (wall seconds, peak RSS in GiB)."""
+def timed(cmd: list[str], log: Path) -> dict:
+    """Run `cmd` in a fresh process under /usr/bin/time -v: wall seconds, CPU seconds, peak RSS in GiB."""
     start = time.perf_counter()
     proc = subprocess.run(["/usr/bin/time", "-v", "-o", str(log), *cmd])
     if proc.returncode != 0:
         sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}")
-    kib = re.search(r"Maximum resident set size \(kbytes\): (\d+)", log.read_text()).group(1)
-    return time.perf_counter() - start, int(kib) / 2**20
+    return {"wall_s": time.perf_counter() - start, **usage(log)}
+
+
+def usage(log: Path) -> dict:
+    """Peak RSS (GiB) and user + system CPU seconds from /usr/bin/time -v's report; CPU time, unlike wall
+    time, barely changes when other jobs share the cores."""
+    text = log.read_text()
+
+    def field(name: str) -> float:
+        return float(re.search(rf"{name}: ([\d.]+)", text).group(1))
+
+    return {"peak_rss_gb": field(r"Maximum resident set size \(kbytes\)") / 2**20,
+            "cpu_s": field(r"User time \(seconds\)") + field(r"System time \(seconds\)")}
 
 
 def run_compactlm(run_dir: Path, steps: int) -> dict:
     out = run_dir / "compactlm"
     shutil.rmtree(out, ignore_errors=True)  # a fresh run, not a resume
-    wall, rss = timed([sys.executable, "-m", "compactlm", "distill", *distill_overrides(run_dir, steps, out)],
-                      run_dir / "compactlm.time.txt")
+    measured = timed([sys.executable, "-m", "compactlm", "distill", *distill_overrides(run_dir, steps, out)],
+                     run_dir / "compactlm.time.txt")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    seconds = [TRAIN["batch_size"] * TRAIN["seq_len"] / r["tokens_per_s"] for r in rows]
-    return {"tool": "compactlm, forward KL (chunked)", "model": out / "final", "wall_s": wall, "peak_rss_gb": rss,
-            "step_seconds": seconds, "losses": [r["loss"] for r in rows], "tokens": rows[-1]["tokens"]}
+    for r in rows:  # compactlm times each step (batch, forward, backward, optimizer) as tokens/s
+        r["seconds"] = TRAIN["batch_size"] * TRAIN["seq_len"] / r["tokens_per_s"]
+    return summary("compactlm, forward KL (chunked)", out, measured, rows)
 
 
 def run_modelopt(run_dir: Path, python: str, reduction: str) -> dict:
@@ -97,18 +108,22 @@ def run_modelopt(run_dir: Path, python: str, reduction: str) -> dict:
              "--temperature": TRAIN["temperature"], "--reduction": reduction}
     cmd = [python, str(WORKER), "--teacher", str(run_dir / "teacher"), "--student", str(run_dir / "pruned"),
            "--rows", str(run_dir / "rows.pt"), "--out", str(out), *(str(x) for kv in flags.items() for x in kv)]
-    wall, rss = timed(cmd, run_dir / f"modelopt-{reduction}.time.txt")
-    rows = json.loads((out / "result.json").read_text())["rows"]
-    return {"tool": MODELOPT[reduction], "model": out / "final", "wall_s": wall, "peak_rss_gb": rss,
-            "step_seconds": [r["seconds"] for r in rows], "losses": [r["loss"] for r in rows], "tokens": rows[-1]["tokens"]}
+    measured = timed(cmd, run_dir / f"modelopt-{reduction}.time.txt")
+    return summary(MODELOPT[reduction], out, measured, json.loads((out / "result.json").read_text())["rows"])
+
+
+def summary(tool: str, out: Path, measured: dict, rows: list[dict]) -> dict:
+    """One training's numbers: `rows` are its per-step metrics ({"loss", "seconds", "tokens", ...})."""
+    return {"tool": tool, "model": out / "final", **measured, "step_seconds": [r["seconds"] for r in rows],
+            "losses": [r["loss"] for r in rows], "tokens": rows[-1]["tokens"]}
 
 
 def table(results: list[dict], before: float) -> str:
-    lines = ["| tool | steps | tokens | held-out ppl before | after | median s/step | peak RSS GB | KD loss, step 1 -> last |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| tool | steps | tokens | held-out ppl before | after | median s/step | process CPU s | peak RSS GB "
+             "| KD loss, step 1 -> last |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['tool']} | {len(r['losses'])} | {r['tokens']:,} | {before:,.1f} | {r['perplexity']:,.1f} | "
-                     f"{statistics.median(r['step_seconds']):.2f} | {r['peak_rss_gb']:.2f} | "
+                     f"{statistics.median(r['step_seconds']):.2f} | {r['cpu_s']:.0f} | {r['peak_rss_gb']:.2f} | "
                      f"{r['losses'][0]:.4g} -> {r['losses'][-1]:.4g} |")
     return "\n".join(lines)
 
@@ -144,7 +159,8 @@ def main() -> None:
     wall, load = time.perf_counter() - start, max(load, os.getloadavg()[1])
 
     print(table(results, before))
-    print(f"\n{len(val)} validation batches of 8 x 256 tokens; benchmark wall time {wall / 60:.1f} min, "
+    print(f"\nheld-out: {sum(len(b['input_ids']) for b in val)} rows of 256 tokens; process CPU s: the whole training "
+          f"process (loading, steps, saving); benchmark wall time {wall / 60:.1f} min, "
           f"{torch.get_num_threads()} torch threads per process, 5-min load average up to {load:.1f} on {os.cpu_count()} cores")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
