@@ -22,6 +22,7 @@ from compactlm.importance import activation_scores
 from compactlm.models.family import family_of, get_module
 from compactlm.models.loading import load_model, load_tokenizer
 
+
 def calibration_batches(tokenizer, source: str, sequences: int, seq_len: int, batch_size: int) -> list[dict]:
     """Pack the data source's tokens into (sequences, seq_len) rows and split them into batches without padding."""
     text = "\n\n".join(load_texts(source, max_chars=sequences * seq_len * 8))  # ~4 chars a token: plenty

@@ -16,9 +16,10 @@ from pathlib import Path
 
 from compactlm import data, inputs, stages
 from compactlm.config import load_config
-from compactlm.stages import distill as run_distill, train as run_train
 from compactlm.metrics import perplexity
 from compactlm.models.loading import load_model
+from compactlm.stages import distill as run_distill
+from compactlm.stages import train as run_train
 
 TARGET = ["target.hidden_size=384", "target.num_attention_heads=6", "target.intermediate_size=1024"]
 
