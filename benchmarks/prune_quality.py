@@ -98,8 +98,8 @@ def run_tables(bench: Bench, tables: list[str], shapes: list[str], calib_sizes: 
             rows += [bench.row(shape, sites=sites, how=how) for sites, how in variants]
             if shape != "ffn 1072":  # does the better importance still win after the refit?
                 rows += [bench.row(shape, method, sites=DEFAULT.reconstruct) for method in ("output_aware", "taylor")]
-        if README_SHAPE in shapes:
-            rows += [bench.row(README_SHAPE, sites=DEFAULT.reconstruct, ridge=r) for r in (1e-4, 1e-2)]
+        rows += [bench.row(shape, sites=DEFAULT.reconstruct, ridge=r) for shape in shapes
+                 for r in ((1e-4, 1e-2) if shape == README_SHAPE else (1e-2,))]
         out["reconstruct"] = rows
     if "calibration" in tables:
         out["calibration"] = [bench.row(README_SHAPE, sequences=n, sites=DEFAULT.reconstruct) for n in calib_sizes]
