@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-from torch import nn
 
 from compactlm.importance.scores import Scores
 from compactlm.models.family import Axes, Dims, Family, family_of
@@ -48,12 +47,12 @@ def _axis_sumsq(p: torch.Tensor, axes: Axes, axis: str, q_width: int) -> torch.T
     return None
 
 
-def _params(model) -> tuple[nn.Module, Family, Dims, Mapping[str, torch.Tensor]]:
-    """The skeleton, family, shape and parameters by name (a `Layerwise`'s memory-mapped from its shards)."""
+def _params(model) -> tuple[Family, Dims, Mapping[str, torch.Tensor]]:
+    """The family, shape and parameters by name (a `Layerwise`'s memory-mapped from its shards)."""
     net = skeleton(model)
     family = family_of(net)
     params = model.parameters_from_shards() if isinstance(model, Layerwise) else dict(net.named_parameters())
-    return net, family, family.dims(net.config), params
+    return family, family.dims(net.config), params
 
 
 def outgoing_norms(model) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -61,7 +60,7 @@ def outgoing_norms(model) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     (layers, 2, hidden): each norm's output channels, over the columns of the projections that read that norm
     (q/k/v for the pre-attention norm, gate/up for the pre-MLP one; `Family.reads`);
     (layers, heads): each head's o_proj columns (its head_dim block); (layers, ffn): each neuron's down_proj column."""
-    _, family, d, params = _params(model)
+    family, d, params = _params(model)
     q_width = d.heads * d.head_dim
     hidden, heads, ffn = torch.zeros(d.layers, 2, d.hidden), torch.zeros(d.layers, q_width), torch.zeros(d.layers, d.ffn)
     axes_of = lambda path: family.layer_params[path + ".weight"]  # noqa: E731
@@ -80,7 +79,7 @@ def magnitude_scores(model) -> Scores:
     """Weight-magnitude hidden (hidden,), heads (layers, heads), ffn (layers, ffn); layer "magnitude".
 
     `model`: a loaded model, or a `Layerwise` (each weight read from its memory-mapped shard in turn)."""
-    _, family, d, params = _params(model)
+    family, d, params = _params(model)
     q_width = d.heads * d.head_dim
     hidden = torch.zeros(d.hidden)
     heads, ffn, total = torch.zeros(d.layers, q_width), torch.zeros(d.layers, d.ffn), torch.zeros(d.layers)

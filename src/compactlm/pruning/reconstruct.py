@@ -41,7 +41,7 @@ from compactlm.errors import CompactLMError
 from compactlm.models.family import Dims, Family, family_of, get_module
 from compactlm.models.layerwise import capture_layer_calls, model_inputs
 from compactlm.pruning.plan import Plan
-from compactlm.pruning.surgery import _axis_index, _rescale_queries
+from compactlm.pruning.surgery import axis_index, rescale_queries
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +130,8 @@ class _Site:
         self.conv1d = _is_conv1d(self.teacher)
         in_label, out_label = (axes[0], axes[1]) if self.conv1d else (axes[1], axes[0])
         self.out_label = out_label
-        self.keep_in = _axis_index(in_label, plan, i, dims)
-        self.keep_out = _axis_index(out_label, plan, i, dims)
+        self.keep_in = axis_index(in_label, plan, i, dims)
+        self.keep_out = axis_index(out_label, plan, i, dims)
         bias = getattr(self.student, "bias", None) is not None
         self.fit = _Fit(len(self.keep_in), len(self.keep_out), bias, self.student.weight.device)
         self.targets: list[Tensor] = []  # per batch: (real tokens, kept outputs)
@@ -179,9 +179,9 @@ class _Site:
         weight = weight.T if self.conv1d else weight
         with torch.no_grad():
             target = self.student.weight
-            target.copy_(_rescale_queries(weight, weight_axes, query_scale, q_width).to(target.dtype))
+            target.copy_(rescale_queries(weight, weight_axes, query_scale, q_width).to(target.dtype))
             if bias is not None:
-                b = _rescale_queries(bias, (self.out_label,), query_scale, q_width)
+                b = rescale_queries(bias, (self.out_label,), query_scale, q_width)
                 self.student.bias.copy_(b.to(self.student.bias.dtype))
         tokens = self.fit.tokens
         self.fit, self.targets = None, []  # free G, C and the targets before the next site

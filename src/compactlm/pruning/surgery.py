@@ -23,7 +23,7 @@ def head_channels(keep_heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     return (keep_heads[:, None] * head_dim + offsets[None, :]).reshape(-1)  # (k, head_dim) -> (k*head_dim,)
 
 
-def _axis_index(label: str, plan: Plan, layer: int | None, dims: Dims) -> torch.Tensor:
+def axis_index(label: str, plan: Plan, layer: int | None, dims: Dims) -> torch.Tensor:
     if label == "hidden":
         return plan.hidden
     if label == "ffn":
@@ -45,11 +45,11 @@ def _slice(tensor: torch.Tensor, axes: tuple, plan: Plan, layer: int | None, dim
         raise ValueError(f"axes {axes} do not match a tensor of shape {tuple(tensor.shape)}")
     for dim, label in enumerate(axes):
         if label is not None:
-            tensor = tensor.index_select(dim, _axis_index(label, plan, layer, dims).to(tensor.device))
+            tensor = tensor.index_select(dim, axis_index(label, plan, layer, dims).to(tensor.device))
     return tensor.contiguous()
 
 
-def _rescale_queries(tensor: torch.Tensor, axes: tuple, factor: float, q_width: int) -> torch.Tensor:
+def rescale_queries(tensor: torch.Tensor, axes: tuple, factor: float, q_width: int) -> torch.Tensor:
     """Multiply the query part of a fused [q | k | v] axis by `factor` (other tensors unchanged)."""
     if factor == 1.0 or "qkv" not in axes:
         return tensor
@@ -85,7 +85,7 @@ def prune_tensor(family: Family, dims: Dims, plan: Plan, key: str, tensor: torch
         new_key = f"{family.layers_path}.{kept.index(layer)}.{suffix}"
     out = _slice(tensor, axes, plan, layer, dims)
     if layer_index_scaled and layer is not None:
-        out = _rescale_queries(out, axes, (kept.index(layer) + 1) / (layer + 1), plan.dims(dims).heads * dims.head_dim)
+        out = rescale_queries(out, axes, (kept.index(layer) + 1) / (layer + 1), plan.dims(dims).heads * dims.head_dim)
     return new_key, out
 
 
