@@ -48,6 +48,7 @@ COMMANDS: dict[str, tuple[Callable, str]] = {
     "distill": (_stage("distill"), "retrain student= from teacher= by knowledge distillation"),
     "train": (_stage("train"), "train model= with plain cross-entropy (teacher correction, baselines, from scratch)"),
     "search": (_stage("search"), "find the best architecture of ~search.target_params parameters from model='s scores"),
+    "export": (_stage("export"), "write model= as a GGUF file out=FILE.gguf for llama.cpp (export.type=f32|f16|bf16|q8_0)"),
     "report": (_stage("report"), "write report.md and plots of a run directory: compactlm report RUN_DIR"),
     "run": (_run, "every stage from the teacher to a compact model and report.md, resuming where it stopped"),
 }
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report" and overrides and "=" not in overrides[0]:  # compactlm report RUN_DIR
             overrides = [f"out_dir={overrides[0]}", *overrides[1:]]
         cfg = load_config(args.config, overrides)
-        if args.command != "eval" and not cfg.out_dir:
+        if args.command not in ("eval", "export") and not cfg.out_dir:
             raise CompactLMError(f"{args.command} needs out_dir=DIR")
         command = COMMANDS[args.command][0]
         command(cfg, args.dry_run) if args.command == "run" else command(cfg)

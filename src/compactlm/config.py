@@ -212,13 +212,20 @@ class CorrectionConfig(TrainConfig):
 
 
 @dataclass(frozen=True)
+class ExportConfig:
+    # GGUF tensor type: set, `run` ends with an export stage; `compactlm export` writes f16 when unset
+    type: str | None = choice(None, None, "f32", "f16", "bf16", "q8_0")
+
+
+@dataclass(frozen=True)
 class Config:
     model: str = "smollm2-135m"  # hub id, local directory, .gguf file, or a built-in name
     tokenizer: str | None = None  # default: the model's
     teacher: str | None = None
     student: str | None = None
     data: str = "python-docs"  # built-in corpus, a .txt/.jsonl/.parquet path, or a hub dataset name
-    out_dir: str | None = None  # required by every command but eval
+    out_dir: str | None = None  # required by every command but eval and export
+    out: str | None = None  # export: the .gguf file to write
     seed: int = 0
     device: str = "auto"  # auto: cuda when available
     dtype: str = choice("float32", "float32", "bfloat16", "float16")
@@ -235,6 +242,7 @@ class Config:
     train: TrainConfig = TrainConfig(lr=2e-5, min_lr=2e-6)
     search: SearchConfig = SearchConfig()
     correction: CorrectionConfig = CorrectionConfig(tokens=200_000, lr=2e-5, min_lr=2e-6)
+    export: ExportConfig = ExportConfig()
 
     def __post_init__(self) -> None:
         if self.memory_gb is not None and self.memory_gb <= 0:

@@ -1,5 +1,5 @@
 """`compactlm run`: the stages in order (teacher correction, score, search or explicit target, prune, distill,
-evaluate, report), each in its own folder of the run directory, resumable.
+evaluate, GGUF export when export.type is set, report), each in its own folder of the run directory, resumable.
 
 This module only orders and resumes: a `Stage` is a function of stages.py plus the config it gets inside the
 run directory. Each stage marks itself done with a `stage.json` written last; rerunning the command skips
@@ -80,6 +80,11 @@ def _evaluate(cfg: Config, run: Path) -> Config:
                                model=str(run / "distill" / "final"), out_dir=str(run / "evaluate"))
 
 
+def _export(cfg: Config, run: Path) -> Config:
+    return dataclasses.replace(cfg, model=str(run / "distill" / "final"),
+                               out=str(run / "export" / f"model-{cfg.export.type}.gguf"))
+
+
 def _report(cfg: Config, run: Path) -> Config:
     return dataclasses.replace(cfg, out_dir=str(run))
 
@@ -103,6 +108,9 @@ def plan_stages(cfg: Config) -> list[Stage]:
     out.append(Stage("distill", f"distill from the teacher for {budget}", stages.distill, _distill))
     out.append(Stage("evaluate", "perplexity, KL, agreement and speed: teacher, pruned, distilled",
                      stages.compare, _evaluate))
+    if cfg.export.type:
+        out.append(Stage("export", f"the distilled model as a {cfg.export.type} GGUF file for llama.cpp",
+                         stages.export, _export))
     out.append(Stage("report", "report.md and plots", stages.report, _report))
     return out
 

@@ -304,13 +304,21 @@ def _samples(samples: Mapping[str, str]) -> list[str]:
     return lines
 
 
+def _export(exported: Mapping) -> list[str]:
+    rows = [(f"`{exported['gguf']}`", exported["type"], f"{exported['bytes'] / 2**20:,.1f} MiB",
+             str(len(exported.get("kept_f16", []))))]
+    return ["## GGUF export", "", *_table(["file", "type", "size", "matrices kept f16"], rows), ""]
+
+
 def write_report(run_dir: Path, *, teacher: dict, student: dict, stages: dict[str, dict],
                  plots: dict[str, str], samples: dict[str, str] | None = None,
-                 notes: Sequence[str] = ()) -> Path:
-    """Write run_dir/report.md (architectures, metrics per stage, existing plots, samples, notes)."""
+                 notes: Sequence[str] = (), exported: Mapping | None = None) -> Path:
+    """Write run_dir/report.md (architectures, metrics per stage, the GGUF export, plots, samples, notes)."""
     run_dir = Path(run_dir)
     lines = [f"# compactlm report: {run_dir.resolve().name}", "", "## Architecture", "",
              *_architecture(teacher, student), "", "## Metrics", "", *_metrics(stages), ""]
+    if exported:
+        lines += _export(exported)
     lines += _plots(run_dir, plots)
     if samples:
         lines += _samples(samples)

@@ -6,6 +6,7 @@
     distill   retrain `student` from `teacher` by KD                  -> checkpoint/, best/, final/, metrics.jsonl
     train     cross-entropy training of `model` (teacher correction, baselines, from scratch)
     evaluate  perplexity, parameters, speed; KL/agreement with `teacher` -> eval.json
+    export    `model` as one GGUF file `out` for llama.cpp (export.type) -> FILE.gguf
     compare   `teacher`, pruned `student` and distilled `model` side by side (the run's evaluate step)
     report    report.md and plots of the run directory `out_dir`
 
@@ -312,6 +313,21 @@ def compare(cfg: Config) -> dict:
     return {name: {k: v for k, v in m.items() if k in ("params", "perplexity", "kl")} for name, m in results.items()}
 
 
+def export(cfg: Config) -> dict:
+    """`model` and its tokenizer as a GGUF file `out` (export.type, default f16) that llama.cpp runs."""
+    from compactlm.export import export_gguf
+    from compactlm.models.loading import load_tokenizer
+
+    if not cfg.out:
+        raise CompactLMError("export needs out=FILE.gguf")
+    if not cfg.out.endswith(".gguf"):
+        raise CompactLMError(f"out={cfg.out}: expected a file name ending in .gguf")
+    family_of(load_model_config(cfg.model))  # a bad spec or an unsupported family fails before the weights load
+    model = load_model(cfg.model)
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+    return export_gguf(model, tokenizer, cfg.out, cfg.export.type or "f16", name=Path(cfg.model).name)
+
+
 MODELS = ("teacher", "pruned", "distilled")
 
 
@@ -337,10 +353,12 @@ def report(cfg: Config) -> dict:
         rep.plot_search(json.loads((run_dir / "search" / "search.json").read_text())["candidates"], run_dir / "search.png")
         plots["Search candidates"] = "search.png"
     arch = lambda name: results[name]["dims"] | {"params": results[name]["params"]}  # noqa: E731
+    exported = run_dir / "export" / "stage.json"  # pipeline.DONE of the export stage
     path = rep.write_report(
         run_dir, teacher=arch("teacher"), student=arch("distilled"),
         stages={name: results[name] for name in MODELS}, plots=plots,
         samples={name: prompt + results[name]["sample"] for name in MODELS},
         notes=[f"config: {run_dir / CONFIG_FILE}", f"distillation metrics: {run_dir / 'distill' / 'metrics.jsonl'}"],
+        exported=json.loads(exported.read_text()) if exported.is_file() else None,
     )
     return {"report": str(path)}

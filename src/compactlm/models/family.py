@@ -57,6 +57,7 @@ class Family:
     keys: dict[str, str]  # Dims field -> config attribute
     explicit_head_dim: bool  # config has a head_dim key (False: head_dim = hidden / heads)
     hidden_divisible_by_heads: bool  # the config class rejects hidden % heads != 0
+    gguf_arch: str = "llama"  # llama.cpp's architecture name for this family (export.py)
     gated_mlp: bool = True
     # config flag that divides attention scores by (layer_idx + 1): renumbered layers must rescale their queries
     layer_index_scale_flag: str | None = None
@@ -115,7 +116,8 @@ class Family:
             )
 
 
-def _llama_like(name: str, model_types: tuple[str, ...], *, qk_norm: bool, hidden_divisible_by_heads: bool) -> Family:
+def _llama_like(name: str, model_types: tuple[str, ...], *, qk_norm: bool, hidden_divisible_by_heads: bool,
+                gguf_arch: str) -> Family:
     attn = {
         "self_attn.q_proj.weight": ("q", "hidden"),
         "self_attn.q_proj.bias": ("q",),
@@ -165,6 +167,7 @@ def _llama_like(name: str, model_types: tuple[str, ...], *, qk_norm: bool, hidde
         },
         explicit_head_dim=True,
         hidden_divisible_by_heads=hidden_divisible_by_heads,
+        gguf_arch=gguf_arch,
     )
 
 
@@ -204,15 +207,16 @@ GPT2 = Family(
     keys={"hidden": "n_embd", "ffn": "n_inner", "heads": "n_head", "layers": "n_layer", "vocab": "vocab_size"},
     explicit_head_dim=False,
     hidden_divisible_by_heads=True,
+    gguf_arch="gpt2",
     gated_mlp=False,
     layer_index_scale_flag="scale_attn_by_inverse_layer_idx",
 )
 
 FAMILIES: tuple[Family, ...] = (
-    _llama_like("llama", ("llama",), qk_norm=False, hidden_divisible_by_heads=True),
-    _llama_like("mistral", ("mistral",), qk_norm=False, hidden_divisible_by_heads=False),
-    _llama_like("qwen2", ("qwen2",), qk_norm=False, hidden_divisible_by_heads=False),
-    _llama_like("qwen3", ("qwen3",), qk_norm=True, hidden_divisible_by_heads=False),
+    _llama_like("llama", ("llama",), qk_norm=False, hidden_divisible_by_heads=True, gguf_arch="llama"),
+    _llama_like("mistral", ("mistral",), qk_norm=False, hidden_divisible_by_heads=False, gguf_arch="llama"),
+    _llama_like("qwen2", ("qwen2",), qk_norm=False, hidden_divisible_by_heads=False, gguf_arch="qwen2"),
+    _llama_like("qwen3", ("qwen3",), qk_norm=True, hidden_divisible_by_heads=False, gguf_arch="qwen3"),
     GPT2,
 )
 

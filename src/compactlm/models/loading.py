@@ -90,13 +90,37 @@ def load_tokenizer(spec: str):
     return tok
 
 
-def load_model_config(spec: str):
-    """Only the config of a model spec (cheap): lets shape checks run before any weights load."""
+def gguf_config_fixes(file: str | Path) -> dict:
+    """Config values transformers' GGUF reader leaves at their defaults although the file states them: head_dim
+    (`attention.key_length`; pruned models have head_dim != hidden / heads) and GPT-2's MLP width and context."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(file).fields
+    arch = fields["general.architecture"].contents()
+    get = lambda key: fields[f"{arch}.{key}"].contents() if f"{arch}.{key}" in fields else None  # noqa: E731
+    if arch == "gpt2":
+        fixes = {"n_inner": get("feed_forward_length"), "n_positions": get("context_length")}
+    else:
+        fixes = {"head_dim": get("attention.key_length")}
+    return {k: v for k, v in fixes.items() if v is not None}
+
+
+def _auto_config(path: str, gguf: str | None):
     from transformers import AutoConfig
 
+    if not gguf:
+        return AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, gguf_file=gguf)
+    for key, value in gguf_config_fixes(Path(path) / gguf).items():  # set, not passed: Qwen2Config drops unknowns
+        setattr(config, key, value)
+    return config
+
+
+def load_model_config(spec: str):
+    """Only the config of a model spec (cheap): lets shape checks run before any weights load."""
     path, gguf = resolve(spec)
     try:
-        config = AutoConfig.from_pretrained(path, gguf_file=gguf) if gguf else AutoConfig.from_pretrained(path)
+        config = _auto_config(path, gguf)
     except (OSError, ValueError, json.JSONDecodeError) as e:
         raise CompactLMError(f"cannot load model config from {spec}: {str(e).splitlines()[0]}") from None
     family_of(config)
@@ -113,9 +137,9 @@ def load_model(spec: str, *, dtype: str = "float32", device: str | torch.device 
     kwargs = {"dtype": DTYPES[dtype]}
     if device_map:
         kwargs["device_map"] = device_map
-    if gguf:
-        kwargs["gguf_file"] = gguf
     try:
+        if gguf:
+            kwargs |= {"gguf_file": gguf, "config": _auto_config(path, gguf)}
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except Exception as e:  # corrupt files surface as OSError, ValueError, SafetensorError, RuntimeError...
         raise CompactLMError(f"cannot load model from {spec}: {str(e).splitlines()[0]}") from None

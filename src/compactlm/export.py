@@ -1,0 +1,270 @@
+"""GGUF export: a checkpoint of any supported family as one .gguf file that llama.cpp runs.
+
+    compactlm export model=DIR out=FILE.gguf [export.type=f32|f16|bf16|q8_0]
+
+Keys and tensor names are llama.cpp's, written with the `gguf` package (its writer, its name map, its
+quantiser). What pruned shapes need, and what each family needs:
+
+- `attention.key_length` / `value_length` always carry head_dim, so a pruned model whose head_dim is not
+  hidden / heads loads with its true head size (and `rope.dimension_count`: RoPE spans the whole head).
+- Llama-arch families (Llama, Mistral, SmolLM) have their q/k rows permuted from Hugging Face's half-split
+  RoPE layout to llama.cpp's interleaved one; Qwen2/Qwen3 use llama.cpp's NeoX RoPE and need no permutation.
+- GPT-2's Conv1D weights are stored (in, out): they are transposed to the (out, in) of every other family.
+- q8_0 quantises in blocks of 32 along a row: a matrix whose rows are not a multiple of 32 long (an odd
+  pruned ffn width) stays f16, as in llama.cpp's own converter, and the result lists it. 1-D tensors (norms,
+  biases) stay f32 at every type.
+- The tokenizer must be byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM): vocabulary, merges, special tokens and
+  chat template are written; the pre-tokenizer's name is read off its split rules.
+
+The file is written beside `out` and renamed into place, so an interrupted export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from compactlm.errors import CompactLMError
+from compactlm.models.family import Family, family_of
+
+log = logging.getLogger(__name__)
+
+TYPES = ("f32", "f16", "bf16", "q8_0")
+Q8_BLOCK = 32
+
+
+def _qtype(name: str):
+    import gguf
+
+    return {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+            "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[name]
+
+
+def _file_type(name: str):
+    import gguf
+
+    return {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+            "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[name]
+
+
+# ---------------------------------------------------------------------------------------------- tensors
+def permute_rope(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Hugging Face's rotate-half row order (per head: all real parts, then all imaginary parts) to llama.cpp's
+    interleaved pairs, for the rows of q_proj/k_proj (weight or bias) of `heads` heads."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def gguf_tensors(model, family: Family):
+    """(llama.cpp name, float32 array) for every parameter of `model`, tied weights once."""
+    import gguf
+    from transformers.pytorch_utils import Conv1D
+
+    d = family.dims(model.config)
+    names = gguf.get_tensor_name_map(_arch(family), d.layers)
+    conv1d = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, Conv1D)}
+    for name, p in model.named_parameters():  # a tied lm_head is not listed again: llama.cpp reuses token_embd
+        w = p.detach().float().cpu()
+        if name in conv1d:
+            w = w.T
+        if family.gguf_arch == "llama" and ".self_attn.q_proj." in name:
+            w = permute_rope(w, d.heads)
+        elif family.gguf_arch == "llama" and ".self_attn.k_proj." in name:
+            w = permute_rope(w, d.kv_heads)
+        new = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if new is None:
+            raise CompactLMError(f"export: no llama.cpp name for tensor {name} of a {family.name} model")
+        yield new, w.contiguous().numpy()
+
+
+def encode(array: np.ndarray, type_name: str) -> tuple[np.ndarray, str]:
+    """`array` in the export type (1-D tensors stay f32; q8_0 falls back to f16 for rows not a multiple of 32):
+    (data for the writer, the type it has)."""
+    import gguf
+
+    if array.ndim == 1 or type_name == "f32":
+        type_name = "f32"
+    elif type_name == "q8_0" and array.shape[-1] % Q8_BLOCK:
+        type_name = "f16"
+    return gguf.quants.quantize(array, _qtype(type_name)), type_name
+
+
+# -------------------------------------------------------------------------------------------- metadata
+def _arch(family: Family):
+    import gguf
+
+    return next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == family.gguf_arch)
+
+
+def rope_parameters(config) -> dict:
+    """RoPE settings as transformers 5 keeps them (`rope_parameters`), or from older configs' fields."""
+    params = getattr(config, "rope_parameters", None)
+    if params:
+        return dict(params)
+    return {"rope_theta": getattr(config, "rope_theta", 10000.0), **(getattr(config, "rope_scaling", None) or {})}
+
+
+def llama3_rope_factors(config) -> np.ndarray:
+    """llama.cpp's `rope_freqs` for Llama 3 scaling: the default inverse frequencies over the scaled ones, as
+    transformers computes both."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    head_dim = family_of(config).dims(config).head_dim
+    theta = rope_parameters(config)["rope_theta"]
+    default = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    return (default / scaled.double()).float().numpy()
+
+
+def write_hparams(writer, family: Family, config) -> list[tuple[str, np.ndarray]]:
+    """The architecture's keys; returns extra tensors the settings need (Llama 3's rope_freqs)."""
+    import gguf
+
+    d = family.dims(config)
+    writer.add_context_length(getattr(config, "max_position_embeddings", None) or config.n_positions)
+    writer.add_embedding_length(d.hidden)
+    writer.add_block_count(d.layers)
+    writer.add_feed_forward_length(d.ffn)
+    writer.add_head_count(d.heads)
+    writer.add_vocab_size(d.vocab)
+    if family.gguf_arch == "gpt2":
+        if getattr(config, family.layer_index_scale_flag, False) or getattr(config, "reorder_and_upcast_attn", False):
+            raise CompactLMError("export: llama.cpp's gpt2 has no scale_attn_by_inverse_layer_idx or "
+                                 "reorder_and_upcast_attn; this GPT-2 config sets one")
+        writer.add_layer_norm_eps(config.layer_norm_epsilon)
+        return []
+    writer.add_head_count_kv(d.kv_heads)
+    writer.add_key_length(d.head_dim)
+    writer.add_value_length(d.head_dim)
+    writer.add_rope_dimension_count(d.head_dim)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    rope = rope_parameters(config)
+    writer.add_rope_freq_base(float(rope["rope_theta"]))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    elif kind == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+        writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+    elif kind == "llama3":
+        return [(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", llama3_rope_factors(config))]
+    elif kind != "default":
+        raise CompactLMError(f"export: RoPE scaling '{kind}' has no GGUF equivalent here (default, linear, yarn, llama3)")
+    return []
+
+
+# ------------------------------------------------------------------------------------------- tokenizer
+# llama.cpp's pre-tokenizer names, recognised from the rules in tokenizer.json (llama.cpp itself hashes the
+# tokens of a test string; the rules are what that hash stands for).
+LLAMA3_DIGITS, QWEN2_DIGITS = r"\p{N}{1,3}", r"|\p{N}|"
+
+
+def pre_tokenizer_name(spec: dict | None) -> str:
+    """llama.cpp's name for a tokenizer.json `pre_tokenizer`: gpt-2 (plain byte level), smollm (single digits,
+    then byte level), llama-bpe (Llama 3's split), qwen2 (Qwen2's split); anything else is "default"."""
+    parts = (spec or {}).get("pretokenizers", [spec] if spec else [])
+    kinds = [p.get("type") for p in parts]
+    splits = [p["pattern"].get("Regex", "") for p in parts if p.get("type") == "Split"]
+    if splits and LLAMA3_DIGITS in splits[0]:
+        return "llama-bpe"
+    if splits and QWEN2_DIGITS in splits[0]:
+        return "qwen2"
+    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") and parts[1].get("use_regex", True):
+        return "smollm"
+    log.warning("export: pre-tokenizer %s is not one llama.cpp names; writing 'default' (GPT-2's split)", kinds)
+    return "default"
+
+
+def vocabulary(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
+    """Tokens by id and their llama.cpp types (normal, control for special added tokens, user-defined for
+    other added ones, unused for ids the tokenizer does not know: a vocabulary padded by the model)."""
+    import gguf
+
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    if by_id and max(by_id) >= vocab_size:
+        raise CompactLMError(f"export: the tokenizer has token id {max(by_id)} but the model only {vocab_size} embeddings")
+    added = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        else:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.NORMAL if i not in added else
+                         gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+    return tokens, types
+
+
+def write_tokenizer(writer, tokenizer, vocab_size: int) -> None:
+    """Vocabulary, merges, special token ids, add_bos/eos and chat template of a byte-level BPE tokenizer."""
+    import gguf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)  # one layout whatever the source (HF folder, GGUF, built-in)
+        path = Path(tmp) / "tokenizer.json"
+        spec = json.loads(path.read_text()) if path.is_file() else {}
+        model = spec.get("model", {})
+        if model.get("type") != "BPE" or model.get("byte_fallback") or "ByteLevel" not in json.dumps(spec.get("decoder")):
+            raise CompactLMError("export: the tokenizer is not byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM); "
+                                 "SentencePiece and WordPiece vocabularies are not supported")
+        tokens, types = vocabulary(tokenizer, vocab_size)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre_tokenizer_name(spec.get("pre_tokenizer")))
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        special = gguf.SpecialVocab(tmp, load_merges=True, n_vocab=len(tokens))
+        # what the tokenizer does, stated, so that llama.cpp does not fall back to its own default (BOS on)
+        ids = tokenizer("a")["input_ids"]
+        special.add_special_token = {"bos": tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id,
+                                     "eos": tokenizer.eos_token_id is not None and ids[-1] == tokenizer.eos_token_id}
+        special.add_to_gguf(writer, quiet=True)
+
+
+# ---------------------------------------------------------------------------------------------- export
+def export_gguf(model, tokenizer, out: str | Path, type_name: str = "f16", name: str | None = None) -> dict:
+    """Write `model` (any supported family) and its tokenizer to `out` as GGUF; returns what was written."""
+    import gguf
+
+    if type_name not in TYPES:
+        raise CompactLMError(f"export.type={type_name!r} is not one of {', '.join(TYPES)}")
+    family = family_of(model)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    os.close(fd)
+    kept_f16: list[str] = []
+    try:
+        writer = gguf.GGUFWriter(tmp, family.gguf_arch)
+        writer.add_type(gguf.GGUFType.MODEL)
+        writer.add_name(name or out.stem)
+        writer.add_file_type(_file_type(type_name))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        extra = write_hparams(writer, family, model.config)
+        write_tokenizer(writer, tokenizer, family.dims(model.config).vocab)
+        for tensor_name, array in [*gguf_tensors(model, family), *extra]:
+            data, got = encode(array, type_name)
+            if got != type_name and array.ndim > 1:
+                kept_f16.append(tensor_name)
+            writer.add_tensor(tensor_name, data, raw_dtype=_qtype(got))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file(progress=True)
+        writer.close()
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    if kept_f16:
+        log.info("export: %d tensors have rows not a multiple of %d and stay f16 (%s, ...)",
+                 len(kept_f16), Q8_BLOCK, kept_f16[0])
+    return {"gguf": str(out), "type": type_name, "bytes": out.stat().st_size, "kept_f16": kept_f16}
