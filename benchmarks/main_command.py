@@ -5,7 +5,7 @@ the first load of the built-in model, its GGUF conversion, is included) into a t
 prints the wall time, each stage's seconds, the distillation's tokens/s (median over steps) and the held-out
 results from the run's own files. Run it alone on the machine: other processes on the cores slow torch.
 
-    python benchmarks/main_command.py [--config configs/smollm2-135m.yaml] [--out main_command.json]
+    python benchmarks/main_command.py [--config configs/smollm2-135m.yaml] [--out main_command.json] [--keep runs/main]
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -29,6 +30,7 @@ def main() -> None:
     p.add_argument("--config", default=str(ROOT / "configs" / "smollm2-135m.yaml"))
     p.add_argument("--keep-cache", action="store_true", help="use the usual cache (skips the first-load cost)")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
+    p.add_argument("--keep", type=Path, help="keep the run directory here (benchmarks/deploy.py reads its student)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="compactlm-main-") as tmp:
         env = dict(os.environ)
@@ -44,6 +46,11 @@ def main() -> None:
         stages = {s.parent.name: json.loads(s.read_text())["seconds"] for s in run_dir.glob("*/stage.json")}
         rows = [json.loads(line) for line in (run_dir / "distill" / "metrics.jsonl").read_text().splitlines()]
         results = json.loads((run_dir / "evaluate" / "eval.json").read_text())
+        exported = run_dir / "export" / "stage.json"
+        exported = json.loads(exported.read_text()) if exported.is_file() else None
+        if args.keep:
+            shutil.rmtree(args.keep, ignore_errors=True)
+            shutil.copytree(run_dir, args.keep)
     tok_s = statistics.median(r["tokens_per_s"] for r in rows)
     rss_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB on Linux
     print(f"main command: {wall / 60:.1f} min wall ({wall:.0f} s), peak RSS {rss_gb:.1f} GB, "
@@ -55,9 +62,11 @@ def main() -> None:
         m = results[name]
         kl = f", KL {m['kl']:.3f}, top-1 {m['top1_agreement']:.1%}" if "kl" in m else ""
         print(f"  {name:<10} {m['params'] / 1e6:.1f}M params, held-out perplexity {m['perplexity']:.1f}{kl}")
+    if exported:
+        print(f"  GGUF export: {exported['type']}, {exported['bytes'] / 2**20:.1f} MiB")
     if args.out:
         args.out.write_text(json.dumps({"wall_s": wall, "peak_rss_gb": rss_gb, "stages_s": stages, "distill_tokens_per_s": tok_s,
-                                        "results": results}, indent=1) + "\n")
+                                        "results": results, "export": exported}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -71,11 +71,20 @@ CASES = [  # id, command, arguments, what the one line must say
      "layer-by-layer reads a local safetensors checkpoint"),
     ("memory-gb-lm-loss-metric", "prune", ["memory_gb=0.00001", "target.num_hidden_layers=2"],
      "layer metric 'lm_loss' needs the whole model in memory"),
+    ("export-no-out", "export", [], "export needs out=FILE.gguf"),
+    ("export-out-not-gguf", "export", ["out={out_dir}/model.bin"], "model.bin: expected a file name ending in .gguf"),
+    ("export-type-not-a-choice", "export", ["out={out_dir}/m.gguf", "export.type=q4_0"],
+     "export.type: 'q4_0' is not one of"),
+    ("export-model-missing", "export", ["out={out_dir}/m.gguf", "model=./no/such/model"],
+     "model path ./no/such/model does not exist"),
+    ("export-model-unsupported", "export", ["out={out_dir}/m.gguf", "model={neox}"], "unsupported model family"),
+    ("export-tokenizer-not-bpe", "export", ["out={out_dir}/m.gguf", "tokenizer={word_tokenizer}"],
+     "the tokenizer is not byte-level BPE"),
 ]
 
 
 @pytest.fixture(scope="module")
-def files(tiny_checkpoint, text_file, bpe_tokenizer, tmp_path_factory):
+def files(tiny_checkpoint, text_file, bpe_tokenizer, word_tokenizer, tmp_path_factory):
     """Every broken or mismatched input the cases name, built once."""
     from transformers import AutoModelForCausalLM, GPTNeoXConfig
 
@@ -127,6 +136,8 @@ def files(tiny_checkpoint, text_file, bpe_tokenizer, tmp_path_factory):
     config.vocab_size = len(bpe_tokenizer)
     AutoModelForCausalLM.from_config(config).save_pretrained(f["other_tokenizer"])
     other.save_pretrained(f["other_tokenizer"])
+    f["word_tokenizer"] = root / "word_tokenizer"  # not byte-level BPE: export refuses it
+    word_tokenizer.save_pretrained(f["word_tokenizer"])
     f["trained"] = root / "trained"
     args = [f"teacher={tiny_checkpoint}", f"student={tiny_checkpoint}", f"data={text_file}",
             f"out_dir={f['trained']}", *BASE]
@@ -142,8 +153,8 @@ def _files_now(root) -> set:
 def test_bad_input(command, args, message, files, tiny_checkpoint, text_file, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("COMPACTLM_CACHE", str(tmp_path / "cache"))  # no cached data set: the download runs
     monkeypatch.setattr("compactlm.data.urllib.request.urlopen", _offline)
-    args = [a.format(**{k: str(v) for k, v in files.items()}) for a in args]
-    out_dir = tmp_path / "out"
+    out_dir = tmp_path / "out"  # `{out_dir}` in an argument: a path inside it (export's out=)
+    args = [a.format(**{k: str(v) for k, v in files.items()}, out_dir=out_dir) for a in args]
     base = {"model": tiny_checkpoint, "student": tiny_checkpoint, "teacher": tiny_checkpoint, "data": text_file,
             "out_dir": out_dir}
     if command != "distill":

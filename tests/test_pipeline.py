@@ -7,12 +7,15 @@ import signal
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import run_killed_at_checkpoint
+from gguf import GGUFReader
 from transformers import AutoModelForCausalLM
 
 from compactlm import pipeline
 from compactlm.cli import main
 from compactlm.config import load_config
+from compactlm.models.loading import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -58,16 +61,28 @@ def test_dry_run_rejects_an_invalid_config(tmp_path, capsys):
 def test_run_end_to_end_with_report(tiny_checkpoint, text_file, tmp_path, capsys):
     run_dir = tmp_path / "run"
     args = tiny_run_args(tiny_checkpoint, text_file, run_dir) + [
-        "target.hidden_size=24", "target.num_attention_heads=2", "target.intermediate_size=0.5"]
+        "target.hidden_size=24", "target.num_attention_heads=2", "target.intermediate_size=0.5", "export.type=q8_0"]
     assert main(["run", *args]) == 0, capsys.readouterr().err
-    for stage in ("score", "prune", "distill", "evaluate", "report"):
+    for stage in ("score", "prune", "distill", "evaluate", "export", "report"):
         assert (run_dir / stage / pipeline.DONE).is_file(), stage
     report = (run_dir / "report.md").read_text()
     assert "distilled" in report and "![Width importance](importance_width.png)" in report
+    # the GGUF export: hidden 24 is no multiple of 32, so q8_0 keeps every matrix f16 and the report counts them
+    exported = json.loads((run_dir / "export" / pipeline.DONE).read_text())
+    assert exported["gguf"] == str(run_dir / "export" / "model-q8_0.gguf") and exported["type"] == "q8_0"
+    assert "## GGUF export" in report and "model-q8_0.gguf" in report
+    assert f"| q8_0 | {exported['bytes'] / 2**20:,.1f} MiB | {len(exported['kept_f16'])} |" in report
+    gguf_student = load_model(exported["gguf"])  # head_dim 8 although hidden / heads = 12: read from the file
+    assert (gguf_student.config.hidden_size, gguf_student.config.head_dim) == (24, 8)
+    assert {t.tensor_type.name for t in GGUFReader(exported["gguf"]).tensors} == {"F16", "F32"}
     for png in ("importance_width.png", "importance_layers.png", "training.png"):
         assert (run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     student = AutoModelForCausalLM.from_pretrained(run_dir / "distill" / "final")
     assert student.config.hidden_size == 24
+    ids = torch.randint(0, student.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # every matrix f16: within test_export.F16_TOL of the distilled model
+        want, got = student(ids).logits, gguf_student(ids).logits
+    assert (got - want).abs().max() <= 2e-3 * want.abs().max()
     results = json.loads((run_dir / "evaluate" / "eval.json").read_text())
     assert results["pruned"]["params"] == results["distilled"]["params"] < results["teacher"]["params"]
 

@@ -21,6 +21,7 @@ The file is written beside `out` and renamed into place, so an interrupted expor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -239,6 +240,7 @@ def export_gguf(model, tokenizer, out: str | Path, type_name: str = "f16", name:
         raise CompactLMError(f"export.type={type_name!r} is not one of {', '.join(TYPES)}")
     family = family_of(model)
     out = Path(out)
+    made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # deepest first
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
     os.close(fd)
@@ -262,8 +264,11 @@ def export_gguf(model, tokenizer, out: str | Path, type_name: str = "f16", name:
         writer.close()
         os.replace(tmp, out)
     finally:
-        if os.path.exists(tmp):
+        if os.path.exists(tmp):  # the export failed: remove what it wrote, and the folders it made for `out`
             os.unlink(tmp)
+            for folder in made:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
     if kept_f16:
         log.info("export: %d tensors have rows not a multiple of %d and stay f16 (%s, ...)",
                  len(kept_f16), Q8_BLOCK, kept_f16[0])

@@ -1,0 +1,181 @@
+"""Deployment: the teacher and the compressed student exported to GGUF, run in llama.cpp and in transformers.
+
+For each model (teacher, student) and GGUF type this prints, side by side: the file size; llama.cpp's held-out
+perplexity next to transformers' on the same token ids (their ratio, goal within 1% at f16); how often
+llama.cpp's next-token argmax agrees with transformers'; and batch-1 generation speed in llama.cpp with the same
+thread count as torch. Then transformers' own generation speed (dynamic cache, static cache, static cache +
+torch.compile) at batch 1 and 8. The student's speed-up is compared with the parameter ratio (goal: at least
+0.9x of it).
+
+    pip install -e ".[deploy]"          # llama-cpp-python: builds llama.cpp from source, a few minutes on 2 cores
+    python benchmarks/deploy.py --student runs/main/distill/final --out runs/bench/deploy.json
+
+The student defaults to the README main command's distilled model (`python benchmarks/main_command.py --keep
+runs/main` leaves it there). Run alone: other processes on the cores change the speeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from compactlm import inputs
+from compactlm.config import load_config
+from compactlm.export import export_gguf
+from compactlm.models.loading import load_model, load_tokenizer, num_params
+
+PROMPT_TOKENS = 16
+
+
+def hf_logits(model, rows: list[list[int]]) -> list[np.ndarray]:
+    with torch.no_grad():
+        return [model(torch.tensor([r])).logits[0].float().numpy() for r in rows]
+
+
+def llama_logits(llm, rows: list[list[int]]) -> list[np.ndarray]:
+    out = []
+    for r in rows:
+        llm.reset()
+        llm.eval(r)
+        out.append(np.array(llm.scores[: len(r)], dtype=np.float32))
+    return out
+
+
+def nll_and_agreement(logits: list[np.ndarray], rows: list[list[int]], reference: list[np.ndarray] | None):
+    """Mean next-token NLL over all positions; share of positions whose argmax equals `reference`'s."""
+    total, count, same = 0.0, 0, 0
+    for lg, r, ref in zip(logits, rows, reference or [None] * len(rows)):
+        lg = torch.from_numpy(lg[:-1]).double()
+        total += torch.nn.functional.cross_entropy(lg, torch.tensor(r[1:]), reduction="sum").item()
+        count += len(r) - 1
+        if ref is not None:
+            same += int((lg.argmax(-1) == torch.from_numpy(ref[:-1]).argmax(-1)).sum())
+    return total / count, same / count
+
+
+def llama_decode_tokens_per_s(path: Path, prompt: list[int], new_tokens: int, threads: int) -> float:
+    """Greedy batch-1 decoding in llama.cpp: seconds for `new_tokens` single-token steps after the prompt."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=len(prompt) + new_tokens + 8, n_threads=threads,
+                n_threads_batch=threads, verbose=False)
+    llm.eval(prompt)
+    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        llm.eval([token])
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    return new_tokens / (time.perf_counter() - start)
+
+
+def hf_tokens_per_s(model, prompt: list[int], batch: int, new_tokens: int, mode: str) -> float:
+    """transformers' greedy generation: `new_tokens` for each of `batch` copies of the prompt, per second (a
+    warm-up call first, so compilation is not timed)."""
+    from transformers import CompileConfig
+
+    ids = torch.tensor([prompt] * batch)
+    kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False,
+              "pad_token_id": 0}
+    if mode != "dynamic":
+        kwargs["cache_implementation"] = "static"
+    if mode == "static+compile":
+        config = CompileConfig(mode="default", fullgraph=False)
+        config._compile_all_devices = True  # generate compiles on CPU too only when asked
+        kwargs["compile_config"] = config
+    else:
+        kwargs["disable_compile"] = True
+    with torch.no_grad():
+        model.generate(ids, **kwargs)
+        start = time.perf_counter()
+        model.generate(ids, **kwargs)
+    return batch * new_tokens / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--teacher", default="smollm2-135m")
+    parser.add_argument("--student", default="runs/main/distill/final")
+    parser.add_argument("--types", default="f16,q8_0", help="GGUF types to export and run")
+    parser.add_argument("--work-dir", default="runs/bench/deploy", help="where the GGUF files go")
+    parser.add_argument("--eval-sequences", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args()
+    from llama_cpp import Llama  # the [deploy] extra; fails here, before any work, when missing
+
+    if not Path(args.student, "config.json").is_file():
+        raise SystemExit(f"--student {args.student}: no checkpoint there (python benchmarks/main_command.py --keep runs/main)")
+    cfg = load_config(None, ["data=python-docs", f"model={args.teacher}"])
+    tokenizer = load_tokenizer(args.teacher)
+    rows = [r.tolist() for r in inputs.load_splits(cfg, tokenizer, 256).val[: args.eval_sequences]]
+    prompt = rows[0][:PROMPT_TOKENS]
+    work = Path(args.work_dir)
+    result = {"threads": args.threads, "tokens": sum(len(r) for r in rows), "models": {}}
+    torch.set_num_threads(args.threads)
+    for name, spec in (("teacher", args.teacher), ("student", args.student)):
+        model = load_model(spec)
+        entry = result["models"][name] = {"params": num_params(model), "gguf": {}, "hf": {}}
+        reference = hf_logits(model, rows)
+        hf_nll, _ = nll_and_agreement(reference, rows, None)
+        entry["hf_perplexity"] = math.exp(hf_nll)
+        for type_name in args.types.split(","):
+            path = work / f"{name}-{type_name}.gguf"
+            written = export_gguf(model, load_tokenizer(spec), path, type_name)
+            llm = Llama(model_path=str(path), n_ctx=max(map(len, rows)), n_batch=512, n_threads=args.threads,
+                        n_threads_batch=args.threads, logits_all=True, verbose=False)
+            nll, agree = nll_and_agreement(llama_logits(llm, rows), rows, reference)
+            del llm
+            entry["gguf"][type_name] = {
+                "bytes": written["bytes"], "perplexity": math.exp(nll), "ppl_vs_hf": math.exp(nll - hf_nll),
+                "top1_agreement": agree, "tokens_per_s": llama_decode_tokens_per_s(path, prompt, args.new_tokens, args.threads),
+            }
+            print(name, type_name, entry["gguf"][type_name], flush=True)
+        modes = ["dynamic", "static"] + ([] if args.no_compile else ["static+compile"])
+        for mode in modes:
+            for batch in (1, 8):
+                try:
+                    entry["hf"][f"{mode} b{batch}"] = hf_tokens_per_s(model, prompt, batch, args.new_tokens, mode)
+                except Exception as e:  # torch.compile needs a working C++ toolchain; report, do not stop
+                    entry["hf"][f"{mode} b{batch}"] = None
+                    print(f"{name} {mode} b{batch}: failed: {str(e).splitlines()[0]}", flush=True)
+            print(name, mode, {k: v for k, v in entry["hf"].items() if k.startswith(mode + " ")}, flush=True)
+        del model
+
+    t, s = result["models"]["teacher"], result["models"]["student"]
+    param_ratio = t["params"] / s["params"]
+    result["param_ratio"] = param_ratio
+    print(f"\nheld-out: {len(rows)} python-docs validation sequences ({result['tokens']:,} tokens); "
+          f"{args.threads} threads; {args.new_tokens} new tokens after a {PROMPT_TOKENS}-token prompt")
+    print(f"parameters: teacher {t['params'] / 1e6:.1f}M, student {s['params'] / 1e6:.1f}M ({param_ratio:.2f}x fewer)\n")
+    print("| model | GGUF | size | llama.cpp perplexity | HF perplexity | ratio | top-1 agreement | llama.cpp tokens/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, m in result["models"].items():
+        for type_name, g in m["gguf"].items():
+            print(f"| {name} | {type_name} | {g['bytes'] / 2**20:,.1f} MiB | {g['perplexity']:.2f} | {m['hf_perplexity']:.2f} "
+                  f"| {g['ppl_vs_hf']:.4f} | {g['top1_agreement']:.1%} | {g['tokens_per_s']:.1f} |")
+    print("\n| runtime | teacher tokens/s | student tokens/s | speed-up | speed-up / parameter ratio |")
+    print("|---|---|---|---|---|")
+    pairs = [(f"llama.cpp {k} b1", t["gguf"][k]["tokens_per_s"], s["gguf"][k]["tokens_per_s"]) for k in t["gguf"]]
+    pairs += [(f"transformers {k}", t["hf"][k], s["hf"][k]) for k in t["hf"]]
+    result["speedups"] = {}
+    for label, a, b in pairs:
+        if a and b:
+            result["speedups"][label] = b / a
+            print(f"| {label} | {a:.1f} | {b:.1f} | {b / a:.2f}x | {b / a / param_ratio:.2f} |")
+        else:
+            print(f"| {label} | {a or 'failed'} | {b or 'failed'} | | |")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
