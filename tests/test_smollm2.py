@@ -72,3 +72,44 @@ def test_gguf_file_loads_and_saves_without_quantization(tmp_path):
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_export_writes_the_tokenizer_of_the_shipped_file(smollm2, tmp_path):
+    """Our GGUF of the built-in model carries the same vocabulary, token types, merges, special ids and chat
+    template as the file llama.cpp's own converter wrote; only the pre-tokenizer name differs, because
+    transformers' GGUF reader rebuilds SmolLM's digit-splitting pre-tokenizer as plain byte-level (gpt-2)."""
+    import gguf
+
+    from compactlm.export import export_gguf
+    from compactlm.models.loading import _builtin_gguf
+
+    model, tokenizer = smollm2
+    out = tmp_path / "smollm2.gguf"
+    export_gguf(model, tokenizer, out, "f16")
+    ours, shipped = gguf.GGUFReader(out).fields, gguf.GGUFReader(_builtin_gguf("smollm2-135m")).fields
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
+                "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.unknown_token_id",
+                "tokenizer.ggml.padding_token_id", "tokenizer.ggml.add_bos_token", "tokenizer.chat_template",
+                "llama.context_length", "llama.rope.freq_base", "llama.rope.dimension_count"):
+        assert ours[key].contents() == shipped[key].contents(), key
+    assert ours["tokenizer.ggml.pre"].contents() == "gpt-2"
+
+
+def test_pruned_smollm2_round_trips_through_gguf(smollm2, tmp_path):
+    """head_dim 64 with hidden 384 and 3 heads (hidden / heads would be 128) and ffn 1000 (not a multiple of
+    32): the f32 file loads back to the same logits, and q8_0 keeps down_proj in f16."""
+    from compactlm.export import export_gguf
+
+    model, tokenizer = smollm2
+    family = family_of(model)
+    source = family.dims(model.config)
+    target = resolve_target(TargetConfig(hidden_size=384, num_attention_heads=3, intermediate_size=1000,
+                                         num_hidden_layers=4), source, family)
+    pruned = prune_model(model, make_plan(random_scores(model, seed=0), source, target,
+                                          drop_layers=list(range(4, 30))))
+    export_gguf(pruned, tokenizer, tmp_path / "f32.gguf", "f32")
+    reloaded = load_model(str(tmp_path / "f32.gguf"))
+    ids = torch.tensor([tokenizer.encode("def main():\n    return 0")])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, pruned(ids).logits, rtol=0, atol=1e-5)
+    assert len(export_gguf(pruned, tokenizer, tmp_path / "q8.gguf", "q8_0")["kept_f16"]) == 4  # one down_proj per layer
