@@ -4,8 +4,8 @@ For each model (teacher, student) and GGUF type this prints, side by side: the f
 perplexity next to transformers' on the same token ids (their ratio, goal within 1% at f16); how often
 llama.cpp's next-token argmax agrees with transformers'; and batch-1 generation speed in llama.cpp with the same
 thread count as torch. Then transformers' own generation speed (dynamic cache, static cache, static cache +
-torch.compile) at batch 1 and 8. The student's speed-up is compared with the parameter ratio (goal: at least
-0.9x of it).
+torch.compile: `compactlm eval`'s eval.speed_modes) at batch 1 and 8. The student's speed-up is compared with
+the parameter ratio (goal: at least 0.9x of it).
 
     pip install -e ".[deploy]"          # llama-cpp-python: builds llama.cpp from source, a few minutes on 2 cores
     python benchmarks/deploy.py --student runs/main/distill/final --out runs/bench/deploy.json
@@ -28,6 +28,7 @@ import torch
 from compactlm import inputs
 from compactlm.config import load_config
 from compactlm.export import export_gguf
+from compactlm.metrics import generation_speeds
 from compactlm.models.loading import load_model, load_tokenizer, num_params
 
 PROMPT_TOKENS = 16
@@ -74,29 +75,6 @@ def llama_decode_tokens_per_s(path: Path, prompt: list[int], new_tokens: int, th
     return new_tokens / (time.perf_counter() - start)
 
 
-def hf_tokens_per_s(model, prompt: list[int], batch: int, new_tokens: int, mode: str) -> float:
-    """transformers' greedy generation: `new_tokens` for each of `batch` copies of the prompt, per second (a
-    warm-up call first, so compilation is not timed)."""
-    from transformers import CompileConfig
-
-    ids = torch.tensor([prompt] * batch)
-    kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False,
-              "pad_token_id": 0}
-    if mode != "dynamic":
-        kwargs["cache_implementation"] = "static"
-    if mode == "static+compile":
-        config = CompileConfig(mode="default", fullgraph=False)
-        config._compile_all_devices = True  # generate compiles on CPU too only when asked
-        kwargs["compile_config"] = config
-    else:
-        kwargs["disable_compile"] = True
-    with torch.no_grad():
-        model.generate(ids, **kwargs)
-        start = time.perf_counter()
-        model.generate(ids, **kwargs)
-    return batch * new_tokens / (time.perf_counter() - start)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", default="smollm2-135m")
@@ -138,15 +116,9 @@ def main() -> None:
                 "top1_agreement": agree, "tokens_per_s": llama_decode_tokens_per_s(path, prompt, args.new_tokens, args.threads),
             }
             print(name, type_name, entry["gguf"][type_name], flush=True)
-        modes = ["dynamic", "static"] + ([] if args.no_compile else ["static+compile"])
-        for mode in modes:
-            for batch in (1, 8):
-                try:
-                    entry["hf"][f"{mode} b{batch}"] = hf_tokens_per_s(model, prompt, batch, args.new_tokens, mode)
-                except Exception as e:  # torch.compile needs a working C++ toolchain; report, do not stop
-                    entry["hf"][f"{mode} b{batch}"] = None
-                    print(f"{name} {mode} b{batch}: failed: {str(e).splitlines()[0]}", flush=True)
-            print(name, mode, {k: v for k, v in entry["hf"].items() if k.startswith(mode + " ")}, flush=True)
+        modes = ("dynamic", "static") + (() if args.no_compile else ("compiled",))
+        entry["hf"] = generation_speeds(model, tokenizer, modes, (1, 8))["speeds"]  # what `compactlm eval` times
+        print(name, "transformers", entry["hf"], flush=True)
         del model
 
     t, s = result["models"]["teacher"], result["models"]["student"]

@@ -71,6 +71,7 @@ CASES = [  # id, command, arguments, what the one line must say
      "layer-by-layer reads a local safetensors checkpoint"),
     ("memory-gb-lm-loss-metric", "prune", ["memory_gb=0.00001", "target.num_hidden_layers=2"],
      "layer metric 'lm_loss' needs the whole model in memory"),
+    ("speed-mode-unknown", "eval", ["eval.speed_modes=[dynamic,paged]"], "eval.speed_modes=('dynamic', 'paged')"),
     ("export-no-out", "export", [], "export needs out=FILE.gguf"),
     ("export-out-not-gguf", "export", ["out={out_dir}/model.bin"], "model.bin: expected a file name ending in .gguf"),
     ("export-type-not-a-choice", "export", ["out={out_dir}/m.gguf", "export.type=q4_0"],

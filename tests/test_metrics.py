@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from conftest import VOCAB, model_params, tiny_config, tiny_model
 
 from compactlm.errors import CompactLMError
-from compactlm.metrics import evaluate, generation_speed, perplexity, sample_text, teacher_agreement
+from compactlm.metrics import evaluate, generation_speed, generation_speeds, perplexity, sample_text, teacher_agreement
 from compactlm.models.loading import num_params
+
 
 def _rows(batch):
     """Each row alone with its right padding trimmed: a different batch split of the same tokens."""
@@ -127,11 +128,32 @@ def test_generation_speed_and_sample_text(word_tokenizer):
     assert len(text.split()) <= 5
 
 
+def test_generation_speed_per_cache_and_batch(word_tokenizer, monkeypatch):
+    """Every (mode, batch) is timed on the tokens it produced; a static cache decodes the same greedy text."""
+    import compactlm.metrics as metrics
+
+    model = tiny_model("llama", layers=1)
+    out = generation_speeds(model, word_tokenizer, ("dynamic", "static"), (1, 3))
+    assert set(out["speeds"]) == {"dynamic b1", "dynamic b3", "static b1", "static b3"}
+    assert out["tokens_per_s"] == out["speeds"]["dynamic b1"] and all(v > 0 for v in out["speeds"].values())
+    dynamic, _ = metrics._generate(model, word_tokenizer, "the king", 6, True, 3, "dynamic")
+    static, _ = metrics._generate(model, word_tokenizer, "the king", 6, True, 3, "static")
+    assert dynamic.shape == (3, dynamic.shape[1]) and torch.equal(dynamic, static)
+    with pytest.raises(CompactLMError, match="mode 'paged' is not one of"):
+        generation_speed(model, word_tokenizer, mode="paged")
+
+    def broken(*args, **kwargs):  # what a missing compiler looks like from generate
+        raise RuntimeError("inductor: no working C++ compiler")
+
+    monkeypatch.setattr(metrics, "generation_speed", broken)
+    assert generation_speeds(model, word_tokenizer, ("compiled",), (1,)) == {"speeds": {"compiled b1": None}}
+
+
 def test_evaluate_merges_keys(word_tokenizer, token_batch):
     model, teacher = tiny_model("gpt2", layers=1), tiny_model("gpt2", layers=1, seed=1)
     batches = iter([token_batch])  # a one-shot iterator: evaluate walks the batches once
     out = evaluate(model, batches, teacher=teacher, tokenizer=word_tokenizer)
-    assert set(out) == {"params", "loss", "perplexity", "tokens", "kl", "top1_agreement", "tokens_per_s"}
+    assert set(out) == {"params", "loss", "perplexity", "tokens", "kl", "top1_agreement", "tokens_per_s", "speeds"}
     assert out["params"] == num_params(model)
     assert out["loss"] == pytest.approx(perplexity(model, [token_batch])["loss"], rel=1e-6)
     assert set(evaluate(model, [token_batch], tokenizer=word_tokenizer, speed=False)) == {

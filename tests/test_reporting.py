@@ -159,3 +159,22 @@ def test_write_report_minimal(tmp_path):
     assert text.startswith("# compactlm report: new")
     assert "## Plots" not in text and "## Samples" not in text and "## Notes" not in text
     assert _table_rows(text, "params")[0] == ["params", MISSING, "10", MISSING]
+
+
+def test_write_report_generation_speed_table(tmp_path):
+    """Several KV-cache modes and batch sizes give their own table, the last stage against the first; the
+    default single measurement does not."""
+    stages = {
+        "teacher": {"tokens_per_s": 40.0, "speeds": {"dynamic b1": 40.0, "static b8": 200.0, "compiled b1": None}},
+        "pruned": {"speeds": {"dynamic b1": 70.0, "static b8": 350.0}},
+        "distilled": {"tokens_per_s": 72.0, "speeds": {"dynamic b1": 72.0, "static b8": 360.0, "compiled b1": 90.0}},
+    }
+    text = write_report(tmp_path, teacher=TEACHER, student=STUDENT, stages=stages, plots={}).read_text()
+    assert "## Generation speed (tokens/s)" in text
+    assert _table_rows(text, "KV cache, batch")[0] == ["KV cache, batch", "teacher", "pruned", "distilled",
+                                                       "distilled / teacher"]
+    assert _table_rows(text, "static b8")[0] == ["static b8", "200.0", "350.0", "360.0", "1.80x"]
+    assert _table_rows(text, "compiled b1")[0] == ["compiled b1", MISSING, MISSING, "90.0", MISSING]
+    one = {name: {"speeds": {"dynamic b1": 1.0}} for name in stages}
+    assert "Generation speed" not in write_report(tmp_path, teacher=TEACHER, student=STUDENT, stages=one,
+                                                  plots={}).read_text()

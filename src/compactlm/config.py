@@ -122,6 +122,8 @@ class EvalConfig:
     seq_len: int = 256
     batch_size: int = 8
     speed: bool = True  # measure generation tokens/s
+    speed_modes: tuple[str, ...] = ("dynamic",)  # KV caches to time: dynamic, static, compiled (static + torch.compile)
+    speed_batches: tuple[int, ...] = (1,)  # batch sizes to time generation at
     gen_tokens: int = 32
     prompt: str = "The Python interpreter"  # the report's sample texts continue this prompt
     tasks: tuple[str, ...] = ()  # lm-evaluation-harness task names or local task YAML files (optional extra)
@@ -129,6 +131,11 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "sequences", "seq_len", "batch_size", "gen_tokens", "task_limit")
+        for mode in self.speed_modes:
+            if mode not in ("dynamic", "static", "compiled"):  # metrics.SPEED_MODES
+                raise InvalidValue("speed_modes", self.speed_modes, f"{mode!r} is not one of dynamic, static, compiled")
+        if not self.speed_batches or min(self.speed_batches) < 1:
+            raise InvalidValue("speed_batches", self.speed_batches, "needs batch sizes >= 1")
 
 
 @dataclass(frozen=True)
@@ -383,7 +390,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), cls: 
 # What may differ when a run or a training resumes: where it runs, how often it reports and saves, how a
 # batch is split over micro-batches (same gradients), what the evaluation measures besides its loss.
 MAY_CHANGE_ON_RESUME = frozenset({
-    "resume", "device", "out_dir", "eval.speed", "eval.tasks", "eval.task_limit", "eval.batch_size",
+    "resume", "device", "out_dir", "eval.speed", "eval.speed_modes", "eval.speed_batches",
+    "eval.tasks", "eval.task_limit", "eval.batch_size",
     *(f"{section}.{key}" for section in ("distill", "train", "correction")
       for key in ("micro_batch_size", "eval_every", "save_every", "log_every", "activation_checkpointing",
                   "teacher_sharded", "teacher_offload")),

@@ -36,7 +36,7 @@ IGNORE_INDEX = -100  # a target that counts for nothing (torch's cross_entropy d
 Batch = Mapping[str, Tensor]
 Head = tuple[Tensor, "Tensor | None"]  # an LM head's (weight (V, H), bias (V,) or None)
 
-__all__ = ["perplexity", "teacher_agreement", "generation_speed", "evaluate", "sample_text"]
+__all__ = ["perplexity", "teacher_agreement", "generation_speed", "generation_speeds", "evaluate", "sample_text"]
 
 
 def _device(model) -> torch.device:
@@ -175,20 +175,34 @@ def teacher_agreement(student, teacher, batches: Iterable[Batch], *, chunk_token
     return {"kl": out["kl"], "top1_agreement": out["top1_agreement"]}
 
 
-def _generate(model, tokenizer, prompt: str, new_tokens: int, exact: bool) -> tuple[Tensor, int]:
-    """Greedy generate with KV cache at batch 1: (1, P + n) ids and the prompt length P."""
+SPEED_MODES = ("dynamic", "static", "compiled")  # KV cache: dynamic; static; static + torch.compile
+
+
+def _generate(model, tokenizer, prompt: str, new_tokens: int, exact: bool, batch: int = 1,
+              mode: str = "dynamic") -> tuple[Tensor, int]:
+    """Greedy generate with a KV cache for `batch` copies of the prompt: (batch, P + n) ids and the prompt
+    length P. `mode`: the cache (SPEED_MODES); "compiled" lets generate torch.compile the forward, on CPU too."""
+    from transformers import CompileConfig
+
     enc = tokenizer(prompt, return_tensors="pt")
-    ids = enc["input_ids"].to(_device(model))
+    ids = enc["input_ids"].to(_device(model)).expand(batch, -1)
     if ids.shape[1] == 0:
         raise CompactLMError(f"prompt {prompt!r} tokenizes to no tokens")
     pad = tokenizer.pad_token_id
     if pad is None:
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
         pad = eos[0] if isinstance(eos, (list, tuple)) else eos
+    cache = {"disable_compile": True} if mode == "dynamic" else {"cache_implementation": "static"}
+    if mode == "static":
+        cache["disable_compile"] = True  # on CUDA, generate would compile a static cache's forward by itself
+    elif mode == "compiled":
+        config = CompileConfig(mode="default")
+        config._compile_all_devices = True  # generate compiles only on accelerators unless asked
+        cache["compile_config"] = config
     out = model.generate(
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
         min_new_tokens=new_tokens if exact else None, do_sample=False, use_cache=True, pad_token_id=pad,
-        temperature=None, top_p=None, top_k=None,  # greedy: ignore sampling defaults
+        temperature=None, top_p=None, top_k=None, **cache,  # greedy: ignore sampling defaults
     )
     return out, ids.shape[1]
 
@@ -199,22 +213,44 @@ def _sync(device: torch.device) -> None:
 
 
 def generation_speed(model, tokenizer, *, prompt: str = "The", new_tokens: int = 64,
-                     repeats: int = 2) -> dict:
-    """{"tokens_per_s": greedy decode rate: batch 1, KV cache, `new_tokens` a run, after a warm-up}."""
-    if new_tokens < 1 or repeats < 1:
-        raise CompactLMError(f"generation_speed: need new_tokens, repeats >= 1, got {new_tokens}, {repeats}")
+                     repeats: int = 2, batch: int = 1, mode: str = "dynamic") -> dict:
+    """{"tokens_per_s": greedy decode rate: `batch` sequences, `mode` KV cache, `new_tokens` a run, after a
+    warm-up (which also compiles, in mode "compiled")}."""
+    if new_tokens < 1 or repeats < 1 or batch < 1:
+        raise CompactLMError(f"generation_speed: need new_tokens, repeats, batch >= 1, got {new_tokens}, {repeats}, {batch}")
+    if mode not in SPEED_MODES:
+        raise CompactLMError(f"generation_speed: mode {mode!r} is not one of {', '.join(SPEED_MODES)}")
     device = _device(model)
     with _eval_mode(model):
-        _generate(model, tokenizer, prompt, new_tokens, exact=True)  # warm-up: kernels, allocator, caches
+        _generate(model, tokenizer, prompt, new_tokens, True, batch, mode)  # warm-up: kernels, allocator, compile
         produced, elapsed = 0, 0.0
         for _ in range(repeats):
             _sync(device)
             start = time.perf_counter()
-            out, prompt_len = _generate(model, tokenizer, prompt, new_tokens, exact=True)
+            out, prompt_len = _generate(model, tokenizer, prompt, new_tokens, True, batch, mode)
             _sync(device)
             elapsed += time.perf_counter() - start
-            produced += out.shape[1] - prompt_len
+            produced += out[:, prompt_len:].numel()
     return {"tokens_per_s": produced / max(elapsed, 1e-9)}
+
+
+def generation_speeds(model, tokenizer, modes: Iterable[str] = ("dynamic",), batches: Iterable[int] = (1,)) -> dict:
+    """{"tokens_per_s": dynamic cache at batch 1 (when measured), "speeds": {"<mode> b<batch>": tokens/s}}; a
+    mode that fails here (torch.compile without a working compiler) is None, with a warning."""
+    speeds = {}
+    for mode in modes:
+        for batch in batches:
+            try:
+                speeds[f"{mode} b{batch}"] = generation_speed(model, tokenizer, batch=batch, mode=mode)["tokens_per_s"]
+            except CompactLMError:
+                raise
+            except Exception as e:  # compile errors come from many places
+                log.warning("generation speed, %s at batch %d: failed (%s)", mode, batch, str(e).splitlines()[0])
+                speeds[f"{mode} b{batch}"] = None
+    out = {"speeds": speeds}
+    if speeds.get("dynamic b1") is not None:
+        out["tokens_per_s"] = speeds["dynamic b1"]
+    return out
 
 
 def sample_text(model, tokenizer, prompt: str, *, new_tokens: int = 40) -> str:
@@ -225,8 +261,10 @@ def sample_text(model, tokenizer, prompt: str, *, new_tokens: int = 40) -> str:
 
 
 def evaluate(model, batches: Iterable[Batch], *, teacher=None, tokenizer=None, speed: bool = True,
-             progress: bool = False, teacher_cache: dict[int, Tensor] | None = None) -> dict:
-    """params, loss, perplexity, tokens; + kl, top1_agreement (teacher); + tokens_per_s (speed, tokenizer).
+             progress: bool = False, teacher_cache: dict[int, Tensor] | None = None,
+             speed_modes: Iterable[str] = ("dynamic",), speed_batches: Iterable[int] = (1,)) -> dict:
+    """params, loss, perplexity, tokens; + kl, top1_agreement (teacher); + tokens_per_s and speeds (speed,
+    tokenizer; every mode of `speed_modes` at every batch size of `speed_batches`).
 
     `teacher_cache` (a dict shared between calls on the same batches) keeps the teacher's hidden states."""
     params = params_of_config(model.model.config) if isinstance(model, Layerwise) else num_params(model)
@@ -234,6 +272,6 @@ def evaluate(model, batches: Iterable[Batch], *, teacher=None, tokenizer=None, s
     if speed and tokenizer is not None and isinstance(model, Layerwise):
         log.info("evaluation: no generation speed layer by layer (the model does not fit in memory_gb)")
     elif speed and tokenizer is not None:
-        out |= generation_speed(model, tokenizer)
+        out |= generation_speeds(model, tokenizer, speed_modes, speed_batches)
     log.info("evaluation: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()})
     return out

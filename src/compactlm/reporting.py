@@ -304,6 +304,24 @@ def _samples(samples: Mapping[str, str]) -> list[str]:
     return lines
 
 
+def _speeds(stages: Mapping[str, Mapping]) -> list[str]:
+    """Generation tokens/s per KV-cache mode and batch size (eval.speed_modes x eval.speed_batches), one
+    column per stage and the last stage against the first; nothing when only the default was measured."""
+    keys = list(dict.fromkeys(k for stage in stages.values() for k in stage.get("speeds") or {}))
+    if len(keys) < 2:
+        return []
+    names = list(stages)
+    first, last = names[0], names[-1]
+
+    def ratio(key: str) -> str:
+        a, b = (stages[first].get("speeds") or {}).get(key), (stages[last].get("speeds") or {}).get(key)
+        return f"{b / a:.2f}x" if a and b else MISSING
+
+    rows = ([key] + [_cell((stage.get("speeds") or {}).get(key), lambda v: f"{v:.1f}") for stage in stages.values()]
+            + [ratio(key)] for key in keys)
+    return ["## Generation speed (tokens/s)", "", *_table(["KV cache, batch", *names, f"{last} / {first}"], rows), ""]
+
+
 def _export(exported: Mapping) -> list[str]:
     rows = [(f"`{exported['gguf']}`", exported["type"], f"{exported['bytes'] / 2**20:,.1f} MiB",
              str(len(exported.get("kept_f16", []))))]
@@ -317,6 +335,7 @@ def write_report(run_dir: Path, *, teacher: dict, student: dict, stages: dict[st
     run_dir = Path(run_dir)
     lines = [f"# compactlm report: {run_dir.resolve().name}", "", "## Architecture", "",
              *_architecture(teacher, student), "", "## Metrics", "", *_metrics(stages), ""]
+    lines += _speeds(stages)
     if exported:
         lines += _export(exported)
     lines += _plots(run_dir, plots)

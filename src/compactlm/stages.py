@@ -262,7 +262,8 @@ def _measure(cfg: Config, model, tokenizer, batches: list, teacher=None, sample:
     from compactlm.metrics import sample_text
 
     metrics = evaluate_model(model, batches, teacher=teacher, tokenizer=tokenizer, speed=cfg.eval.speed,
-                             progress=True, teacher_cache=teacher_cache)
+                             progress=True, teacher_cache=teacher_cache, speed_modes=cfg.eval.speed_modes,
+                             speed_batches=cfg.eval.speed_batches)
     if sample:
         metrics |= {"dims": vars(family_of(model).dims(model.config)),
                     "sample": sample_text(model, tokenizer, cfg.eval.prompt, new_tokens=cfg.eval.gen_tokens)}

@@ -1,0 +1,70 @@
+"""llama.cpp itself runs what `compactlm export` writes, with transformers' logits and tokens.
+
+Needs the `deploy` extra (`pip install -e ".[deploy]"`, llama-cpp-python built from source); skipped without it.
+The structural tests of the files (keys, names, shapes, types) are in test_export.py and always run.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import FAMILIES, corpus_text, tiny_config
+from transformers import AutoModelForCausalLM
+
+from compactlm.export import export_gguf
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+TOL = {"f32": 1e-4, "f16": 5e-3}  # max |logit difference| / max |logit| against transformers in float32
+
+
+def pruned_like(family: str, tied: bool):
+    """A tiny random model with a pruned model's shapes: head_dim 12 where hidden / heads is 8, ffn 40."""
+    config = tiny_config(family, heads=4, kv_heads=2 if family != "gpt2" else 4, tied=tied)
+    config.vocab_size = 320
+    if family == "gpt2":
+        config.n_inner = 40
+    else:
+        config.head_dim, config.intermediate_size = 12, 40
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # larger weights than init, so that logits differ from token to token
+            if p.ndim > 1:
+                p.mul_(4.0)
+            else:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def llama_cpp_logits(path, ids: list[int]) -> np.ndarray:
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=1, logits_all=True, verbose=False)
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)], dtype=np.float32)
+
+
+@pytest.mark.parametrize("type_name", ["f32", "f16"])
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_llama_cpp_logits_match_transformers(family, tied, type_name, bpe_tokenizer, tmp_path):
+    if family == "gpt2" and not tied and type_name == "f16":
+        pytest.skip("one GPT-2 layout per type is enough")
+    model = pruned_like(family, tied)
+    path = tmp_path / "m.gguf"
+    export_gguf(model, bpe_tokenizer, path, type_name)
+    ids = torch.randint(0, 300, (24,), generator=torch.Generator().manual_seed(1)).tolist()
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].numpy()
+    got = llama_cpp_logits(path, ids)
+    error = np.abs(got - want).max() / np.abs(want).max()
+    assert error < TOL[type_name], (family, error)
+    assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.9
+
+
+def test_llama_cpp_tokenizes_like_transformers(bpe_tokenizer, tmp_path):
+    path = tmp_path / "m.gguf"
+    export_gguf(pruned_like("llama", tied=True), bpe_tokenizer, path, "f16")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, vocab_only=True, verbose=False)
+    text = corpus_text(2000)
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == bpe_tokenizer(text)["input_ids"]
