@@ -108,7 +108,7 @@ def test_file_structure(family, tied, type_name, bpe_tokenizer, tmp_path):
 
     reader = GGUFReader(tmp_path / "m.gguf")
     kv = fields(reader)
-    arch = fam.gguf_arch
+    arch = "llama" if family == "qwen2" else fam.gguf_arch  # llama.cpp's qwen2 needs heads x head_dim == hidden
     assert kv["general.architecture"] == arch
     assert kv[f"{arch}.block_count"] == d.layers == 2
     assert kv[f"{arch}.embedding_length"] == d.hidden
@@ -343,3 +343,21 @@ def test_interrupted_export_leaves_nothing_behind(interrupt, tiny_checkpoint, bp
         with pytest.raises(RuntimeError, match="stopped"):
             export_gguf(make_model("gpt2", False), bpe_tokenizer, out, "f16")
         assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"] and out.read_bytes() == b"previous export"
+
+
+def test_qwen2_architecture_follows_its_head_layout(bpe_tokenizer, tmp_path):
+    """llama.cpp's qwen2 assumes heads x head_dim == hidden: a Qwen2 that keeps it stays qwen2 with its q rows as
+    they are (NeoX RoPE), a pruned one is written as llama with permuted rows and loads back with its biases."""
+    for head_dim, arch in ((8, "qwen2"), (12, "llama")):
+        model = make_model("qwen2", tied=False, head_dim=head_dim)
+        export_gguf(model, bpe_tokenizer, tmp_path / f"{arch}.gguf", "f32")
+        reader = GGUFReader(tmp_path / f"{arch}.gguf")
+        assert fields(reader)["general.architecture"] == arch
+        q = next(t for t in reader.tensors if t.name == "blk.0.attn_q.bias")
+        source = model.model.layers[0].self_attn.q_proj.bias.detach()
+        want = source if arch == "qwen2" else permute_rope(source, 4)
+        assert torch.equal(torch.from_numpy(q.data.copy()), want)
+        reloaded = load_model(str(tmp_path / f"{arch}.gguf"))
+        ids = torch.arange(5, 21).unsqueeze(0)
+        with torch.no_grad():
+            torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=1e-5)

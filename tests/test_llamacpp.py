@@ -16,17 +16,19 @@ from compactlm.export import export_gguf
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
-TOL = {"f32": 1e-4, "f16": 5e-3}  # max |logit difference| / max |logit| against transformers in float32
+# max |logit difference| / max |logit| against transformers in float32. llama.cpp keeps its KV cache in f16 by
+# default, so even an f32 file differs: measured up to 3.7e-4 (f32) and 9.9e-4 (f16) over these models.
+TOL = {"f32": 1e-3, "f16": 3e-3}
 
 
-def pruned_like(family: str, tied: bool):
+def pruned_like(family: str, tied: bool, head_dim: int = 12):
     """A tiny random model with a pruned model's shapes: head_dim 12 where hidden / heads is 8, ffn 40."""
     config = tiny_config(family, heads=4, kv_heads=2 if family != "gpt2" else 4, tied=tied)
     config.vocab_size = 320
     if family == "gpt2":
         config.n_inner = 40
     else:
-        config.head_dim, config.intermediate_size = 12, 40
+        config.head_dim, config.intermediate_size = head_dim, 40
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
@@ -60,6 +62,21 @@ def test_llama_cpp_logits_match_transformers(family, tied, type_name, bpe_tokeni
     error = np.abs(got - want).max() / np.abs(want).max()
     assert error < TOL[type_name], (family, error)
     assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.9
+
+
+def test_qwen2_keeps_its_architecture_when_heads_fill_hidden(bpe_tokenizer, tmp_path):
+    """An unpruned-head Qwen2 is written as llama.cpp's qwen2 (NeoX RoPE, no permutation), a pruned one as
+    llama (tested above); both run in llama.cpp with transformers' logits."""
+    import gguf
+
+    model = pruned_like("qwen2", tied=False, head_dim=8)
+    path = tmp_path / "m.gguf"
+    export_gguf(model, bpe_tokenizer, path, "f32")
+    assert gguf.GGUFReader(path).fields["general.architecture"].contents() == "qwen2"
+    ids = list(range(5, 29))
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(llama_cpp_logits(path, ids) - want).max() / np.abs(want).max() < TOL["f32"]
 
 
 def test_llama_cpp_tokenizes_like_transformers(bpe_tokenizer, tmp_path):

@@ -70,7 +70,7 @@ def test_run_end_to_end_with_report(tiny_checkpoint, text_file, tmp_path, capsys
     # the GGUF export: hidden 24 is no multiple of 32, so q8_0 keeps every matrix f16 and the report counts them
     exported = json.loads((run_dir / "export" / pipeline.DONE).read_text())
     assert exported["gguf"] == str(run_dir / "export" / "model-q8_0.gguf") and exported["type"] == "q8_0"
-    assert "## GGUF export" in report and "model-q8_0.gguf" in report
+    assert "## GGUF export" in report and "`export/model-q8_0.gguf`" in report  # relative to the run
     assert f"| q8_0 | {exported['bytes'] / 2**20:,.1f} MiB | {len(exported['kept_f16'])} |" in report
     gguf_student = load_model(exported["gguf"])  # head_dim 8 although hidden / heads = 12: read from the file
     assert (gguf_student.config.hidden_size, gguf_student.config.head_dim) == (24, 8)

@@ -9,6 +9,8 @@ quantiser). What pruned shapes need, and what each family needs:
   hidden / heads loads with its true head size (and `rope.dimension_count`: RoPE spans the whole head).
 - Llama-arch families (Llama, Mistral, SmolLM) have their q/k rows permuted from Hugging Face's half-split
   RoPE layout to llama.cpp's interleaved one; Qwen2/Qwen3 use llama.cpp's NeoX RoPE and need no permutation.
+  llama.cpp's qwen2 (unlike qwen3 and llama) assumes heads x head_dim == hidden: a Qwen2 pruned otherwise is
+  written as llama, the same computation (`gguf_arch`).
 - GPT-2's Conv1D weights are stored (in, out): they are transposed to the (out, in) of every other family.
 - q8_0 quantises in blocks of 32 along a row: a matrix whose rows are not a multiple of 32 long (an odd
   pruned ffn width) stays f16, as in llama.cpp's own converter, and the result lists it. 1-D tensors (norms,
@@ -61,21 +63,33 @@ def permute_rope(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def gguf_tensors(model, family: Family):
-    """(llama.cpp name, float32 array) for every parameter of `model`, tied weights once."""
+def gguf_arch(family: Family, config) -> str:
+    """llama.cpp's architecture for this model: the family's, except a Qwen2 whose heads x head_dim is not its
+    hidden size (pruned heads). llama.cpp's qwen2 requires them equal; Qwen2 is Llama with q/k/v biases and
+    NeoX RoPE, so it is written as llama (RoPE rows permuted, biases kept), which takes any head_dim."""
+    d = family.dims(config)
+    if family.gguf_arch == "qwen2" and d.heads * d.head_dim != d.hidden:
+        log.warning("export: llama.cpp's qwen2 needs heads x head_dim == hidden (%d x %d != %d): written as llama",
+                    d.heads, d.head_dim, d.hidden)
+        return "llama"
+    return family.gguf_arch
+
+
+def gguf_tensors(model, family: Family, arch: str):
+    """(llama.cpp name, float32 array) for every parameter of `model` in architecture `arch`, tied weights once."""
     import gguf
     from transformers.pytorch_utils import Conv1D
 
     d = family.dims(model.config)
-    names = gguf.get_tensor_name_map(_arch(family), d.layers)
+    names = gguf.get_tensor_name_map(_arch(arch), d.layers)
     conv1d = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, Conv1D)}
     for name, p in model.named_parameters():  # a tied lm_head is not listed again: llama.cpp reuses token_embd
         w = p.detach().float().cpu()
         if name in conv1d:
             w = w.T
-        if family.gguf_arch == "llama" and ".self_attn.q_proj." in name:
+        if arch == "llama" and ".self_attn.q_proj." in name:
             w = permute_rope(w, d.heads)
-        elif family.gguf_arch == "llama" and ".self_attn.k_proj." in name:
+        elif arch == "llama" and ".self_attn.k_proj." in name:
             w = permute_rope(w, d.kv_heads)
         new = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if new is None:
@@ -96,10 +110,10 @@ def encode(array: np.ndarray, type_name: str) -> tuple[np.ndarray, str]:
 
 
 # -------------------------------------------------------------------------------------------- metadata
-def _arch(family: Family):
+def _arch(name: str):
     import gguf
 
-    return next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == family.gguf_arch)
+    return next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == name)
 
 
 def rope_parameters(config) -> dict:
@@ -122,7 +136,7 @@ def llama3_rope_factors(config) -> np.ndarray:
     return (default / scaled.double()).float().numpy()
 
 
-def write_hparams(writer, family: Family, config) -> list[tuple[str, np.ndarray]]:
+def write_hparams(writer, family: Family, config, arch: str) -> list[tuple[str, np.ndarray]]:
     """The architecture's keys; returns extra tensors the settings need (Llama 3's rope_freqs)."""
     import gguf
 
@@ -133,7 +147,7 @@ def write_hparams(writer, family: Family, config) -> list[tuple[str, np.ndarray]
     writer.add_feed_forward_length(d.ffn)
     writer.add_head_count(d.heads)
     writer.add_vocab_size(d.vocab)
-    if family.gguf_arch == "gpt2":
+    if arch == "gpt2":
         if getattr(config, family.layer_index_scale_flag, False) or getattr(config, "reorder_and_upcast_attn", False):
             raise CompactLMError("export: llama.cpp's gpt2 has no scale_attn_by_inverse_layer_idx or "
                                  "reorder_and_upcast_attn; this GPT-2 config sets one")
@@ -246,14 +260,15 @@ def export_gguf(model, tokenizer, out: str | Path, type_name: str = "f16", name:
     os.close(fd)
     kept_f16: list[str] = []
     try:
-        writer = gguf.GGUFWriter(tmp, family.gguf_arch)
+        arch = gguf_arch(family, model.config)
+        writer = gguf.GGUFWriter(tmp, arch)
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(name or out.stem)
         writer.add_file_type(_file_type(type_name))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        extra = write_hparams(writer, family, model.config)
+        extra = write_hparams(writer, family, model.config, arch)
         write_tokenizer(writer, tokenizer, family.dims(model.config).vocab)
-        for tensor_name, array in [*gguf_tensors(model, family), *extra]:
+        for tensor_name, array in [*gguf_tensors(model, family, arch), *extra]:
             data, got = encode(array, type_name)
             if got != type_name and array.ndim > 1:
                 kept_f16.append(tensor_name)

@@ -322,8 +322,11 @@ def _speeds(stages: Mapping[str, Mapping]) -> list[str]:
     return ["## Generation speed (tokens/s)", "", *_table(["KV cache, batch", *names, f"{last} / {first}"], rows), ""]
 
 
-def _export(exported: Mapping) -> list[str]:
-    rows = [(f"`{exported['gguf']}`", exported["type"], f"{exported['bytes'] / 2**20:,.1f} MiB",
+def _export(exported: Mapping, run_dir: Path) -> list[str]:
+    path = Path(exported["gguf"])
+    if path.resolve().is_relative_to(run_dir.resolve()):  # the run's own export: relative, like the plots
+        path = path.resolve().relative_to(run_dir.resolve())
+    rows = [(f"`{path.as_posix()}`", exported["type"], f"{exported['bytes'] / 2**20:,.1f} MiB",
              str(len(exported.get("kept_f16", []))))]
     return ["## GGUF export", "", *_table(["file", "type", "size", "matrices kept f16"], rows), ""]
 
@@ -337,7 +340,7 @@ def write_report(run_dir: Path, *, teacher: dict, student: dict, stages: dict[st
              *_architecture(teacher, student), "", "## Metrics", "", *_metrics(stages), ""]
     lines += _speeds(stages)
     if exported:
-        lines += _export(exported)
+        lines += _export(exported, run_dir)
     lines += _plots(run_dir, plots)
     if samples:
         lines += _samples(samples)

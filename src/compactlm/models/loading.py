@@ -92,16 +92,20 @@ def load_tokenizer(spec: str):
 
 def gguf_config_fixes(file: str | Path) -> dict:
     """Config values transformers' GGUF reader leaves at their defaults although the file states them: head_dim
-    (`attention.key_length`; pruned models have head_dim != hidden / heads) and GPT-2's MLP width and context."""
+    (`attention.key_length`; pruned models have head_dim != hidden / heads), q/k/v biases of a llama-arch file
+    (a Qwen2 exported as llama) and GPT-2's MLP width and context."""
     from gguf import GGUFReader
 
-    fields = GGUFReader(file).fields
+    reader = GGUFReader(file)
+    fields = reader.fields
     arch = fields["general.architecture"].contents()
     get = lambda key: fields[f"{arch}.{key}"].contents() if f"{arch}.{key}" in fields else None  # noqa: E731
     if arch == "gpt2":
         fixes = {"n_inner": get("feed_forward_length"), "n_positions": get("context_length")}
     else:
         fixes = {"head_dim": get("attention.key_length")}
+    if arch == "llama" and any(t.name == "blk.0.attn_q.bias" for t in reader.tensors):
+        fixes["attention_bias"] = True
     return {k: v for k, v in fixes.items() if v is not None}
 
 
