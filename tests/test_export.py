@@ -361,3 +361,32 @@ def test_qwen2_architecture_follows_its_head_layout(bpe_tokenizer, tmp_path):
         ids = torch.arange(5, 21).unsqueeze(0)
         with torch.no_grad():
             torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+    {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 64},
+    {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
+], ids=["linear", "llama3", "dynamic"])
+def test_rope_scaling(rope, bpe_tokenizer, tmp_path):
+    """Linear scaling is two keys; Llama 3's is llama.cpp's rope_freqs tensor (1 for high frequencies, the factor
+    for low ones, transformers' own numbers); a kind with no GGUF equivalent is refused."""
+    model = make_model("llama", tied=True, head_dim=16)
+    model.config.rope_parameters = rope
+    if rope["rope_type"] == "dynamic":
+        with pytest.raises(CompactLMError, match="RoPE scaling 'dynamic'"):
+            export_gguf(model, bpe_tokenizer, tmp_path / "m.gguf", "f32")
+        assert not list(tmp_path.iterdir())
+        return
+    export_gguf(model, bpe_tokenizer, tmp_path / "m.gguf", "f32")
+    reader = GGUFReader(tmp_path / "m.gguf")
+    kv = fields(reader)
+    assert kv["llama.rope.freq_base"] == rope["rope_theta"]
+    freqs = [t for t in reader.tensors if t.name == "rope_freqs.weight"]
+    if rope["rope_type"] == "linear":
+        assert kv["llama.rope.scaling.type"] == "linear" and kv["llama.rope.scaling.factor"] == 2.0 and not freqs
+    else:
+        values = torch.from_numpy(freqs[0].data.copy())
+        assert values.shape == (8,) and values[0] == 1.0 and torch.allclose(values[-1], torch.tensor(8.0))
+        assert bool(((values >= 1.0 - 1e-6) & (values <= 8.0 + 1e-5)).all())
