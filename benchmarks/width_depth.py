@@ -2,10 +2,11 @@
 count (~67M of 134.5M), held-out perplexity before and after the same distillation budget; and whether a better
 start (the default recipe against P1's plain activation score) still matters after distillation.
 
-    python benchmarks/width_depth.py --out runs/bench/width_depth.json      # ~20 min alone on 2 CPU cores
+    python benchmarks/width_depth.py --out runs/bench/width_depth.json      # ~40 min alone on 2 CPU cores
 
 Every student is distilled from the teacher for --steps steps of 8 x 256 tokens (AdamW, LR 1e-3 cosine to 1e-4,
-5 warm-up steps), the same data in the same order.
+5 warm-up steps), the same data in the same order. One scoring pass (activation scores plus every depth metric
+the variants use) is shared by all of them; `prune_s` is each variant's pruning from those scores.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from compactlm.metrics import perplexity
 from compactlm.models.family import family_of
 from compactlm.models.loading import load_model, num_params
 
+LAYER_METRICS = ("lm_loss", "block_importance", "contiguous_19")  # what the depth variants below drop by
 WIDTH = ["target.hidden_size=384", "target.num_attention_heads=6", "target.intermediate_size=1024"]
 PAPER = ["importance.method=activation", "prune.reconstruct=none"]  # P1's activation score, plain slicing
 VARIANTS = {
@@ -53,12 +55,21 @@ def main() -> None:
     budget = [f"distill.{k}={v}" for k, v in (
         ("steps", args.steps), ("lr", 1e-3), ("min_lr", 1e-4), ("batch_size", 8), ("seq_len", 256),
         ("warmup_steps", 5), ("eval_every", 0), ("save_every", args.steps), ("eval_sequences", 16))]
+    # One calibration pass serves every variant: the activation scores and each depth metric they use.
+    scored = Path(args.run_dir) / "score"
+    start = time.perf_counter()
+    if not (scored / stages.SCORES_FILE).is_file():
+        stages.score(load_config(None, base + ["model=smollm2-135m", f"out_dir={scored}",
+                                               f"importance.layer_metrics=[{','.join(LAYER_METRICS)}]"]))
+    score_s = time.perf_counter() - start
+    shared = [f"importance.scores={scored / stages.SCORES_FILE}"]
     rows = []
     for i, (name, overrides) in enumerate(VARIANTS.items()):
         run = Path(args.run_dir) / str(i)
         start = time.perf_counter()
         if not (run / "prune" / "config.json").is_file():
-            stages.prune(load_config(None, base + overrides + ["model=smollm2-135m", f"out_dir={run / 'prune'}"]))
+            stages.prune(load_config(None, base + overrides + shared + ["model=smollm2-135m",
+                                                                        f"out_dir={run / 'prune'}"]))
         prune_s = time.perf_counter() - start
         pruned = load_model(str(run / "prune"))
         before = perplexity(pruned, batches)["perplexity"]
@@ -72,7 +83,8 @@ def main() -> None:
                      "prune_s": round(prune_s, 1), "distill_s": round(time.perf_counter() - start, 1)})
         print(rows[-1], flush=True)
     tokens = args.steps * 8 * 256
-    print(f"\nteacher: {teacher_ppl:.2f}; distillation: {args.steps} steps, {tokens:,} tokens each")
+    print(f"\nteacher: {teacher_ppl:.2f}; distillation: {args.steps} steps, {tokens:,} tokens each; "
+          f"shared scoring {score_s:.0f} s")
     print("| variant | layers | hidden | heads | ffn | params | zero-shot perplexity | after KD |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -80,7 +92,8 @@ def main() -> None:
               f"| {r['zero_shot']:,.1f} | {r['after_kd']:.2f} |")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"teacher": teacher_ppl, "tokens": tokens, "rows": rows}, indent=1) + "\n")
+        Path(args.out).write_text(json.dumps({"teacher": teacher_ppl, "tokens": tokens, "score_s": round(score_s, 1),
+                                              "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
