@@ -10,6 +10,9 @@ from compactlm.distill.losses import (
     dynamic_alpha,
     kd_loss,
     kd_loss_reference,
+    teacher_topk,
+    topk_kd_loss,
+    topk_kd_loss_reference,
 )
 from compactlm.errors import CompactLMError
 
@@ -207,3 +210,56 @@ def test_kd_loss_equals_a_value_worked_out_by_hand():
     assert float(loss) == pytest.approx(0.0958940, abs=1e-7)
     mixed = kd_loss(student, eye, teacher, eye, mask, ce_weight=0.5, labels=torch.tensor([2, 0]))
     assert float(mixed) == pytest.approx(0.0958940 + 0.5 * 0.6931472, abs=1e-7)
+
+
+def _topk_inputs(k: int, temperature: float = 1.0, seed: int = 0):
+    """Student hidden/head and bias (grad), the teacher's top-k log-probabilities in float64 and ids, mask."""
+    h_s, w_s, h_t, w_t, mask, _ = _inputs(seed=seed)
+    b_s = torch.randn(V, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1)).requires_grad_()
+    logp, ids = torch.log_softmax((h_t @ w_t.T) / temperature, -1).topk(k, dim=-1)
+    return h_s, w_s, b_s, logp, ids, mask, h_t, w_t
+
+
+@pytest.mark.parametrize("k,temperature,chunk", [(1, 1.0, 5), (8, 1.0, 7), (8, 2.0, 256), (39, 1.0, 4)])
+def test_topk_chunked_matches_reference_in_loss_and_grads(k, temperature, chunk):
+    h_s, w_s, b_s, logp, ids, mask, _, _ = _topk_inputs(k, temperature)
+    loss = topk_kd_loss(h_s, w_s, logp, ids, mask, student_bias=b_s, temperature=temperature, chunk_tokens=chunk)
+    grads = torch.autograd.grad(loss * 1.7, (h_s, w_s, b_s))
+    ref = topk_kd_loss_reference(h_s @ w_s.T + b_s, logp, ids, mask, temperature)
+    ref_grads = torch.autograd.grad(ref * 1.7, (h_s, w_s, b_s))
+    torch.testing.assert_close(loss, ref, rtol=1e-9, atol=1e-10)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-8, atol=1e-10)
+
+
+def test_topk_with_every_token_is_the_dense_loss():
+    """K = V: the teacher's tail is empty, the coarsened KL is the full KL, loss and grads equal kd_loss's."""
+    h_s, w_s, _, logp, ids, mask, h_t, w_t = _topk_inputs(V, temperature=2.0)
+    loss = topk_kd_loss(h_s, w_s, logp, ids, mask, temperature=2.0, chunk_tokens=6)
+    dense = kd_loss(h_s, w_s, h_t, w_t, mask, temperature=2.0, chunk_tokens=6)
+    torch.testing.assert_close(loss, dense, rtol=1e-9, atol=1e-10)
+    for g, r in zip(torch.autograd.grad(loss, (h_s, w_s)), torch.autograd.grad(dense, (h_s, w_s))):
+        torch.testing.assert_close(g, r, rtol=1e-8, atol=1e-10)
+
+
+def test_topk_loss_is_a_lower_bound_that_tightens_with_k():
+    """Coarsening to K + 1 outcomes never increases a KL: the sparse loss is <= the dense one, growing with K."""
+    h_s, w_s, _, _, _, mask, h_t, w_t = _topk_inputs(1)
+    dense = kd_loss(h_s, w_s, h_t, w_t, mask).item()
+    losses = []
+    for k in (1, 4, 16, 40):
+        logp, ids = torch.log_softmax(h_t @ w_t.T, -1).topk(k, dim=-1)
+        losses.append(topk_kd_loss(h_s, w_s, logp, ids, mask).item())
+    assert all(a <= b + 1e-12 for a, b in zip(losses, losses[1:])) and losses[-1] == pytest.approx(dense, rel=1e-9)
+    assert 0 < losses[0] < dense
+
+
+def test_teacher_topk_stores_half_precision_values_and_int32_ids():
+    logits = torch.randn(2, 3, V, dtype=torch.float64)
+    logp, ids = teacher_topk(logits, 5, temperature=2.0)
+    assert logp.shape == ids.shape == (2, 3, 5) and logp.dtype == torch.float16 and ids.dtype == torch.int32
+    want = torch.log_softmax(logits / 2.0, -1).topk(5, dim=-1)
+    torch.testing.assert_close(logp.double(), want.values, rtol=1e-3, atol=1e-3)
+    assert torch.equal(ids.long(), want.indices)
+    with pytest.raises(CompactLMError, match="0 < K <= vocab"):
+        topk_kd_loss(torch.zeros(2, HS), torch.zeros(V, HS), torch.zeros(2, V + 1), torch.zeros(2, V + 1), torch.ones(2))

@@ -31,6 +31,7 @@ IGNORE_INDEX = -100
 
 __all__ = [
     "IGNORE_INDEX", "cosine_loss", "default_layer_map", "dynamic_alpha", "kd_loss", "kd_loss_reference",
+    "teacher_topk", "topk_kd_loss", "topk_kd_loss_reference",
 ]
 
 
@@ -82,6 +83,37 @@ def _chunk_loss_and_grad(
     return loss, grad, coef
 
 
+def _chunk_topk_loss_and_grad(
+    hs_c: Tensor, logp_c: Tensor, ids_c: Tensor, student: tuple, temperature: float, kl_scale: float,
+    need_grad: bool,
+) -> tuple[Tensor, Tensor | None, float]:
+    """`_chunk_loss_and_grad` against a sparse teacher: its top-K log-probabilities `logp_c` (c, K) at ids
+    `ids_c` (c, K) and, implicitly, the tail mass r = 1 - sum(p_K) on every other token.
+
+    The loss is the exact KL between the two distributions coarsened to K + 1 outcomes (the top-K tokens and
+    "any other token"): sum_K p (log p - log q) + r (log r - log q_tail), q_tail = 1 - sum(q_K). It is a lower
+    bound of the full KL (coarsening never increases it) and equals it when the teacher's tail is empty. Its
+    gradient wrt the student's logits / T is q - p~, where p~ is p on the top K and r * q / q_tail elsewhere:
+    the tail mass spread over the other tokens in the student's own proportions."""
+    dtype = _compute_dtype(hs_c.dtype)
+    log_q = _log_softmax(hs_c, *student, temperature, dtype)  # (c, V) log q_T
+    logp = logp_c.to(dtype)  # (c, K)
+    p = logp.exp()
+    log_r = torch.log1p(-p.sum(-1).clamp(max=1.0))  # (c,) teacher tail, -inf when the top K hold everything
+    q_k = log_q.gather(1, ids_c)  # (c, K)
+    log_q_tail = torch.log1p(-q_k.exp().sum(-1).clamp(max=1.0 - 1e-7))  # (c,)
+    r = log_r.exp()
+    tail = torch.where(r > 0, r * (log_r - log_q_tail), torch.zeros_like(r))  # 0 * log 0 = 0
+    kl = (p * (logp - q_k)).sum() + tail.sum()
+    loss = kl * (kl_scale * temperature**2)
+    if not need_grad:
+        return loss, None, 1.0
+    q = log_q.exp_()  # (c, V)
+    target = q * (r / log_q_tail.exp()).unsqueeze(1)  # (c, V) p~ off the top K: r * q / q_tail
+    target.scatter_(1, ids_c, p)  # p~ on the top K: p
+    return loss, q.sub_(target), kl_scale * temperature
+
+
 class _ChunkedKD(torch.autograd.Function):
     """Forward computes loss and grads chunk by chunk; backward scales the stored grads by grad_output."""
 
@@ -94,9 +126,7 @@ class _ChunkedKD(torch.autograd.Function):
         n_ce = int((labels.index_select(0, rows) != IGNORE_INDEX).sum()) if ce_weight else 0
         ce_scale = ce_weight / max(n_ce, 1) if ce_weight else 0.0
         loss = torch.zeros((), dtype=dtype, device=h_s.device)
-        grad_h = torch.zeros_like(h_s) if need_h else None  # (N, H_s), input dtype
-        grad_w = torch.zeros(w_s.shape, dtype=dtype, device=w_s.device) if need_w else None  # accumulator
-        grad_b = torch.zeros(b_s.shape, dtype=dtype, device=b_s.device) if need_b else None
+        grad_h, grad_w, grad_b = _grad_buffers(ctx, h_s, w_s, b_s)
         for start in range(0, rows.numel(), chunk):
             idx = rows[start:start + chunk]  # (c,) token positions
             hs_c = h_s.index_select(0, idx)  # (c, H_s)
@@ -104,30 +134,78 @@ class _ChunkedKD(torch.autograd.Function):
                 hs_c, h_t.index_select(0, idx), labels.index_select(0, idx) if ce_weight else None,
                 (w_s, b_s), (w_t, b_t), temperature, kl_scale, ce_scale, need_grad)
             loss += part
-            if g is None:
-                continue
-            g = g.to(h_s.dtype)  # (c, V)
-            if grad_h is not None:
-                grad_h.index_copy_(0, idx, torch.mm(g, w_s).mul_(scale))  # (c, H_s)
-            if grad_w is not None and grad_w.dtype == g.dtype:
-                grad_w.addmm_(g.t(), hs_c, alpha=scale)  # (V, H_s)
-            elif grad_w is not None:
-                grad_w.add_(torch.mm(g.t(), hs_c), alpha=scale)  # bf16 matmul, float32 accumulation
-            if grad_b is not None:
-                grad_b.add_(g.sum(0), alpha=scale)
+            if g is not None:
+                _accumulate(g.to(h_s.dtype), scale, idx, hs_c, w_s, grad_h, grad_w, grad_b)
             del g
-        grad_w = grad_w.to(w_s.dtype) if grad_w is not None else None
-        grad_b = grad_b.to(b_s.dtype) if grad_b is not None else None
-        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        _save_grads(ctx, w_s, b_s, grad_h, grad_w, grad_b)
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):  # noqa: D102
-        grads = ctx.saved_tensors
-        if not torch.equal(grad_out, torch.ones_like(grad_out)):
-            grads = [None if g is None else g * grad_out.to(g.dtype) for g in grads]
-        return (*grads, None, None, None, None, None, None, None, None)
+        return (*_scaled_grads(ctx, grad_out), None, None, None, None, None, None, None, None)
+
+
+class _ChunkedTopKKD(torch.autograd.Function):
+    """`_ChunkedKD` against a sparse teacher (top-K log-probabilities and their ids per position)."""
+
+    @staticmethod
+    def forward(ctx, h_s, w_s, b_s, logp, ids, rows, temperature, chunk):  # noqa: D102
+        need_grad = any(ctx.needs_input_grad[:3])
+        loss = torch.zeros((), dtype=_compute_dtype(h_s.dtype), device=h_s.device)
+        kl_scale = 1.0 / max(int(rows.numel()), 1)
+        grad_h, grad_w, grad_b = _grad_buffers(ctx, h_s, w_s, b_s)
+        for start in range(0, rows.numel(), chunk):
+            idx = rows[start:start + chunk]  # (c,) token positions
+            hs_c = h_s.index_select(0, idx)  # (c, H_s)
+            part, g, scale = _chunk_topk_loss_and_grad(
+                hs_c, logp.index_select(0, idx), ids.index_select(0, idx), (w_s, b_s), temperature, kl_scale, need_grad)
+            loss += part
+            if g is not None:
+                _accumulate(g.to(h_s.dtype), scale, idx, hs_c, w_s, grad_h, grad_w, grad_b)
+            del g
+        _save_grads(ctx, w_s, b_s, grad_h, grad_w, grad_b)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):  # noqa: D102
+        return (*_scaled_grads(ctx, grad_out), None, None, None, None, None)
+
+
+def _grad_buffers(ctx, h_s: Tensor, w_s: Tensor, b_s: Tensor | None) -> tuple:
+    """Zeroed (grad_h, grad_w, grad_b) for the student inputs that need one, else None: grad_h in the input
+    dtype, the head and bias accumulators in float32 (or float64)."""
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    dtype = _compute_dtype(h_s.dtype)
+    return (torch.zeros_like(h_s) if need_h else None,  # (N, H_s)
+            torch.zeros(w_s.shape, dtype=dtype, device=w_s.device) if need_w else None,  # (V, H_s)
+            torch.zeros(b_s.shape, dtype=dtype, device=b_s.device) if need_b else None)
+
+
+def _accumulate(g: Tensor, scale: float, idx: Tensor, hs_c: Tensor, w_s: Tensor, grad_h, grad_w, grad_b) -> None:
+    """Add one chunk's d loss / d logits = g * scale (c, V) to the student's hidden, head and bias grads."""
+    if grad_h is not None:
+        grad_h.index_copy_(0, idx, torch.mm(g, w_s).mul_(scale))  # (c, H_s)
+    if grad_w is not None and grad_w.dtype == g.dtype:
+        grad_w.addmm_(g.t(), hs_c, alpha=scale)  # (V, H_s)
+    elif grad_w is not None:
+        grad_w.add_(torch.mm(g.t(), hs_c), alpha=scale)  # bf16 matmul, float32 accumulation
+    if grad_b is not None:
+        grad_b.add_(g.sum(0), alpha=scale)
+
+
+def _save_grads(ctx, w_s: Tensor, b_s: Tensor | None, grad_h, grad_w, grad_b) -> None:
+    grad_w = grad_w.to(w_s.dtype) if grad_w is not None else None
+    grad_b = grad_b.to(b_s.dtype) if grad_b is not None else None
+    ctx.save_for_backward(grad_h, grad_w, grad_b)
+
+
+def _scaled_grads(ctx, grad_out: Tensor) -> list:
+    grads = ctx.saved_tensors
+    if not torch.equal(grad_out, torch.ones_like(grad_out)):
+        grads = [None if g is None else g * grad_out.to(g.dtype) for g in grads]
+    return list(grads)
 
 
 def _flat(x: Tensor, width: int | None) -> Tensor:
@@ -172,6 +250,53 @@ def kd_loss(
     tb = teacher_bias.detach() if teacher_bias is not None else None
     return _ChunkedKD.apply(h_s, student_head, student_bias, h_t, teacher_head.detach(), tb, rows, lab,
                             float(temperature), float(ce_weight), int(chunk_tokens))
+
+
+def teacher_topk(logits: Tensor, k: int, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """A teacher's sparse targets from its logits (..., V): the top-k log-probabilities at `temperature` as
+    float16 and their token ids as int32, each (..., k). What a teacher logit cache stores per position."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    values, ids = logp.topk(k, dim=-1)
+    return values.to(torch.float16), ids.to(torch.int32)
+
+
+def topk_kd_loss(
+    student_hidden: Tensor, student_head: Tensor, teacher_logprobs: Tensor, teacher_ids: Tensor, mask: Tensor,
+    *, student_bias: Tensor | None = None, temperature: float = 1.0, chunk_tokens: int = 256,
+) -> Tensor:
+    """`kd_loss` against a sparse teacher: its top-K log-probabilities (..., K) at `temperature` and their ids
+    (..., K) per position, e.g. from `teacher_topk`; the rest of the teacher's mass is one tail outcome (see
+    `_chunk_topk_loss_and_grad`). Chunked, memory and dtypes as `kd_loss`; KL only (no CE mix)."""
+    hs, k = student_hidden.shape[-1], teacher_logprobs.shape[-1]
+    if teacher_ids.shape != teacher_logprobs.shape:
+        raise CompactLMError("topk_kd_loss: teacher ids and log-probabilities differ in shape")
+    if student_head.shape[1] != hs:
+        raise CompactLMError("topk_kd_loss: lm_head width does not match the hidden states' last dim")
+    if temperature <= 0 or chunk_tokens < 1 or not 0 < k <= student_head.shape[0]:
+        raise CompactLMError(f"topk_kd_loss: need temperature > 0, chunk_tokens >= 1 and 0 < K <= vocab, got "
+                             f"{temperature}, {chunk_tokens} and {k}")
+    h_s, m = _flat(student_hidden, hs), _flat(mask, None)
+    logp, ids = _flat(teacher_logprobs, k).detach(), _flat(teacher_ids, k).to(torch.long)
+    if not (h_s.shape[0] == logp.shape[0] == m.shape[0]):
+        raise CompactLMError("topk_kd_loss: student hidden, teacher targets and mask cover different token counts")
+    rows = m.nonzero().squeeze(1)  # (n,) positions with mask != 0
+    return _ChunkedTopKKD.apply(h_s, student_head, student_bias, logp.to(h_s.device), ids.to(h_s.device), rows,
+                                float(temperature), int(chunk_tokens))
+
+
+def topk_kd_loss_reference(student_logits: Tensor, teacher_logprobs: Tensor, teacher_ids: Tensor, mask: Tensor,
+                           temperature: float = 1.0) -> Tensor:
+    """Plain autograd `topk_kd_loss` on full student logits (..., V) (tests, benchmark); scalar."""
+    v, k = student_logits.shape[-1], teacher_logprobs.shape[-1]
+    log_q = F.log_softmax(student_logits.reshape(-1, v).to(_compute_dtype(student_logits.dtype)) / temperature, -1)
+    logp = teacher_logprobs.reshape(-1, k).to(log_q.dtype)
+    q_k = log_q.gather(1, teacher_ids.reshape(-1, k).long())
+    r = (1 - logp.exp().sum(-1)).clamp(min=0)
+    q_tail = (1 - q_k.exp().sum(-1)).clamp(min=1e-7)
+    tail = torch.where(r > 0, r * (r.clamp(min=1e-30).log() - q_tail.log()), torch.zeros_like(r))
+    kl = (logp.exp() * (logp - q_k)).sum(-1) + tail  # (N,)
+    m = mask.reshape(-1).to(kl.dtype)
+    return (kl * m).sum() / m.sum().clamp_min(1) * temperature**2
 
 
 def kd_loss_reference(
