@@ -1,0 +1,127 @@
+"""A teacher's sparse targets for every training row, computed once and kept on disk.
+
+For each train row (S tokens) the cache holds the teacher's top-K log-probabilities at the distillation
+temperature (float16) and their token ids (int32), (S, K) each: 6 * K bytes per token. What `topk_kd_loss`
+distils from, instead of running the teacher at every step.
+
+Layout: `root/<key>/shard-<i>.safetensors`, each holding rows [i * rows_per_shard, (i + 1) * rows_per_shard).
+The key hashes everything the targets depend on: a fingerprint of the teacher (its config and its logits on a
+probe of the data), the train rows themselves (tokenizer, data, sequence layout and order are all in them),
+K and the temperature. A shard is written to a temporary file and renamed, so a killed build leaves whole
+shards only, and `build` resumes at the first missing one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from compactlm.distill.losses import teacher_topk
+from compactlm.errors import CompactLMError
+
+Logits = Callable[[Tensor], Tensor]  # (b, S) token ids -> (b, S, V) teacher logits
+
+
+def _digest(*parts: bytes) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(hashlib.sha256(part).digest())
+    return h.hexdigest()[:16]
+
+
+def teacher_fingerprint(config: dict, logits: Logits, probe: Tensor) -> str:
+    """What identifies a teacher here: its config and its logits on `probe` (b, S), rounded to 1e-3, so that a
+    different checkpoint with the same config gets a different key without hashing every weight."""
+    with torch.no_grad():
+        out = logits(probe).float()
+    rounded = torch.round(out * 1000).to(torch.int64)
+    return _digest(json.dumps(config, sort_keys=True, default=str).encode(), rounded.numpy().tobytes())
+
+
+def cache_key(teacher: str, train_rows: Tensor, k: int, temperature: float) -> str:
+    """The folder name of the targets of `teacher` (a fingerprint) on `train_rows` (N, S) at top `k`, `temperature`."""
+    rows = train_rows.to(torch.int64).contiguous()
+    return f"k{k}-t{temperature:g}-" + _digest(teacher.encode(), str(tuple(rows.shape)).encode(), rows.numpy().tobytes())
+
+
+class TeacherCache:
+    """The top-K targets of `n_rows` rows of `seq_len` tokens in `folder`, in shards of `rows_per_shard` rows."""
+
+    def __init__(self, folder: str | Path, n_rows: int, seq_len: int, k: int, rows_per_shard: int = 256):
+        if min(n_rows, seq_len, k, rows_per_shard) < 1:
+            raise CompactLMError(f"teacher cache: need rows, seq_len, K and rows per shard >= 1, got "
+                                 f"{n_rows}, {seq_len}, {k}, {rows_per_shard}")
+        self.folder, self.n_rows, self.seq_len, self.k = Path(folder), n_rows, seq_len, k
+        self.rows_per_shard = rows_per_shard
+        self._open: dict[int, object] = {}
+
+    @property
+    def shards(self) -> int:
+        return -(-self.n_rows // self.rows_per_shard)
+
+    def shard_path(self, i: int) -> Path:
+        return self.folder / f"shard-{i:05d}.safetensors"
+
+    def missing(self) -> list[int]:
+        return [i for i in range(self.shards) if not self.shard_path(i).is_file()]
+
+    @staticmethod
+    def bytes_per_token(k: int) -> int:
+        return k * (2 + 4)  # float16 value + int32 id per kept token
+
+    def build(self, logits: Logits, train_rows: Tensor, temperature: float, batch_size: int = 8,
+              progress: bool = True) -> dict:
+        """Compute and write every missing shard (rows in their stored order; a rerun resumes); returns what the
+        cache holds."""
+        if tuple(train_rows.shape) != (self.n_rows, self.seq_len):
+            raise CompactLMError(f"teacher cache: rows {tuple(train_rows.shape)} are not the cache's "
+                                 f"({self.n_rows}, {self.seq_len})")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        todo = self.missing()
+        bar = tqdm(total=len(todo) * self.rows_per_shard, desc="teacher cache", unit="row", disable=not progress)
+        for i in todo:
+            rows = train_rows[i * self.rows_per_shard: (i + 1) * self.rows_per_shard]
+            parts = [teacher_topk(logits(batch), self.k, temperature) for batch in rows.split(batch_size)]
+            tensors = {"logp": torch.cat([p[0] for p in parts]).contiguous(),
+                       "ids": torch.cat([p[1] for p in parts]).contiguous()}
+            fd, tmp = tempfile.mkstemp(prefix=".shard.", dir=self.folder)
+            os.close(fd)
+            try:
+                save_file(tensors, tmp)
+                os.replace(tmp, self.shard_path(i))
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            bar.update(len(rows))
+        bar.close()
+        tokens = self.n_rows * self.seq_len
+        return {"folder": str(self.folder), "rows": self.n_rows, "built_shards": len(todo), "tokens": tokens,
+                "bytes": sum(self.shard_path(i).stat().st_size for i in range(self.shards)),
+                "bytes_per_token": self.bytes_per_token(self.k)}
+
+    def get(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """The targets of train rows `rows` (b,): log-probabilities (b, S, K) float16 and ids (b, S, K) int32."""
+        logp, ids = [], []
+        for row in rows.tolist():
+            if not 0 <= row < self.n_rows:
+                raise CompactLMError(f"teacher cache: row {row} out of range (0..{self.n_rows - 1})")
+            shard, offset = divmod(row, self.rows_per_shard)
+            handle = self._open.get(shard)
+            if handle is None:
+                path = self.shard_path(shard)
+                if not path.is_file():
+                    raise CompactLMError(f"teacher cache: {path} is missing (build the cache first)")
+                handle = self._open[shard] = safe_open(str(path), framework="pt")
+            logp.append(handle.get_slice("logp")[offset: offset + 1])
+            ids.append(handle.get_slice("ids")[offset: offset + 1])
+        return torch.cat(logp), torch.cat(ids)
