@@ -14,13 +14,15 @@ import pytest
 import torch
 from conftest import assert_column_close, run_killed_at_checkpoint, tiny_config
 from safetensors.torch import load_file
+from transformers import AutoConfig
 
 from compactlm.config import TrainConfig, load_config
 from compactlm.distill import checkpoint as ckpt
 from compactlm.distill.distributed import Dist
 from compactlm.distill.loop import batch_rows, build, lr_at, make_optimizer, train_step, validate
-from compactlm.stages import distill as run_distill, train as run_train
 from compactlm.errors import CompactLMError
+from compactlm.stages import distill as run_distill
+from compactlm.stages import train as run_train
 
 CPU = Dist(0, 1, torch.device("cpu"))
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -343,3 +345,51 @@ def test_hidden_map_starts_as_the_pruning_plan(tiny_checkpoint, text_file, tmp_p
     assert first["loss_intermediate"] < 0.3, first
     mapping = ckpt.load(ckpt.latest(out))["hidden_map"]["weight"]  # (32, 24)
     assert mapping.argmax(0).tolist() == keep
+
+
+# ---------------------------------------------------------------- the teacher's top-K targets, cached
+
+def test_cached_top_k_distillation_runs_and_reuses_its_cache(models, text_file, tmp_path):
+    """distill.teacher_top_k: the teacher's targets are cached once per row (then reused by a second run with
+    the same teacher and rows), training learns, and validation still measures KL against the teacher."""
+    keys = {"distill.teacher_top_k": 8, "distill.teacher_cache": tmp_path / "cache"}
+    result = run_distill(load_config(None, _args(models, text_file, tmp_path / "a", **keys)))
+    rows = _metrics(tmp_path / "a")
+    assert result["steps"] == 6 and rows[-1]["loss"] < rows[0]["loss"] and "val_kl" in rows[-1]
+    (folder,) = (tmp_path / "cache").iterdir()
+    shards = sorted(folder.glob("shard-*.safetensors"))
+    assert folder.name.startswith("k8-t1-") and shards
+    stamps = [p.stat().st_mtime_ns for p in shards]
+    run_distill(load_config(None, _args(models, text_file, tmp_path / "b", **keys)))
+    assert [p.stat().st_mtime_ns for p in shards] == stamps  # the second run read the cache, wrote nothing
+
+
+def test_top_k_with_the_whole_vocabulary_trains_like_dense_kd(models, text_file, tmp_path):
+    """K = V: the cached targets are the teacher's whole distribution, rounded to float16 (log-probabilities to
+    about 1e-3 nats), so the run follows dense KD up to that rounding."""
+    vocab = AutoConfig.from_pretrained(models["teacher"]).vocab_size
+    dense = run_distill(load_config(None, _args(models, text_file, tmp_path / "dense")))
+    cached = run_distill(load_config(None, _args(models, text_file, tmp_path / "cached",
+                                                 **{"distill.teacher_top_k": vocab})))
+    got, want = _metrics(tmp_path / "cached"), _metrics(tmp_path / "dense")
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(got, want)) < 5e-4  # KL of about 0.01 here
+    assert cached["val_loss"] == pytest.approx(dense["val_loss"], rel=1e-5)  # measured 4e-6
+
+
+def test_cached_kd_sigkill_then_resume_ends_like_an_uninterrupted_cached_run(models, text_file, tmp_path):
+    keys = {"distill.steps": 16, "distill.eval_every": 8, "distill.teacher_top_k": 8}
+    killed = tmp_path / "killed"
+    code = run_killed_at_checkpoint(["distill", *_args(models, text_file, killed, **keys)], 6, tmp_path / "killed.log")
+    assert code == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-2000:]
+    resumed = _cli(_args(models, text_file, killed, resume=True, **keys), tmp_path / "resumed.log")
+    reference = tmp_path / "reference"
+    run_distill(load_config(None, _args(models, text_file, reference, **keys)))
+    stdout, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, (tmp_path / "resumed.log").read_text()[-2000:]
+    torch.testing.assert_close(_weights(killed / "final"), _weights(reference / "final"))
+    assert_column_close(_metrics(killed), _metrics(reference), "loss", rel=1e-5)
+
+
+def test_top_k_refuses_the_hidden_state_losses():
+    with pytest.raises(CompactLMError, match="teacher_top_k"):
+        load_config(None, ["distill.teacher_top_k=8", "distill.intermediate=true"])

@@ -179,11 +179,17 @@ class DistillConfig(TrainConfig):
     embedding_loss: bool = False  # also match the embedding outputs
     teacher_sharded: bool = False  # FSDP-shard the teacher too (default: replicate it)
     teacher_offload: bool = False  # with teacher_sharded: keep its shards in CPU memory (FSDP2 CPUOffloadPolicy)
+    teacher_top_k: int = 0  # > 0: distil from the teacher's top-K log-probabilities, cached once per row (0: dense)
+    teacher_cache: str | None = None  # where the top-K cache lives (default: out_dir/teacher_cache)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.temperature <= 0:
             raise InvalidValue("temperature", self.temperature, "must be > 0")
+        _at_least(self, 0, "teacher_top_k")
+        if self.teacher_top_k and (self.intermediate or self.layer_map is not None or self.embedding_loss):
+            raise InvalidValue("teacher_top_k", self.teacher_top_k, "caches logits only: the hidden-state losses "
+                                                                    "(intermediate, layer_map, embedding_loss) need the teacher")
         _at_least(self, 0, "ce_weight")
         if self.teacher_offload and not self.teacher_sharded:
             raise InvalidValue("teacher_offload", True, "offloads the teacher's FSDP shards: set teacher_sharded=true")
@@ -390,7 +396,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), cls: 
 # What may differ when a run or a training resumes: where it runs, how often it reports and saves, how a
 # batch is split over micro-batches (same gradients), what the evaluation measures besides its loss.
 MAY_CHANGE_ON_RESUME = frozenset({
-    "resume", "device", "out_dir", "eval.speed", "eval.speed_modes", "eval.speed_batches",
+    "resume", "device", "out_dir", "eval.speed", "eval.speed_modes", "eval.speed_batches", "distill.teacher_cache",
     "eval.tasks", "eval.task_limit", "eval.batch_size",
     *(f"{section}.{key}" for section in ("distill", "train", "correction")
       for key in ("micro_batch_size", "eval_every", "save_every", "log_every", "activation_checkpointing",

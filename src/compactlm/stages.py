@@ -191,10 +191,36 @@ def _fit(cfg: Config, tc: TrainConfig, section: str, student_spec: str, teacher_
         params = num_params(student)
         session = Session(out, d, tokenizer, cfg.seed, cfg.resume, progress=True)
         keep = read_hidden_keep(student_spec) if teacher is not None else None  # hidden map starts as the plan
-        result = fit(student, splits.train, val, tc, session, teacher=teacher, hidden_keep=keep)
+        cache = None
+        if teacher is not None and getattr(tc, "teacher_top_k", 0):
+            cache = _teacher_cache(cfg, tc, teacher, splits.train, micro, d)
+        result = fit(student, splits.train, val, tc, session, teacher=teacher, hidden_keep=keep, teacher_cache=cache)
     finally:
         teardown(d)
     return {"out_dir": str(out), "params": params, **result}
+
+
+def _teacher_cache(cfg: Config, tc, teacher, train_rows, batch: int, d):
+    """Build, or find already built, the teacher's top-K targets of every train row (distill.teacher_top_k)."""
+    import torch
+
+    from compactlm.distill.teacher_cache import TeacherCache, cache_key, teacher_fingerprint
+
+    if d.world > 1:
+        raise CompactLMError("distill.teacher_top_k runs in one process for now, not under torchrun")
+
+    def logits(ids):
+        with torch.no_grad():
+            return teacher(input_ids=ids.to(d.device).long()).logits.float().cpu()
+
+    fingerprint = teacher_fingerprint(teacher.config.to_dict(), logits, train_rows[0:1][:, :16])
+    key = cache_key(fingerprint, train_rows, tc.teacher_top_k, tc.temperature)
+    cache = TeacherCache(Path(tc.teacher_cache or Path(cfg.out_dir) / "teacher_cache") / key, len(train_rows),
+                         tc.seq_len, tc.teacher_top_k)
+    built = cache.build(logits, train_rows, tc.temperature, batch_size=batch)
+    log.info("teacher cache %s: %d rows, %.1f MB on disk (%d bytes per token), %d shards computed now",
+             cache.folder, built["rows"], built["bytes"] / 1e6, built["bytes_per_token"], built["built_shards"])
+    return cache
 
 
 # ---------------------------------------------------------------- search

@@ -2,7 +2,6 @@
 setup. The `distill`/`train` commands that load models and data for it are stages.distill and stages.train."""
 
 from compactlm.distill.loop import Session, fit, lr_at, total_steps
-from compactlm.distill.trainee import Objective, Teacher, Trainee
 from compactlm.distill.losses import (
     cosine_loss,
     default_layer_map,
@@ -13,8 +12,10 @@ from compactlm.distill.losses import (
     topk_kd_loss,
     topk_kd_loss_reference,
 )
+from compactlm.distill.trainee import Objective, Teacher, Trainee
 
 __all__ = [
-    "kd_loss", "kd_loss_reference", "topk_kd_loss", "topk_kd_loss_reference", "teacher_topk", "cosine_loss", "dynamic_alpha", "default_layer_map",
+    "kd_loss", "kd_loss_reference", "topk_kd_loss", "topk_kd_loss_reference", "teacher_topk",
+    "cosine_loss", "dynamic_alpha", "default_layer_map",
     "Objective", "Session", "Teacher", "Trainee", "fit", "lr_at", "total_steps",
 ]

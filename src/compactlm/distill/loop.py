@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from compactlm.config import TrainConfig
 from compactlm.distill import checkpoint as ckpt
 from compactlm.distill.distributed import Dist, all_reduce_sum, shard_
-from compactlm.distill.trainee import Teacher, Trainee, hidden_map, make_objective
+from compactlm.distill.trainee import CachedTeacher, Teacher, Trainee, hidden_map, make_objective
 from compactlm.errors import CompactLMError
 from compactlm.models.family import family_of, get_module
 
@@ -79,17 +79,19 @@ def batch_rows(n_rows: int, start: int, count: int, seed: int) -> Tensor:
 
 # ---------------------------------------------------------------- one step, validation, saving
 
-def train_step(trainee: Trainee, teacher: Teacher | None, optimizer: torch.optim.Optimizer, rows: Tensor,
-               micro: int, tc: TrainConfig, d: Dist) -> dict[str, float]:
-    """One optimizer step on this rank's rows (b, S): accumulate micro-batch grads, clip, step; metrics."""
+def train_step(trainee: Trainee, teacher: Teacher | CachedTeacher | None, optimizer: torch.optim.Optimizer,
+               rows: Tensor, micro: int, tc: TrainConfig, d: Dist, row_ids: Tensor | None = None) -> dict[str, float]:
+    """One optimizer step on this rank's rows (b, S) (`row_ids` (b,): their indices in the train rows, for a
+    cached teacher): accumulate micro-batch grads, clip, step; metrics."""
     optimizer.zero_grad(set_to_none=True)
-    micros = [(r.to(d.device).long(), torch.ones_like(r, device=d.device, dtype=torch.long))
-              for r in rows.split(micro)]  # (m, S) each
-    counts = [trainee.count(ids, mask) for ids, mask in micros]
+    row_ids = row_ids if row_ids is not None else torch.full((len(rows),), -1)
+    micros = [(r.to(d.device).long(), torch.ones_like(r, device=d.device, dtype=torch.long), i)
+              for r, i in zip(rows.split(micro), row_ids.split(micro))]  # (m, S), (m, S), (m,) each
+    counts = [trainee.count(ids, mask) for ids, mask, _ in micros]
     total = float(all_reduce_sum(torch.tensor(float(sum(counts)), dtype=torch.float64), d))
     sums: dict[str, Tensor] = {}
-    for (ids, mask), n in zip(micros, counts):
-        parts = trainee(ids, mask, teacher(ids, mask) if teacher is not None else None)
+    for (ids, mask, index), n in zip(micros, counts):
+        parts = trainee(ids, mask, teacher(ids, mask, index) if teacher is not None else None)
         weight = n / total  # the micro-batch's share of the global batch's tokens
         (parts["loss"] * (weight * d.world)).backward()  # FSDP averages gradients over ranks
         for key, value in parts.items():
@@ -221,11 +223,14 @@ def build(student: nn.Module, teacher: nn.Module | None, tc: TrainConfig, d: Dis
 
 
 def fit(student: nn.Module, train_rows: Tensor, val_rows: Tensor, tc: TrainConfig, session: Session,
-        teacher: nn.Module | None = None, hidden_keep: Tensor | None = None) -> dict[str, Any]:
-    """Train `student` on (N, S) train rows (KD from `teacher` when given); checkpoints, best/ and final/."""
+        teacher: nn.Module | None = None, hidden_keep: Tensor | None = None, teacher_cache=None) -> dict[str, Any]:
+    """Train `student` on (N, S) train rows (KD from `teacher` when given, from its top-K targets in
+    `teacher_cache`, a built `TeacherCache` of these rows, when given too: the teacher then only validates);
+    checkpoints, best/ and final/."""
     d, out = session.dist, session.out_dir
     micro, total = tc.micro_batch_size or tc.batch_size // d.world, total_steps(tc)
     trainee, teacher_mod = build(student, teacher, tc, d, hidden_keep)
+    step_teacher = CachedTeacher(teacher_cache) if teacher_cache is not None else teacher_mod
     optimizer = make_optimizer(trainee, tc)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total, tc) / tc.lr)
     found = ckpt.latest(out) if session.resume else None
@@ -242,8 +247,8 @@ def fit(student: nn.Module, train_rows: Tensor, val_rows: Tensor, tc: TrainConfi
     try:
         while progress.step < total:
             tick, lr = time.perf_counter(), scheduler.get_last_lr()[0]
-            rows = _rank_rows(train_rows, progress.rows_seen, tc.batch_size, session.seed, d)  # (B/world, S)
-            row = train_step(trainee, teacher_mod, optimizer, rows, micro, tc, d)
+            index = _rank_rows(len(train_rows), progress.rows_seen, tc.batch_size, session.seed, d)  # (B/world,)
+            row = train_step(trainee, step_teacher, optimizer, train_rows[index], micro, tc, d, index)
             scheduler.step()
             progress.step, progress.rows_seen = progress.step + 1, progress.rows_seen + tc.batch_size
             progress.tokens += tc.batch_size * tc.seq_len
@@ -273,11 +278,11 @@ def fit(student: nn.Module, train_rows: Tensor, val_rows: Tensor, tc: TrainConfi
     return out
 
 
-def _rank_rows(train_rows: Tensor, rows_seen: int, batch_size: int, seed: int, d: Dist) -> Tensor:
-    """This rank's contiguous slice (B / world, S) of the next global batch of the shuffled stream."""
-    order = batch_rows(len(train_rows), rows_seen, batch_size, seed)  # (B,)
+def _rank_rows(n_rows: int, rows_seen: int, batch_size: int, seed: int, d: Dist) -> Tensor:
+    """This rank's contiguous slice (B / world,) of the next global batch of the shuffled stream: row indices."""
+    order = batch_rows(n_rows, rows_seen, batch_size, seed)  # (B,)
     per_rank = batch_size // d.world
-    return train_rows[order[d.rank * per_rank: (d.rank + 1) * per_rank]]
+    return order[d.rank * per_rank: (d.rank + 1) * per_rank]
 
 
 def _evaluate_(trainee: Trainee, teacher: Teacher | None, val_rows: Tensor, micro: int,

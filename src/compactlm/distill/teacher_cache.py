@@ -48,10 +48,14 @@ def teacher_fingerprint(config: dict, logits: Logits, probe: Tensor) -> str:
     return _digest(json.dumps(config, sort_keys=True, default=str).encode(), rounded.numpy().tobytes())
 
 
-def cache_key(teacher: str, train_rows: Tensor, k: int, temperature: float) -> str:
-    """The folder name of the targets of `teacher` (a fingerprint) on `train_rows` (N, S) at top `k`, `temperature`."""
-    rows = train_rows.to(torch.int64).contiguous()
-    return f"k{k}-t{temperature:g}-" + _digest(teacher.encode(), str(tuple(rows.shape)).encode(), rows.numpy().tobytes())
+def cache_key(teacher: str, train_rows, k: int, temperature: float) -> str:
+    """The folder name of the targets of `teacher` (a fingerprint) on `train_rows` (N, S: a tensor or the token
+    store's rows, read in blocks) at top `k` and `temperature`."""
+    h = hashlib.sha256()
+    h.update(f"{teacher}|{tuple(train_rows.shape)}|".encode())
+    for start in range(0, len(train_rows), 4096):
+        h.update(train_rows[start:start + 4096].to(torch.int64).contiguous().numpy().tobytes())
+    return f"k{k}-t{temperature:g}-{h.hexdigest()[:16]}"
 
 
 class TeacherCache:
@@ -79,7 +83,7 @@ class TeacherCache:
     def bytes_per_token(k: int) -> int:
         return k * (2 + 4)  # float16 value + int32 id per kept token
 
-    def build(self, logits: Logits, train_rows: Tensor, temperature: float, batch_size: int = 8,
+    def build(self, logits: Logits, train_rows, temperature: float, batch_size: int = 8,
               progress: bool = True) -> dict:
         """Compute and write every missing shard (rows in their stored order; a rerun resumes); returns what the
         cache holds."""

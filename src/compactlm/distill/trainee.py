@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as recompute
 
 from compactlm.config import DistillConfig, TrainConfig
-from compactlm.distill.losses import IGNORE_INDEX, cosine_loss, default_layer_map, dynamic_alpha, kd_loss
+from compactlm.distill.losses import IGNORE_INDEX, cosine_loss, default_layer_map, dynamic_alpha, kd_loss, topk_kd_loss
 from compactlm.metrics import next_token_labels, token_sums
 from compactlm.models.family import family_of, get_module
 
@@ -93,6 +93,24 @@ class TeacherOut(NamedTuple):
     bias: Tensor | None  # (V,) or None
 
 
+class SparseTargets(NamedTuple):
+    """The teacher's cached top-K targets for one micro-batch (`CachedTeacher`), instead of a `TeacherOut`."""
+
+    logp: Tensor  # (B, S, K) log-probabilities at the distillation temperature
+    ids: Tensor  # (B, S, K) their token ids
+
+
+class CachedTeacher:
+    """The teacher as a `TeacherCache`: call(ids, mask, rows) -> SparseTargets of train rows `rows` (B,)."""
+
+    def __init__(self, cache):
+        self.cache = cache
+
+    def __call__(self, ids: Tensor, mask: Tensor, rows: Tensor) -> SparseTargets:
+        logp, top = self.cache.get(rows)
+        return SparseTargets(logp.to(ids.device), top.to(ids.device))
+
+
 class Teacher(nn.Module):
     """A frozen teacher in eval mode: forward(ids, mask) -> TeacherOut, without gradients."""
 
@@ -103,7 +121,7 @@ class Teacher(nn.Module):
         self.family = family_of(model)
 
     @torch.no_grad()
-    def forward(self, ids: Tensor, mask: Tensor) -> TeacherOut:  # noqa: D102
+    def forward(self, ids: Tensor, mask: Tensor, rows: Tensor | None = None) -> TeacherOut:  # noqa: D102
         with _autocast(ids.device):
             out = get_module(self.model, self.family.base_path)(
                 input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=bool(self.layers))
@@ -120,7 +138,7 @@ class Trainee(nn.Module):
         self.model, self.hidden_map, self.objective = model, hidden_map, objective
         self.family = family_of(model)
 
-    def forward(self, ids: Tensor, mask: Tensor, teacher: TeacherOut | None = None,
+    def forward(self, ids: Tensor, mask: Tensor, teacher: TeacherOut | SparseTargets | None = None,
                 evaluate: bool = False) -> dict[str, Tensor]:  # noqa: D102
         states = bool(self.objective.layer_map) and not evaluate
         with _autocast(ids.device):
@@ -138,6 +156,12 @@ class Trainee(nn.Module):
             chunk = self.objective.chunk_tokens
             return {"loss": chunked_ce(hidden.flatten(0, 1), weight, bias, labels.flatten(), chunk)}
         o = self.objective
+        if isinstance(teacher, SparseTargets):
+            loss = topk_kd_loss(hidden, weight, teacher.logp, teacher.ids, mask, student_bias=bias,
+                                temperature=o.temperature, chunk_tokens=o.chunk_tokens)
+            if o.ce_weight:
+                loss = loss + o.ce_weight * chunked_ce(hidden.flatten(0, 1), weight, bias, labels.flatten(), o.chunk_tokens)
+            return {"loss": loss}
         t_bias = teacher.bias.to(dt) if teacher.bias is not None else None
         logits = kd_loss(hidden, weight, teacher.hidden.to(dt), teacher.head.to(dt), mask, student_bias=bias,
                          teacher_bias=t_bias, temperature=o.temperature, ce_weight=o.ce_weight, labels=labels,
