@@ -71,8 +71,10 @@ def _prune(cfg: Config, run: Path) -> Config:
 
 
 def _distill(cfg: Config, run: Path) -> Config:
+    cache = cfg.distill.teacher_cache or str(run / "teacher_cache")  # one per run: shared by what distils in it
     return dataclasses.replace(cfg, teacher=teacher_spec(cfg, run), student=str(run / "prune"),
-                               out_dir=str(run / "distill"), resume=True, init="pretrained")
+                               out_dir=str(run / "distill"), resume=True, init="pretrained",
+                               distill=dataclasses.replace(cfg.distill, teacher_cache=cache))
 
 
 def _evaluate(cfg: Config, run: Path) -> Config:
