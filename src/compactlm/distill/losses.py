@@ -125,20 +125,13 @@ class _ChunkedKD(torch.autograd.Function):
         kl_scale = 1.0 / max(int(rows.numel()), 1)
         n_ce = int((labels.index_select(0, rows) != IGNORE_INDEX).sum()) if ce_weight else 0
         ce_scale = ce_weight / max(n_ce, 1) if ce_weight else 0.0
-        loss = torch.zeros((), dtype=dtype, device=h_s.device)
-        grad_h, grad_w, grad_b = _grad_buffers(ctx, h_s, w_s, b_s)
-        for start in range(0, rows.numel(), chunk):
-            idx = rows[start:start + chunk]  # (c,) token positions
-            hs_c = h_s.index_select(0, idx)  # (c, H_s)
-            part, g, scale = _chunk_loss_and_grad(
+
+        def chunk_fn(idx: Tensor, hs_c: Tensor) -> tuple[Tensor, Tensor | None, float]:
+            return _chunk_loss_and_grad(
                 hs_c, h_t.index_select(0, idx), labels.index_select(0, idx) if ce_weight else None,
                 (w_s, b_s), (w_t, b_t), temperature, kl_scale, ce_scale, need_grad)
-            loss += part
-            if g is not None:
-                _accumulate(g.to(h_s.dtype), scale, idx, hs_c, w_s, grad_h, grad_w, grad_b)
-            del g
-        _save_grads(ctx, w_s, b_s, grad_h, grad_w, grad_b)
-        return loss
+
+        return _chunked_forward(ctx, h_s, w_s, b_s, rows, chunk, dtype, chunk_fn)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -152,25 +145,36 @@ class _ChunkedTopKKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_s, w_s, b_s, logp, ids, rows, temperature, chunk):  # noqa: D102
         need_grad = any(ctx.needs_input_grad[:3])
-        loss = torch.zeros((), dtype=_compute_dtype(h_s.dtype), device=h_s.device)
         kl_scale = 1.0 / max(int(rows.numel()), 1)
-        grad_h, grad_w, grad_b = _grad_buffers(ctx, h_s, w_s, b_s)
-        for start in range(0, rows.numel(), chunk):
-            idx = rows[start:start + chunk]  # (c,) token positions
-            hs_c = h_s.index_select(0, idx)  # (c, H_s)
-            part, g, scale = _chunk_topk_loss_and_grad(
-                hs_c, logp.index_select(0, idx), ids.index_select(0, idx), (w_s, b_s), temperature, kl_scale, need_grad)
-            loss += part
-            if g is not None:
-                _accumulate(g.to(h_s.dtype), scale, idx, hs_c, w_s, grad_h, grad_w, grad_b)
-            del g
-        _save_grads(ctx, w_s, b_s, grad_h, grad_w, grad_b)
-        return loss
+
+        def chunk_fn(idx: Tensor, hs_c: Tensor) -> tuple[Tensor, Tensor | None, float]:
+            return _chunk_topk_loss_and_grad(hs_c, logp.index_select(0, idx), ids.index_select(0, idx), (w_s, b_s),
+                                             temperature, kl_scale, need_grad)
+
+        return _chunked_forward(ctx, h_s, w_s, b_s, rows, chunk, _compute_dtype(h_s.dtype), chunk_fn)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):  # noqa: D102
         return (*_scaled_grads(ctx, grad_out), None, None, None, None, None)
+
+
+def _chunked_forward(ctx, h_s: Tensor, w_s: Tensor, b_s: Tensor | None, rows: Tensor, chunk: int,
+                     dtype: torch.dtype, chunk_fn) -> Tensor:
+    """The loss summed over chunks of `rows` (chunk_fn(idx, hs_c) -> (loss part, g, scale)), with the student's
+    grads accumulated chunk by chunk and saved on `ctx` for backward."""
+    loss = torch.zeros((), dtype=dtype, device=h_s.device)
+    grad_h, grad_w, grad_b = _grad_buffers(ctx, h_s, w_s, b_s)
+    for start in range(0, rows.numel(), chunk):
+        idx = rows[start:start + chunk]  # (c,) token positions
+        hs_c = h_s.index_select(0, idx)  # (c, H_s)
+        part, g, scale = chunk_fn(idx, hs_c)
+        loss += part
+        if g is not None:
+            _accumulate(g.to(h_s.dtype), scale, idx, hs_c, w_s, grad_h, grad_w, grad_b)
+        del g
+    _save_grads(ctx, w_s, b_s, grad_h, grad_w, grad_b)
+    return loss
 
 
 def _grad_buffers(ctx, h_s: Tensor, w_s: Tensor, b_s: Tensor | None) -> tuple:
