@@ -358,7 +358,8 @@ def test_cached_top_k_distillation_runs_and_reuses_its_cache(models, text_file, 
     assert result["steps"] == 6 and rows[-1]["loss"] < rows[0]["loss"] and "val_kl" in rows[-1]
     (folder,) = (tmp_path / "cache").iterdir()
     shards = sorted(folder.glob("shard-*.safetensors"))
-    assert folder.name.startswith("k8-t1-") and shards
+    assert folder.name.startswith("k8-t1-") and len(shards) == 1  # 6 steps x 4 rows read: one shard of 64 positions
+    assert load_file(shards[0])["ids"].shape == (64, 32, 8)  # only the rows the run reads, not every train row
     stamps = [p.stat().st_mtime_ns for p in shards]
     run_distill(load_config(None, _args(models, text_file, tmp_path / "b", **keys)))
     assert [p.stat().st_mtime_ns for p in shards] == stamps  # the second run read the cache, wrote nothing

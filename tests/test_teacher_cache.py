@@ -35,7 +35,7 @@ def test_cache_holds_the_teachers_top_k_for_every_row(tmp_path):
         want_logp, want_ids = teacher_topk(model(rows[order]).logits, K, 2.0)
     assert logp.shape == ids.shape == (5, S, K) and logp.dtype == torch.float16 and ids.dtype == torch.int32
     assert torch.equal(ids, want_ids) and torch.equal(logp, want_logp)
-    with pytest.raises(CompactLMError, match="row 10 out of range"):
+    with pytest.raises(CompactLMError, match="position 10 out of range"):
         cache.get(torch.tensor([10]))
 
 
@@ -62,17 +62,17 @@ def test_a_killed_build_resumes_to_the_same_files(tmp_path, monkeypatch):
         assert whole.shard_path(i).read_bytes() == killed.shard_path(i).read_bytes()
 
 
-def test_keys_change_with_teacher_rows_k_and_temperature():
+def test_keys_change_with_teacher_rows_seed_k_and_temperature():
     model, logits = _teacher()
     rows = _rows()
     config = model.config.to_dict()
     fp = teacher_fingerprint(config, logits, rows[:2])
     assert fp == teacher_fingerprint(config, logits, rows[:2])
     assert fp != teacher_fingerprint(config, _teacher(seed=1)[1], rows[:2])  # same config, other weights
-    key = cache_key(fp, rows, K, 1.0)
-    assert key == cache_key(fp, rows.clone(), K, 1.0)
-    assert len({key, cache_key(fp, _rows(seed=1), K, 1.0), cache_key(fp, rows, K + 1, 1.0),
-                cache_key(fp, rows, K, 2.0), cache_key(fp + "x", rows, K, 1.0)}) == 5
+    key = cache_key(fp, rows, 0, K, 1.0)
+    assert key == cache_key(fp, rows.clone(), 0, K, 1.0)
+    assert len({key, cache_key(fp, _rows(seed=1), 0, K, 1.0), cache_key(fp, rows, 0, K + 1, 1.0),
+                cache_key(fp, rows, 0, K, 2.0), cache_key(fp + "x", rows, 0, K, 1.0), cache_key(fp, rows, 1, K, 1.0)}) == 6
 
 
 def test_build_rejects_rows_of_another_shape_and_get_needs_the_shards(tmp_path):

@@ -204,6 +204,7 @@ def _teacher_cache(cfg: Config, tc, teacher, train_rows, batch: int, d):
     """Build, or find already built, the teacher's top-K targets of every train row (distill.teacher_top_k)."""
     import torch
 
+    from compactlm.distill.loop import batch_rows, total_steps
     from compactlm.distill.teacher_cache import TeacherCache, cache_key, teacher_fingerprint
 
     if d.world > 1:
@@ -214,10 +215,13 @@ def _teacher_cache(cfg: Config, tc, teacher, train_rows, batch: int, d):
             return teacher(input_ids=ids.to(d.device).long()).logits.float().cpu()
 
     fingerprint = teacher_fingerprint(teacher.config.to_dict(), logits, train_rows[0:1][:, :16])
-    key = cache_key(fingerprint, train_rows, tc.teacher_top_k, tc.temperature)
-    cache = TeacherCache(Path(tc.teacher_cache or Path(cfg.out_dir) / "teacher_cache") / key, len(train_rows),
-                         tc.seq_len, tc.teacher_top_k)
-    built = cache.build(logits, train_rows, tc.temperature, batch_size=batch)
+    key = cache_key(fingerprint, train_rows, cfg.seed, tc.teacher_top_k, tc.temperature)
+    per_shard = 64
+    positions = -(-total_steps(tc) * tc.batch_size // per_shard) * per_shard  # the rows the run reads, in whole shards
+    cache = TeacherCache(Path(tc.teacher_cache or Path(cfg.out_dir) / "teacher_cache") / key, positions,
+                         tc.seq_len, tc.teacher_top_k, rows_per_shard=per_shard)
+    used = train_rows[batch_rows(len(train_rows), 0, positions, cfg.seed)]  # (positions, S) in order of use
+    built = cache.build(logits, used, tc.temperature, batch_size=batch)
     log.info("teacher cache %s: %d rows, %.1f MB on disk (%d bytes per token), %d shards computed now",
              cache.folder, built["rows"], built["bytes"] / 1e6, built["bytes_per_token"], built["built_shards"])
     return cache

@@ -81,8 +81,8 @@ def batch_rows(n_rows: int, start: int, count: int, seed: int) -> Tensor:
 
 def train_step(trainee: Trainee, teacher: Teacher | CachedTeacher | None, optimizer: torch.optim.Optimizer,
                rows: Tensor, micro: int, tc: TrainConfig, d: Dist, row_ids: Tensor | None = None) -> dict[str, float]:
-    """One optimizer step on this rank's rows (b, S) (`row_ids` (b,): their indices in the train rows, for a
-    cached teacher): accumulate micro-batch grads, clip, step; metrics."""
+    """One optimizer step on this rank's rows (b, S) (`row_ids` (b,): where a cached teacher finds their
+    targets): accumulate micro-batch grads, clip, step; metrics."""
     optimizer.zero_grad(set_to_none=True)
     row_ids = row_ids if row_ids is not None else torch.full((len(rows),), -1)
     micros = [(r.to(d.device).long(), torch.ones_like(r, device=d.device, dtype=torch.long), i)
@@ -225,8 +225,8 @@ def build(student: nn.Module, teacher: nn.Module | None, tc: TrainConfig, d: Dis
 def fit(student: nn.Module, train_rows: Tensor, val_rows: Tensor, tc: TrainConfig, session: Session,
         teacher: nn.Module | None = None, hidden_keep: Tensor | None = None, teacher_cache=None) -> dict[str, Any]:
     """Train `student` on (N, S) train rows (KD from `teacher` when given, from its top-K targets in
-    `teacher_cache`, a built `TeacherCache` of these rows, when given too: the teacher then only validates);
-    checkpoints, best/ and final/."""
+    `teacher_cache`, a built `TeacherCache` of these rows in their order of use, when given too: the teacher
+    then only validates); checkpoints, best/ and final/."""
     d, out = session.dist, session.out_dir
     micro, total = tc.micro_batch_size or tc.batch_size // d.world, total_steps(tc)
     trainee, teacher_mod = build(student, teacher, tc, d, hidden_keep)
@@ -248,7 +248,9 @@ def fit(student: nn.Module, train_rows: Tensor, val_rows: Tensor, tc: TrainConfi
         while progress.step < total:
             tick, lr = time.perf_counter(), scheduler.get_last_lr()[0]
             index = _rank_rows(len(train_rows), progress.rows_seen, tc.batch_size, session.seed, d)  # (B/world,)
-            row = train_step(trainee, step_teacher, optimizer, train_rows[index], micro, tc, d, index)
+            per_rank = len(index)  # a cache holds rows in order of use: look them up by stream position
+            where = progress.rows_seen + d.rank * per_rank + torch.arange(per_rank) if teacher_cache else index
+            row = train_step(trainee, step_teacher, optimizer, train_rows[index], micro, tc, d, where)
             scheduler.step()
             progress.step, progress.rows_seen = progress.step + 1, progress.rows_seen + tc.batch_size
             progress.tokens += tc.batch_size * tc.seq_len

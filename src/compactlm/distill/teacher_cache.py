@@ -1,14 +1,16 @@
-"""A teacher's sparse targets for every training row, computed once and kept on disk.
+"""A teacher's sparse targets for the rows a distillation consumes, computed once and kept on disk.
 
-For each train row (S tokens) the cache holds the teacher's top-K log-probabilities at the distillation
-temperature (float16) and their token ids (int32), (S, K) each: 6 * K bytes per token. What `topk_kd_loss`
-distils from, instead of running the teacher at every step.
+Position i of the cache is the i-th row the training stream consumes (the loop's seeded shuffle: rows are
+cached in their order of use, so a run builds only what it will read). For each it holds the teacher's top-K
+log-probabilities at the distillation temperature (float16) and their token ids (int32), (S, K) each: 6 * K
+bytes per token. What `topk_kd_loss` distils from, instead of running the teacher at every step.
 
-Layout: `root/<key>/shard-<i>.safetensors`, each holding rows [i * rows_per_shard, (i + 1) * rows_per_shard).
-The key hashes everything the targets depend on: a fingerprint of the teacher (its config and its logits on a
-probe of the data), the train rows themselves (tokenizer, data, sequence layout and order are all in them),
-K and the temperature. A shard is written to a temporary file and renamed, so a killed build leaves whole
-shards only, and `build` resumes at the first missing one.
+Layout: `root/<key>/shard-<i>.safetensors`, each holding positions [i * rows_per_shard, (i + 1) *
+rows_per_shard). The key hashes everything the targets depend on: a fingerprint of the teacher (its config and
+its logits on a probe of the data), all the train rows (tokenizer, data and sequence layout are in them), the
+shuffle's seed, K and the temperature; a longer run with the same key extends the cache. A shard is written to
+a temporary file and renamed, so a killed build leaves whole shards only, and `build` resumes at the first
+missing one.
 """
 
 from __future__ import annotations
@@ -48,18 +50,19 @@ def teacher_fingerprint(config: dict, logits: Logits, probe: Tensor) -> str:
     return _digest(json.dumps(config, sort_keys=True, default=str).encode(), rounded.numpy().tobytes())
 
 
-def cache_key(teacher: str, train_rows, k: int, temperature: float) -> str:
+def cache_key(teacher: str, train_rows, seed: int, k: int, temperature: float) -> str:
     """The folder name of the targets of `teacher` (a fingerprint) on `train_rows` (N, S: a tensor or the token
-    store's rows, read in blocks) at top `k` and `temperature`."""
+    store's rows, read in blocks) consumed in the order of `seed`, at top `k` and `temperature`."""
     h = hashlib.sha256()
-    h.update(f"{teacher}|{tuple(train_rows.shape)}|".encode())
+    h.update(f"{teacher}|{tuple(train_rows.shape)}|{seed}|".encode())
     for start in range(0, len(train_rows), 4096):
         h.update(train_rows[start:start + 4096].to(torch.int64).contiguous().numpy().tobytes())
     return f"k{k}-t{temperature:g}-{h.hexdigest()[:16]}"
 
 
 class TeacherCache:
-    """The top-K targets of `n_rows` rows of `seq_len` tokens in `folder`, in shards of `rows_per_shard` rows."""
+    """The top-K targets of `n_rows` positions (rows of `seq_len` tokens) in `folder`, in shards of
+    `rows_per_shard` positions."""
 
     def __init__(self, folder: str | Path, n_rows: int, seq_len: int, k: int, rows_per_shard: int = 256):
         if min(n_rows, seq_len, k, rows_per_shard) < 1:
@@ -85,8 +88,8 @@ class TeacherCache:
 
     def build(self, logits: Logits, train_rows, temperature: float, batch_size: int = 8,
               progress: bool = True) -> dict:
-        """Compute and write every missing shard (rows in their stored order; a rerun resumes); returns what the
-        cache holds."""
+        """Compute and write every missing shard from `train_rows` (n_rows, S), row i being position i (a rerun
+        resumes); returns what the cache holds."""
         if tuple(train_rows.shape) != (self.n_rows, self.seq_len):
             raise CompactLMError(f"teacher cache: rows {tuple(train_rows.shape)} are not the cache's "
                                  f"({self.n_rows}, {self.seq_len})")
@@ -114,11 +117,11 @@ class TeacherCache:
                 "bytes_per_token": self.bytes_per_token(self.k)}
 
     def get(self, rows: Tensor) -> tuple[Tensor, Tensor]:
-        """The targets of train rows `rows` (b,): log-probabilities (b, S, K) float16 and ids (b, S, K) int32."""
+        """The targets at positions `rows` (b,): log-probabilities (b, S, K) float16 and ids (b, S, K) int32."""
         logp, ids = [], []
         for row in rows.tolist():
             if not 0 <= row < self.n_rows:
-                raise CompactLMError(f"teacher cache: row {row} out of range (0..{self.n_rows - 1})")
+                raise CompactLMError(f"teacher cache: position {row} out of range (0..{self.n_rows - 1})")
             shard, offset = divmod(row, self.rows_per_shard)
             handle = self._open.get(shard)
             if handle is None:

@@ -101,7 +101,7 @@ class SparseTargets(NamedTuple):
 
 
 class CachedTeacher:
-    """The teacher as a `TeacherCache`: call(ids, mask, rows) -> SparseTargets of train rows `rows` (B,)."""
+    """The teacher as a `TeacherCache`: call(ids, mask, rows) -> SparseTargets at cache positions `rows` (B,)."""
 
     def __init__(self, cache):
         self.cache = cache
