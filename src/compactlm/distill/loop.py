@@ -249,7 +249,7 @@ def fit(student: nn.Module, train_rows: Tensor, val_rows: Tensor, tc: TrainConfi
             tick, lr = time.perf_counter(), scheduler.get_last_lr()[0]
             index = _rank_rows(len(train_rows), progress.rows_seen, tc.batch_size, session.seed, d)  # (B/world,)
             per_rank = len(index)  # a cache holds rows in order of use: look them up by stream position
-            where = progress.rows_seen + d.rank * per_rank + torch.arange(per_rank) if teacher_cache else index
+            where = progress.rows_seen + d.rank * per_rank + torch.arange(per_rank) if teacher_cache is not None else index
             row = train_step(trainee, step_teacher, optimizer, train_rows[index], micro, tc, d, where)
             scheduler.step()
             progress.step, progress.rows_seen = progress.step + 1, progress.rows_seen + tc.batch_size
