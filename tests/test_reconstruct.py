@@ -12,7 +12,8 @@ from compactlm.config import TargetConfig
 from compactlm.errors import CompactLMError
 from compactlm.models.family import family_of, get_module
 from compactlm.pruning import keep_all, make_plan, prune_model, resolve_target
-from compactlm.pruning.reconstruct import reconstruct, ridge_fit
+from compactlm.pruning import reconstruct as reconstruct_module
+from compactlm.pruning.reconstruct import reconstruct, ridge_factor, ridge_fit
 
 EXACT = 1e-6  # a ridge this small leaves an exactly solvable fit exact (smaller: float32 noise in G decides
 # the direction that LayerNorm outputs leave out, since their channels sum to a constant)
@@ -50,6 +51,34 @@ def test_ridge_fit_solves_the_normal_equations():
     ones = torch.cat([z, torch.ones(200, 1)], 1)  # a bias column, fitted without penalty
     with_bias = ridge_fit(ones.T @ ones, (y + 2.0).T @ ones, 10.0, bias=True)
     assert torch.allclose(with_bias[:, -1].float().mean(), torch.tensor(2.0), atol=0.3)
+
+
+def test_ridge_fit_without_a_cholesky_factor_solves_the_same_system():
+    """A matrix that is not numerically positive definite is solved by LU instead; both give one answer."""
+    torch.manual_seed(1)
+    z = torch.randn(50, 5, dtype=torch.float64)
+    gram, cross = z.T @ z, torch.randn(2, 5, dtype=torch.float64)
+    matrix, cholesky = ridge_factor(gram, 1e-3, bias=False)
+    assert cholesky
+    plain = ridge_fit(gram, cross, 1e-3, bias=False, factor=(matrix @ matrix.T, False))
+    torch.testing.assert_close(ridge_fit(gram, cross, 1e-3, bias=False), plain)
+    assert not ridge_factor(-torch.eye(3), 1e-3, bias=False)[1]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("sites", ["outputs", "all"])
+def test_shared_statistics_and_replayed_attention_change_no_weight(family, sites, monkeypatch):
+    """One G per input shared by q/k/v (gate/up) and the replayed attention outputs give exactly the weights of
+    fitting each projection from its own G with the attention run again in every pass."""
+    model = model_for(family)
+    plan = smaller_plan(model, drop=1)
+    fast, plain = prune_model(model, plan), prune_model(model, plan)
+    reconstruct(model, fast, plan, calibration(), sites=sites)
+    monkeypatch.setattr(reconstruct_module, "_share_grams", lambda stage: None)
+    monkeypatch.setattr(reconstruct_module._Replay, "hooks", lambda self: [])
+    reconstruct(model, plain, plan, calibration(), sites=sites)
+    for (name, a), b in zip(fast.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

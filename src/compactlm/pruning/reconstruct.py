@@ -22,8 +22,10 @@ Which projections (`sites`):
 
 The layers run layer-major on captured inputs, as in models/layerwise.py: per kept layer the teacher runs once
 (keeping its targets, at the kept output rows and real tokens, until the layer is fitted), and from sequential
-inputs the student runs once per stage of projections and once more to move on. Statistics accumulate in
-float32 (G = sum z z^T, C = sum y z^T, padding excluded), the solve runs in float64; a bias is fitted as a
+inputs the student runs once per stage of projections and once more to move on (its attention, once fitted, is
+recorded and replayed rather than run again). Statistics accumulate in
+float32 (G = sum z z^T, C = sum y z^T, padding excluded; projections that read the same input, q/k/v or
+gate/up, share one G and its Cholesky factor), the solve runs in float64; a bias is fitted as a
 constant input column without penalty. One layer's statistics exist at a time (a 14336-wide MLP's G is 0.8 GB),
 and the refitted weights are ordinary weights: the checkpoint stays plain.
 """
@@ -54,10 +56,11 @@ SITES = ("none", "outputs", "all")
 INPUTS = ("sequential", "teacher")
 
 
-def ridge_fit(gram: Tensor, cross: Tensor, ridge: float, bias: bool) -> Tensor:
-    """Solve W (G + lam D) = C for W in float64: G (k, k) = sum z z^T, C (out, k) = sum y z^T; D is the
-    identity except the last entry when `bias` (the constant column, not penalised). Returns (out, k) float64."""
-    g, c = gram.double(), cross.double()
+def ridge_factor(gram: Tensor, ridge: float, bias: bool) -> tuple[Tensor, bool]:
+    """G + lam D in float64, factorised once for every projection that shares G: (its Cholesky factor, True), or
+    (the matrix, False) in the rare case it is not numerically positive definite. D is the identity except the
+    last entry when `bias` (the constant column, not penalised)."""
+    g = gram.double()
     k = g.shape[0]
     weight_part = k - 1 if bias else k
     lam = ridge * float(g.diagonal()[:weight_part].mean()) if weight_part else 0.0
@@ -65,7 +68,17 @@ def ridge_fit(gram: Tensor, cross: Tensor, ridge: float, bias: bool) -> Tensor:
     if bias:
         penalty[-1] = 0.0
     a = g + torch.diag(penalty * max(lam, 1e-12))
-    return torch.linalg.solve(a, c.T).T  # G is symmetric: (G + lam D) W^T = C^T
+    factor, info = torch.linalg.cholesky_ex(a)
+    return (factor, True) if int(info) == 0 else (a, False)
+
+
+def ridge_fit(gram: Tensor, cross: Tensor, ridge: float, bias: bool,
+              factor: tuple[Tensor, bool] | None = None) -> Tensor:
+    """Solve W (G + lam D) = C for W in float64: G (k, k) = sum z z^T, C (out, k) = sum y z^T (see ridge_factor;
+    pass its result as `factor` to reuse it). Returns (out, k) float64."""
+    matrix, cholesky = factor or ridge_factor(gram, ridge, bias)
+    c = cross.double().T  # G is symmetric: (G + lam D) W^T = C^T
+    return (torch.cholesky_solve(c, matrix) if cholesky else torch.linalg.solve(matrix, c)).T
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -81,24 +94,52 @@ def _stages(family: Family, sites: str) -> list[tuple[str, ...]]:
     return [s for s in (attn_reads, (family.attn_out_path,), mlp_reads, (family.mlp_out_path,)) if s]
 
 
+class _Gram:
+    """Float32 G = sum z z^T over real tokens, shared by the projections of a stage that read the same input
+    (q/k/v; gate/up): summed once per batch and factorised once."""
+
+    def __init__(self, k: int, bias: bool, device: torch.device):
+        self.bias = bias
+        self.sum = torch.zeros(k + int(bias), k + int(bias), dtype=torch.float32, device=device)
+        self.factor: tuple[Tensor, bool] | None = None
+
+    def solve(self, cross: Tensor, ridge: float) -> Tensor:
+        if self.factor is None:
+            self.factor = ridge_factor(self.sum, ridge, self.bias)
+        return ridge_fit(self.sum, cross, ridge, self.bias, self.factor)
+
+
 class _Fit:
-    """Float32 sums for one projection: G = sum z z^T and C = sum y z^T over real tokens."""
+    """Float32 sums for one projection: G = sum z z^T (its own, or one it shares) and C = sum y z^T."""
 
     def __init__(self, k: int, out: int, bias: bool, device: torch.device):
         self.bias = bias
-        k += int(bias)
-        self.gram = torch.zeros(k, k, dtype=torch.float32, device=device)
-        self.cross = torch.zeros(out, k, dtype=torch.float32, device=device)
+        self.gram, self.owns_gram = _Gram(k, bias, device), True
+        self.cross = torch.zeros(out, k + int(bias), dtype=torch.float32, device=device)
         self.tokens = 0
+
+    def share(self, other: _Fit) -> None:
+        """Use `other`'s G (same inputs): it sums them, this fit adds only its own C."""
+        self.gram, self.owns_gram = other.gram, False
 
     def add_(self, z: Tensor, y: Tensor) -> None:
         """z (T, k) student inputs, y (T, out) teacher outputs, real tokens only."""
         z, y = z.float(), y.float()
         if self.bias:
             z = torch.cat([z, torch.ones(z.shape[0], 1, dtype=z.dtype, device=z.device)], 1)
-        self.gram.addmm_(z.T, z)
+        if self.owns_gram:
+            self.gram.sum.addmm_(z.T, z)
         self.cross.addmm_(y.T, z)
         self.tokens += z.shape[0]
+
+
+def _share_grams(stage: list) -> None:
+    """Projections of one stage with the same kept inputs and bias share one G."""
+    for i, site in enumerate(stage):
+        for earlier in stage[:i]:
+            if earlier.fit.owns_gram and earlier.fit.bias == site.fit.bias and torch.equal(earlier.keep_in, site.keep_in):
+                site.fit.share(earlier.fit)
+                break
 
 
 class _Done(Exception):
@@ -169,11 +210,11 @@ class _Site:
     def apply(self, ridge: float, query_scale: float, q_width: int) -> int:
         """Solve, write the refitted weight (and bias) into the student's projection; the tokens it was fitted on
         (0: too few tokens for its inputs, the sliced weights stay)."""
-        k = self.fit.gram.shape[0]
+        k = self.fit.cross.shape[1]
         if self.fit.tokens < MIN_TOKENS_PER_INPUT * k:
             self.fit, self.targets = None, []
             return 0
-        w = ridge_fit(self.fit.gram, self.fit.cross, ridge, self.fit.bias)
+        w = self.fit.gram.solve(self.fit.cross, ridge)
         weight, bias = (w[:, :-1], w[:, -1]) if self.fit.bias else (w, None)
         weight_axes = (None, self.out_label) if self.conv1d else (self.out_label, None)
         weight = weight.T if self.conv1d else weight
@@ -186,6 +227,27 @@ class _Site:
         tokens = self.fit.tokens
         self.fit, self.targets = None, []  # free G, C and the targets before the next site
         return tokens
+
+
+class _Replay:
+    """The student's attention outputs of one layer, once its attention projections are all fitted: recorded in
+    the next student pass, replayed in the passes after it (the MLP stages do not change them), so the attention
+    of a layer runs twice instead of four times. A pass that does not record every batch is not replayed."""
+
+    def __init__(self, module: nn.Module, batches: int):
+        self.module, self.batches, self.outputs = module, batches, []
+
+    def hooks(self) -> list:
+        """For one pass over the batches: a hook that records, or a replacement of the module's forward."""
+        if len(self.outputs) < self.batches:
+            self.outputs.clear()
+            return [self.module.register_forward_hook(lambda module, args, out: self.outputs.append(out))]
+        replay = iter(self.outputs)
+        self.module.forward = lambda *args, **kwargs: next(replay)
+        return [self]
+
+    def remove(self) -> None:  # undo the replacement, as a hook handle's remove() would
+        del self.module.forward
 
 
 def _layer_call(layer: nn.Module, state: Tensor, call: tuple) -> Tensor:
@@ -228,6 +290,7 @@ def reconstruct(teacher: nn.Module, student: nn.Module, plan: Plan, batches: Ite
     dims = family.dims(teacher.config)
     q_width = plan.dims(dims).heads * dims.head_dim
     sequential = inputs == "sequential"
+    attention = family.attn_out_path.rpartition(".")[0]  # the module whose output the o_proj stage completes
     t_layers, s_layers = get_module(teacher, family.layers_path), get_module(student, family.layers_path)
     kept = plan.layers.tolist()
     scaled = bool(family.layer_index_scale_flag and getattr(teacher.config, family.layer_index_scale_flag, False))
@@ -250,21 +313,26 @@ def reconstruct(teacher: nn.Module, student: nn.Module, plan: Plan, batches: Ite
                 j = kept.index(i)
                 stages = [[_Site(p, family, plan, dims, i, t_layers[i], s_layers[j]) for p in stage]
                           for stage in _stages(family, sites)]
+                for stage in stages:
+                    _share_grams(stage)
                 every = [site for stage in stages for site in stage]
                 _run_layer(t_layers[i], t_states, t_calls, i, [s.watch_teacher(real, not sequential) for s in every],
                            advance=True)
                 scale = (j + 1) / (i + 1) if scaled else 1.0
+                replay = None  # the student's attention outputs, from the pass after its last attention stage
                 for stage in stages:
                     if sequential:  # the student's inputs at this stage, earlier stages already refitted
                         counter = _Stage(len(stage))
-                        _run_layer(s_layers[j], s_states, s_calls, j, [s.watch_student(real, counter) for s in stage],
-                                   advance=False)
+                        _run_layer(s_layers[j], s_states, s_calls, j, [s.watch_student(real, counter) for s in stage]
+                                   + (replay.hooks() if replay else []), advance=False)
                     used = [site.apply(ridge, scale, q_width) for site in stage]
                     fitted += sum(1 for t in used if t)
                     skipped += [site.path for site, t in zip(stage, used) if not t]
                     tokens = max(used + [tokens])
+                    if family.attn_out_path in {site.path for site in stage}:
+                        replay = _Replay(get_module(s_layers[j], attention), len(batches))
                 if sequential:  # the student's states through its refitted layer
-                    _run_layer(s_layers[j], s_states, s_calls, j, [], advance=True)
+                    _run_layer(s_layers[j], s_states, s_calls, j, replay.hooks() if replay else [], advance=True)
     finally:
         for states in (t_states, s_states):
             if states is not None:
