@@ -165,6 +165,27 @@ def bounded_full_recipe(overrides: list[str], example: torch.Tensor, bound_s: fl
     return {"status": status, "seconds": seconds, "line": f"{verb} {seconds:.1f} s: {detail}"}
 
 
+def measured_rows(path: Path, ffn: int, teacher_config) -> list[dict]:
+    """compactlm's two rows at `ffn` as prune_quality.py measured them (the same calibration rows and evaluator):
+    run_all prunes each setting once."""
+    results = json.loads(path.read_text())
+    shape = f"ffn {ffn}"
+    picked = [("compactlm paper (activation, reconstruct=none)", "importance", "none"),
+              ("compactlm defaults (activation, reconstruct=all)", "reconstruct", "all")]
+    config = teacher_config.__class__(**teacher_config.to_dict() | {"intermediate_size": ffn})
+    rows = []
+    for name, table, sites in picked:
+        found = [r for r in results.get(table, []) if r["shape"] == shape and r["method"] == "activation"
+                 and r["reconstruct"] == sites and r["calib_sequences"] == 64
+                 and (sites == "none" or (r["inputs"], r["ridge"]) == ("sequential", 1e-3))]
+        if not found:
+            sys.exit(f"bench_torch_pruning: {path} has no {table} row for {name} at {shape}")
+        rows.append({"method": name, "ffn": ffn, "params": params_of_config(config),
+                     "perplexity": found[0]["perplexity"], "tokens": None,
+                     "seconds": found[0]["score_s"] + found[0]["reconstruct_s"]})
+    return rows
+
+
 # ---------------------------------------------------------------- main
 
 def row(method: str, ffn: int, model, seconds: float, val: list) -> dict:
@@ -181,6 +202,9 @@ def main() -> None:
     parser.add_argument("--eval-sequences", type=int, default=64)
     parser.add_argument("--bound-s", type=float, default=600.0, help="time bound for TP's full-recipe set-up")
     parser.add_argument("--run-dir", default="runs/bench/torch_pruning")
+    parser.add_argument("--compactlm-from", type=Path,
+                        help="take compactlm's rows from prune_quality.py's JSON (same calibration and evaluator) "
+                             "instead of pruning again")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
 
@@ -196,8 +220,13 @@ def main() -> None:
     for ffn in FFNS:
         target = [f"target.intermediate_size={ffn}"]
         paper = ["importance.method=activation", "prune.reconstruct=none"]
-        for name, overrides, sub in (("compactlm paper (activation, reconstruct=none)", paper, "paper"),
-                                     (defaults, [], "defaults")):
+        if args.compactlm_from:
+            if args.calib_sequences != 64 or args.calib_seq_len != 256 or args.eval_sequences != 64:
+                parser.error("--compactlm-from needs the calibration and evaluation sizes of prune_quality.py")
+            rows += measured_rows(args.compactlm_from, ffn, teacher.config)
+            print(f"  compactlm, ffn {ffn}: from {args.compactlm_from}", flush=True)
+        for name, overrides, sub in () if args.compactlm_from else (
+                ("compactlm paper (activation, reconstruct=none)", paper, "paper"), (defaults, [], "defaults")):
             model, seconds = compactlm_prune(base, target + overrides, Path(args.run_dir) / f"{sub}-{ffn}")
             rows.append(row(name, ffn, model, seconds, val))
         for method in ("activation", "taylor", "magnitude"):

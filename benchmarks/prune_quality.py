@@ -1,12 +1,13 @@
 """How good is the pruned model before any retraining? SmolLM2-135M cut to three shapes, held-out perplexity.
 
-    python benchmarks/prune_quality.py --out runs/bench/prune_quality.json            # every table (~25 min)
+    python benchmarks/prune_quality.py --out runs/bench/prune_quality.json            # every table (~25 min alone)
     python benchmarks/prune_quality.py --tables importance,aggregation                 # some of them
 
 Tables (all zero-shot, on the same held-out python-docs rows; calibration 64 x 256 tokens unless varied):
 - importance:   each `importance.method` without reconstruction, at every shape.
-- reconstruct:  `prune.reconstruct` x `prune.reconstruct_inputs` (and two ridges) with the default importance.
-- calibration:  the default recipe with 8 to 256 calibration sequences (README shape).
+- reconstruct:  `prune.reconstruct` x `prune.reconstruct_inputs`, the importances and a ridge (REFITS: the rows
+                that decide the defaults).
+- calibration:  the default recipe with 8 to 128 calibration sequences (README shape; --calib-sizes).
 - aggregation:  P1 Table 13 in miniature: all nine (batch, sequence) aggregations, activation importance, no
                 reconstruction, zero-shot LM loss (README shape).
 Shapes: MLP-only to ffn 1072 and 768 (of 1536), and the README's shape (hidden 384, 6 heads, ffn 1024).
@@ -15,6 +16,7 @@ Shapes: MLP-only to ffn 1072 and 768 (of 1536), and the README's shape (hidden 3
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import time
 from functools import cache
@@ -36,6 +38,19 @@ SHAPES = {
 README_SHAPE = "h384 6 heads ffn 1024"
 TABLES = ("importance", "reconstruct", "calibration", "aggregation")
 DEFAULT = PruneConfig()
+_D = ("activation", DEFAULT.reconstruct, DEFAULT.reconstruct_inputs, DEFAULT.ridge)  # the default recipe
+_SLICED = ("activation", "none", DEFAULT.reconstruct_inputs, DEFAULT.ridge)
+# The refit table's rows per shape, (importance, prune.reconstruct, prune.reconstruct_inputs, prune.ridge): the
+# settings that decide the defaults, chosen so that run_all fits in an hour (each refit row is one to two minutes).
+REFITS = {
+    "ffn 1072": [_SLICED, _D],
+    "ffn 768": [_SLICED, ("activation", "outputs", "teacher", DEFAULT.ridge), _D,
+                ("taylor", *_D[1:])],
+    README_SHAPE: [_SLICED, ("activation", "outputs", "teacher", DEFAULT.ridge),
+                   ("activation", "outputs", "sequential", DEFAULT.ridge), _D,
+                   ("activation", "all", "teacher", DEFAULT.ridge), ("taylor", *_D[1:]), ("output_aware", *_D[1:]),
+                   (*_D[:3], 1e-2)],
+}
 
 
 class Bench:
@@ -50,7 +65,16 @@ class Bench:
         self.val = list(data.batches(val, 8))
         self.calib = cache(self._calib)
         self.scores = cache(self._scores)
-        self.row = cache(self._row)  # a setting measured once serves every table that shows it
+        self.rows: dict[tuple, dict] = {}
+
+    def row(self, *args, **kwargs) -> dict:
+        """_row, measured once per setting however it is spelled: every table that shows a setting shares it."""
+        bound = inspect.signature(self._row).bind(*args, **kwargs)
+        bound.apply_defaults()
+        key = tuple(bound.arguments.values())
+        if key not in self.rows:
+            self.rows[key] = self._row(*key)
+        return self.rows[key]
 
     def _calib(self, sequences: int) -> list:
         cfg = load_config(None, ["model=smollm2-135m", "data=python-docs", f"calib.sequences={sequences}",
@@ -89,18 +113,8 @@ def run_tables(bench: Bench, tables: list[str], shapes: list[str], calib_sizes: 
         out["importance"] = [bench.row(shape, method) for shape in shapes
                              for method in ("activation", "output_aware", "taylor", "magnitude", "random")]
     if "reconstruct" in tables:
-        rows = []
-        for shape in shapes:
-            rows.append(bench.row(shape))
-            variants = [(DEFAULT.reconstruct, DEFAULT.reconstruct_inputs)] if shape == "ffn 1072" else [
-                ("outputs", "teacher"), ("outputs", "sequential"), ("all", "sequential")] + (
-                [("all", "teacher")] if shape == README_SHAPE else [])
-            rows += [bench.row(shape, sites=sites, how=how) for sites, how in variants]
-            if shape != "ffn 1072":  # does the better importance still win after the refit?
-                rows += [bench.row(shape, method, sites=DEFAULT.reconstruct) for method in ("output_aware", "taylor")]
-        rows += [bench.row(shape, sites=DEFAULT.reconstruct, ridge=r) for shape in shapes
-                 for r in ((1e-4, 1e-2) if shape == README_SHAPE else (1e-2,))]
-        out["reconstruct"] = rows
+        out["reconstruct"] = [bench.row(shape, method, sites=sites, how=how, ridge=ridge)
+                              for shape in shapes for method, sites, how, ridge in REFITS[shape]]
     if "calibration" in tables:
         out["calibration"] = [bench.row(README_SHAPE, sequences=n, sites=DEFAULT.reconstruct) for n in calib_sizes]
     if "aggregation" in tables:
@@ -129,7 +143,7 @@ def main() -> None:
     parser.add_argument("--eval-sequences", type=int, default=64)
     parser.add_argument("--calib-seq-len", type=int, default=256)
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
-    parser.add_argument("--calib-sizes", default="8,16,32,64,128,256", help="calibration sequences of that table")
+    parser.add_argument("--calib-sizes", default="8,16,32,64,128", help="calibration sequences of that table")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
     tables, shapes = [t for t in args.tables.split(",") if t], [s for s in args.shapes.split(",") if s]
