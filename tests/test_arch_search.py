@@ -154,9 +154,9 @@ def test_search_picks_by_distilled_loss(token_batch):
     cfg = SearchConfig(target_params=0.5, tolerance=0.3, max_candidates=6, top_k=3)
     calls = []
 
-    def distill_fn(student) -> float:
-        calls.append(fam.dims(student.config))
-        return -perplexity(student, [token_batch])["loss"]
+    def distill_fn(students) -> list[float]:
+        calls.extend(fam.dims(s.config) for s in students)
+        return [-perplexity(s, [token_batch])["loss"] for s in students]
 
     _, zero_shot = search(model, scores, cfg, [token_batch])
     assert len(zero_shot) >= 3 and len({c.zero_shot_loss for c in zero_shot[:3]}) == 3

@@ -19,7 +19,7 @@ from transformers import AutoConfig
 from compactlm.config import TrainConfig, load_config
 from compactlm.distill import checkpoint as ckpt
 from compactlm.distill.distributed import Dist
-from compactlm.distill.loop import batch_rows, build, lr_at, make_optimizer, train_step, validate
+from compactlm.distill.loop import Session, batch_rows, build, fit, fit_together, lr_at, make_optimizer, train_step, validate
 from compactlm.errors import CompactLMError
 from compactlm.stages import distill as run_distill
 from compactlm.stages import train as run_train
@@ -171,6 +171,30 @@ def test_micro_batches_give_the_same_step_as_one_batch(models):
         assert metrics["grad_norm"] == pytest.approx(results[0][0]["grad_norm"], rel=1e-4)
         for a, b in zip(params, results[0][1]):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_students_distilled_together_end_as_each_alone(models, tmp_path):
+    """Two students stepping on one teacher forward per micro-batch end with exactly the weights and validation
+    loss that each reaches distilled on its own (the search's brief trials)."""
+    from transformers import AutoModelForCausalLM
+
+    g = torch.Generator().manual_seed(0)
+    train, val = torch.randint(1, 300, (16, 16), generator=g), torch.randint(1, 300, (4, 16), generator=g)
+    tc = load_config(None, ["distill.steps=3", "distill.batch_size=4", "distill.micro_batch_size=2",
+                            "distill.warmup_steps=1", "distill.ce_weight=0.2"]).distill
+    session = Session(tmp_path, CPU, seed=5, save=False)
+    teacher = AutoModelForCausalLM.from_pretrained(models["teacher"]).eval()
+    fresh = [AutoModelForCausalLM.from_pretrained(models[name]) for name in ("student", "teacher")]
+    calls = []
+    teacher.model.register_forward_hook(lambda *args: calls.append(1))  # the decoder: Teacher skips the head
+    together = fit_together(fresh, train, val, tc, session, teacher)
+    assert len(calls) == 3 * 2  # steps x micro-batches: one teacher forward serves both students
+    for model, result, name in zip(fresh, together, ("student", "teacher")):
+        alone = AutoModelForCausalLM.from_pretrained(models[name])
+        expected = fit(alone, train, val, tc, session, teacher=teacher)
+        assert result["val_loss"] == pytest.approx(expected["val_loss"], rel=1e-6)
+        for a, b in zip(model.parameters(), alone.parameters()):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_validation_matches_evaluate(models):

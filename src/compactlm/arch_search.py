@@ -270,9 +270,10 @@ def _loss_key(loss: float | None) -> float:
 
 def search(teacher, scores: Scores, cfg: SearchConfig, val_batches: list, *,
            layer_metric: str = "block_importance", keep_last_layer: bool = True,
-           distill_fn: Callable[[torch.nn.Module], float] | None = None,
+           distill_fn: Callable[[list[torch.nn.Module]], list[float]] | None = None,
            progress: bool = False) -> tuple[Candidate, list[Candidate]]:
-    """(chosen, every candidate ranked); `distill_fn(student) -> val loss` briefly distills the best top_k."""
+    """(chosen, every candidate ranked); `distill_fn(students) -> their val losses` briefly distills the best
+    top_k (given all at once, so that they can share the teacher's forward passes)."""
     family = family_of(teacher)
     source = family.dims(teacher.config)
     device = next(teacher.parameters()).device
@@ -297,14 +298,12 @@ def search(teacher, scores: Scores, cfg: SearchConfig, val_batches: list, *,
         log.info("search: %s params=%d zero-shot loss %.4f", cand.dims, cand.params, loss)
     ordered = sorted(scored, key=lambda c: _loss_key(c.zero_shot_loss))
     if distill_fn is not None and cfg.top_k > 0:
-        distilled = []
-        for cand in tqdm(ordered[: cfg.top_k], desc="search: distill", disable=not progress):
-            student = pruned(cand)
-            loss = float(distill_fn(student))
-            del student
-            _free(device)
-            distilled.append(dataclasses.replace(cand, distilled_loss=loss))
-            log.info("search: %s distilled loss %.4f", cand.dims, loss)
+        best = ordered[: cfg.top_k]
+        losses = [float(x) for x in distill_fn([pruned(c) for c in best])]
+        _free(device)
+        distilled = [dataclasses.replace(c, distilled_loss=loss) for c, loss in zip(best, losses)]
+        for c in distilled:
+            log.info("search: %s distilled loss %.4f", c.dims, c.distilled_loss)
         ordered = sorted(distilled, key=lambda c: _loss_key(c.distilled_loss)) + ordered[cfg.top_k:]
     ranked = [dataclasses.replace(c, rank=i + 1) for i, c in enumerate(ordered)]
     return ranked[0], ranked

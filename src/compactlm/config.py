@@ -209,6 +209,8 @@ class SearchConfig:
     max_latency_ms: float | None = None  # drop candidates slower than this (forward of one sequence, this device)
     top_k: int = 3  # candidates distilled briefly before the final choice
     distill_steps: int = 20  # steps of that short distillation (P1: ~400 at scale)
+    distill_together: bool = True  # the top_k step on each batch from one teacher forward (false: one at a time,
+    # holding one student and its optimizer state instead of top_k)
 
     def __post_init__(self) -> None:
         _size_or_fraction(self, "target_params")

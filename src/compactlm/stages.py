@@ -249,7 +249,7 @@ def search(cfg: Config) -> dict:
     chosen, ranked = arch.search(
         teacher, scores, cfg.search, val, layer_metric=cfg.target.layer_metric,
         keep_last_layer=cfg.target.keep_last_layer, progress=True,
-        distill_fn=lambda student: _brief_distill(cfg, student, teacher, rows))
+        distill_fn=lambda students: _brief_distill(cfg, students, teacher, rows))
     with staged_output(cfg.out_dir) as tmp:
         arch.write_table(ranked, chosen, tmp / "search.md", tmp / "search.json")
         save_config(cfg, tmp / CONFIG_FILE)
@@ -259,22 +259,28 @@ def search(cfg: Config) -> dict:
     return {"target": shape, "params": chosen.params, "candidates": len(ranked)}
 
 
-def _brief_distill(cfg: Config, student, teacher, rows: data.Splits) -> float:
-    """Validation loss of `student` after `search.distill_steps` steps of distillation (a trial: nothing kept)."""
+def _brief_distill(cfg: Config, students: list, teacher, rows: data.Splits) -> list[float]:
+    """Validation losses of `students` after `search.distill_steps` steps of distillation each (trials: nothing
+    kept), on the same batches: together from one teacher forward per batch (`search.distill_together`), or one
+    after another."""
     from compactlm.distill.distributed import setup
-    from compactlm.distill.loop import Session, fit
+    from compactlm.distill.loop import Session, fit, fit_together
 
     tc = dataclasses.replace(cfg.distill, steps=cfg.search.distill_steps, eval_every=None, save_every=None,
                              warmup_steps=1)
     parent = Path(cfg.out_dir).parent
     parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".search-distill.", dir=parent))  # only metrics.jsonl lands here
+    val = rows.val[: tc.eval_sequences]
     try:
-        session = Session(scratch, setup(cfg.device), None, cfg.seed, save=False)
-        result = fit(student, rows.train, rows.val[: tc.eval_sequences], tc, session, teacher=teacher)
+        session = Session(scratch, setup(cfg.device), None, cfg.seed, save=False, progress=True)
+        if cfg.search.distill_together:
+            results = fit_together(students, rows.train, val, tc, session, teacher)
+        else:
+            results = [fit(s, rows.train, val, tc, session, teacher=teacher) for s in students]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return float(result["val_loss"])
+    return [float(r["val_loss"]) for r in results]
 
 
 # ---------------------------------------------------------------- evaluation and report

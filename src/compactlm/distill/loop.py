@@ -280,6 +280,56 @@ def fit(student: nn.Module, train_rows: Tensor, val_rows: Tensor, tc: TrainConfi
     return out
 
 
+class _SharedTeacher:
+    """The teacher's outputs for one batch, computed for the first student's step and replayed to the others."""
+
+    def __init__(self, teacher: Teacher):
+        self.teacher, self.outs, self.calls = teacher, [], 0
+
+    def next_batch(self) -> None:
+        self.outs, self.calls = [], 0
+
+    def rewind(self) -> None:
+        self.calls = 0
+
+    def __call__(self, ids: Tensor, mask: Tensor, rows: Tensor | None = None):
+        if self.calls == len(self.outs):
+            self.outs.append(self.teacher(ids, mask, rows))
+        self.calls += 1
+        return self.outs[self.calls - 1]
+
+
+def fit_together(students: list[nn.Module], train_rows: Tensor, val_rows: Tensor, tc: TrainConfig,
+                 session: Session, teacher: nn.Module) -> list[dict[str, Any]]:
+    """Distil `students` on the same batches as `fit` would, one teacher forward per micro-batch serving them all
+    (the search's brief trials): each ends with the weights `fit` gives it alone. Nothing is saved or resumed.
+    Returns per student {"steps", "tokens", "val_loss", "val_ppl", "wall_s"} (wall: the shared run's)."""
+    d = session.dist
+    micro, total = tc.micro_batch_size or tc.batch_size // d.world, total_steps(tc)
+    runs = []
+    for student in students:
+        trainee, wrapped = build(student, teacher, tc, d)
+        optimizer = make_optimizer(trainee, tc)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total, tc) / tc.lr)
+        runs.append((trainee, optimizer, scheduler))
+    shared = _SharedTeacher(wrapped)
+    start, rows_seen = time.perf_counter(), 0
+    for step in tqdm(range(total), unit="step", desc=f"distill {len(runs)} together",
+                     disable=not (session.progress and d.is_main), dynamic_ncols=True):
+        index = _rank_rows(len(train_rows), rows_seen, tc.batch_size, session.seed, d)
+        shared.next_batch()
+        for trainee, optimizer, scheduler in runs:
+            shared.rewind()
+            row = train_step(trainee, shared, optimizer, train_rows[index], micro, tc, d, index)
+            scheduler.step()
+            if not math.isfinite(row["loss"]):
+                raise CompactLMError(f"loss is {row['loss']} at step {step + 1}: try a lower lr")
+        rows_seen += tc.batch_size
+    wall = time.perf_counter() - start
+    return [{"steps": total, "tokens": total * tc.batch_size * tc.seq_len, "wall_s": wall,
+             **validate(trainee, None, val_rows, micro, d)} for trainee, _, _ in runs]
+
+
 def _rank_rows(n_rows: int, rows_seen: int, batch_size: int, seed: int, d: Dist) -> Tensor:
     """This rank's contiguous slice (B / world,) of the next global batch of the shuffled stream: row indices."""
     order = batch_rows(n_rows, rows_seen, batch_size, seed)  # (B,)
