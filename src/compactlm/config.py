@@ -399,7 +399,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), cls: 
 # batch is split over micro-batches (same gradients), what the evaluation measures besides its loss.
 MAY_CHANGE_ON_RESUME = frozenset({
     "resume", "device", "out_dir", "eval.speed", "eval.speed_modes", "eval.speed_batches", "distill.teacher_cache",
-    "eval.tasks", "eval.task_limit", "eval.batch_size",
+    "eval.tasks", "eval.task_limit", "eval.batch_size", "search.distill_together",
     *(f"{section}.{key}" for section in ("distill", "train", "correction")
       for key in ("micro_batch_size", "eval_every", "save_every", "log_every", "activation_checkpointing",
                   "teacher_sharded", "teacher_offload")),
