@@ -109,6 +109,55 @@ def test_run_with_search(tiny_checkpoint, text_file, tmp_path, capsys):
     assert (run_dir / "search.png").is_file()
 
 
+def test_cascade_prunes_each_size_from_the_one_before(tiny_checkpoint, text_file, tmp_path, capsys):
+    """Sizes as lists: size-1 is pruned from the teacher, size-2 from size-1's distilled model, both distilled
+    from the teacher; a fraction is of the teacher at every size; one report lists both; a rerun does nothing."""
+    run_dir = tmp_path / "run"
+    args = tiny_run_args(tiny_checkpoint, text_file, run_dir) + [
+        "target.hidden_size=[24,16]", "target.num_attention_heads=2", "target.intermediate_size=[0.5,0.25]",
+        "distill.steps=2", "distill.eval_every=1", "eval.speed=false"]
+    assert main(["run", "--dry-run", *args]) == 0
+    listed = capsys.readouterr().out
+    assert "size-1/score" in listed and "size-2/distill" in listed and "report: report.md: every size" in listed
+    assert main(["run", *args]) == 0, capsys.readouterr().err
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_checkpoint).config
+    for i, hidden, ffn in ((1, 24, round(0.5 * teacher.intermediate_size)),
+                           (2, 16, round(0.25 * teacher.intermediate_size))):
+        size = run_dir / f"size-{i}"
+        config = AutoModelForCausalLM.from_pretrained(size / "distill" / "final").config
+        assert (config.hidden_size, config.intermediate_size, config.num_attention_heads) == (hidden, ffn, 2)
+        source = str(tiny_checkpoint) if i == 1 else str(run_dir / "size-1" / "distill" / "final")
+        assert load_config(size / "prune" / "compactlm.yaml").model == source
+        assert load_config(size / "distill" / "compactlm.yaml").teacher == str(tiny_checkpoint)
+        assert (size / "report.md").is_file()
+    report = (run_dir / "report.md").read_text()
+    assert "[size-1](size-1/report.md)" in report and "[size-2](size-2/report.md)" in report
+    assert (run_dir / "training.png").read_bytes()[:4] == b"\x89PNG"
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob(pipeline.DONE)}
+    assert main(["run", *args]) == 0
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob(pipeline.DONE)} == before
+    (run_dir / "report.md").unlink()
+    assert main(["report", str(run_dir)]) == 0 and (run_dir / "report.md").read_text() == report
+
+
+@pytest.mark.parametrize("keys, message", [
+    (["target.hidden_size=[24,16]", "target.intermediate_size=[0.5,0.4,0.3]"], "differ in length"),
+    (["target.hidden_size=[16,24]"], "must not grow"),
+    (["target.hidden_size=[24,0.5]"], "all absolute or all fractions"),
+    (["target.hidden_size=[24,16]", "target.drop_layers=[0]"], "drop_layers"),
+])
+def test_bad_cascades_are_one_line_errors(tiny_checkpoint, text_file, tmp_path, capsys, keys, message):
+    assert main(["run", "--dry-run", *tiny_run_args(tiny_checkpoint, text_file, tmp_path / "run"), *keys]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_one_size_commands_refuse_a_cascade(tiny_checkpoint, tmp_path, capsys):
+    assert main(["prune", f"model={tiny_checkpoint}", "target.hidden_size=[24,16]", f"out_dir={tmp_path / 'p'}"]) == 2
+    assert "only `compactlm run` makes a cascade" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
+
+
 def test_interrupted_run_resumes_where_it_stopped(tiny_checkpoint, text_file, tmp_path):
     """Kill `compactlm run` during distillation; the rerun skips score/prune and continues the checkpoint."""
     run_dir = tmp_path / "run"

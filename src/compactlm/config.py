@@ -40,13 +40,23 @@ def _at_least(section: Any, minimum: float, *keys: str) -> None:
 
 
 def _size_or_fraction(section: Any, *keys: str) -> None:
-    """Sizes: an int >= 1 (absolute) or a float in (0, 1] (the fraction to keep)."""
+    """Sizes: an int >= 1 (absolute) or a float in (0, 1] (the fraction to keep); or a list of them, one per size
+    of a cascade, in decreasing order."""
     for key in keys:
         value = getattr(section, key)
-        if isinstance(value, float) and not 0.0 < value <= 1.0:
-            raise InvalidValue(key, value, "a fraction must lie in (0, 1] (the share to keep)")
-        if isinstance(value, int) and value < 1:
-            raise InvalidValue(key, value, "must be at least 1")
+        for v in value if isinstance(value, tuple) else (value,):
+            if isinstance(v, float) and not 0.0 < v <= 1.0:
+                raise InvalidValue(key, value, "a fraction must lie in (0, 1] (the share to keep)")
+            if isinstance(v, int) and v < 1:
+                raise InvalidValue(key, value, "must be at least 1")
+        if isinstance(value, tuple):
+            if len({type(v) for v in value}) > 1:
+                raise InvalidValue(key, value, "a cascade's sizes are all absolute or all fractions")
+            if any(b > a for a, b in zip(value, value[1:])):
+                raise InvalidValue(key, value, "a cascade's sizes must not grow")
+
+
+Size = int | float | tuple[int | float, ...] | None  # a tuple: one size per step of a cascade
 
 
 @dataclass(frozen=True)
@@ -98,11 +108,11 @@ class PruneConfig:
 
 @dataclass(frozen=True)
 class TargetConfig:
-    hidden_size: int | float | None = None
-    intermediate_size: int | float | None = None
-    num_attention_heads: int | float | None = None
-    num_key_value_heads: int | float | None = None  # fewer than the teacher's drops whole KV groups
-    num_hidden_layers: int | float | None = None
+    hidden_size: Size = None
+    intermediate_size: Size = None
+    num_attention_heads: Size = None
+    num_key_value_heads: Size = None  # fewer than the teacher's drops whole KV groups
+    num_hidden_layers: Size = None
     drop_layers: tuple[int, ...] | None = None  # explicit layers to remove (instead of a metric)
     layer_metric: str = choice("lm_loss", "lm_loss", "block_importance", "contiguous", "magnitude", "random")
     keep_last_layer: bool = True  # the contiguous-block search never drops the final layer (P2)
@@ -197,7 +207,7 @@ class DistillConfig(TrainConfig):
 
 @dataclass(frozen=True)
 class SearchConfig:
-    target_params: int | float | None = None  # "70M", or a fraction of the teacher's parameters
+    target_params: Size = None  # "70M", or a fraction of the teacher's parameters; a list: a cascade
     tolerance: float = 0.05  # candidates within +-5% of target_params (P1)
     layers: tuple[int, ...] | None = None  # grids; None derives one from the teacher
     heads: tuple[int, ...] | None = None
@@ -393,6 +403,52 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), cls: 
     """YAML file (optional) + `key=value` overrides -> a validated frozen config."""
     data = read_yaml(path) if path else {}
     return from_dict(cls, _merge(data, parse_overrides(list(overrides))))
+
+
+# The size keys that may list one size per step of a cascade (`compactlm run` only).
+CASCADE_KEYS = ("target.hidden_size", "target.intermediate_size", "target.num_attention_heads",
+                "target.num_key_value_heads", "target.num_hidden_layers", "search.target_params")
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    section, key = dotted.split(".")
+    return getattr(getattr(cfg, section), key)
+
+
+def cascade_length(cfg: Config) -> int:
+    """How many sizes a run makes: 1, or the common length of its list-valued size keys (a cascade: prune to the
+    first size and distil, prune that to the next and distil, ...)."""
+    lists = {key: len(_get(cfg, key)) for key in CASCADE_KEYS if isinstance(_get(cfg, key), tuple)}
+    if not lists:
+        return 1
+    if len(set(lists.values())) > 1:
+        raise CompactLMError(f"a cascade's size lists differ in length: {', '.join(f'{k} has {n}' for k, n in lists.items())}")
+    if cfg.target.drop_layers is not None:
+        raise CompactLMError("target.drop_layers cannot be used in a cascade (its indices are the teacher's layers)")
+    return next(iter(lists.values()))
+
+
+def cascade_step(cfg: Config, i: int, teacher: dict[str, int]) -> Config:
+    """Size i of a cascade: each list-valued size key replaced by its i-th entry, and every fraction, listed or
+    not, made absolute against the teacher's `teacher` sizes (keys as CASCADE_KEYS; "search.target_params": its
+    parameter count): in a cascade a fraction is always of the teacher, whatever model the step prunes."""
+    sections: dict[str, dict] = {}
+    for key in CASCADE_KEYS:
+        value = _get(cfg, key)
+        value = value[i] if isinstance(value, tuple) else value
+        if isinstance(value, float):
+            value = max(1, round(value * teacher[key]))
+        section, name = key.split(".")
+        sections.setdefault(section, {})[name] = value
+    return dataclasses.replace(cfg, **{name: dataclasses.replace(getattr(cfg, name), **values)
+                                       for name, values in sections.items()})
+
+
+def check_one_size(cfg: Config, command: str) -> None:
+    """A list of sizes (a cascade) is for `compactlm run`: other commands make one model."""
+    if listed := [key for key in CASCADE_KEYS if isinstance(_get(cfg, key), tuple)]:
+        raise CompactLMError(f"{listed[0]} lists several sizes (a cascade): only `compactlm run` makes a cascade, "
+                             f"`{command}` takes one size")
 
 
 # What may differ when a run or a training resumes: where it runs, how often it reports and saves, how a

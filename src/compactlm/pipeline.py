@@ -1,5 +1,7 @@
 """`compactlm run`: the stages in order (teacher correction, score, search or explicit target, prune, distill,
 evaluate, GGUF export when export.type is set, report), each in its own folder of the run directory, resumable.
+A cascade (size keys given as lists, P1's iterative recipe) makes each size in RUN/size-<i> from the previous
+size's distilled model, every size distilled from the teacher, and ends with one report of all sizes.
 
 This module only orders and resumes: a `Stage` is a function of stages.py plus the config it gets inside the
 run directory. Each stage marks itself done with a `stage.json` written last; rerunning the command skips
@@ -17,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from compactlm import stages
-from compactlm.config import Config, check_resume, save_config
+from compactlm.config import Config, cascade_length, cascade_step, check_resume, save_config
 from compactlm.errors import CompactLMError
 
 log = logging.getLogger(__name__)
@@ -26,11 +28,21 @@ DONE = "stage.json"
 
 
 @dataclasses.dataclass(frozen=True)
+class Step:
+    """One size of the run: where its stages live and what they start from."""
+
+    dir: Path  # the run directory, or RUN/size-<i> in a cascade
+    source: str  # the model scored and pruned: the teacher, or the previous size's distilled model
+    teacher: str  # the model distilled from and compared against: the run's teacher at every size
+    run: Path  # the run directory (its teacher cache is shared by every size)
+
+
+@dataclasses.dataclass(frozen=True)
 class Stage:
     name: str
     what: str
     fn: Callable[[Config], dict]  # a stage of stages.py
-    configure: Callable[[Config, Path], Config]  # (run config, run directory) -> this stage's config
+    configure: Callable[[Config, Step], Config]  # (run or size config, where it runs) -> this stage's config
 
 
 def teacher_spec(cfg: Config, run: Path) -> str:
@@ -38,73 +50,73 @@ def teacher_spec(cfg: Config, run: Path) -> str:
     return str(run / "correction" / "final") if cfg.correction.enabled else cfg.model
 
 
-def _with_scores(cfg: Config, run: Path) -> Config:
+def _with_scores(cfg: Config, step: Step) -> Config:
     return dataclasses.replace(cfg, importance=dataclasses.replace(
-        cfg.importance, scores=str(run / "score" / stages.SCORES_FILE)))
+        cfg.importance, scores=str(step.dir / "score" / stages.SCORES_FILE)))
 
 
-def target_of(cfg: Config, run: Path) -> Config:
+def target_of(cfg: Config, step_dir: Path) -> Config:
     """The config with `target.*` filled from the search's choice when a search ran."""
-    chosen = run / "search" / DONE
+    chosen = step_dir / "search" / DONE
     if not cfg.search.target_params or not chosen.is_file():
         return cfg
     shape = json.loads(chosen.read_text())["target"]
     return dataclasses.replace(cfg, target=dataclasses.replace(cfg.target, **shape))
 
 
-def _correction(cfg: Config, run: Path) -> Config:
+def _correction(cfg: Config, step: Step) -> Config:
     # init=random makes this stage train the teacher from scratch (the seed project's Tiny Shakespeare GPT)
-    return dataclasses.replace(cfg, train=cfg.correction, out_dir=str(run / "correction"), resume=True)
+    return dataclasses.replace(cfg, train=cfg.correction, out_dir=str(step.run / "correction"), resume=True)
 
 
-def _score(cfg: Config, run: Path) -> Config:
-    return dataclasses.replace(cfg, model=teacher_spec(cfg, run), out_dir=str(run / "score"))
+def _score(cfg: Config, step: Step) -> Config:
+    return dataclasses.replace(cfg, model=step.source, out_dir=str(step.dir / "score"))
 
 
-def _search(cfg: Config, run: Path) -> Config:
-    return dataclasses.replace(_with_scores(cfg, run), model=teacher_spec(cfg, run), out_dir=str(run / "search"))
+def _search(cfg: Config, step: Step) -> Config:
+    return dataclasses.replace(_with_scores(cfg, step), model=step.source, out_dir=str(step.dir / "search"))
 
 
-def _prune(cfg: Config, run: Path) -> Config:
-    return dataclasses.replace(_with_scores(target_of(cfg, run), run), model=teacher_spec(cfg, run),
-                               out_dir=str(run / "prune"))
+def _prune(cfg: Config, step: Step) -> Config:
+    return dataclasses.replace(_with_scores(target_of(cfg, step.dir), step), model=step.source,
+                               out_dir=str(step.dir / "prune"))
 
 
-def _distill(cfg: Config, run: Path) -> Config:
-    cache = cfg.distill.teacher_cache or str(run / "teacher_cache")  # one per run: shared by what distils in it
-    return dataclasses.replace(cfg, teacher=teacher_spec(cfg, run), student=str(run / "prune"),
-                               out_dir=str(run / "distill"), resume=True, init="pretrained",
+def _distill(cfg: Config, step: Step) -> Config:
+    cache = cfg.distill.teacher_cache or str(step.run / "teacher_cache")  # one per run: shared by what distils in it
+    return dataclasses.replace(cfg, teacher=step.teacher, student=str(step.dir / "prune"),
+                               out_dir=str(step.dir / "distill"), resume=True, init="pretrained",
                                distill=dataclasses.replace(cfg.distill, teacher_cache=cache))
 
 
-def _evaluate(cfg: Config, run: Path) -> Config:
-    return dataclasses.replace(cfg, teacher=teacher_spec(cfg, run), student=str(run / "prune"),
-                               model=str(run / "distill" / "final"), out_dir=str(run / "evaluate"))
+def _evaluate(cfg: Config, step: Step) -> Config:
+    return dataclasses.replace(cfg, teacher=step.teacher, student=str(step.dir / "prune"),
+                               model=str(step.dir / "distill" / "final"), out_dir=str(step.dir / "evaluate"))
 
 
-def _export(cfg: Config, run: Path) -> Config:
-    return dataclasses.replace(cfg, model=str(run / "distill" / "final"),
-                               out=str(run / "export" / f"model-{cfg.export.type}.gguf"))
+def _export(cfg: Config, step: Step) -> Config:
+    return dataclasses.replace(cfg, model=str(step.dir / "distill" / "final"),
+                               out=str(step.dir / "export" / f"model-{cfg.export.type}.gguf"))
 
 
-def _report(cfg: Config, run: Path) -> Config:
-    return dataclasses.replace(cfg, out_dir=str(run))
+def _report(cfg: Config, step: Step) -> Config:
+    return dataclasses.replace(cfg, out_dir=str(step.dir))
+
+
+def _cascade_report(cfg: Config, step: Step) -> Config:
+    return dataclasses.replace(cfg, out_dir=str(step.run))
 
 
 def plan_stages(cfg: Config) -> list[Stage]:
-    """The stages this config runs, in order."""
-    out = []
-    if cfg.correction.enabled:
-        out.append(Stage("correction", f"fine-tune the teacher {cfg.model} on {cfg.data} (teacher correction)",
-                         stages.train, _correction))
-    out.append(Stage("score", f"importance of channels, heads, neurons and layers ({cfg.importance.method})",
-                     stages.score, _score))
+    """The stages that make one size, in order (correction, once per run, not included)."""
+    out = [Stage("score", f"importance of channels, heads, neurons and layers ({cfg.importance.method})",
+                 stages.score, _score)]
     if cfg.search.target_params:
         out.append(Stage("search", f"search architectures of ~{cfg.search.target_params} parameters",
                          stages.search, _search))
     refit = "" if cfg.prune.reconstruct == "none" else (
         f", refit the projections around the cut ({cfg.prune.reconstruct}, {cfg.prune.reconstruct_inputs} inputs)")
-    out.append(Stage("prune", f"cut the teacher to the target{refit}, save a Hugging Face checkpoint",
+    out.append(Stage("prune", f"cut the model to the target{refit}, save a Hugging Face checkpoint",
                      stages.prune, _prune))
     budget = f"{cfg.distill.steps} steps" if cfg.distill.steps else f"{cfg.distill.tokens} tokens"
     out.append(Stage("distill", f"distill from the teacher for {budget}", stages.distill, _distill))
@@ -117,6 +129,48 @@ def plan_stages(cfg: Config) -> list[Stage]:
     return out
 
 
+CASCADE_REPORT = Stage("report", "report.md: every size of the cascade", stages.cascade_report, _cascade_report)
+
+
+def _teacher_sizes(spec: str) -> dict[str, int]:
+    """The teacher's sizes under config.CASCADE_KEYS, from its config alone (no weights)."""
+    from compactlm.models.family import family_of
+    from compactlm.models.loading import load_model_config, params_of_config
+
+    config = load_model_config(spec)
+    d = family_of(config).dims(config)
+    return {"target.hidden_size": d.hidden, "target.intermediate_size": d.ffn, "target.num_attention_heads": d.heads,
+            "target.num_key_value_heads": d.kv_heads, "target.num_hidden_layers": d.layers,
+            "search.target_params": params_of_config(config)}
+
+
+def plan(cfg: Config, resolve: bool = True) -> list[tuple[Stage, Config, Step]]:
+    """Every stage of the run with the config it runs under and where: correction (when enabled) once, then the
+    stages of each size; in a cascade (list-valued sizes) each size in RUN/size-<i>, pruned from the previous
+    size's distilled model, distilled from the teacher, then one report. `resolve=False` (a dry run) leaves a
+    cascade's fractions as given instead of reading the teacher's config."""
+    run = Path(cfg.out_dir)
+    teacher = teacher_spec(cfg, run)
+    correction = Stage("correction", f"fine-tune the teacher {cfg.model} on {cfg.data} (teacher correction)",
+                       stages.train, _correction)
+    out = [(correction, cfg, Step(run, cfg.model, cfg.model, run))] if cfg.correction.enabled else []
+    n = cascade_length(cfg)
+    if n == 1:
+        return out + [(stage, cfg, Step(run, teacher, teacher, run)) for stage in plan_stages(cfg)]
+    sizes = _teacher_sizes(cfg.model) if resolve else None  # a corrected teacher keeps the teacher's shape
+    source = teacher
+    for i in range(n):
+        size_cfg = cascade_step(cfg, i, sizes) if sizes else cfg
+        step = Step(run / f"size-{i + 1}", source, teacher, run)
+        out += [(stage, size_cfg, step) for stage in plan_stages(size_cfg)]
+        source = str(step.dir / "distill" / "final")
+    return out + [(CASCADE_REPORT, cfg, Step(run, teacher, teacher, run))]
+
+
+def _marker(stage: Stage, step: Step) -> Path:
+    return (step.run if stage.fn is stages.train else step.dir) / stage.name / DONE
+
+
 def check(cfg: Config) -> None:
     """Checks that need no model: run directory, explicit target or search, data source, model spec."""
     from compactlm.data import BUILTIN_DATA
@@ -126,6 +180,7 @@ def check(cfg: Config) -> None:
     if not cfg.out_dir:
         raise CompactLMError("run needs out_dir=DIR (the run directory)")
     check_out_dir(cfg.out_dir)
+    cascade_length(cfg)  # list-valued sizes agree in length
     if not cfg.search.target_params and not any(
         getattr(cfg.target, k) is not None for k in
         ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers", "drop_layers")
@@ -143,9 +198,10 @@ def dry_run(cfg: Config) -> list[str]:
     """The lines `run --dry-run` prints: what would run, what is already done. Loads no model."""
     check(cfg)
     lines = [f"run directory: {cfg.out_dir}"]
-    for i, stage in enumerate(plan_stages(cfg), 1):
-        done = " (done)" if (Path(cfg.out_dir) / stage.name / DONE).is_file() else ""
-        lines.append(f"{i}. {stage.name}: {stage.what}{done}")
+    for i, (stage, _, step) in enumerate(plan(cfg, resolve=False), 1):
+        done = " (done)" if _marker(stage, step).is_file() else ""
+        where = f"{step.dir.name}/" if step.dir != step.run and stage is not CASCADE_REPORT else ""
+        lines.append(f"{i}. {where}{stage.name}: {stage.what}{done}")
     return lines
 
 
@@ -160,19 +216,20 @@ def run(cfg: Config) -> dict:
     check_resume(cfg, run_dir / stages.CONFIG_FILE)
     save_config(cfg, run_dir / stages.CONFIG_FILE)
     summary = {}
-    for stage in plan_stages(cfg):
-        marker = run_dir / stage.name / DONE
+    for stage, stage_cfg, step in plan(cfg):
+        marker = _marker(stage, step)
+        name = str(marker.parent.relative_to(run_dir))  # "prune", or "size-2/prune" in a cascade
         if marker.is_file():
-            log.info("stage %s: done, skipping", stage.name)
-            summary[stage.name] = json.loads(marker.read_text())
+            log.info("stage %s: done, skipping", name)
+            summary[name] = json.loads(marker.read_text())
             continue
-        log.info("stage %s: %s", stage.name, stage.what)
+        log.info("stage %s: %s", name, stage.what)
         start = time.perf_counter()
-        result = stage.fn(stage.configure(cfg, run_dir))
+        result = stage.fn(stage.configure(stage_cfg, step))
         result = {**result, "seconds": round(time.perf_counter() - start, 1)}
         marker.parent.mkdir(parents=True, exist_ok=True)
         tmp = marker.with_suffix(".tmp")
         tmp.write_text(json.dumps(result, indent=1) + "\n")
         tmp.replace(marker)
-        summary[stage.name] = result
+        summary[name] = result
     return summary

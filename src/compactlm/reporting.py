@@ -155,10 +155,11 @@ def plot_training(metrics_jsonl: Path | Sequence[Path], path: Path) -> None:
     fig, axes = _figure(2)
     for ax, key, title in zip(axes, ("loss", "val_loss"), ("training loss", "validation loss")):
         drawn = 0
+        names = [Path(p).parent.name or Path(p).stem for p in paths]
         for i, p in enumerate(paths):
             tokens, values = _series(_read_rows(Path(p)), key)
-            if tokens:
-                label = Path(p).parent.name or Path(p).stem
+            if tokens:  # runs in same-named folders (a cascade's size-<i>/distill) go by the folder above
+                label = names[i] if names.count(names[i]) == 1 else Path(p).parent.parent.name
                 ax.plot(tokens, values, color=f"C{i}", marker="o" if key == "val_loss" else None,
                         markersize=3, linewidth=1.2 if key == "val_loss" else 0.8, label=label)
                 drawn += 1
@@ -347,6 +348,32 @@ def write_report(run_dir: Path, *, teacher: dict, student: dict, stages: dict[st
     if notes:
         lines += ["## Notes", "", *(f"- {note}" for note in notes), ""]
     run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines).rstrip("\n") + "\n", encoding="utf-8")
+    log.info("wrote %s", path)
+    return path
+
+
+def write_cascade_report(run_dir: Path, *, teacher: dict, sizes: dict[str, dict], plots: dict[str, str]) -> Path:
+    """run_dir/report.md of a cascade: a row per size (its shape, and its metrics pruned and then distilled), the
+    teacher's row, the plots, and links to each size's own report. `sizes`: folder -> its eval.json results."""
+    run_dir = Path(run_dir)
+    header = ["model", "layers", "hidden", "heads", "ffn", "params", "pruned perplexity", "perplexity",
+              "KL to teacher", "top-1 agreement", "tokens/s"]
+
+    def row(name: str, result: Mapping, pruned: Mapping | None) -> list[str]:
+        d = result.get("dims") or {}
+        return [name, *(_cell(d.get(k)) for k in ("layers", "hidden", "heads", "ffn")),
+                _cell(result.get("params"), _short),
+                _cell((pruned or {}).get("perplexity"), lambda v: f"{v:.2f}")] + [
+            _cell(result.get(key), fmt) for _, key, fmt in METRIC_COLUMNS[1:]]
+
+    rows = [row("teacher", teacher, None)] + [row(f"[{name}]({name}/report.md)", r["distilled"], r["pruned"])
+                                               for name, r in sizes.items()]
+    lines = [f"# compactlm cascade report: {run_dir.resolve().name}", "",
+             "Each size is pruned from the one above it (the first from the teacher) and distilled from the teacher; "
+             "perplexity, KL and agreement are after distillation, on the same held-out text.", "",
+             *_table(header, rows), "", *_plots(run_dir, plots)]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines).rstrip("\n") + "\n", encoding="utf-8")
     log.info("wrote %s", path)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from compactlm import data, inputs
 from compactlm.chartok import prepare_tokenizer
-from compactlm.config import Config, TrainConfig, check_resume, save_config
+from compactlm.config import Config, TrainConfig, check_one_size, check_resume, save_config
 from compactlm.errors import CompactLMError
 from compactlm.importance.layers import LAYERWISE_METRICS, check_layerwise
 from compactlm.inputs import CONFIG_FILE, load, load_splits, scores_for, staged_output
@@ -63,6 +63,7 @@ def score(cfg: Config) -> dict:
 def prune(cfg: Config) -> dict:
     """Score (or reuse `importance.scores`), cut `model` to `target.*`, save a plain HF checkpoint + plan.json."""
     inputs.check_out_dir(cfg.out_dir)
+    check_one_size(cfg, "prune")
     if cfg.importance.scores and not Path(cfg.importance.scores).is_file():
         raise CompactLMError(f"importance.scores: file {cfg.importance.scores} does not exist")
     config = load_model_config(cfg.model)
@@ -236,6 +237,7 @@ def search(cfg: Config) -> dict:
 
     if not cfg.search.target_params:
         raise CompactLMError("search needs search.target_params (e.g. 70M, or 0.5 of the teacher)")
+    check_one_size(cfg, "search")
     inputs.check_out_dir(cfg.out_dir)
     teacher, tokenizer = load(cfg)
     source = family_of(teacher).dims(teacher.config)
@@ -375,6 +377,8 @@ def report(cfg: Config) -> dict:
 
     run_dir = Path(cfg.out_dir)
     results_file = run_dir / "evaluate" / EVAL_FILE
+    if not results_file.is_file() and any(run_dir.glob(f"size-*/evaluate/{EVAL_FILE}")):
+        return cascade_report(cfg)  # a cascade's run directory: its sizes live in size-<i>
     if not results_file.is_file():
         raise CompactLMError(f"report: {run_dir} holds no evaluate/{EVAL_FILE} (is it a finished run directory?)")
     results = json.loads(results_file.read_text())
@@ -399,3 +403,23 @@ def report(cfg: Config) -> dict:
         exported=json.loads(exported.read_text()) if exported.is_file() else None,
     )
     return {"report": str(path)}
+
+
+def cascade_report(cfg: Config) -> dict:
+    """report.md of a cascade run `out_dir`: every size (RUN/size-<i>) in one table, and their training curves."""
+    from compactlm import reporting as rep
+
+    run_dir = Path(cfg.out_dir)
+    sizes = {}
+    for folder in sorted(run_dir.glob("size-*"), key=lambda p: int(p.name.split("-")[1])):
+        results = folder / "evaluate" / EVAL_FILE
+        if not results.is_file():
+            raise CompactLMError(f"report: {folder} holds no evaluate/{EVAL_FILE} (is the cascade finished?)")
+        sizes[folder.name] = json.loads(results.read_text())
+    if not sizes:
+        raise CompactLMError(f"report: {run_dir} holds no size-* folders (is it a cascade run directory?)")
+    runs = [run_dir / name / "distill" / "metrics.jsonl" for name in sizes]
+    rep.plot_training([p for p in runs if p.is_file()], run_dir / "training.png")
+    path = rep.write_cascade_report(run_dir, teacher=next(iter(sizes.values()))["teacher"], sizes=sizes,
+                                    plots={"Training and validation loss, each size": "training.png"})
+    return {"report": str(path), "sizes": {name: r["distilled"].get("perplexity") for name, r in sizes.items()}}
