@@ -1,0 +1,79 @@
+"""Cascade against direct pruning at the same total distillation tokens (P1: 15B -> 8B -> 4B beats 15B -> 4B).
+
+    python benchmarks/bench_cascade.py [--steps 40] [--out runs/bench/cascade.json]
+
+SmolLM2-135M to about 25% of its parameters (hidden 288, 3 heads, one per KV group, ffn 512, 30 layers: 34.1M),
+two ways, each a `compactlm run` with the default recipe (activation importance, refit):
+- direct: pruned from the teacher to 25%, distilled --steps steps;
+- cascade: pruned to 50% (the README's shape: hidden 384, 6 heads, ffn 1024; 67.6M), distilled --steps / 2
+  steps, that model pruned to 25%, distilled --steps / 2 steps (its own scores: it is the model being cut).
+Every distillation is from the teacher, 8 x 256 tokens a step, AdamW, LR 1e-3 cosine to 1e-4, so both spend
+the same tokens. Held-out perplexity, KL and top-1 agreement by each run's evaluate stage on the same rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from compactlm import pipeline
+from compactlm.config import load_config
+
+COMMON = ["model=smollm2-135m", "data=python-docs", "seed=0", "calib.sequences=64", "eval.sequences=64",
+          "eval.speed=false", "distill.batch_size=8", "distill.seq_len=256", "distill.lr=0.001",
+          "distill.min_lr=0.0001", "distill.warmup_steps=5", "distill.eval_sequences=16"]
+QUARTER = {"hidden_size": 288, "num_attention_heads": 3, "intermediate_size": 512}
+HALF = {"hidden_size": 384, "num_attention_heads": 6, "intermediate_size": 1024}
+
+
+def run(name: str, overrides: list[str], run_dir: Path) -> dict:
+    start = time.perf_counter()
+    pipeline.run(load_config(None, COMMON + overrides + [f"out_dir={run_dir / name}"]))
+    return {"wall_s": round(time.perf_counter() - start, 1)}
+
+
+def results_of(folder: Path) -> dict:
+    r = json.loads((folder / "evaluate" / "eval.json").read_text())
+    return {"params": r["distilled"]["params"], "pruned": r["pruned"]["perplexity"],
+            "distilled": r["distilled"]["perplexity"], "kl": r["distilled"]["kl"],
+            "top1": r["distilled"]["top1_agreement"], "teacher": r["teacher"]["perplexity"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40, help="distillation steps in all, per way")
+    parser.add_argument("--run-dir", type=Path, default=Path("runs/bench/cascade"))
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args()
+    if args.steps % 2:
+        parser.error("--steps must be even (the cascade spends half at each size)")
+
+    direct = run("direct", [f"target.{k}={v}" for k, v in QUARTER.items()] + [f"distill.steps={args.steps}"],
+                 args.run_dir)
+    direct |= results_of(args.run_dir / "direct")
+    cascade = run("cascade", [f"target.{k}=[{HALF[k]},{v}]" for k, v in QUARTER.items()]
+                  + [f"distill.steps={args.steps // 2}"], args.run_dir)
+    sizes = [results_of(args.run_dir / "cascade" / f"size-{i}") for i in (1, 2)]
+    cascade |= sizes[1] | {"half": sizes[0]}
+
+    tokens = args.steps * 8 * 256
+    print(f"\nSmolLM2-135M (teacher held-out perplexity {direct['teacher']:.2f}) to {direct['params'] / 1e6:.1f}M "
+          f"parameters, {tokens:,} distillation tokens in all each way")
+    print("| way | params | pruned perplexity | distilled perplexity | KL to teacher | top-1 agreement | wall |")
+    print("|---|---|---|---|---|---|---|")
+    half = cascade["half"]
+    print(f"| cascade, size 1 (50%, {args.steps // 2} steps) | {half['params'] / 1e6:.1f}M | {half['pruned']:,.1f} | "
+          f"{half['distilled']:.2f} | {half['kl']:.3f} | {half['top1']:.1%} | |")
+    for name, r in (("cascade, size 2 (25%)", cascade), ("direct (25%)", direct)):
+        print(f"| {name} | {r['params'] / 1e6:.1f}M | {r['pruned']:,.1f} | {r['distilled']:.2f} | {r['kl']:.3f} | "
+              f"{r['top1']:.1%} | {r['wall_s'] / 60:.1f} min |")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"steps": args.steps, "tokens": tokens, "direct": direct,
+                                              "cascade": cascade}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
