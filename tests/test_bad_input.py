@@ -37,6 +37,8 @@ CASES = [  # id, command, arguments, what the one line must say
     ("model-unsupported", "prune", ["model={neox}"], "unsupported model family 'gpt_neox': compactlm supports llama"),
     ("model-truncated-shard", "eval", ["model={truncated}"], "cannot load model from"),
     ("target-too-large", "prune", ["target.hidden_size=4096"], "target.hidden_size=4096 is larger than the source"),
+    ("cascade-outside-run", "prune", ["target.hidden_size=[24,16]"], "only `compactlm run` makes a cascade"),
+    ("cascade-growing", "prune", ["target.intermediate_size=[16,24]"], "a cascade's sizes must not grow"),
     ("heads-not-multiple-of-kv", "prune", ["target.num_attention_heads=3"], "not a multiple of"),
     ("drop-layers-out-of-range", "prune", ["target.drop_layers=[0,7]"], "target.drop_layers: [7] out of range"),
     ("drops-every-layer", "prune", ["target.drop_layers=[0,1,2]"], "target.drop_layers drops 3 of 3 layers"),

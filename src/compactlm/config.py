@@ -275,6 +275,8 @@ class Config:
 
 
 def _type_name(tp: Any) -> str:
+    if tp == Size:
+        return "a size (an int, a fraction in (0, 1], or a list of them: a cascade)"
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
