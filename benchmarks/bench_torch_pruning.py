@@ -202,6 +202,8 @@ def main() -> None:
     parser.add_argument("--eval-sequences", type=int, default=64)
     parser.add_argument("--bound-s", type=float, default=600.0, help="time bound for TP's full-recipe set-up")
     parser.add_argument("--run-dir", default="runs/bench/torch_pruning")
+    parser.add_argument("--methods", default="activation,taylor,magnitude",
+                        help="Torch-Pruning importances to run (taylor: a backward pass per batch, the slowest)")
     parser.add_argument("--compactlm-from", type=Path,
                         help="take compactlm's rows from prune_quality.py's JSON (same calibration and evaluator) "
                              "instead of pruning again")
@@ -229,7 +231,7 @@ def main() -> None:
                 ("compactlm paper (activation, reconstruct=none)", paper, "paper"), (defaults, [], "defaults")):
             model, seconds = compactlm_prune(base, target + overrides, Path(args.run_dir) / f"{sub}-{ffn}")
             rows.append(row(name, ffn, model, seconds, val))
-        for method in ("activation", "taylor", "magnitude"):
+        for method in args.methods.split(","):
             model, seconds = tp_prune(cfg, method, ffn, calib)
             rows.append(row(f"Torch-Pruning {method}", ffn, model, seconds, val))
 
