@@ -243,11 +243,15 @@ class _Replay:
             self.outputs.clear()
             return [self.module.register_forward_hook(lambda module, args, out: self.outputs.append(out))]
         replay = iter(self.outputs)
+        self._own = self.module.__dict__.get("forward")  # a forward set on the instance (accelerate's hooks)
         self.module.forward = lambda *args, **kwargs: next(replay)
         return [self]
 
     def remove(self) -> None:  # undo the replacement, as a hook handle's remove() would
-        del self.module.forward
+        if self._own is None:
+            del self.module.forward
+        else:
+            self.module.forward = self._own
 
 
 def _layer_call(layer: nn.Module, state: Tensor, call: tuple) -> Tensor:
