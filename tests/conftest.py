@@ -13,28 +13,40 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # token stores of the tests' throwaway data go to a temp folder (subprocesses inherit it), not the user's cache
 os.environ["COMPACTLM_TOKENS"] = tempfile.mkdtemp(prefix="compactlm-test-tokens-")
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma2", "gemma3", "phi3", "olmo2", "gpt2")
 LAYOUTS = ((4, 4), (4, 2), (4, 1))
+CONFIGS = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
+           "smollm3": "SmolLM3Config", "gemma2": "Gemma2Config", "gemma3": "Gemma3TextConfig", "phi3": "Phi3Config",
+           "olmo2": "Olmo2Config"}
 VOCAB = 64
 
 
 def tiny_config(family: str, heads: int = 4, kv_heads: int = 2, tied: bool = False, layers: int = 3):
     """A tiny random config of `family`: hidden 32, head_dim 8, ffn 48, `layers` layers."""
-    from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    import transformers
 
     head_dim, hidden = 8, 32
     if family == "gpt2":
         # GPT-2 has no GQA and ties attention width to hidden: hidden = heads * head_dim.
-        return GPT2Config(
+        return transformers.GPT2Config(
             n_embd=heads * head_dim, n_head=heads, n_layer=layers, n_inner=48, vocab_size=VOCAB,
             n_positions=128, tie_word_embeddings=tied, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
             bos_token_id=0, eos_token_id=1, pad_token_id=1,
         )
-    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[family]
+    cls = getattr(transformers, CONFIGS[family])
+    extra = {
+        # sliding and full layers, with a window shorter than the test batches so that both kinds differ
+        "gemma2": {"layer_types": ["sliding_attention", "full_attention"] * layers, "sliding_window": 4},
+        "gemma3": {"layer_types": ["sliding_attention", "full_attention"] * layers, "sliding_window": 4},
+        "smollm3": {"no_rope_layers": [1, 0] * layers},  # every other layer without RoPE
+    }.get(family, {})
+    for key in ("layer_types", "no_rope_layers"):
+        if key in extra:
+            extra[key] = extra[key][:layers]
     return cls(
         hidden_size=hidden, intermediate_size=48, num_attention_heads=heads, num_key_value_heads=kv_heads,
         head_dim=head_dim, num_hidden_layers=layers, vocab_size=VOCAB, max_position_embeddings=128,
-        tie_word_embeddings=tied, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        tie_word_embeddings=tied, bos_token_id=0, eos_token_id=1, pad_token_id=1, **extra,
     )
 
 

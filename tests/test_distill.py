@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_column_close, run_killed_at_checkpoint, tiny_config
+from conftest import FAMILIES, assert_column_close, run_killed_at_checkpoint, tiny_config, tiny_model
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
@@ -418,3 +418,31 @@ def test_cached_kd_sigkill_then_resume_ends_like_an_uninterrupted_cached_run(mod
 def test_top_k_refuses_the_hidden_state_losses():
     with pytest.raises(CompactLMError, match="teacher_top_k"):
         load_config(None, ["distill.teacher_top_k=8", "distill.intermediate=true"])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_losses_use_the_logits_the_model_computes(family, token_batch):
+    """The chunked losses and the evaluator run the LM head themselves: for every family they must compute the
+    logits the model's own forward does (Gemma 2's soft-cap included), in loss, KL and perplexity."""
+    from compactlm.distill.losses import kd_loss_reference
+    from compactlm.distill.trainee import Objective, Teacher, Trainee
+    from compactlm.metrics import next_token_labels
+
+    kv = 4 if family == "gpt2" else 2
+    teacher, student = tiny_model(family, 4, kv, seed=0), tiny_model(family, 4, kv, seed=1)
+    if family == "gemma2":
+        assert student.config.final_logit_softcapping is not None
+    ids, mask = token_batch["input_ids"], token_batch["attention_mask"]
+    with torch.no_grad():
+        s_logits, t_logits = (m(input_ids=ids, attention_mask=mask).logits for m in (student, teacher))
+    labels = next_token_labels(ids, mask)
+    objective = Objective(distill=True, temperature=2.0, ce_weight=0.5, chunk_tokens=7)
+    t_out = Teacher(teacher)(ids, mask)
+    loss = Trainee(student, objective)(ids, mask, t_out)["loss"]
+    want = kd_loss_reference(s_logits, t_logits, mask, 2.0, 0.5, labels)
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
+    ce = Trainee(student, Objective(chunk_tokens=7))(ids, mask)["loss"]
+    want_ce = torch.nn.functional.cross_entropy(s_logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    torch.testing.assert_close(ce, want_ce, rtol=1e-5, atol=1e-5)
+    sums = Trainee(student, objective)(ids, mask, t_out, evaluate=True)["sums"]
+    torch.testing.assert_close(sums[0] / sums[1], want_ce.double(), rtol=1e-5, atol=1e-5)

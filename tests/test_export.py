@@ -390,3 +390,11 @@ def test_rope_scaling(rope, bpe_tokenizer, tmp_path):
         values = torch.from_numpy(freqs[0].data.copy())
         assert values.shape == (8,) and values[0] == 1.0 and torch.allclose(values[-1], torch.tensor(8.0))
         assert bool(((values >= 1.0 - 1e-6) & (values <= 8.0 + 1e-5)).all())
+
+
+@pytest.mark.parametrize("family", ["gemma2", "phi3", "olmo2", "smollm3"])
+def test_families_without_a_gguf_writer_are_refused_before_writing(family, tmp_path):
+    model = AutoModelForCausalLM.from_config(tiny_config(family))
+    with pytest.raises(CompactLMError, match=f"not yet for {family}"):
+        export_gguf(model, None, tmp_path / "out" / "model.gguf", "f16")
+    assert not (tmp_path / "out").exists()

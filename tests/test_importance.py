@@ -242,6 +242,9 @@ def _zero_value_head(model, layer: int, kv_head: int) -> None:
             v = slice(2 * d.hidden + cols.start, 2 * d.hidden + cols.stop)
             block.attn.c_attn.weight[:, v] = 0
             block.attn.c_attn.bias[v] = 0
+        elif family.name == "phi3":  # fused qkv_proj rows: [q | k | v]
+            v = (d.heads + d.kv_heads) * d.head_dim
+            block.self_attn.qkv_proj.weight[v + cols.start: v + cols.stop] = 0
         else:
             block.self_attn.v_proj.weight[cols] = 0
             if block.self_attn.v_proj.bias is not None:
@@ -271,6 +274,8 @@ def test_an_mlp_neuron_with_zero_input_weights_scores_zero(family, token_batch):
         if family == "gpt2":  # gelu(0) = 0: column of Conv1D c_fc and its bias
             block.mlp.c_fc.weight[:, 7] = 0
             block.mlp.c_fc.bias[7] = 0
+        elif family == "phi3":  # fused gate_up_proj rows: [gate | up]
+            block.mlp.gate_up_proj.weight[block.mlp.down_proj.in_features + 7] = 0
         else:  # act(gate) * 0 = 0
             block.mlp.up_proj.weight[7] = 0
     for aggregation in AGGREGATIONS:
@@ -375,12 +380,13 @@ def test_random_and_magnitude_baselines(family):
     assert score(model, None, method="random", seed=3).meta["method"] == "random"
     fam = family_of(model)
     params = dict(model.named_parameters())
-    with torch.no_grad():  # zero everything that reads or writes MLP neuron 5 of layer 0
-        for suffix, axes in fam.layer_params.items():
-            if "ffn" in axes and f"{fam.layers_path}.0.{suffix}" in params:
-                params[f"{fam.layers_path}.0.{suffix}"].index_fill_(axes.index("ffn"), torch.tensor([5]), 0.0)
-    m = magnitude_scores(model)
     d = fam.dims(model.config)
+    with torch.no_grad():  # zero everything that reads or writes MLP neuron 5 of layer 0 (both halves of [gate | up])
+        for suffix, axes in fam.layer_params.items():
+            for label, rows in (("ffn", [5]), ("ffn2", [5, d.ffn + 5])):
+                if label in axes and f"{fam.layers_path}.0.{suffix}" in params:
+                    params[f"{fam.layers_path}.0.{suffix}"].index_fill_(axes.index(label), torch.tensor(rows), 0.0)
+    m = magnitude_scores(model)
     assert m.ffn[0, 5] == 0 and torch.all(m.ffn[0, torch.arange(d.ffn) != 5] > 0)
     assert m.hidden.shape == (d.hidden,) and m.heads.shape == (d.layers, d.heads) and torch.all(m.heads > 0)
     assert set(m.layers) == {"magnitude"} and m.layers["magnitude"].shape == (d.layers,)
@@ -413,7 +419,13 @@ def test_output_aware_scores_weight_each_unit_by_its_outgoing_weights(family, to
                 for path in paths:
                     w = get_module(layers[i], path).weight
                     (w[3] if family == "gpt2" else w[:, 3]).zero_()
-    assert activation_scores(model, [token_batch], output_aware=True).hidden[3] == 0
+    unread = activation_scores(model, [token_batch], output_aware=True).hidden[3]
+    if None in fam.norm_reads:  # post-norms (Gemma, OLMo 2) write the residual stream: weight 1, their score stays
+        assert unread > 0
+        if set(fam.norm_reads) == {None}:
+            torch.testing.assert_close(aware.hidden, plain.hidden)
+    else:
+        assert unread == 0
 
 
 @pytest.mark.parametrize("family", FAMILIES)

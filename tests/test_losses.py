@@ -212,6 +212,27 @@ def test_kd_loss_equals_a_value_worked_out_by_hand():
     assert float(mixed) == pytest.approx(0.0958940 + 0.5 * 0.6931472, abs=1e-7)
 
 
+@pytest.mark.parametrize("temperature,ce_weight", [(1.0, 0.0), (2.0, 0.5)])
+def test_soft_capped_logits_match_the_reference_through_the_cap(temperature, ce_weight):
+    """Gemma 2 caps its logits, cap * tanh(logits / cap): the chunked loss caps both models' logits and carries
+    the gradient through the cap, as plain autograd on the capped logits does (cap 2: most logits bend)."""
+    h_s, w_s, h_t, w_t, mask, labels = _inputs()
+    capped = lambda logits, cap: torch.tanh(logits / cap) * cap  # noqa: E731
+    kw = dict(temperature=temperature, ce_weight=ce_weight, labels=labels)
+    loss = kd_loss(h_s, w_s, h_t, w_t, mask, chunk_tokens=7, student_cap=2.0, teacher_cap=3.0, **kw)
+    ref = kd_loss_reference(capped(h_s @ w_s.T, 2.0), capped(h_t @ w_t.T, 3.0), mask, temperature, ce_weight, labels)
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-10)
+    for g, r in zip(torch.autograd.grad(loss * 1.7, (h_s, w_s)), torch.autograd.grad(ref * 1.7, (h_s, w_s))):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(loss, _reference(h_s, w_s, h_t, w_t, mask, **kw))  # the cap matters here
+    logp, ids = torch.log_softmax(capped(h_t @ w_t.T, 3.0) / temperature, -1).topk(8, dim=-1)
+    sparse = topk_kd_loss(h_s, w_s, logp, ids, mask, temperature=temperature, chunk_tokens=5, student_cap=2.0)
+    sparse_ref = topk_kd_loss_reference(capped(h_s @ w_s.T, 2.0), logp, ids, mask, temperature)
+    torch.testing.assert_close(sparse, sparse_ref, rtol=1e-9, atol=1e-10)
+    for g, r in zip(torch.autograd.grad(sparse, (h_s, w_s)), torch.autograd.grad(sparse_ref, (h_s, w_s))):
+        torch.testing.assert_close(g, r, rtol=1e-8, atol=1e-10)
+
+
 def _topk_inputs(k: int, temperature: float = 1.0, seed: int = 0):
     """Student hidden/head and bias (grad), the teacher's top-k log-probabilities in float64 and ids, mask."""
     h_s, w_s, h_t, w_t, mask, _ = _inputs(seed=seed)

@@ -13,7 +13,7 @@ from compactlm.config import TargetConfig
 from compactlm.errors import CompactLMError
 from compactlm.importance.scores import Scores
 from compactlm.models.family import family_of, get_module
-from compactlm.pruning import keep_all, make_plan, prune_model, resolve_target
+from compactlm.pruning import head_channels, keep_all, make_plan, prune_model, resolve_target
 
 
 def logits(model, batch):
@@ -36,6 +36,20 @@ def zero_columns_(weight: torch.Tensor, channels: torch.Tensor, conv1d: bool) ->
             weight[channels] = 0.0
         else:
             weight[:, channels] = 0.0
+
+
+def copy_pruned_heads_(model, fam, layer: int, plan, dims) -> None:
+    """OLMo 2 normalises q and k over all heads at once: a pruned head still counts in that mean square unless it
+    equals a kept one. Copy the kept heads' q (and k) rows into the pruned ones (half of them each), so the norm's
+    mean square, and so every kept head's output, is the same with and without the pruned heads."""
+    for name, keep, count in (("q_proj", plan.heads[layer], dims.heads), ("k_proj", plan.kv_heads[layer], dims.kv_heads)):
+        dead = torch.tensor(sorted(set(range(count)) - set(keep.tolist())), dtype=torch.long)
+        if len(dead) == 0:
+            continue
+        assert len(dead) == len(keep)
+        weight = get_module(model, f"{fam.layers_path}.{layer}.self_attn.{name}").weight
+        with torch.no_grad():
+            weight[head_channels(dead, dims.head_dim)] = weight[head_channels(keep, dims.head_dim)]
 
 
 @pytest.mark.parametrize("family,heads,kv,tied", model_params())
@@ -77,9 +91,11 @@ def test_pruning_zeroed_heads_changes_nothing(family, heads, kv, tied, token_bat
     plan = make_plan(scores, dims, target, drop_layers=[])
     for layer in range(dims.layers):
         dead = torch.tensor(sorted(set(range(heads)) - set(plan.heads[layer].tolist())))
-        channels = (dead[:, None] * dims.head_dim + torch.arange(dims.head_dim)).reshape(-1)
+        channels = head_channels(dead, dims.head_dim)
         attn_out = get_module(model, f"{fam.layers_path}.{layer}.{fam.attn_out_path}")
         zero_columns_(attn_out.weight, channels, conv1d=family == "gpt2")
+        if family == "olmo2":
+            copy_pruned_heads_(model, fam, layer, plan, dims)
     pruned = prune_model(model, plan)
     assert (fam.dims(pruned.config).heads, fam.dims(pruned.config).kv_heads) == (heads // 2, new_kv)
     torch.testing.assert_close(logits(pruned, token_batch), logits(model, token_batch), rtol=1e-5, atol=1e-5)
@@ -181,7 +197,8 @@ def test_unsupported_family_lists_supported():
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     model = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=16, num_attention_heads=2, num_hidden_layers=1, intermediate_size=32, vocab_size=32))
-    with pytest.raises(CompactLMError, match="supports llama, mistral, qwen2, qwen3, gpt2"):
+    supported = "llama, mistral, qwen2, qwen3, smollm3, gemma2, gemma3_text, phi3, olmo2, gpt2"
+    with pytest.raises(CompactLMError, match=f"supports {supported}"):
         family_of(model)
 
 
@@ -302,3 +319,21 @@ def test_streamed_surgery_equals_the_in_memory_one(family, heads, kv, tied, toke
     got = streamed.state_dict()
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     torch.testing.assert_close(logits(streamed, token_batch), logits(in_memory, token_batch), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family,tied", [("gemma2", True), ("gemma3", True), ("gemma3", False)])
+def test_gemma_embedding_scale_survives_hidden_pruning(family, tied, token_batch):
+    """Gemma multiplies the embedding by sqrt(hidden_size): pruned to fewer channels, the kept channels still
+    enter the layers with their values, and a tied LM head (through the final norm's 1 + w) gives the same
+    logits for the same normalised state."""
+    model = tiny_model(family, 4, 2, tied)
+    fam = family_of(model)
+    dims = fam.dims(model.config)
+    target = resolve_target(TargetConfig(hidden_size=20), dims, fam)
+    plan = make_plan(scores_for(model), dims, target, drop_layers=[])
+    pruned = prune_model(model, plan)
+    ids = token_batch["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(pruned.get_input_embeddings()(ids), model.get_input_embeddings()(ids)[..., plan.hidden])
+        gain = lambda m: (1.0 + m.model.norm.weight)[:, None] * m.lm_head.weight.T  # noqa: E731  (H, V)
+        torch.testing.assert_close(gain(pruned), gain(model)[plan.hidden])

@@ -76,7 +76,7 @@ def named_shapes(model) -> dict[str, tuple[int, ...]]:
 
 def _axis_size(label: str, dims: Dims) -> int:
     sizes = {
-        "hidden": dims.hidden, "ffn": dims.ffn, "q": dims.heads * dims.head_dim,
+        "hidden": dims.hidden, "ffn": dims.ffn, "ffn2": 2 * dims.ffn, "q": dims.heads * dims.head_dim,
         "kv": dims.kv_heads * dims.head_dim, "qkv": (dims.heads + 2 * dims.kv_heads) * dims.head_dim,
     }
     return sizes[label]

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from compactlm.errors import CompactLMError
-from compactlm.models.family import Family, family_of
+from compactlm.models.family import FAMILIES, Family, family_of
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,10 @@ def gguf_arch(family: Family, config) -> str:
     """llama.cpp's architecture for this model: the family's, except a Qwen2 whose heads x head_dim is not its
     hidden size (pruned heads). llama.cpp's qwen2 requires them equal; Qwen2 is Llama with q/k/v biases and
     NeoX RoPE, so it is written as llama (RoPE rows permuted, biases kept), which takes any head_dim."""
+    if family.gguf_arch is None:
+        supported = ", ".join(f.name for f in FAMILIES if f.gguf_arch)
+        raise CompactLMError(f"export: GGUF is written for {supported}, not yet for {family.name}; the Hugging Face "
+                             "checkpoint loads with transformers and converts with llama.cpp's convert_hf_to_gguf.py")
     d = family.dims(config)
     if family.gguf_arch == "qwen2" and d.heads * d.head_dim != d.hidden:
         log.warning("export: llama.cpp's qwen2 needs heads x head_dim == hidden (%d x %d != %d): written as llama",
@@ -253,6 +257,7 @@ def export_gguf(model, tokenizer, out: str | Path, type_name: str = "f16", name:
     if type_name not in TYPES:
         raise CompactLMError(f"export.type={type_name!r} is not one of {', '.join(TYPES)}")
     family = family_of(model)
+    arch = gguf_arch(family, model.config)
     out = Path(out)
     made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # deepest first
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -260,7 +265,6 @@ def export_gguf(model, tokenizer, out: str | Path, type_name: str = "f16", name:
     os.close(fd)
     kept_f16: list[str] = []
     try:
-        arch = gguf_arch(family, model.config)
         writer = gguf.GGUFWriter(tmp, arch)
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(name or out.stem)

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from compactlm.errors import CompactLMError
 from compactlm.models.family import family_of, get_module
+from compactlm.models.head import head_logits
 from compactlm.models.layerwise import Layerwise, skeleton
 from compactlm.models.loading import num_params, params_of_config
 
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 CHUNK_TOKENS = 2048  # positions whose (chunk, V) logits exist at once during evaluation
 IGNORE_INDEX = -100  # a target that counts for nothing (torch's cross_entropy default)
 Batch = Mapping[str, Tensor]
-Head = tuple[Tensor, "Tensor | None"]  # an LM head's (weight (V, H), bias (V,) or None)
+Head = tuple[Tensor, "Tensor | None", "float | None"]  # an LM head: weight (V, H), bias (V,) or None, soft-cap
 
 __all__ = ["perplexity", "teacher_agreement", "generation_speed", "generation_speeds", "evaluate", "sample_text"]
 
@@ -58,11 +59,13 @@ def _eval_mode(*models) -> Iterator[None]:
 
 
 def _head(model) -> Head:
-    """The LM head's (weight (V, H), bias (V,) or None) of a loaded model or a `Layerwise`."""
+    """The LM head's (weight (V, H), bias (V,) or None, soft-cap or None) of a loaded model or a `Layerwise`."""
+    net = skeleton(model)
+    cap = family_of(net).logit_cap(net.config)
     if isinstance(model, Layerwise):
-        return model.head()
+        return (*model.head(), cap)
     module = get_module(model, family_of(model).lm_head_path)
-    return module.weight, module.bias
+    return module.weight, module.bias, cap
 
 
 def vocab_size(model) -> int:
@@ -104,12 +107,12 @@ def token_sums(hidden: Tensor, head: Head, ids: Tensor, mask: Tensor, teacher_hi
     sums[1], sums[4] = (targets != IGNORE_INDEX).sum(), targets.numel()
     for start in range(0, targets.numel(), chunk_tokens):
         part = slice(start, start + chunk_tokens)
-        log_q = F.log_softmax(F.linear(h_s[part], *head).float(), dim=-1)  # (c, V) student
+        log_q = F.log_softmax(head_logits(h_s[part], *head, torch.float32), dim=-1)  # (c, V) student
         sums[0] += F.nll_loss(log_q, targets[part], ignore_index=IGNORE_INDEX, reduction="sum").double()
         if h_t is None:
             continue
-        weight, bias = teacher_head
-        log_p = F.log_softmax(F.linear(h_t[part].to(weight.dtype), weight, bias).float(), dim=-1).to(dev)  # (c, V)
+        log_p = F.log_softmax(head_logits(h_t[part].to(teacher_head[0].dtype), *teacher_head, torch.float32),
+                              dim=-1).to(dev)  # (c, V)
         sums[2] += F.kl_div(log_q, log_p, reduction="sum", log_target=True).double()
         sums[3] += (log_q.argmax(-1) == log_p.argmax(-1)).sum().double()
     return sums

@@ -26,11 +26,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from compactlm.errors import CompactLMError
+from compactlm.models.head import head_logits
 
 IGNORE_INDEX = -100
 
 __all__ = [
-    "IGNORE_INDEX", "cosine_loss", "default_layer_map", "dynamic_alpha", "kd_loss", "kd_loss_reference",
+    "IGNORE_INDEX", "cosine_loss", "default_layer_map", "dynamic_alpha", "head_logits", "kd_loss", "kd_loss_reference",
     "teacher_topk", "topk_kd_loss", "topk_kd_loss_reference",
 ]
 
@@ -40,11 +41,18 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _cap_slope(hidden: Tensor, head: Tensor, bias: Tensor | None, cap: float, dtype: torch.dtype) -> Tensor:
+    """d capped / d raw logits, 1 - tanh(raw / cap)^2 (c, V): turns a gradient wrt capped logits into one wrt
+    the raw logits that the head computes."""
+    t = F.linear(hidden, head, bias).to(dtype).div_(cap).tanh_()
+    return t.mul_(t).neg_().add_(1.0)
+
+
 def _log_softmax(
-    hidden: Tensor, head: Tensor, bias: Tensor | None, temperature: float, dtype: torch.dtype,
+    hidden: Tensor, head: Tensor, bias: Tensor | None, cap: float | None, temperature: float, dtype: torch.dtype,
 ) -> Tensor:
-    """log_softmax((hidden @ head.T + bias) / T) -> (c, V); matmul in the inputs' dtype, the rest in dtype."""
-    logits = F.linear(hidden, head, bias).to(dtype)  # (c, V), as the model's lm_head computes it
+    """log_softmax(head_logits(hidden) / T) -> (c, V); matmul in the inputs' dtype, the rest in dtype."""
+    logits = head_logits(hidden, head, bias, cap, dtype)  # (c, V), as the model computes them
     return torch.log_softmax(logits.div_(temperature) if temperature != 1.0 else logits, dim=-1)
 
 
@@ -52,9 +60,10 @@ def _chunk_loss_and_grad(
     hs_c: Tensor, ht_c: Tensor, labels: Tensor | None, student: tuple, teacher: tuple, temperature: float,
     kl_scale: float, ce_scale: float, need_grad: bool,
 ) -> tuple[Tensor, Tensor | None, float]:
-    """Loss sum of one chunk and g, scale with d loss / d student_logits = g * scale (c, V).
+    """Loss sum of one chunk and g, scale with d loss / d student_logits = g * scale (c, V) (capped logits,
+    when capped: `_chunked_forward` carries g through the cap).
 
-    At most three (c, V) buffers are alive at once; student/teacher are (head, bias) pairs.
+    At most three (c, V) buffers are alive at once; student/teacher are (head, bias, cap) triples.
     """
     dtype = _compute_dtype(hs_c.dtype)
     log_q = _log_softmax(hs_c, *student, temperature, dtype)  # (c, V) log q_T
@@ -118,7 +127,7 @@ class _ChunkedKD(torch.autograd.Function):
     """Forward computes loss and grads chunk by chunk; backward scales the stored grads by grad_output."""
 
     @staticmethod
-    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, rows, labels, temperature, ce_weight, chunk):  # noqa: D102
+    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, rows, labels, temperature, ce_weight, chunk, caps):  # noqa: D102
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         need_grad = need_h or need_w or need_b
         dtype = _compute_dtype(h_s.dtype)
@@ -129,40 +138,41 @@ class _ChunkedKD(torch.autograd.Function):
         def chunk_fn(idx: Tensor, hs_c: Tensor) -> tuple[Tensor, Tensor | None, float]:
             return _chunk_loss_and_grad(
                 hs_c, h_t.index_select(0, idx), labels.index_select(0, idx) if ce_weight else None,
-                (w_s, b_s), (w_t, b_t), temperature, kl_scale, ce_scale, need_grad)
+                (w_s, b_s, caps[0]), (w_t, b_t, caps[1]), temperature, kl_scale, ce_scale, need_grad)
 
-        return _chunked_forward(ctx, h_s, w_s, b_s, rows, chunk, dtype, chunk_fn)
+        return _chunked_forward(ctx, h_s, w_s, b_s, caps[0], rows, chunk, dtype, chunk_fn)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):  # noqa: D102
-        return (*_scaled_grads(ctx, grad_out), None, None, None, None, None, None, None, None)
+        return (*_scaled_grads(ctx, grad_out), None, None, None, None, None, None, None, None, None)
 
 
 class _ChunkedTopKKD(torch.autograd.Function):
     """`_ChunkedKD` against a sparse teacher (top-K log-probabilities and their ids per position)."""
 
     @staticmethod
-    def forward(ctx, h_s, w_s, b_s, logp, ids, rows, temperature, chunk):  # noqa: D102
+    def forward(ctx, h_s, w_s, b_s, logp, ids, rows, temperature, chunk, cap):  # noqa: D102
         need_grad = any(ctx.needs_input_grad[:3])
         kl_scale = 1.0 / max(int(rows.numel()), 1)
 
         def chunk_fn(idx: Tensor, hs_c: Tensor) -> tuple[Tensor, Tensor | None, float]:
-            return _chunk_topk_loss_and_grad(hs_c, logp.index_select(0, idx), ids.index_select(0, idx), (w_s, b_s),
-                                             temperature, kl_scale, need_grad)
+            return _chunk_topk_loss_and_grad(hs_c, logp.index_select(0, idx), ids.index_select(0, idx),
+                                             (w_s, b_s, cap), temperature, kl_scale, need_grad)
 
-        return _chunked_forward(ctx, h_s, w_s, b_s, rows, chunk, _compute_dtype(h_s.dtype), chunk_fn)
+        return _chunked_forward(ctx, h_s, w_s, b_s, cap, rows, chunk, _compute_dtype(h_s.dtype), chunk_fn)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):  # noqa: D102
-        return (*_scaled_grads(ctx, grad_out), None, None, None, None, None)
+        return (*_scaled_grads(ctx, grad_out), None, None, None, None, None, None)
 
 
-def _chunked_forward(ctx, h_s: Tensor, w_s: Tensor, b_s: Tensor | None, rows: Tensor, chunk: int,
+def _chunked_forward(ctx, h_s: Tensor, w_s: Tensor, b_s: Tensor | None, cap: float | None, rows: Tensor, chunk: int,
                      dtype: torch.dtype, chunk_fn) -> Tensor:
     """The loss summed over chunks of `rows` (chunk_fn(idx, hs_c) -> (loss part, g, scale)), with the student's
-    grads accumulated chunk by chunk and saved on `ctx` for backward."""
+    grads accumulated chunk by chunk and saved on `ctx` for backward. A capped head's g (wrt the capped
+    logits) is carried through the cap here."""
     loss = torch.zeros((), dtype=dtype, device=h_s.device)
     grad_h, grad_w, grad_b = _grad_buffers(ctx, h_s, w_s, b_s)
     for start in range(0, rows.numel(), chunk):
@@ -170,6 +180,8 @@ def _chunked_forward(ctx, h_s: Tensor, w_s: Tensor, b_s: Tensor | None, rows: Te
         hs_c = h_s.index_select(0, idx)  # (c, H_s)
         part, g, scale = chunk_fn(idx, hs_c)
         loss += part
+        if g is not None and cap is not None:
+            g = g.mul_(_cap_slope(hs_c, w_s, b_s, cap, g.dtype))
         if g is not None:
             _accumulate(g.to(h_s.dtype), scale, idx, hs_c, w_s, grad_h, grad_w, grad_b)
         del g
@@ -221,9 +233,11 @@ def kd_loss(
     student_hidden: Tensor, student_head: Tensor, teacher_hidden: Tensor, teacher_head: Tensor, mask: Tensor,
     *, student_bias: Tensor | None = None, teacher_bias: Tensor | None = None, temperature: float = 1.0,
     ce_weight: float = 0.0, labels: Tensor | None = None, chunk_tokens: int = 256,
+    student_cap: float | None = None, teacher_cap: float | None = None,
 ) -> Tensor:
     """Chunked KL(teacher||student)*T^2 (+ ce_weight*CE): hidden (..., H_s)/(..., H_t) after the final norm,
-    heads (V, H_s)/(V, H_t), mask and labels (...); scalar in float32 (float64 for float64 inputs).
+    heads (V, H_s)/(V, H_t), mask and labels (...); scalar in float32 (float64 for float64 inputs). Each model's
+    logits are soft-capped by its cap, as the model computes them (`head_logits`).
 
     Peak extra memory is a few (chunk_tokens, V) float32 buffers plus one (V, H_s) float32 gradient
     accumulator. Teacher inputs are constants (no grad). A tied student head receives its gradient through
@@ -253,7 +267,7 @@ def kd_loss(
     lab = lab.to(h_s.device)
     tb = teacher_bias.detach() if teacher_bias is not None else None
     return _ChunkedKD.apply(h_s, student_head, student_bias, h_t, teacher_head.detach(), tb, rows, lab,
-                            float(temperature), float(ce_weight), int(chunk_tokens))
+                            float(temperature), float(ce_weight), int(chunk_tokens), (student_cap, teacher_cap))
 
 
 def teacher_topk(logits: Tensor, k: int, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
@@ -267,10 +281,11 @@ def teacher_topk(logits: Tensor, k: int, temperature: float = 1.0) -> tuple[Tens
 def topk_kd_loss(
     student_hidden: Tensor, student_head: Tensor, teacher_logprobs: Tensor, teacher_ids: Tensor, mask: Tensor,
     *, student_bias: Tensor | None = None, temperature: float = 1.0, chunk_tokens: int = 256,
+    student_cap: float | None = None,
 ) -> Tensor:
     """`kd_loss` against a sparse teacher: its top-K log-probabilities (..., K) at `temperature` and their ids
     (..., K) per position, e.g. from `teacher_topk`; the rest of the teacher's mass is one tail outcome (see
-    `_chunk_topk_loss_and_grad`). Chunked, memory and dtypes as `kd_loss`; KL only (no CE mix)."""
+    `_chunk_topk_loss_and_grad`). Chunked, memory, dtypes and `student_cap` as `kd_loss`; KL only (no CE mix)."""
     hs, k = student_hidden.shape[-1], teacher_logprobs.shape[-1]
     if teacher_ids.shape != teacher_logprobs.shape:
         raise CompactLMError("topk_kd_loss: teacher ids and log-probabilities differ in shape")
@@ -285,7 +300,7 @@ def topk_kd_loss(
         raise CompactLMError("topk_kd_loss: student hidden, teacher targets and mask cover different token counts")
     rows = m.nonzero().squeeze(1)  # (n,) positions with mask != 0
     return _ChunkedTopKKD.apply(h_s, student_head, student_bias, logp.to(h_s.device), ids.to(h_s.device), rows,
-                                float(temperature), int(chunk_tokens))
+                                float(temperature), int(chunk_tokens), student_cap)
 
 
 def topk_kd_loss_reference(student_logits: Tensor, teacher_logprobs: Tensor, teacher_ids: Tensor, mask: Tensor,

@@ -20,6 +20,7 @@ from compactlm.config import DistillConfig, TrainConfig
 from compactlm.distill.losses import IGNORE_INDEX, cosine_loss, default_layer_map, dynamic_alpha, kd_loss, topk_kd_loss
 from compactlm.metrics import next_token_labels, token_sums
 from compactlm.models.family import family_of, get_module
+from compactlm.models.head import head_logits
 
 
 @dataclass(frozen=True)
@@ -58,17 +59,19 @@ def hidden_map(student_hidden: int, teacher_hidden: int, keep: Tensor | None = N
     return linear
 
 
-def _ce_sum(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor) -> Tensor:
-    return F.cross_entropy(F.linear(hidden, weight, bias).float(), labels, reduction="sum")  # (c, V) logits
+def _ce_sum(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, cap: float | None) -> Tensor:
+    return F.cross_entropy(head_logits(hidden, weight, bias, cap, torch.float32), labels, reduction="sum")  # (c, V)
 
 
-def chunked_ce(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, chunk: int) -> Tensor:
-    """Mean CE over labels != IGNORE_INDEX: hidden (N, H), head (V, H), labels (N,); (chunk, V) at a time."""
+def chunked_ce(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, chunk: int,
+               cap: float | None = None) -> Tensor:
+    """Mean CE over labels != IGNORE_INDEX: hidden (N, H), head (V, H), labels (N,); (chunk, V) at a time.
+    `cap`: the model's final-logit soft-cap (`head_logits`)."""
     rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)  # (n,)
     h, y = hidden.index_select(0, rows), labels.index_select(0, rows)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, rows.numel(), chunk):
-        total = total + recompute(_ce_sum, h[start: start + chunk], weight, bias, y[start: start + chunk],
+        total = total + recompute(_ce_sum, h[start: start + chunk], weight, bias, y[start: start + chunk], cap,
                                   use_reentrant=False)
     return total / max(rows.numel(), 1)
 
@@ -91,6 +94,7 @@ class TeacherOut(NamedTuple):
     states: tuple[Tensor, ...]  # (B, S, H_t) hidden states at the layer map's teacher indices
     head: Tensor  # (V, H_t) lm_head weight
     bias: Tensor | None  # (V,) or None
+    cap: float | None = None  # final-logit soft-cap (`Family.logit_cap`)
 
 
 class SparseTargets(NamedTuple):
@@ -127,7 +131,8 @@ class Teacher(nn.Module):
                 input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=bool(self.layers))
         head = get_module(self.model, self.family.lm_head_path)
         states = tuple(out.hidden_states[i] for i in self.layers)
-        return TeacherOut(out.last_hidden_state, states, head.weight, head.bias)
+        return TeacherOut(out.last_hidden_state, states, head.weight, head.bias,
+                          self.family.logit_cap(self.model.config))
 
 
 class Trainee(nn.Module):
@@ -145,27 +150,27 @@ class Trainee(nn.Module):
             out = get_module(self.model, self.family.base_path)(
                 input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=states)
         head = get_module(self.model, self.family.lm_head_path)
+        cap = self.family.logit_cap(self.model.config)
         if evaluate:
-            t_hidden, t_head = (teacher.hidden, (teacher.head, teacher.bias)) if teacher is not None else (None, None)
-            return {"sums": token_sums(out.last_hidden_state, (head.weight, head.bias), ids, mask, t_hidden, t_head,
-                                       self.objective.chunk_tokens)}
+            t_hidden, t_head = (None, None) if teacher is None else (
+                teacher.hidden, (teacher.head, teacher.bias, teacher.cap))
+            return {"sums": token_sums(out.last_hidden_state, (head.weight, head.bias, cap), ids, mask, t_hidden,
+                                       t_head, self.objective.chunk_tokens)}
         dt, labels = _compute_dtype(ids.device), next_token_labels(ids, mask)  # (B, S) labels
         hidden, weight = out.last_hidden_state.to(dt), head.weight.to(dt)  # (B, S, H_s), (V, H_s)
         bias = head.bias.to(dt) if head.bias is not None else None
-        if teacher is None:
-            chunk = self.objective.chunk_tokens
-            return {"loss": chunked_ce(hidden.flatten(0, 1), weight, bias, labels.flatten(), chunk)}
         o = self.objective
+        ce = lambda: chunked_ce(hidden.flatten(0, 1), weight, bias, labels.flatten(), o.chunk_tokens, cap)  # noqa: E731
+        if teacher is None:
+            return {"loss": ce()}
         if isinstance(teacher, SparseTargets):
             loss = topk_kd_loss(hidden, weight, teacher.logp, teacher.ids, mask, student_bias=bias,
-                                temperature=o.temperature, chunk_tokens=o.chunk_tokens)
-            if o.ce_weight:
-                loss = loss + o.ce_weight * chunked_ce(hidden.flatten(0, 1), weight, bias, labels.flatten(), o.chunk_tokens)
-            return {"loss": loss}
+                                temperature=o.temperature, chunk_tokens=o.chunk_tokens, student_cap=cap)
+            return {"loss": loss + o.ce_weight * ce() if o.ce_weight else loss}
         t_bias = teacher.bias.to(dt) if teacher.bias is not None else None
         logits = kd_loss(hidden, weight, teacher.hidden.to(dt), teacher.head.to(dt), mask, student_bias=bias,
                          teacher_bias=t_bias, temperature=o.temperature, ce_weight=o.ce_weight, labels=labels,
-                         chunk_tokens=o.chunk_tokens)
+                         chunk_tokens=o.chunk_tokens, student_cap=cap, teacher_cap=teacher.cap)
         if not o.layer_map:
             return {"loss": logits}
         inter = self._intermediate(out.hidden_states, teacher.states, mask)

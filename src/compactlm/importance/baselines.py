@@ -2,7 +2,7 @@
 
 Magnitude scores (float32, from the family's axis labels, tied weights counted once):
 - ffn neuron: L2 norm of every parameter entry on its "ffn" axis (gate/up rows and biases, down column;
-  GPT-2's Conv1D c_fc column and bias, c_proj row).
+  GPT-2's Conv1D c_fc column and bias, c_proj row; both rows of Phi-3's fused gate_up_proj).
 - head: L2 norm of its q rows (and q bias) plus its o_proj columns, a head_dim block each (GPT-2: the q
   third of c_attn's fused axis and c_proj's rows).
 - hidden channel: L2 norm of every parameter entry that reads or writes the channel: embedding (and
@@ -38,9 +38,13 @@ def _sumsq_along(p: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def _axis_sumsq(p: torch.Tensor, axes: Axes, axis: str, q_width: int) -> torch.Tensor | None:
-    """Per-channel sum of squares along `axis` ("q" also reads the q part of a fused "qkv" axis), or None."""
+    """Per-channel sum of squares along `axis` ("q" also reads the q part of a fused "qkv" axis, "ffn" both
+    halves of a fused "ffn2" one), or None."""
     if axis in axes:
         return _sumsq_along(p, axes.index(axis))
+    if axis == "ffn" and "ffn2" in axes:
+        gate, up = _sumsq_along(p, axes.index("ffn2")).chunk(2)  # fused [gate | up]
+        return gate + up
     if axis == "q" and "qkv" in axes:
         dim = axes.index("qkv")
         return _sumsq_along(p.narrow(dim, 0, q_width), dim)  # fused [q | k | v]: q comes first
@@ -57,20 +61,25 @@ def _params(model) -> tuple[Family, Dims, Mapping[str, torch.Tensor]]:
 
 def outgoing_norms(model) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """L2 norms of the weights through which each unit is read, float32:
-    (layers, 2, hidden): each norm's output channels, over the columns of the projections that read that norm
-    (q/k/v for the pre-attention norm, gate/up for the pre-MLP one; `Family.reads`);
+    (layers, norms, hidden): each norm's output channels (`Family.norm_paths`), over the columns of the
+    projections that read that norm (q/k/v for a pre-attention norm, gate/up for a pre-MLP one; `Family.reads`),
+    1 for a post-norm, whose output is written to the residual stream as it is;
     (layers, heads): each head's o_proj columns (its head_dim block); (layers, ffn): each neuron's down_proj column."""
     family, d, params = _params(model)
     q_width = d.heads * d.head_dim
-    hidden, heads, ffn = torch.zeros(d.layers, 2, d.hidden), torch.zeros(d.layers, q_width), torch.zeros(d.layers, d.ffn)
+    reads = dict(zip(("attn", "mlp"), family.reads()))
+    hidden = torch.zeros(d.layers, len(family.norm_paths), d.hidden)
+    heads, ffn = torch.zeros(d.layers, q_width), torch.zeros(d.layers, d.ffn)
     axes_of = lambda path: family.layer_params[path + ".weight"]  # noqa: E731
     for i in range(d.layers):
         prefix = f"{family.layers_path}.{i}."
         weight = lambda path: params[prefix + path + ".weight"]  # noqa: E731,B023
         ffn[i] = _axis_sumsq(weight(family.mlp_out_path), axes_of(family.mlp_out_path), "ffn", q_width)
         heads[i] = _axis_sumsq(weight(family.attn_out_path), axes_of(family.attn_out_path), "q", q_width)
-        for j, paths in enumerate(family.reads()):
-            for path in paths:
+        for j, read in enumerate(family.norm_reads):
+            if read is None:
+                hidden[i, j] = 1.0
+            for path in reads.get(read, ()):
                 hidden[i, j] += _axis_sumsq(weight(path), axes_of(path), "hidden", q_width)
     return hidden.sqrt(), heads.view(d.layers, d.heads, d.head_dim).sum(-1).sqrt(), ffn.sqrt()
 

@@ -7,7 +7,8 @@ never sniff module names. Axis labels used in `layer_params` / `global_params`:
 - "ffn":    an MLP neuron (each layer keeps its own)
 - "q":      a query/attention-output channel, heads * head_dim, sliced in head_dim blocks
 - "kv":     a key/value channel, kv_heads * head_dim
-- "qkv":    a fused [q | k | v] axis (GPT-2's c_attn)
+- "qkv":    a fused [q | k | v] axis (GPT-2's c_attn, Phi-3's qkv_proj)
+- "ffn2":   a fused [gate | up] axis, two blocks of MLP neurons (Phi-3's gate_up_proj)
 - None:     an axis that pruning never touches (vocabulary, positions, head_dim of q/k norms)
 """
 
@@ -51,25 +52,41 @@ class Family:
     final_norm_path: str
     attn_out_path: str  # per layer: module whose *input* is the attention output before its projection
     mlp_out_path: str  # per layer: module whose *input* is the post-activation MLP neurons
-    norm_paths: tuple[str, str]  # per layer: pre-attention and pre-MLP norms
+    # per layer: every norm whose output channels score the hidden size (pre- and post-norms alike)
+    norm_paths: tuple[str, ...]
+    # per norm of norm_paths: which projections read its output, "attn" (q/k/v), "mlp" (gate/up) or None (a
+    # post-norm: it writes the residual stream); `importance.baselines.outgoing_norms` weighs each site by these
+    norm_reads: tuple[str | None, ...]
     layer_params: dict[str, Axes]  # per layer, suffix after "<layers_path>.<i>."
     global_params: dict[str, Axes]
     keys: dict[str, str]  # Dims field -> config attribute
     explicit_head_dim: bool  # config has a head_dim key (False: head_dim = hidden / heads)
     hidden_divisible_by_heads: bool  # the config class rejects hidden % heads != 0
-    gguf_arch: str = "llama"  # llama.cpp's architecture name for this family (export.py)
+    gguf_arch: str | None = "llama"  # llama.cpp's architecture name for this family (export.py); None: not written
     gated_mlp: bool = True
     # config flag that divides attention scores by (layer_idx + 1): renumbered layers must rescale their queries
     layer_index_scale_flag: str | None = None
+    # config lists with one entry per layer (attention kind, RoPE or not): sliced with the kept layers
+    per_layer_keys: tuple[str, ...] = ("layer_types",)
+    # norms multiply by (norm_offset + weight): Gemma's RMSNorm stores weight - 1 (offset 1.0)
+    norm_offset: float = 0.0
+    # the input embedding is multiplied by sqrt(hidden_size) in forward (Gemma): pruning hidden changes it
+    scaled_embedding: bool = False
+    # config attribute of the final-logit soft-cap, cap * tanh(logits / cap) (Gemma 2); None: no cap
+    logit_cap_key: str | None = None
 
     def dims(self, config) -> Dims:
         """Read a config's shape."""
-        get = lambda field: getattr(config, self.keys[field]) if field in self.keys else None  # noqa: E731
+        get = lambda field: getattr(config, self.keys[field], None) if field in self.keys else None  # noqa: E731
         hidden, heads = get("hidden"), get("heads")
         ffn = get("ffn") or 4 * hidden  # GPT-2's n_inner=None means 4 * n_embd
-        head_dim = (get("head_dim") if self.explicit_head_dim else None) or hidden // heads
+        head_dim = (get("head_dim") if self.explicit_head_dim else None) or hidden // heads  # absent: hidden / heads
         kv_heads = get("kv_heads") or heads
         return Dims(hidden, ffn, heads, kv_heads, head_dim, get("layers"), get("vocab"))
+
+    def logit_cap(self, config) -> float | None:
+        """The final-logit soft-cap of this config (Gemma 2), or None."""
+        return getattr(config, self.logit_cap_key, None) if self.logit_cap_key else None
 
     def reads(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """Per layer, the projections that read the residual stream: through the pre-attention norm (q/k/v,
@@ -116,29 +133,40 @@ class Family:
             )
 
 
-def _llama_like(name: str, model_types: tuple[str, ...], *, qk_norm: bool, hidden_divisible_by_heads: bool,
-                gguf_arch: str) -> Family:
-    attn = {
-        "self_attn.q_proj.weight": ("q", "hidden"),
-        "self_attn.q_proj.bias": ("q",),
-        "self_attn.k_proj.weight": ("kv", "hidden"),
-        "self_attn.k_proj.bias": ("kv",),
-        "self_attn.v_proj.weight": ("kv", "hidden"),
-        "self_attn.v_proj.bias": ("kv",),
-        "self_attn.o_proj.weight": ("hidden", "q"),
-        "self_attn.o_proj.bias": ("hidden",),
-    }
+def _llama_like(name: str, model_types: tuple[str, ...], *, qk_norm: str | None = None,
+                hidden_divisible_by_heads: bool, gguf_arch: str | None,
+                norms: tuple[tuple[str, str | None], ...] = (("input_layernorm", "attn"),
+                                                             ("post_attention_layernorm", "mlp")),
+                explicit_head_dim: bool = True, fused: bool = False, **extra) -> Family:
+    """Llama's layout and its relatives. `qk_norm`: "head" (one head_dim norm shared by the heads: Qwen3,
+    Gemma 3) or "width" (a norm over the whole projection, heads x head_dim: OLMo 2, sliced with the heads).
+    `norms`: (path, what reads its output) per layer. `fused`: Phi-3's qkv_proj and gate_up_proj."""
+    if fused:
+        attn = {"self_attn.qkv_proj.weight": ("qkv", "hidden"), "self_attn.qkv_proj.bias": ("qkv",)}
+    else:
+        attn = {
+            "self_attn.q_proj.weight": ("q", "hidden"),
+            "self_attn.q_proj.bias": ("q",),
+            "self_attn.k_proj.weight": ("kv", "hidden"),
+            "self_attn.k_proj.bias": ("kv",),
+            "self_attn.v_proj.weight": ("kv", "hidden"),
+            "self_attn.v_proj.bias": ("kv",),
+        }
+    attn |= {"self_attn.o_proj.weight": ("hidden", "q"), "self_attn.o_proj.bias": ("hidden",)}
     if qk_norm:
-        attn |= {"self_attn.q_norm.weight": (None,), "self_attn.k_norm.weight": (None,)}
-    mlp = {
-        "mlp.gate_proj.weight": ("ffn", "hidden"),
-        "mlp.gate_proj.bias": ("ffn",),
-        "mlp.up_proj.weight": ("ffn", "hidden"),
-        "mlp.up_proj.bias": ("ffn",),
-        "mlp.down_proj.weight": ("hidden", "ffn"),
-        "mlp.down_proj.bias": ("hidden",),
-    }
-    norms = {"input_layernorm.weight": ("hidden",), "post_attention_layernorm.weight": ("hidden",)}
+        q, kv = ("q", "kv") if qk_norm == "width" else (None, None)
+        attn |= {"self_attn.q_norm.weight": (q,), "self_attn.k_norm.weight": (kv,)}
+    if fused:
+        mlp = {"mlp.gate_up_proj.weight": ("ffn2", "hidden"), "mlp.gate_up_proj.bias": ("ffn2",)}
+    else:
+        mlp = {
+            "mlp.gate_proj.weight": ("ffn", "hidden"),
+            "mlp.gate_proj.bias": ("ffn",),
+            "mlp.up_proj.weight": ("ffn", "hidden"),
+            "mlp.up_proj.bias": ("ffn",),
+        }
+    mlp |= {"mlp.down_proj.weight": ("hidden", "ffn"), "mlp.down_proj.bias": ("hidden",)}
+    norm_params = {f"{path}.weight": ("hidden",) for path, _ in norms}
     return Family(
         name=name,
         model_types=model_types,
@@ -149,8 +177,9 @@ def _llama_like(name: str, model_types: tuple[str, ...], *, qk_norm: bool, hidde
         final_norm_path="model.norm",
         attn_out_path="self_attn.o_proj",
         mlp_out_path="mlp.down_proj",
-        norm_paths=("input_layernorm", "post_attention_layernorm"),
-        layer_params=attn | mlp | norms,
+        norm_paths=tuple(path for path, _ in norms),
+        norm_reads=tuple(reads for _, reads in norms),
+        layer_params=attn | mlp | norm_params,
         global_params={
             "model.embed_tokens.weight": (None, "hidden"),
             "model.norm.weight": ("hidden",),
@@ -165,11 +194,17 @@ def _llama_like(name: str, model_types: tuple[str, ...], *, qk_norm: bool, hidde
             "layers": "num_hidden_layers",
             "vocab": "vocab_size",
         },
-        explicit_head_dim=True,
+        explicit_head_dim=explicit_head_dim,
         hidden_divisible_by_heads=hidden_divisible_by_heads,
         gguf_arch=gguf_arch,
+        **extra,
     )
 
+
+# Gemma 2 and 3 put a norm before and after both attention and MLP; each of the four scores hidden channels.
+_SANDWICH = (("input_layernorm", "attn"), ("post_attention_layernorm", None),
+             ("pre_feedforward_layernorm", "mlp"), ("post_feedforward_layernorm", None))
+_GEMMA = dict(norms=_SANDWICH, norm_offset=1.0, scaled_embedding=True, hidden_divisible_by_heads=False, gguf_arch=None)
 
 GPT2 = Family(
     name="gpt2",
@@ -182,6 +217,7 @@ GPT2 = Family(
     attn_out_path="attn.c_proj",
     mlp_out_path="mlp.c_proj",
     norm_paths=("ln_1", "ln_2"),
+    norm_reads=("attn", "mlp"),
     # GPT-2 uses Conv1D: weights are stored (in_features, out_features), the transpose of nn.Linear.
     layer_params={
         "ln_1.weight": ("hidden",),
@@ -213,10 +249,23 @@ GPT2 = Family(
 )
 
 FAMILIES: tuple[Family, ...] = (
-    _llama_like("llama", ("llama",), qk_norm=False, hidden_divisible_by_heads=True, gguf_arch="llama"),
-    _llama_like("mistral", ("mistral",), qk_norm=False, hidden_divisible_by_heads=False, gguf_arch="llama"),
-    _llama_like("qwen2", ("qwen2",), qk_norm=False, hidden_divisible_by_heads=False, gguf_arch="qwen2"),
-    _llama_like("qwen3", ("qwen3",), qk_norm=True, hidden_divisible_by_heads=False, gguf_arch="qwen3"),
+    _llama_like("llama", ("llama",), hidden_divisible_by_heads=True, gguf_arch="llama"),
+    _llama_like("mistral", ("mistral",), hidden_divisible_by_heads=False, gguf_arch="llama"),
+    _llama_like("qwen2", ("qwen2",), hidden_divisible_by_heads=False, gguf_arch="qwen2"),
+    _llama_like("qwen3", ("qwen3",), qk_norm="head", hidden_divisible_by_heads=False, gguf_arch="qwen3"),
+    # SmolLM3: Llama with layers that skip RoPE (no_rope_layers: 1 = RoPE, 0 = none), sliced with the layers
+    _llama_like("smollm3", ("smollm3",), hidden_divisible_by_heads=False, gguf_arch=None,
+                per_layer_keys=("layer_types", "no_rope_layers")),
+    # Gemma 2: (1 + w) RMSNorms, sandwich norms, sqrt(hidden) embedding scale, soft-capped final logits (and
+    # attention scores, inside the attention module), query_pre_attn_scalar (independent of head_dim)
+    _llama_like("gemma2", ("gemma2",), logit_cap_key="final_logit_softcapping", **_GEMMA),
+    _llama_like("gemma3", ("gemma3_text",), qk_norm="head", **_GEMMA),
+    # Phi-3 / Phi-4-mini: fused [q; k; v] and [gate; up] rows; partial RoPE acts inside head_dim, never pruned
+    _llama_like("phi3", ("phi3",), fused=True, hidden_divisible_by_heads=False, gguf_arch=None),
+    # OLMo 2: norms after attention and MLP only (the projections read the raw residual stream), and q/k norms
+    # over the whole projection width
+    _llama_like("olmo2", ("olmo2",), qk_norm="width", hidden_divisible_by_heads=False, gguf_arch=None,
+                norms=(("post_attention_layernorm", None), ("post_feedforward_layernorm", None))),
     GPT2,
 )
 

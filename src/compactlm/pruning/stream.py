@@ -21,7 +21,7 @@ import torch
 from compactlm.models.family import family_of
 from compactlm.models.shards import INDEX, Shards, write_safetensors
 from compactlm.pruning.plan import Plan
-from compactlm.pruning.surgery import prune_config, prune_tensor, weight_axes
+from compactlm.pruning.surgery import prune_config, prune_tensor, rescale_for, weight_axes
 
 CHUNK_BYTES = 64 * 2**20  # a big tensor whose rows are not pruned (embeddings, LM head) is cut this many bytes at a time
 
@@ -35,8 +35,8 @@ def prune_checkpoint(checkpoint: str | Path, plan: Plan, out: str | Path, *, max
     family = family_of(config)
     dims = family.dims(config)
     plan.validate(dims)
-    scaled = bool(family.layer_index_scale_flag and getattr(config, family.layer_index_scale_flag, False))
-    cut = lambda name, tensor: prune_tensor(family, dims, plan, name, tensor, scaled)  # noqa: E731
+    rescale = rescale_for(family, config, plan)
+    cut = lambda name, tensor: prune_tensor(family, dims, plan, name, tensor, rescale)  # noqa: E731
     source = Shards(checkpoint)
     entries = []  # (source name, pruned name, shape, dtype): the output's layout, from the headers alone
     for name in source.files:

@@ -8,7 +8,9 @@ model is built fresh from its new config and loaded with strict=True, which is t
 from __future__ import annotations
 
 import copy
+import math
 import re
+from dataclasses import dataclass
 
 import torch
 
@@ -28,6 +30,8 @@ def axis_index(label: str, plan: Plan, layer: int | None, dims: Dims) -> torch.T
         return plan.hidden
     if label == "ffn":
         return plan.ffn[layer]
+    if label == "ffn2":  # fused [gate | up]
+        return torch.cat([plan.ffn[layer], dims.ffn + plan.ffn[layer]])
     q = head_channels(plan.heads[layer], dims.head_dim)
     kv = head_channels(plan.kv_heads[layer], dims.head_dim)
     if label == "q":
@@ -59,6 +63,46 @@ def rescale_queries(tensor: torch.Tensor, axes: tuple, factor: float, q_width: i
     return out
 
 
+@dataclass(frozen=True)
+class Rescale:
+    """Value changes, beyond slicing, that keep a pruned model computing what its source computed.
+
+    `layer_index`: attention scores are divided by (layer_idx + 1) (GPT-2's scale_attn_by_inverse_layer_idx);
+    a layer moved from index i to j gets its queries scaled by (j+1)/(i+1), so that its attention is unchanged.
+    `embedding`: Gemma multiplies the embedding by sqrt(hidden_size) in forward; with hidden pruned from H to H'
+    the kept channels are multiplied by sqrt(H / H'), so the residual stream enters the layers unchanged.
+    `head`, `final_norm`: with that embedding tied to the LM head (one tensor, so the head is multiplied too),
+    the logits would grow by the same factor; the final norm's gain (offset + w) is divided by it, so the logits
+    are unchanged too."""
+
+    layer_index: bool = False
+    embedding: float = 1.0
+    head: float = 1.0
+    final_norm: float = 1.0
+
+
+def rescale_for(family: Family, config, plan: Plan) -> Rescale:
+    """The `Rescale` that pruning `config` to `plan` needs."""
+    layer_index = bool(family.layer_index_scale_flag and getattr(config, family.layer_index_scale_flag, False))
+    dims = family.dims(config)
+    if not family.scaled_embedding or len(plan.hidden) == dims.hidden:
+        return Rescale(layer_index)
+    factor = math.sqrt(dims.hidden / len(plan.hidden))
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    return Rescale(layer_index, factor, factor, 1.0 / factor) if tied else Rescale(layer_index, factor)
+
+
+def _rescale(family: Family, key: str, tensor: torch.Tensor, rescale: Rescale) -> torch.Tensor:
+    """The embedding or final norm of a pruned model multiplied as `rescale` says (other weights unchanged)."""
+    factor = {family.embed_path + ".weight": rescale.embedding, family.lm_head_path + ".weight": rescale.head}.get(key)
+    if factor is not None and factor != 1.0:
+        return (tensor.float() * factor).to(tensor.dtype)
+    if key == family.final_norm_path + ".weight" and rescale.final_norm != 1.0:  # gain = offset + w
+        offset = family.norm_offset
+        return ((tensor.float() + offset) * rescale.final_norm - offset).to(tensor.dtype)
+    return tensor
+
+
 def weight_axes(family: Family, key: str) -> tuple[int | None, str, tuple]:
     """(layer index or None, name within the layer, axis labels) of the weight `key`; a one-line error when the
     family record does not describe it."""
@@ -71,11 +115,9 @@ def weight_axes(family: Family, key: str) -> tuple[int | None, str, tuple]:
 
 
 def prune_tensor(family: Family, dims: Dims, plan: Plan, key: str, tensor: torch.Tensor,
-                 layer_index_scaled: bool = False) -> tuple[str, torch.Tensor] | None:
-    """One weight sliced to the plan, under its new name (kept layers renumbered 0..n-1); None when its layer
-    is dropped. `layer_index_scaled`: attention scores are divided by (layer_idx + 1) (GPT-2's
-    scale_attn_by_inverse_layer_idx); a layer moved from index i to j gets its queries scaled by (j+1)/(i+1),
-    so that its attention is unchanged."""
+                 rescale: Rescale = Rescale()) -> tuple[str, torch.Tensor] | None:
+    """One weight sliced to the plan and rescaled as `rescale` says (`rescale_for`), under its new name (kept
+    layers renumbered 0..n-1); None when its layer is dropped."""
     layer, suffix, axes = weight_axes(family, key)
     new_key = key
     if layer is not None:
@@ -84,16 +126,16 @@ def prune_tensor(family: Family, dims: Dims, plan: Plan, key: str, tensor: torch
             return None
         new_key = f"{family.layers_path}.{kept.index(layer)}.{suffix}"
     out = _slice(tensor, axes, plan, layer, dims)
-    if layer_index_scaled and layer is not None:
+    if rescale.layer_index and layer is not None:
         out = rescale_queries(out, axes, (kept.index(layer) + 1) / (layer + 1), plan.dims(dims).heads * dims.head_dim)
-    return new_key, out
+    return new_key, _rescale(family, key, out, rescale)
 
 
 def prune_state_dict(
-    family: Family, dims: Dims, state_dict: dict[str, torch.Tensor], plan: Plan, layer_index_scaled: bool = False
+    family: Family, dims: Dims, state_dict: dict[str, torch.Tensor], plan: Plan, rescale: Rescale = Rescale()
 ) -> dict[str, torch.Tensor]:
     """Every weight of `state_dict` through `prune_tensor`."""
-    pruned = (prune_tensor(family, dims, plan, k, t, layer_index_scaled) for k, t in state_dict.items())
+    pruned = (prune_tensor(family, dims, plan, k, t, rescale) for k, t in state_dict.items())
     return dict(item for item in pruned if item is not None)
 
 
@@ -106,8 +148,9 @@ def prune_config(config, family: Family, plan: Plan):
     for key, value in family.config_updates(new_dims).items():
         setattr(new, key, value)
     kept = plan.layers.tolist()
-    if isinstance(getattr(new, "layer_types", None), list):  # per-layer attention kinds follow their layers
-        new.layer_types = [config.layer_types[i] for i in kept]
+    for key in family.per_layer_keys:  # per-layer lists (attention kinds, RoPE flags) follow their layers
+        if isinstance(getattr(new, key, None), list):
+            setattr(new, key, [getattr(config, key)[i] for i in kept])
     return new
 
 
@@ -119,8 +162,7 @@ def prune_model(model, plan: Plan):
     dims = family.dims(model.config)
     plan.validate(dims)
     new_config = prune_config(model.config, family, plan)
-    scaled = bool(family.layer_index_scale_flag and getattr(model.config, family.layer_index_scale_flag, False))
-    state_dict = prune_state_dict(family, dims, model.state_dict(), plan, layer_index_scaled=scaled)
+    state_dict = prune_state_dict(family, dims, model.state_dict(), plan, rescale_for(family, model.config, plan))
     param = next(model.parameters())
     with torch.device(param.device):
         new = AutoModelForCausalLM.from_config(new_config, dtype=param.dtype)
