@@ -69,7 +69,8 @@ def main() -> None:
         rows.append(row)
         print(row, flush=True)
     dense = rows[0]
-    print(f"\n{args.steps} steps of 8 x 256 tokens each; held-out perplexity on {len(batches) * 8} validation rows")
+    print(f"\n{args.steps} steps of 8 x 256 tokens each; held-out perplexity on "
+          f"{sum(len(b['input_ids']) for b in batches)} validation rows")
     print("| KD | held-out perplexity | vs dense | s per step | speed-up | run wall (with cache build) | cache bytes/token |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
