@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import FAMILIES, corpus_text, tiny_config
+from conftest import corpus_text, tiny_config
+from test_export import FAMILIES as GGUF_FAMILIES  # the families export_gguf writes
 from transformers import AutoModelForCausalLM
 
 from compactlm.export import export_gguf
@@ -48,7 +49,7 @@ def llama_cpp_logits(path, ids: list[int]) -> np.ndarray:
 
 @pytest.mark.parametrize("type_name", ["f32", "f16"])
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", GGUF_FAMILIES)
 def test_llama_cpp_logits_match_transformers(family, tied, type_name, bpe_tokenizer, tmp_path):
     if family == "gpt2" and not tied and type_name == "f16":
         pytest.skip("one GPT-2 layout per type is enough")
