@@ -9,7 +9,7 @@ Loss: `mtd.LogitsDistillationLoss` (KL(teacher || student) x T^2) on the two lm_
 --reduction token: per-token KL (reduction="none", summed over the vocabulary by modelopt) averaged over the
 B x S tokens, what compactlm and modelopt's own HF KDTrainer optimise; --reduction mean: modelopt's default,
 F.kl_div(reduction="mean"), which averages over B x S x V elements, i.e. the same loss divided by V.
-AdamW, warm-up + cosine and decay groups are compactlm's own (`make_optimizer`, `lr_at`), so only the
+AdamW, warm-up + cosine and decay groups are compactlm's own (`make_optimizer`, `make_schedule`), so only the
 distillation machinery differs. Writes OUT_DIR/final (the exported student), OUT_DIR/metrics.jsonl and
 OUT_DIR/result.json.
 """
@@ -27,7 +27,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from compactlm.config import TrainConfig
-from compactlm.distill.loop import lr_at, make_optimizer
+from compactlm.distill.loop import make_optimizer, make_schedule
 
 
 def distillation_model(student: torch.nn.Module, teacher: torch.nn.Module, temperature: float, reduction: str):
@@ -61,7 +61,7 @@ def main() -> None:
     model = distillation_model(student, teacher, args.temperature, args.reduction)
     optimizer = make_optimizer(model, tc)  # the teacher is frozen: only the student's parameters
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, steps, tc) / tc.lr)
+    scheduler = make_schedule(optimizer, steps, tc)
     per_token = (lambda kl: kl.mean()) if args.reduction == "token" else None  # kl: (B, S) per-token KL
 
     out = Path(args.out)

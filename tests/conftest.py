@@ -34,15 +34,13 @@ def tiny_config(family: str, heads: int = 4, kv_heads: int = 2, tied: bool = Fal
             bos_token_id=0, eos_token_id=1, pad_token_id=1,
         )
     cls = getattr(transformers, CONFIGS[family])
+    # sliding and full layers in turn, with a window shorter than the test batches so that both kinds differ
+    sliding = {"layer_types": [("sliding_attention", "full_attention")[i % 2] for i in range(layers)], "sliding_window": 4}
     extra = {
-        # sliding and full layers, with a window shorter than the test batches so that both kinds differ
-        "gemma2": {"layer_types": ["sliding_attention", "full_attention"] * layers, "sliding_window": 4},
-        "gemma3": {"layer_types": ["sliding_attention", "full_attention"] * layers, "sliding_window": 4},
-        "smollm3": {"no_rope_layers": [1, 0] * layers},  # every other layer without RoPE
+        "gemma2": sliding,
+        "gemma3": sliding,
+        "smollm3": {"no_rope_layers": [1 - i % 2 for i in range(layers)]},  # every other layer without RoPE
     }.get(family, {})
-    for key in ("layer_types", "no_rope_layers"):
-        if key in extra:
-            extra[key] = extra[key][:layers]
     return cls(
         hidden_size=hidden, intermediate_size=48, num_attention_heads=heads, num_key_value_heads=kv_heads,
         head_dim=head_dim, num_hidden_layers=layers, vocab_size=VOCAB, max_position_embeddings=128,

@@ -61,10 +61,11 @@ def _eval_mode(*models) -> Iterator[None]:
 def _head(model) -> Head:
     """The LM head's (weight (V, H), bias (V,) or None, soft-cap or None) of a loaded model or a `Layerwise`."""
     net = skeleton(model)
-    cap = family_of(net).logit_cap(net.config)
+    family = family_of(net)
+    cap = family.logit_cap(net.config)
     if isinstance(model, Layerwise):
         return (*model.head(), cap)
-    module = get_module(model, family_of(model).lm_head_path)
+    module = get_module(model, family.lm_head_path)
     return module.weight, module.bias, cap
 
 

@@ -136,12 +136,12 @@ def _teacher_sizes(spec: str) -> dict[str, int]:
     """The teacher's sizes under config.CASCADE_KEYS, from its config alone (no weights)."""
     from compactlm.models.family import family_of
     from compactlm.models.loading import load_model_config, params_of_config
+    from compactlm.pruning.targets import TARGET_KEYS
 
     config = load_model_config(spec)
     d = family_of(config).dims(config)
-    return {"target.hidden_size": d.hidden, "target.intermediate_size": d.ffn, "target.num_attention_heads": d.heads,
-            "target.num_key_value_heads": d.kv_heads, "target.num_hidden_layers": d.layers,
-            "search.target_params": params_of_config(config)}
+    return {f"target.{key}": getattr(d, field) for key, field in TARGET_KEYS.items()} | {
+        "search.target_params": params_of_config(config)}
 
 
 def plan(cfg: Config, resolve: bool = True) -> list[tuple[Stage, Config, Step]]:

@@ -152,16 +152,17 @@ def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
 def plot_training(metrics_jsonl: Path | Sequence[Path], path: Path) -> None:
     """Train loss, and validation loss (rows with val_loss), against tokens; a line per run (folder name)."""
     paths = [metrics_jsonl] if isinstance(metrics_jsonl, (str, os.PathLike)) else list(metrics_jsonl)
+    names = [Path(p).parent.name or Path(p).stem for p in paths]
+    # runs in same-named folders (a cascade's size-<i>/distill) go by the folder above
+    labels = [n if names.count(n) == 1 else Path(p).parent.parent.name for n, p in zip(names, paths)]
     fig, axes = _figure(2)
     for ax, key, title in zip(axes, ("loss", "val_loss"), ("training loss", "validation loss")):
         drawn = 0
-        names = [Path(p).parent.name or Path(p).stem for p in paths]
         for i, p in enumerate(paths):
             tokens, values = _series(_read_rows(Path(p)), key)
-            if tokens:  # runs in same-named folders (a cascade's size-<i>/distill) go by the folder above
-                label = names[i] if names.count(names[i]) == 1 else Path(p).parent.parent.name
+            if tokens:
                 ax.plot(tokens, values, color=f"C{i}", marker="o" if key == "val_loss" else None,
-                        markersize=3, linewidth=1.2 if key == "val_loss" else 0.8, label=label)
+                        markersize=3, linewidth=1.2 if key == "val_loss" else 0.8, label=labels[i])
                 drawn += 1
         if not drawn:
             _say(ax, f"{title}: no rows with '{key}'")

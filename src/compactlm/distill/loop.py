@@ -192,6 +192,11 @@ def make_optimizer(trainee: nn.Module, tc: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=tc.lr, betas=BETAS)
 
 
+def make_schedule(optimizer: torch.optim.Optimizer, total: int, tc: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warm-up then cosine to min_lr over `total` steps (`lr_at`), as a scheduler stepped once per step."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total, tc) / tc.lr)
+
+
 def build(student: nn.Module, teacher: nn.Module | None, tc: TrainConfig, d: Dist,
           hidden_keep: Tensor | None = None) -> tuple[Trainee, Teacher | None]:
     """The trainee (student + map) and the teacher, on the device, sharded with FSDP2 under torchrun.
@@ -232,7 +237,7 @@ def fit(student: nn.Module, train_rows: Tensor, val_rows: Tensor, tc: TrainConfi
     trainee, teacher_mod = build(student, teacher, tc, d, hidden_keep)
     step_teacher = CachedTeacher(teacher_cache) if teacher_cache is not None else teacher_mod
     optimizer = make_optimizer(trainee, tc)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total, tc) / tc.lr)
+    scheduler = make_schedule(optimizer, total, tc)
     found = ckpt.latest(out) if session.resume else None
     progress = ckpt.Progress(total_steps=total)
     if found:
@@ -310,8 +315,7 @@ def fit_together(students: list[nn.Module], train_rows: Tensor, val_rows: Tensor
     for student in students:
         trainee, wrapped = build(student, teacher, tc, d)
         optimizer = make_optimizer(trainee, tc)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total, tc) / tc.lr)
-        runs.append((trainee, optimizer, scheduler))
+        runs.append((trainee, optimizer, make_schedule(optimizer, total, tc)))
     shared = _SharedTeacher(wrapped)
     start, rows_seen = time.perf_counter(), 0
     for step in tqdm(range(total), unit="step", desc=f"distill {len(runs)} together",

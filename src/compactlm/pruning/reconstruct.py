@@ -43,7 +43,7 @@ from compactlm.errors import CompactLMError
 from compactlm.models.family import Dims, Family, family_of, get_module
 from compactlm.models.layerwise import capture_layer_calls, model_inputs
 from compactlm.pruning.plan import Plan
-from compactlm.pruning.surgery import axis_index, rescale_queries
+from compactlm.pruning.surgery import axis_index, rescale_for, rescale_queries
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +297,7 @@ def reconstruct(teacher: nn.Module, student: nn.Module, plan: Plan, batches: Ite
     attention = family.attn_out_path.rpartition(".")[0]  # the module whose output the o_proj stage completes
     t_layers, s_layers = get_module(teacher, family.layers_path), get_module(student, family.layers_path)
     kept = plan.layers.tolist()
-    scaled = bool(family.layer_index_scale_flag and getattr(teacher.config, family.layer_index_scale_flag, False))
+    scaled = rescale_for(family, teacher.config, plan).layer_index
     device = get_module(teacher, family.embed_path).weight.device
     batches = [model_inputs(b, device) for b in batches]
     real = [b["attention_mask"].bool() for b in batches]
