@@ -113,14 +113,22 @@ class TargetConfig:
     num_attention_heads: Size = None
     num_key_value_heads: Size = None  # fewer than the teacher's drops whole KV groups
     num_hidden_layers: Size = None
+    # mixtures of experts, named as each family's config names them: routed experts kept per layer (Qwen3-MoE:
+    # num_experts, Mixtral: num_local_experts) and each expert's MLP width (Qwen3-MoE: moe_intermediate_size,
+    # Mixtral: intermediate_size)
+    num_experts: Size = None
+    num_local_experts: Size = None
+    moe_intermediate_size: Size = None
     drop_layers: tuple[int, ...] | None = None  # explicit layers to remove (instead of a metric)
     layer_metric: str = choice("lm_loss", "lm_loss", "block_importance", "contiguous", "magnitude", "random")
+    # ranks the experts: router weight x output norm over the tokens routed to each (REAP), routing frequency
+    expert_metric: str = choice("reap", "reap", "frequency", "magnitude", "random")
     keep_last_layer: bool = True  # the contiguous-block search never drops the final layer (P2)
     round_to: int | None = None  # round hidden and ffn targets down to a multiple (Model Optimizer: 64)
 
     def __post_init__(self) -> None:
         _size_or_fraction(self, "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
-                          "num_hidden_layers")
+                          "num_hidden_layers", "num_experts", "num_local_experts", "moe_intermediate_size")
         _at_least(self, 1, "round_to")
         if self.drop_layers is not None and any(i < 0 for i in self.drop_layers):
             raise InvalidValue("drop_layers", list(self.drop_layers), "layer indices start at 0")
@@ -409,7 +417,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), cls: 
 
 # The size keys that may list one size per step of a cascade (`compactlm run` only).
 CASCADE_KEYS = ("target.hidden_size", "target.intermediate_size", "target.num_attention_heads",
-                "target.num_key_value_heads", "target.num_hidden_layers", "search.target_params")
+                "target.num_key_value_heads", "target.num_hidden_layers", "target.num_experts",
+                "target.num_local_experts", "target.moe_intermediate_size", "search.target_params",
+                "search.target_active_params")
 
 
 def _get(cfg: Any, dotted: str) -> Any:

@@ -6,6 +6,8 @@ The stage functions themselves live in stages.py; these helpers carry no stage l
 
 from __future__ import annotations
 
+import dataclasses
+
 import contextlib
 import logging
 import os
@@ -256,7 +258,7 @@ def scores_for(cfg: Config, model, tokenizer, needed: tuple[str, ...], saved: Sc
         imp = cfg.importance
         scores = score_model(model, batches, method=imp.method, aggregation=imp.aggregation,
                              head_score=imp.head_score, layer_metrics=(), seed=cfg.seed, progress=True)
-        scores = Scores(scores.hidden, scores.heads, scores.ffn, scores.layers, scores.meta | {"model": cfg.model})
+        scores = dataclasses.replace(scores, meta=scores.meta | {"model": cfg.model})
     if any(n not in scores.layers for n in needed):
         scores = add_layer_metrics(cfg, model, batches or calibration_batches(cfg, tokenizer, model), scores, needed)
     return scores

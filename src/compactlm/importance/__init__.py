@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -29,6 +31,8 @@ from compactlm.importance.layers import (
 )
 from compactlm.importance.scores import Scores
 from compactlm.importance.taylor import taylor_scores
+from compactlm.models.family import family_of
+from compactlm.models.layerwise import skeleton
 
 METHODS = ("activation", "output_aware", "taylor", "magnitude", "random")
 
@@ -49,6 +53,9 @@ def score(model, batches: Iterable[dict[str, torch.Tensor]] | None, *, method: s
         raise CompactLMError(f"unknown importance method '{method}' (choose one of {', '.join(METHODS)})")
     if batches is None:
         raise CompactLMError(f"importance method '{method}' needs calibration batches")
+    if method in ("output_aware", "taylor") and family_of(skeleton(model)).moe:
+        raise CompactLMError(f"importance.method={method} does not handle mixtures of experts yet "
+                             "(use activation, magnitude or random)")
     unknown = [m for m in layer_metrics if m not in LAYER_METRICS]
     if unknown:  # fail before the slow passes
         raise CompactLMError(f"unknown layer metric '{unknown[0]}' (choose from {', '.join(LAYER_METRICS)})")
@@ -59,7 +66,7 @@ def score(model, batches: Iterable[dict[str, torch.Tensor]] | None, *, method: s
         width = activation_scores(model, batches, aggregation=aggregation, head_score=head_score,
                                   output_aware=method == "output_aware", progress=progress)
     layers = depth.layer_metrics(model, batches, layer_metrics)
-    return Scores(hidden=width.hidden, heads=width.heads, ffn=width.ffn, layers=layers, meta=width.meta)
+    return dataclasses.replace(width, layers=layers)
 
 
 __all__ = [

@@ -18,6 +18,7 @@ from torch.utils.hooks import RemovableHandle
 
 from compactlm.errors import CompactLMError
 from compactlm.importance.baselines import outgoing_norms
+from compactlm.importance.experts import ExpertStats
 from compactlm.importance.scores import Scores
 from compactlm.models.family import Family, family_of, get_module
 from compactlm.models.layerwise import decoder_passes, skeleton
@@ -136,6 +137,10 @@ class ActivationCollector:
         head_width = d.heads if head_score == "paper" else d.heads * d.head_dim
         widths = {"ffn": d.ffn, "heads": head_width, "hidden": d.hidden}
         sites = {"ffn": d.layers, "heads": d.layers, "hidden": d.layers * len(family.norm_paths)}
+        # a mixture of experts scores its experts' neurons over each expert's own tokens (importance/experts.py)
+        self.experts = ExpertStats(d.layers, d.experts, d.ffn, device) if family.moe else None
+        if self.experts is not None:
+            del sites["ffn"]
         self.stats = {k: [BatchStats((widths[k],), device) for _ in range(n)] for k, n in sites.items()}
         self._w: dict[torch.device, torch.Tensor] = {}
         self._rows: torch.Tensor | None = None  # (B,) bool: sequences of the current batch with a real token
@@ -146,6 +151,8 @@ class ActivationCollector:
         w = _weights(mask, self.seq_how)
         self._w = {w.device: w}
         self._rows = mask.sum(1) > 0
+        if self.experts is not None:
+            self.experts.set_mask(mask)
 
     def _scratch_like(self, a: torch.Tensor) -> torch.Tensor:
         """A float32 view shaped like `a` into a buffer reused by every hook (hooks run one at a time)."""
@@ -182,7 +189,7 @@ class ActivationCollector:
 
     def scores(self, outgoing: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(hidden,), (layers, heads), (layers, ffn) float32 on CPU. `outgoing`: the norms of each unit's
+        """(hidden,), (layers, heads), (layers, ffn) float32 on CPU (MoE: (layers, experts, ffn)). `outgoing`: the norms of each unit's
         outgoing weights from `outgoing_norms`, multiplied into every site's score before the sum over norms
         (output-aware activation importance)."""
         d = self.dims
@@ -190,7 +197,7 @@ class ActivationCollector:
         heads = self._result("heads").cpu()
         if self.head_score == "channel":  # Model Optimizer: L2 over the head's channel scores
             heads = torch.linalg.vector_norm(heads.view(d.layers, d.heads, -1), dim=-1)
-        ffn = self._result("ffn").cpu()
+        ffn = self._result("ffn").cpu() if self.experts is None else self.experts.neuron_scores()
         if outgoing is not None:
             hidden, heads, ffn = hidden * outgoing[0], heads * outgoing[1], ffn * outgoing[2]
         return hidden.sum((0, 1)), heads, ffn
@@ -214,7 +221,11 @@ def _hooks(model, family: Family, collector: ActivationCollector) -> Iterator[Re
     layers = get_module(model, family.layers_path)
     for i in range(collector.dims.layers):
         layer = layers[i]
-        yield get_module(layer, family.mlp_out_path).register_forward_pre_hook(pre("ffn", i))
+        mlp_out = get_module(layer, family.mlp_out_path)
+        if collector.experts is not None:  # the experts module: its routing and input, see importance/experts.py
+            yield mlp_out.register_forward_hook(collector.experts.hook(i))
+        else:
+            yield mlp_out.register_forward_pre_hook(pre("ffn", i))
         yield get_module(layer, family.attn_out_path).register_forward_pre_hook(pre("heads", i))
         for j, path in enumerate(family.norm_paths):
             yield get_module(layer, path).register_forward_hook(post(i * len(family.norm_paths) + j))
@@ -237,7 +248,8 @@ def collect_activations(model, family: Family, aggregation: str = "l2_mean",
 
 def activation_scores(model, batches: Iterable[dict[str, torch.Tensor]], *, aggregation: str = "l2_mean",
                       head_score: str = "paper", output_aware: bool = False, progress: bool = False) -> Scores:
-    """Scores hidden (hidden,), heads (layers, heads), ffn (layers, ffn) from no-grad decoder forwards.
+    """Scores hidden (hidden,), heads (layers, heads), ffn (layers, ffn) from no-grad decoder forwards; for a
+    mixture of experts ffn (layers, experts, ffn) and the expert metrics "reap" and "frequency" (experts.py).
 
     `output_aware`: each unit's score times the L2 norm of the weights it is read through (a neuron's down_proj
     column, a head's o_proj columns, a norm output channel's columns in the projections that read that norm),
@@ -251,4 +263,5 @@ def activation_scores(model, batches: Iterable[dict[str, torch.Tensor]], *, aggr
         hidden, heads, ffn = collector.scores(outgoing_norms(model) if output_aware else None)
     meta = {"method": "output_aware" if output_aware else "activation", "aggregation": aggregation,
             "head_score": head_score}
-    return Scores(hidden=hidden, heads=heads, ffn=ffn, meta=meta)
+    experts = collector.experts.metrics() if collector.experts is not None else {}
+    return Scores(hidden=hidden, heads=heads, ffn=ffn, meta=meta, experts=experts)

@@ -9,9 +9,13 @@ Magnitude scores (float32, from the family's axis labels, tied weights counted o
   position embedding) column, q/k/v/gate/up columns, o/down rows and biases, every norm weight and bias, the
   final norm and an untied lm_head column.
 - layer metric "magnitude": L2 norm of all of the layer's parameters.
+- mixtures of experts: each expert's neurons as an ffn neuron inside that expert's tensors; expert metric
+  "magnitude": L2 norm of the expert's weights and its router row.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from collections.abc import Mapping
 
@@ -27,8 +31,11 @@ def random_scores(model, seed: int = 0) -> Scores:
     d = family_of(skeleton(model)).dims(skeleton(model).config)
     g = torch.Generator().manual_seed(seed)
     rand = lambda *shape: torch.rand(shape, generator=g, dtype=torch.float32)  # noqa: E731
-    return Scores(hidden=rand(d.hidden), heads=rand(d.layers, d.heads), ffn=rand(d.layers, d.ffn),
-                  layers={"random": rand(d.layers)}, meta={"method": "random", "seed": str(seed)})
+    scores = Scores(hidden=rand(d.hidden), heads=rand(d.layers, d.heads), ffn=rand(d.layers, d.ffn),
+                    layers={"random": rand(d.layers)}, meta={"method": "random", "seed": str(seed)})
+    if not d.experts:
+        return scores
+    return dataclasses.replace(scores, ffn=rand(d.layers, d.experts, d.ffn), experts={"random": rand(d.layers, d.experts)})
 
 
 def _sumsq_along(p: torch.Tensor, dim: int) -> torch.Tensor:
@@ -39,9 +46,14 @@ def _sumsq_along(p: torch.Tensor, dim: int) -> torch.Tensor:
 
 def _axis_sumsq(p: torch.Tensor, axes: Axes, axis: str, q_width: int) -> torch.Tensor | None:
     """Per-channel sum of squares along `axis` ("q" also reads the q part of a fused "qkv" axis, "ffn" both
-    halves of a fused "ffn2" one), or None."""
+    halves of a fused "ffn2" one, and each expert's neurons, (experts, ffn), of an "expert" tensor), or None."""
     if axis in axes:
         return _sumsq_along(p, axes.index(axis))
+    if axis == "ffn" and ("effn" in axes or "effn2" in axes):  # expert at dim 0, its neurons on another axis
+        label = "effn" if "effn" in axes else "effn2"
+        sq = p.detach().float().square().movedim(axes.index(label), 1)  # (experts, n, ...)
+        sq = sq.sum(list(range(2, sq.ndim)))
+        return sq if label == "effn" else sum(sq.chunk(2, dim=1))  # fused [gate | up]
     if axis == "ffn" and "ffn2" in axes:
         gate, up = _sumsq_along(p, axes.index("ffn2")).chunk(2)  # fused [gate | up]
         return gate + up
@@ -91,7 +103,9 @@ def magnitude_scores(model) -> Scores:
     family, d, params = _params(model)
     q_width = d.heads * d.head_dim
     hidden = torch.zeros(d.hidden)
-    heads, ffn, total = torch.zeros(d.layers, q_width), torch.zeros(d.layers, d.ffn), torch.zeros(d.layers)
+    heads, total = torch.zeros(d.layers, q_width), torch.zeros(d.layers)
+    ffn = torch.zeros(d.layers, *((d.experts,) if d.experts else ()), d.ffn)
+    experts = torch.zeros(d.layers, d.experts)
     for name, axes in family.global_params.items():
         if name in params and (s := _axis_sumsq(params[name], axes, "hidden", q_width)) is not None:
             hidden += s
@@ -103,9 +117,9 @@ def magnitude_scores(model) -> Scores:
             p = params.get(prefix + suffix)
             if p is None:  # an optional bias this config has not got
                 continue
-            for axis, out in (("hidden", hidden), ("q", heads[i]), ("ffn", ffn[i])):
+            for axis, out in (("hidden", hidden), ("q", heads[i]), ("ffn", ffn[i]), ("expert", experts[i])):
                 if (s := _axis_sumsq(p, axes, axis, q_width)) is not None:
                     out += s
     heads = heads.view(d.layers, d.heads, d.head_dim).sum(-1)
-    return Scores(hidden=hidden.sqrt(), heads=heads.sqrt(), ffn=ffn.sqrt(),
-                  layers={"magnitude": total.sqrt()}, meta={"method": "magnitude"})
+    return Scores(hidden=hidden.sqrt(), heads=heads.sqrt(), ffn=ffn.sqrt(), layers={"magnitude": total.sqrt()},
+                  meta={"method": "magnitude"}, experts={"magnitude": experts.sqrt()} if d.experts else {})

@@ -7,6 +7,8 @@ removed. Batches are materialised once (each metric runs several passes over the
 
 from __future__ import annotations
 
+import dataclasses
+
 import contextlib
 import logging
 from collections.abc import Iterable, Iterator, Sequence
@@ -188,4 +190,4 @@ def with_depth_metrics(model, batches: Batches, scores, names: Sequence[str]):
             added[name] = contiguous_block_losses(model, batches, int(name.split("_")[1]))
         else:
             added |= layer_metrics(model, batches, [name])
-    return Scores(scores.hidden, scores.heads, scores.ffn, scores.layers | added, scores.meta)
+    return dataclasses.replace(scores, layers=scores.layers | added)

@@ -9,6 +9,9 @@ never sniff module names. Axis labels used in `layer_params` / `global_params`:
 - "kv":     a key/value channel, kv_heads * head_dim
 - "qkv":    a fused [q | k | v] axis (GPT-2's c_attn, Phi-3's qkv_proj)
 - "ffn2":   a fused [gate | up] axis, two blocks of MLP neurons (Phi-3's gate_up_proj)
+- "expert": a routed expert of a mixture-of-experts layer (each layer keeps its own; the router's rows too)
+- "effn", "effn2": an expert's MLP neurons, and its fused [gate | up] rows: each kept expert keeps its own
+  neurons, so these axes are sliced per expert (they follow an "expert" axis at dim 0)
 - None:     an axis that pruning never touches (vocabulary, positions, head_dim of q/k norms)
 """
 
@@ -32,6 +35,8 @@ class Dims:
     head_dim: int
     layers: int
     vocab: int
+    experts: int = 0  # routed experts per layer (0: a dense model); `ffn` is then each expert's width
+    top_k: int = 0  # experts each token is routed to
 
     @property
     def groups(self) -> int:
@@ -75,6 +80,11 @@ class Family:
     # config attribute of the final-logit soft-cap, cap * tanh(logits / cap) (Gemma 2); None: no cap
     logit_cap_key: str | None = None
 
+    @property
+    def moe(self) -> bool:
+        """A mixture-of-experts family: its MLPs are routed experts (`keys` names "experts" and "top_k")."""
+        return "experts" in self.keys
+
     def dims(self, config) -> Dims:
         """Read a config's shape."""
         get = lambda field: getattr(config, self.keys[field], None) if field in self.keys else None  # noqa: E731
@@ -82,7 +92,11 @@ class Family:
         ffn = get("ffn") or 4 * hidden  # GPT-2's n_inner=None means 4 * n_embd
         head_dim = (get("head_dim") if self.explicit_head_dim else None) or hidden // heads  # absent: hidden / heads
         kv_heads = get("kv_heads") or heads
-        return Dims(hidden, ffn, heads, kv_heads, head_dim, get("layers"), get("vocab"))
+        if self.moe and (getattr(config, "mlp_only_layers", None) or getattr(config, "decoder_sparse_step", 1) != 1):
+            raise CompactLMError(f"{self.name}: configs with dense MLP layers among the expert layers "
+                                 "(mlp_only_layers, decoder_sparse_step > 1) are not supported")
+        return Dims(hidden, ffn, heads, kv_heads, head_dim, get("layers"), get("vocab"), get("experts") or 0,
+                    get("top_k") or 0)
 
     def logit_cap(self, config) -> float | None:
         """The final-logit soft-cap of this config (Gemma 2), or None."""
@@ -108,6 +122,8 @@ class Family:
         out = {self.keys[f]: getattr(dims, f) for f in ("hidden", "ffn", "heads", "layers", "vocab")}
         if "kv_heads" in self.keys:
             out[self.keys["kv_heads"]] = dims.kv_heads
+        if self.moe:
+            out[self.keys["experts"]] = dims.experts
         if self.explicit_head_dim:
             out["head_dim"] = dims.head_dim
         return out
@@ -116,6 +132,11 @@ class Family:
         """Raise a one-line error naming the constraint `dims` breaks for this family's config class."""
         if min(dims.hidden, dims.ffn, dims.heads, dims.kv_heads, dims.layers) < 1:
             raise CompactLMError(f"target {dims} has a size below 1")
+        if self.moe and not dims.top_k <= dims.experts:
+            raise CompactLMError(
+                f"target.{self.keys['experts']}={dims.experts} is fewer than the {dims.top_k} experts each token is "
+                f"routed to ({self.keys['top_k']})"
+            )
         if dims.heads % dims.kv_heads:
             raise CompactLMError(
                 f"target.num_attention_heads={dims.heads} is not a multiple of "
@@ -137,10 +158,14 @@ def _llama_like(name: str, model_types: tuple[str, ...], *, qk_norm: str | None 
                 hidden_divisible_by_heads: bool, gguf_arch: str | None,
                 norms: tuple[tuple[str, str | None], ...] = (("input_layernorm", "attn"),
                                                              ("post_attention_layernorm", "mlp")),
-                explicit_head_dim: bool = True, fused: bool = False, **extra) -> Family:
+                explicit_head_dim: bool = True, fused: bool = False, experts: tuple[str, str] | None = None,
+                **extra) -> Family:
     """Llama's layout and its relatives. `qk_norm`: "head" (one head_dim norm shared by the heads: Qwen3,
     Gemma 3) or "width" (a norm over the whole projection, heads x head_dim: OLMo 2, sliced with the heads).
-    `norms`: (path, what reads its output) per layer. `fused`: Phi-3's qkv_proj and gate_up_proj."""
+    `norms`: (path, what reads its output) per layer. `fused`: Phi-3's qkv_proj and gate_up_proj.
+    `experts`: a mixture of experts, (config key of the expert count, of each expert's width); transformers 5
+    stores each layer's experts as two 3-D tensors, (experts, 2 x width, hidden) [gate | up] rows and
+    (experts, hidden, width), beside a router (experts, hidden)."""
     if fused:
         attn = {"self_attn.qkv_proj.weight": ("qkv", "hidden"), "self_attn.qkv_proj.bias": ("qkv",)}
     else:
@@ -156,16 +181,19 @@ def _llama_like(name: str, model_types: tuple[str, ...], *, qk_norm: str | None 
     if qk_norm:
         q, kv = ("q", "kv") if qk_norm == "width" else (None, None)
         attn |= {"self_attn.q_norm.weight": (q,), "self_attn.k_norm.weight": (kv,)}
-    if fused:
-        mlp = {"mlp.gate_up_proj.weight": ("ffn2", "hidden"), "mlp.gate_up_proj.bias": ("ffn2",)}
+    down = {"mlp.down_proj.weight": ("hidden", "ffn"), "mlp.down_proj.bias": ("hidden",)}
+    if experts:
+        mlp = {"mlp.gate.weight": ("expert", "hidden"), "mlp.experts.gate_up_proj": ("expert", "effn2", "hidden"),
+               "mlp.experts.down_proj": ("expert", "hidden", "effn")}
+    elif fused:
+        mlp = {"mlp.gate_up_proj.weight": ("ffn2", "hidden"), "mlp.gate_up_proj.bias": ("ffn2",)} | down
     else:
         mlp = {
             "mlp.gate_proj.weight": ("ffn", "hidden"),
             "mlp.gate_proj.bias": ("ffn",),
             "mlp.up_proj.weight": ("ffn", "hidden"),
             "mlp.up_proj.bias": ("ffn",),
-        }
-    mlp |= {"mlp.down_proj.weight": ("hidden", "ffn"), "mlp.down_proj.bias": ("hidden",)}
+        } | down
     norm_params = {f"{path}.weight": ("hidden",) for path, _ in norms}
     return Family(
         name=name,
@@ -176,7 +204,7 @@ def _llama_like(name: str, model_types: tuple[str, ...], *, qk_norm: str | None 
         lm_head_path="lm_head",
         final_norm_path="model.norm",
         attn_out_path="self_attn.o_proj",
-        mlp_out_path="mlp.down_proj",
+        mlp_out_path="mlp.experts" if experts else "mlp.down_proj",
         norm_paths=tuple(path for path, _ in norms),
         norm_reads=tuple(reads for _, reads in norms),
         layer_params=attn | mlp | norm_params,
@@ -193,7 +221,7 @@ def _llama_like(name: str, model_types: tuple[str, ...], *, qk_norm: str | None 
             "head_dim": "head_dim",
             "layers": "num_hidden_layers",
             "vocab": "vocab_size",
-        },
+        } | ({"ffn": experts[1], "experts": experts[0], "top_k": "num_experts_per_tok"} if experts else {}),
         explicit_head_dim=explicit_head_dim,
         hidden_divisible_by_heads=hidden_divisible_by_heads,
         gguf_arch=gguf_arch,
@@ -266,6 +294,12 @@ FAMILIES: tuple[Family, ...] = (
     # over the whole projection width
     _llama_like("olmo2", ("olmo2",), qk_norm="width", hidden_divisible_by_heads=False, gguf_arch=None,
                 norms=(("post_attention_layernorm", None), ("post_feedforward_layernorm", None))),
+    # mixtures of experts: every layer's MLP is routed experts (softmax router, top-k per token; Qwen3-MoE
+    # renormalises the top-k weights only with norm_topk_prob, Mixtral always); no shared expert
+    _llama_like("qwen3_moe", ("qwen3_moe",), qk_norm="head", hidden_divisible_by_heads=False, gguf_arch=None,
+                experts=("num_experts", "moe_intermediate_size")),
+    _llama_like("mixtral", ("mixtral",), hidden_divisible_by_heads=False, gguf_arch=None,
+                experts=("num_local_experts", "intermediate_size")),
     GPT2,
 )
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,15 +26,17 @@ class Plan:
     hidden: torch.Tensor  # (hidden',) residual channels
     heads: list[torch.Tensor]  # per layer (heads',) query heads, in [0, heads)
     kv_heads: list[torch.Tensor]  # per layer (kv_heads',) KV groups, in [0, kv_heads)
-    ffn: list[torch.Tensor]  # per layer (ffn',) MLP neurons
+    ffn: list[torch.Tensor]  # per layer (ffn',) MLP neurons; MoE: (experts', ffn') each kept expert's neurons
     layers: torch.Tensor  # (layers',) decoder layers
+    experts: list[torch.Tensor] = field(default_factory=list)  # MoE: per layer (experts',) routed experts
 
     def dims(self, source: Dims) -> Dims:
         """The shape after pruning."""
         first = int(self.layers[0])
         return Dims(
-            hidden=len(self.hidden), ffn=len(self.ffn[first]), heads=len(self.heads[first]),
+            hidden=len(self.hidden), ffn=self.ffn[first].shape[-1], heads=len(self.heads[first]),
             kv_heads=len(self.kv_heads[first]), head_dim=source.head_dim, layers=len(self.layers), vocab=source.vocab,
+            experts=len(self.experts[first]) if self.experts else 0, top_k=source.top_k,
         )
 
     def validate(self, source: Dims) -> None:
@@ -44,8 +46,17 @@ class Plan:
         if len(self.layers) == 0:
             raise CompactLMError("plan keeps no layers")
         new = self.dims(source)
+        if bool(self.experts) != bool(source.experts):
+            raise CompactLMError("plan.experts must list the kept experts of a mixture-of-experts model, and only then")
         for layer in self.layers.tolist():
-            _check_keep(f"ffn[{layer}]", self.ffn[layer], source.ffn, size=new.ffn)
+            if source.experts:
+                _check_keep(f"experts[{layer}]", self.experts[layer], source.experts, size=new.experts)
+                if self.ffn[layer].ndim != 2 or len(self.ffn[layer]) != new.experts:
+                    raise CompactLMError(f"plan.ffn[{layer}] must hold one row of neurons per kept expert")
+                for e, neurons in enumerate(self.ffn[layer]):
+                    _check_keep(f"ffn[{layer}][{e}]", neurons, source.ffn, size=new.ffn)
+            else:
+                _check_keep(f"ffn[{layer}]", self.ffn[layer], source.ffn, size=new.ffn)
             _check_keep(f"heads[{layer}]", self.heads[layer], source.heads, size=new.heads)
             _check_keep(f"kv_heads[{layer}]", self.kv_heads[layer], source.kv_heads, size=new.kv_heads)
             groups_of_heads = torch.div(self.heads[layer], source.groups, rounding_mode="floor")
@@ -64,7 +75,7 @@ class Plan:
             "heads": {str(i): self.heads[i].tolist() for i in kept},
             "kv_heads": {str(i): self.kv_heads[i].tolist() for i in kept},
             "ffn": {str(i): self.ffn[i].tolist() for i in kept},
-        }
+        } | ({"experts": {str(i): self.experts[i].tolist() for i in kept}} if self.experts else {})
 
     def save(self, path: str | Path, **extra) -> None:
         """Write plan.json (extra keys, e.g. source and target shapes, go beside the indices)."""
@@ -80,6 +91,7 @@ class Plan:
         return cls(
             hidden=torch.tensor(data["hidden"], dtype=torch.long), heads=per_layer("heads"),
             kv_heads=per_layer("kv_heads"), ffn=per_layer("ffn"), layers=torch.tensor(data["layers"], dtype=torch.long),
+            experts=per_layer("experts") if "experts" in data else [],
         )
 
 
@@ -108,10 +120,11 @@ def _check_keep(name: str, keep: torch.Tensor, limit: int, size: int | None = No
 def keep_all(source: Dims) -> Plan:
     """The identity plan."""
     every = lambda n: torch.arange(n)  # noqa: E731
+    ffn = every(source.ffn).expand(source.experts, -1) if source.experts else every(source.ffn)
     return Plan(
         hidden=every(source.hidden), heads=[every(source.heads)] * source.layers,
-        kv_heads=[every(source.kv_heads)] * source.layers, ffn=[every(source.ffn)] * source.layers,
-        layers=every(source.layers),
+        kv_heads=[every(source.kv_heads)] * source.layers, ffn=[ffn] * source.layers,
+        layers=every(source.layers), experts=[every(source.experts)] * source.layers if source.experts else [],
     )
 
 
@@ -128,15 +141,31 @@ def select_heads(head_scores: torch.Tensor, source: Dims, heads: int, kv_heads: 
     return torch.cat(q_keep), kv_keep
 
 
-def make_plan(scores: Scores, source: Dims, target: Dims, drop_layers: list[int]) -> Plan:
-    """Choose keep indices for `target` from `scores`; `drop_layers` lists the original layers to remove."""
+def select_experts(scores: Scores, source: Dims, target: Dims, metric: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per layer, the top `target.experts` experts by the expert metric `metric` (`Scores.experts`), and each
+    kept expert's top `target.ffn` neurons: ((experts',), (experts', ffn')) per layer."""
+    if metric not in scores.experts:
+        raise CompactLMError(f"target.expert_metric={metric}: the scores hold only "
+                             f"{', '.join(sorted(scores.experts)) or 'no expert metrics'}")
+    experts = [top_k(scores.experts[metric][layer], target.experts) for layer in range(source.layers)]
+    ffn = [torch.stack([top_k(scores.ffn[layer][e], target.ffn) for e in experts[layer].tolist()])
+           for layer in range(source.layers)]
+    return experts, ffn
+
+
+def make_plan(scores: Scores, source: Dims, target: Dims, drop_layers: list[int], expert_metric: str = "reap") -> Plan:
+    """Choose keep indices for `target` from `scores`; `drop_layers` lists the original layers to remove;
+    `expert_metric` ranks the experts of a mixture-of-experts model (`Scores.experts`)."""
     layers = torch.tensor(sorted(set(range(source.layers)) - set(drop_layers)), dtype=torch.long)
     heads, kv_heads = [], []
     for layer in range(source.layers):
         q, kv = select_heads(scores.heads[layer], source, target.heads, target.kv_heads)
         heads.append(q)
         kv_heads.append(kv)
-    ffn = [top_k(scores.ffn[layer], target.ffn) for layer in range(source.layers)]
-    plan = Plan(top_k(scores.hidden, target.hidden), heads, kv_heads, ffn, layers)
+    if source.experts:
+        experts, ffn = select_experts(scores, source, target, expert_metric)
+    else:
+        experts, ffn = [], [top_k(scores.ffn[layer], target.ffn) for layer in range(source.layers)]
+    plan = Plan(top_k(scores.hidden, target.hidden), heads, kv_heads, ffn, layers, experts)
     plan.validate(source)
     return plan

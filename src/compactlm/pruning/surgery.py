@@ -32,6 +32,12 @@ def axis_index(label: str, plan: Plan, layer: int | None, dims: Dims) -> torch.T
         return plan.ffn[layer]
     if label == "ffn2":  # fused [gate | up]
         return torch.cat([plan.ffn[layer], dims.ffn + plan.ffn[layer]])
+    if label == "expert":
+        return plan.experts[layer]
+    if label == "effn":  # (experts', ffn'): one row per kept expert, see `_slice`
+        return plan.ffn[layer]
+    if label == "effn2":  # fused [gate | up] of each kept expert
+        return torch.cat([plan.ffn[layer], dims.ffn + plan.ffn[layer]], dim=1)
     q = head_channels(plan.heads[layer], dims.head_dim)
     kv = head_channels(plan.kv_heads[layer], dims.head_dim)
     if label == "q":
@@ -44,12 +50,19 @@ def axis_index(label: str, plan: Plan, layer: int | None, dims: Dims) -> torch.T
     raise ValueError(f"unknown axis label {label!r}")
 
 
+PER_EXPERT = ("effn", "effn2")  # axes indexed differently in each expert
+
+
 def _slice(tensor: torch.Tensor, axes: tuple, plan: Plan, layer: int | None, dims: Dims) -> torch.Tensor:
     if len(axes) != tensor.ndim:
         raise ValueError(f"axes {axes} do not match a tensor of shape {tuple(tensor.shape)}")
     for dim, label in enumerate(axes):
-        if label is not None:
+        if label is not None and label not in PER_EXPERT:
             tensor = tensor.index_select(dim, axis_index(label, plan, layer, dims).to(tensor.device))
+    for dim, label in enumerate(axes):
+        if label in PER_EXPERT:  # the experts (dim 0) are already the kept ones: expert j keeps its row j
+            rows = axis_index(label, plan, layer, dims).to(tensor.device)  # (experts', n')
+            tensor = torch.stack([t.index_select(dim - 1, keep) for t, keep in zip(tensor, rows)])
     return tensor.contiguous()
 
 

@@ -19,6 +19,17 @@ TARGET_KEYS = {
     "num_key_value_heads": "kv_heads",
     "num_hidden_layers": "layers",
 }
+MOE_KEYS = ("num_experts", "num_local_experts", "moe_intermediate_size")  # named by each MoE family's config
+
+
+def target_keys(family: Family) -> dict[str, str]:
+    """Target key -> Dims field for `family`: a mixture of experts names its expert count and each expert's
+    width as its config does (Qwen3-MoE: num_experts, moe_intermediate_size; Mixtral: num_local_experts,
+    intermediate_size)."""
+    if not family.moe:
+        return TARGET_KEYS
+    dense = {key: field for key, field in TARGET_KEYS.items() if field != "ffn"}
+    return dense | {family.keys["ffn"]: "ffn", family.keys["experts"]: "experts"}
 
 
 def _size(key: str, value: int | float | None, source: int, round_to: int | None) -> int:
@@ -27,7 +38,7 @@ def _size(key: str, value: int | float | None, source: int, round_to: int | None
         return source
     if isinstance(value, float):  # TargetConfig has checked it lies in (0, 1]
         value = max(1, round(source * value))
-    if round_to and key in ("hidden_size", "intermediate_size") and value != source:
+    if round_to and key in ("hidden_size", "intermediate_size", "moe_intermediate_size") and value != source:
         value = max(round_to, value // round_to * round_to)
     if value > source:
         raise CompactLMError(f"target.{key}={value} is larger than the source model's {source}")
@@ -36,9 +47,14 @@ def _size(key: str, value: int | float | None, source: int, round_to: int | None
 
 def resolve_target(target: TargetConfig, source: Dims, family: Family) -> Dims:
     """The target shape; a one-line error names the key or config constraint it breaks."""
+    keys = target_keys(family)
+    foreign = [key for key in (*TARGET_KEYS, *MOE_KEYS) if getattr(target, key) is not None and key not in keys]
+    if foreign:
+        raise CompactLMError(f"target.{foreign[0]}: {family.name} has no such size (its sizes: "
+                             f"{', '.join(f'target.{k}' for k in keys)})")
     sizes = {
         field: _size(key, getattr(target, key), getattr(source, field), target.round_to)
-        for key, field in TARGET_KEYS.items()
+        for key, field in keys.items()
     }
     if target.drop_layers is not None:
         if target.num_hidden_layers is not None and source.layers - len(set(target.drop_layers)) != sizes["layers"]:
@@ -51,7 +67,7 @@ def resolve_target(target: TargetConfig, source: Dims, family: Family) -> Dims:
         sizes["layers"] = source.layers - len(set(target.drop_layers))
     if target.num_key_value_heads is None and source.kv_heads == source.heads:
         sizes["kv_heads"] = sizes["heads"]  # no grouped-query attention (every GPT-2): heads stay their own groups
-    dims = Dims(head_dim=source.head_dim, vocab=source.vocab, **sizes)
+    dims = Dims(head_dim=source.head_dim, vocab=source.vocab, top_k=source.top_k, **sizes)
     family.check(dims)
     if dims.heads // dims.kv_heads > source.groups:
         raise CompactLMError(
