@@ -13,16 +13,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # token stores of the tests' throwaway data go to a temp folder (subprocesses inherit it), not the user's cache
 os.environ["COMPACTLM_TOKENS"] = tempfile.mkdtemp(prefix="compactlm-test-tokens-")
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma2", "gemma3", "phi3", "olmo2", "gpt2")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma2", "gemma3", "phi3", "olmo2", "qwen3_moe",
+            "mixtral", "gpt2")
+MOE = ("qwen3_moe", "mixtral")
 LAYOUTS = ((4, 4), (4, 2), (4, 1))
 CONFIGS = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
            "smollm3": "SmolLM3Config", "gemma2": "Gemma2Config", "gemma3": "Gemma3TextConfig", "phi3": "Phi3Config",
-           "olmo2": "Olmo2Config"}
+           "olmo2": "Olmo2Config", "qwen3_moe": "Qwen3MoeConfig", "mixtral": "MixtralConfig"}
 VOCAB = 64
 
 
 def tiny_config(family: str, heads: int = 4, kv_heads: int = 2, tied: bool = False, layers: int = 3):
-    """A tiny random config of `family`: hidden 32, head_dim 8, ffn 48, `layers` layers."""
+    """A tiny random config of `family`: hidden 32, head_dim 8, ffn 48, `layers` layers; the mixtures of experts
+    have 4 experts of width 24 (Mixtral 48: its intermediate_size is the experts' width), 2 per token."""
     import transformers
 
     head_dim, hidden = 8, 32
@@ -40,6 +43,8 @@ def tiny_config(family: str, heads: int = 4, kv_heads: int = 2, tied: bool = Fal
         "gemma2": sliding,
         "gemma3": sliding,
         "smollm3": {"no_rope_layers": [1 - i % 2 for i in range(layers)]},  # every other layer without RoPE
+        "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 24},
+        "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
     }.get(family, {})
     return cls(
         hidden_size=hidden, intermediate_size=48, num_attention_heads=heads, num_key_value_heads=kv_heads,
@@ -71,6 +76,28 @@ def model_params():
             for tied in (False, True):
                 out.append(pytest.param(family, heads, kv, tied, id=f"{family}-{heads}x{kv}-{'tied' if tied else 'untied'}"))
     return out
+
+
+def positive_scores(model, layer_metrics: tuple[str, ...] = ("x",), seed: int = 0):
+    """Random positive scores (1 + U[0, 1)) of the model's shapes and the named layer metrics; a mixture of
+    experts gets its neurons per expert and a "reap" expert metric."""
+    from compactlm.importance.scores import Scores
+    from compactlm.models.family import family_of
+
+    dims = family_of(model).dims(model.config)
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: 1.0 + torch.rand(*shape, generator=g)  # noqa: E731
+    experts = {"reap": rand(dims.layers, dims.experts)} if dims.experts else {}
+    ffn = rand(dims.layers, *((dims.experts,) if dims.experts else ()), dims.ffn)
+    return Scores(rand(dims.hidden), rand(dims.layers, dims.heads), ffn, {m: rand(dims.layers) for m in layer_metrics},
+                  experts=experts)
+
+
+def ffn_key(family) -> str:
+    """The target key of the MLP width: intermediate_size, or Qwen3-MoE's moe_intermediate_size."""
+    from compactlm.pruning.targets import target_keys
+
+    return next(key for key, field in target_keys(family).items() if field == "ffn")
 
 
 @pytest.fixture

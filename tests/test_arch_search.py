@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import model_params, tiny_model
+from conftest import model_params, positive_scores, tiny_model
 
 from compactlm.config import SearchConfig, TargetConfig
 from compactlm.errors import CompactLMError
@@ -29,18 +29,17 @@ from compactlm.arch_search import (
 
 def scores_for(model, seed: int = 0) -> Scores:
     """Random positive width scores and both depth metrics, of the model's shapes."""
-    dims = family_of(model).dims(model.config)
-    g = torch.Generator().manual_seed(seed)
-    rand = lambda *shape: 1.0 + torch.rand(*shape, generator=g)  # noqa: E731
-    layers = {"block_importance": rand(dims.layers), "lm_loss": rand(dims.layers)}
-    return Scores(rand(dims.hidden), rand(dims.layers, dims.heads), rand(dims.layers, dims.ffn), layers)
+    return positive_scores(model, ("block_importance", "lm_loss"), seed)
 
 
 def half_dims(source: Dims, family: str) -> Dims:
-    """Half the heads (in half the KV groups where there are several), fewer layers, hidden and ffn."""
+    """Half the heads (in half the KV groups where there are several), fewer layers, hidden and ffn (and
+    experts, with their width, for a mixture of experts)."""
     heads = source.heads // 2
     kv = heads if family == "gpt2" else max(1, source.kv_heads // 2)
     hidden = heads * source.head_dim if family == "gpt2" else 16
+    if source.experts:
+        return Dims(hidden, 16, heads, kv, source.head_dim, source.layers - 1, source.vocab, 3, source.top_k)
     return Dims(hidden, 24, heads, kv, source.head_dim, source.layers - 1, source.vocab)
 
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import FAMILIES, VOCAB, model_params, tiny_model
+from conftest import FAMILIES, MOE, VOCAB, model_params, tiny_model
 
 from compactlm.errors import CompactLMError
 from compactlm.importance import (
@@ -133,7 +133,9 @@ def test_shapes_dtypes_and_meta(family, token_batch):
     s = score(model, [token_batch])
     d = family_of(model).dims(model.config)
     assert s.hidden.shape == (d.hidden,) and s.heads.shape == (d.layers, d.heads)
-    assert s.ffn.shape == (d.layers, d.ffn)
+    assert s.ffn.shape == ((d.layers, d.experts, d.ffn) if d.experts else (d.layers, d.ffn))
+    assert set(s.experts) == ({"reap", "frequency"} if d.experts else set())
+    assert all(v.shape == (d.layers, d.experts) and v.dtype == torch.float32 for v in s.experts.values())
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in (s.hidden, s.heads, s.ffn))
     assert set(s.layers) == {"lm_loss", "block_importance"}
     assert all(v.shape == (d.layers,) for v in s.layers.values())
@@ -227,7 +229,8 @@ def test_scores_equal_a_manual_computation(family, heads, kv_heads, tied, token_
     B, S, _ = attn[0].shape
     per_token = attn[0].view(B, S, heads, -1).norm(dim=-1)  # (B, S, heads): paper head score
     torch.testing.assert_close(got.heads[layer], _l2_mean(per_token, mask))
-    torch.testing.assert_close(got.ffn[layer], _l2_mean(mlp[0], mask))
+    if not fam.moe:  # experts: test_moe.py computes their scores token by token
+        torch.testing.assert_close(got.ffn[layer], _l2_mean(mlp[0], mask))
     torch.testing.assert_close(got.hidden, sum(_l2_mean(n[0], mask) for n in norms))
     channel = activation_scores(model, [token_batch], head_score="channel")
     torch.testing.assert_close(channel.heads[layer], _l2_mean(attn[0], mask).view(heads, -1).norm(dim=-1))
@@ -276,12 +279,15 @@ def test_an_mlp_neuron_with_zero_input_weights_scores_zero(family, token_batch):
             block.mlp.c_fc.bias[7] = 0
         elif family == "phi3":  # fused gate_up_proj rows: [gate | up]
             block.mlp.gate_up_proj.weight[block.mlp.down_proj.in_features + 7] = 0
+        elif family in MOE:  # expert 1's [gate | up] rows
+            block.mlp.experts.gate_up_proj[1, block.mlp.experts.down_proj.shape[-1] + 7] = 0
         else:  # act(gate) * 0 = 0
             block.mlp.up_proj.weight[7] = 0
     for aggregation in AGGREGATIONS:
         s = activation_scores(model, [token_batch], aggregation=aggregation)
-        assert s.ffn[2, 7] == 0
-        assert (s.ffn[2] > 0).sum() == s.ffn.shape[1] - 1
+        ffn = s.ffn[2, 1] if family in MOE else s.ffn[2]  # the neurons of expert 1 (routed some tokens)
+        assert ffn[7] == 0
+        assert (ffn > 0).sum() == len(ffn) - 1
 
 
 # ---------------------------------------------------------------- depth metrics
@@ -294,7 +300,7 @@ def _make_identity_layer(model, layer: int) -> None:
     with torch.no_grad():
         for path in (family.attn_out_path, family.mlp_out_path):
             proj = get_module(block, path)
-            proj.weight.zero_()
+            (proj.down_proj if family.moe and path == family.mlp_out_path else proj.weight).zero_()  # MoE: experts
             if getattr(proj, "bias", None) is not None:
                 proj.bias.zero_()
 
@@ -383,13 +389,16 @@ def test_random_and_magnitude_baselines(family):
     d = fam.dims(model.config)
     with torch.no_grad():  # zero everything that reads or writes MLP neuron 5 of layer 0 (both halves of [gate | up])
         for suffix, axes in fam.layer_params.items():
-            for label, rows in (("ffn", [5]), ("ffn2", [5, d.ffn + 5])):
-                if label in axes and f"{fam.layers_path}.0.{suffix}" in params:
+            for label, rows in (("ffn", [5]), ("ffn2", [5, d.ffn + 5]), ("effn", [5]), ("effn2", [5, d.ffn + 5])):
+                if label in axes and f"{fam.layers_path}.0.{suffix}" in params:  # MoE: neuron 5 of every expert
                     params[f"{fam.layers_path}.0.{suffix}"].index_fill_(axes.index(label), torch.tensor(rows), 0.0)
     m = magnitude_scores(model)
-    assert m.ffn[0, 5] == 0 and torch.all(m.ffn[0, torch.arange(d.ffn) != 5] > 0)
+    assert torch.all(m.ffn[0, ..., 5] == 0) and torch.all(m.ffn[0, ..., torch.arange(d.ffn) != 5] > 0)
     assert m.hidden.shape == (d.hidden,) and m.heads.shape == (d.layers, d.heads) and torch.all(m.heads > 0)
     assert set(m.layers) == {"magnitude"} and m.layers["magnitude"].shape == (d.layers,)
+    if fam.moe:  # an expert's weights and router row
+        assert set(m.experts) == set(a.experts) - {"random"} | {"magnitude"} and torch.all(m.experts["magnitude"] > 0)
+        assert m.ffn.shape == a.ffn.shape == (d.layers, d.experts, d.ffn) and a.experts["random"].shape == (d.layers, d.experts)
 
 
 # ---------------------------------------------------------------- output-aware and Taylor
@@ -401,6 +410,10 @@ def test_output_aware_scores_weight_each_unit_by_its_outgoing_weights(family, to
     model = tiny_model(family, heads, kv)
     fam = family_of(model)
     d = fam.dims(model.config)
+    if fam.moe:
+        with pytest.raises(CompactLMError, match="importance.method=output_aware does not handle mixtures of experts"):
+            score(model, [token_batch], method="output_aware", layer_metrics=())
+        return
     plain = activation_scores(model, [token_batch])
     aware = score(model, [token_batch], method="output_aware", layer_metrics=())
     assert aware.meta["method"] == "output_aware"
@@ -436,6 +449,10 @@ def test_taylor_scores_zero_for_units_nothing_reads(family, token_batch):
     model = tiny_model(family, heads, kv)
     fam = family_of(model)
     d = fam.dims(model.config)
+    if fam.moe:
+        with pytest.raises(CompactLMError, match="importance.method=taylor does not handle mixtures of experts"):
+            score(model, [token_batch], method="taylor", layer_metrics=())
+        return
     with torch.no_grad():
         w = get_module(model, f"{fam.layers_path}.1.{fam.mlp_out_path}").weight
         (w[5] if family == "gpt2" else w[:, 5]).zero_()

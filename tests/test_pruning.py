@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
-from conftest import model_params, tiny_model
+from conftest import MOE, ffn_key, model_params, positive_scores, tiny_model
 from transformers import AutoModelForCausalLM
 
 from compactlm.config import TargetConfig
@@ -23,10 +24,7 @@ def logits(model, batch):
 
 def scores_for(model, seed: int = 0) -> Scores:
     """Random positive scores of the right shapes."""
-    dims = family_of(model).dims(model.config)
-    g = torch.Generator().manual_seed(seed)
-    rand = lambda *shape: 1.0 + torch.rand(*shape, generator=g)  # noqa: E731
-    return Scores(rand(dims.hidden), rand(dims.layers, dims.heads), rand(dims.layers, dims.ffn), {"x": rand(dims.layers)})
+    return positive_scores(model, seed=seed)
 
 
 def zero_columns_(weight: torch.Tensor, channels: torch.Tensor, conv1d: bool) -> None:
@@ -36,6 +34,24 @@ def zero_columns_(weight: torch.Tensor, channels: torch.Tensor, conv1d: bool) ->
             weight[channels] = 0.0
         else:
             weight[:, channels] = 0.0
+
+
+def zero_neurons_(model, scores: Scores, count: int):
+    """Zero `count` random MLP neurons of every layer (of every expert, in a mixture of experts): their output
+    columns and their scores. Returns the target shape that prunes exactly them."""
+    fam = family_of(model)
+    dims = fam.dims(model.config)
+    for layer in range(dims.layers):
+        mlp_out = get_module(model, f"{fam.layers_path}.{layer}.{fam.mlp_out_path}")
+        for e in range(dims.experts) if fam.moe else (None,):  # a mixture of experts: other neurons in each expert
+            dead = torch.randperm(dims.ffn)[:count]
+            if e is None:
+                scores.ffn[layer, dead] = 0.0
+                zero_columns_(mlp_out.weight, dead, conv1d=fam.name == "gpt2")
+            else:
+                scores.ffn[layer, e, dead] = 0.0
+                zero_columns_(mlp_out.down_proj[e], dead, conv1d=False)
+    return resolve_target(TargetConfig(**{ffn_key(fam): dims.ffn - count}), dims, fam)
 
 
 def copy_pruned_heads_(model, fam, layer: int, plan, dims) -> None:
@@ -66,12 +82,7 @@ def test_pruning_zeroed_neurons_changes_nothing(family, heads, kv, tied, token_b
     fam = family_of(model)
     dims = fam.dims(model.config)
     scores = scores_for(model)
-    for layer in range(dims.layers):
-        dead = torch.randperm(dims.ffn)[: dims.ffn // 3]
-        scores.ffn[layer, dead] = 0.0
-        mlp_out = get_module(model, f"{fam.layers_path}.{layer}.{fam.mlp_out_path}")
-        zero_columns_(mlp_out.weight, dead, conv1d=family == "gpt2")
-    target = resolve_target(TargetConfig(intermediate_size=dims.ffn - dims.ffn // 3), dims, fam)
+    target = zero_neurons_(model, scores, dims.ffn // 3)
     pruned = prune_model(model, make_plan(scores, dims, target, drop_layers=[]))
     assert fam.dims(pruned.config).ffn == dims.ffn - dims.ffn // 3
     torch.testing.assert_close(logits(pruned, token_batch), logits(model, token_batch), rtol=1e-5, atol=1e-5)
@@ -109,11 +120,11 @@ def test_dropping_a_zeroed_layer_changes_nothing(family, heads, kv, tied, token_
     with torch.no_grad():
         for path in (fam.attn_out_path, fam.mlp_out_path):
             module = get_module(model, f"{fam.layers_path}.1.{path}")
-            module.weight.zero_()
+            experts = fam.moe and path == fam.mlp_out_path
+            (module.down_proj if experts else module.weight).zero_()  # MoE: every expert's output
             if getattr(module, "bias", None) is not None:
                 module.bias.zero_()
-    plan = keep_all(dims)
-    plan = type(plan)(plan.hidden, plan.heads, plan.kv_heads, plan.ffn, torch.tensor([0, 2]))
+    plan = dataclasses.replace(keep_all(dims), layers=torch.tensor([0, 2]))
     pruned = prune_model(model, plan)
     assert fam.dims(pruned.config).layers == 2
     torch.testing.assert_close(logits(pruned, token_batch), logits(model, token_batch), rtol=1e-5, atol=1e-5)
@@ -126,9 +137,10 @@ def test_pruned_model_reloads_with_plain_from_pretrained(family, heads, kv, tied
     dims = fam.dims(model.config)
     # hidden 24 with heads x head_dim = 32 for the explicit-head_dim families; GPT-2 needs hidden = heads x head_dim
     new_heads = heads if family != "gpt2" else 3
+    experts = {fam.keys["experts"]: 3} if fam.moe else {}
     target = resolve_target(
-        TargetConfig(hidden_size=24, intermediate_size=0.5, num_attention_heads=new_heads, num_hidden_layers=2,
-                     num_key_value_heads=None if family != "gpt2" else 3),
+        TargetConfig(hidden_size=24, num_attention_heads=new_heads, num_hidden_layers=2,
+                     num_key_value_heads=None if family != "gpt2" else 3, **{ffn_key(fam): 0.5}, **experts),
         dims, fam,
     ) if family != "llama" else resolve_target(TargetConfig(hidden_size=24, intermediate_size=0.5, num_hidden_layers=2), dims, fam)
     pruned = prune_model(model, make_plan(scores_for(model), dims, target, drop_layers=[1]))
@@ -244,8 +256,9 @@ def smaller_plan(model, drop: int):
     fam = family_of(model)
     dims = fam.dims(model.config)
     hidden = 16 if fam.name == "gpt2" else 24
-    target = resolve_target(TargetConfig(hidden_size=hidden, num_attention_heads=2, intermediate_size=0.5,
-                                         num_hidden_layers=2), dims, fam)
+    experts = {fam.keys["experts"]: 3} if fam.moe else {}
+    target = resolve_target(TargetConfig(hidden_size=hidden, num_attention_heads=2, num_hidden_layers=2,
+                                         **{ffn_key(fam): 0.5}, **experts), dims, fam)
     return make_plan(scores_for(model), dims, target, drop_layers=[drop])
 
 
@@ -296,7 +309,8 @@ def test_prune_to_is_the_whole_path_in_one_call(metric, token_batch):
     torch.testing.assert_close(logits(sliced, token_batch), logits(unfitted, token_batch), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("family,heads,kv,tied", [p for p in model_params() if p.values[1:3] in ((4, 2), (4, 4))])
+@pytest.mark.parametrize("family,heads,kv,tied", [p for p in model_params()
+                                                 if p.values[1:3] in ((4, 2), (4, 4)) and p.values[0] not in MOE])
 def test_streamed_surgery_equals_the_in_memory_one(family, heads, kv, tied, token_batch, tmp_path, monkeypatch):
     """Pruning a checkpoint on disk tensor by tensor into shards gives exactly the in-memory pruned model."""
     from compactlm.pruning import stream

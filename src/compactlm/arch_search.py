@@ -3,6 +3,8 @@
 Grids come from `SearchConfig` or are derived from the teacher. Every candidate is pruned from the same saved
 importance scores and scored by its zero-shot validation loss; when the caller supplies `distill_fn`, the best
 `top_k` are distilled briefly and the lowest distilled loss wins (P1), else the lowest zero-shot loss wins.
+The budget is `search.target_params` (all parameters), `search.target_active_params` (a mixture of experts:
+the parameters one token runs through, its top-k experts out of all of them), or both.
 
 Derived grids (a key left as None):
 - layers:   about six values from the teacher's L down to ceil(L / 2)
@@ -10,7 +12,8 @@ Derived grids (a key left as None):
 - heads:    multiples of each kv_heads up to the teacher's heads (any count for families without GQA)
 - hidden:   multiples of the divisor from a quarter of the teacher's hidden up to it, plus the teacher's
 - ffn:      {2, 2.5, 3, 3.5, 4, teacher's ffn/hidden} x hidden rounded to the divisor, <= the teacher's, plus
-            the teacher's ffn
+            the teacher's ffn; a mixture of experts: {1, 3/4, 1/2} x the teacher's expert width
+- experts:  a mixture of experts: {1, 3/4, 1/2, 1/4} x the teacher's experts, never fewer than its top-k
 The divisor is `search.divisor`, or a quarter of the teacher's size where that is smaller (tiny models).
 
 Latency: with `search.max_latency_ms` set, `search` times every enumerated candidate (a random model of its
@@ -44,10 +47,12 @@ from compactlm.importance.scores import Scores
 from compactlm.models.family import Dims, Family, family_of
 from compactlm.models.loading import num_params
 from compactlm.pruning import layers_to_drop, make_plan, prune_model
+from compactlm.pruning.surgery import PER_EXPERT
 
 log = logging.getLogger(__name__)
 
 FFN_FACTORS = (2.0, 2.5, 3.0, 3.5, 4.0)  # MLP width as a multiple of hidden (P1 used 2.5-4)
+EXPERT_FRACTIONS = (1.0, 0.75, 0.5, 0.25)  # derived expert grids: these shares of the teacher's experts
 LAYER_VALUES = 6  # derived layer grid: this many values from L down to L/2
 
 Shapes = Mapping[str, tuple[int, ...]]
@@ -59,6 +64,7 @@ class Candidate:
 
     dims: Dims
     params: int
+    active_params: int | None = None  # a mixture of experts: parameters a token runs through
     latency_ms: float | None = None  # one forward of one sequence
     zero_shot_loss: float | None = None  # validation loss (nats/token) right after pruning
     distilled_loss: float | None = None  # validation loss after the brief distillation
@@ -78,12 +84,14 @@ def _axis_size(label: str, dims: Dims) -> int:
     sizes = {
         "hidden": dims.hidden, "ffn": dims.ffn, "ffn2": 2 * dims.ffn, "q": dims.heads * dims.head_dim,
         "kv": dims.kv_heads * dims.head_dim, "qkv": (dims.heads + 2 * dims.kv_heads) * dims.head_dim,
+        "expert": dims.experts, "effn": dims.ffn, "effn2": 2 * dims.ffn,
     }
     return sizes[label]
 
 
-def param_count(model_or_named_shapes, family: Family, dims: Dims) -> int:
-    """Exact parameters of the teacher pruned to `dims`, from its parameter names, shapes and axis labels."""
+def param_count(model_or_named_shapes, family: Family, dims: Dims, active: bool = False) -> int:
+    """Exact parameters of the teacher pruned to `dims`, from its parameter names, shapes and axis labels.
+    `active`: only those one token runs through (the experts' weights count top_k / experts of their size)."""
     shapes = model_or_named_shapes
     if not isinstance(shapes, Mapping):
         shapes = named_shapes(shapes)
@@ -98,6 +106,8 @@ def param_count(model_or_named_shapes, family: Family, dims: Dims) -> int:
             raise CompactLMError(f"{family.name}: weight '{name}' is not described in the family record")
         sizes = (size if label is None else _axis_size(label, dims) for label, size in zip(axes, shape))
         count = math.prod(sizes)
+        if active and any(label in PER_EXPERT for label in axes):  # routed experts' weights, not the router
+            count = count * dims.top_k // dims.experts
         if match:
             per_layer += count
         else:
@@ -105,13 +115,28 @@ def param_count(model_or_named_shapes, family: Family, dims: Dims) -> int:
     return total + per_layer * dims.layers
 
 
-def _target_params(value: int | float | None, teacher_params: int) -> int:
-    """search.target_params as an absolute count (a float in (0, 1] is a fraction of the teacher's)."""
-    if value is None:
-        raise CompactLMError("search.target_params is not set (an absolute count such as 70M, or a fraction)")
+def _target_params(value: int | float, teacher_params: int) -> int:
+    """search.target_params or target_active_params as an absolute count (a float in (0, 1] is a fraction of the
+    teacher's)."""
     if isinstance(value, float):  # SearchConfig has checked it lies in (0, 1]
         return round(teacher_params * value)
     return value
+
+
+def _budgets(model, family: Family, shapes: Shapes, cfg: SearchConfig) -> dict[str, int]:
+    """Candidate field ("params", "active_params") -> its absolute target, for each budget the config sets."""
+    if cfg.target_active_params is not None and not family.moe:
+        raise CompactLMError(f"search.target_active_params: {family.name} is dense (every parameter is active); "
+                             "set search.target_params")
+    if not cfg.enabled:
+        raise CompactLMError("search.target_params is not set (an absolute count such as 70M, or a fraction)")
+    budgets = {}
+    if cfg.target_params is not None:
+        budgets["params"] = _target_params(cfg.target_params, num_params(model))
+    if cfg.target_active_params is not None:
+        teacher_active = param_count(shapes, family, family.dims(model.config), active=True)
+        budgets["active_params"] = _target_params(cfg.target_active_params, teacher_active)
+    return budgets
 
 
 def _divisor(divisor: int, size: int) -> int:
@@ -135,9 +160,16 @@ def _hidden_grid(hidden: int, divisor: int) -> list[int]:
 
 def _ffn_grid(hidden: int, source: Dims, divisor: int) -> list[int]:
     step = _divisor(divisor, source.ffn)
-    factors = (*FFN_FACTORS, source.ffn / source.hidden)
-    sizes = {max(step, round(f * hidden / step) * step) for f in factors}
+    if source.experts:  # experts are narrow (a fraction of hidden): fractions of the teacher's width
+        sizes = {max(step, round(f * source.ffn / step) * step) for f in EXPERT_FRACTIONS[:3]}
+    else:
+        factors = (*FFN_FACTORS, source.ffn / source.hidden)
+        sizes = {max(step, round(f * hidden / step) * step) for f in factors}
     return sorted({s for s in sizes if s <= source.ffn} | {source.ffn})
+
+
+def _expert_grid(source: Dims) -> list[int]:
+    return sorted({max(source.top_k, round(f * source.experts)) for f in EXPERT_FRACTIONS}) if source.experts else [0]
 
 
 def _head_options(source: Dims, family: Family, cfg: SearchConfig) -> list[tuple[int, int]]:
@@ -157,7 +189,7 @@ def _fits(dims: Dims, source: Dims, family: Family) -> bool:
         family.check(dims)
     except CompactLMError:
         return False
-    fields = ("hidden", "ffn", "heads", "kv_heads", "layers")
+    fields = ("hidden", "ffn", "heads", "kv_heads", "layers", "experts")
     inside = all(getattr(dims, f) <= getattr(source, f) for f in fields)
     return inside and dims.groups <= source.groups
 
@@ -168,35 +200,41 @@ def _shapes(source: Dims, family: Family, cfg: SearchConfig) -> list[Dims]:
     layer_grid = cfg.layers or _layer_grid(source.layers)
     hidden_grid = cfg.hidden or _hidden_grid(source.hidden, cfg.divisor)
     head_options = _head_options(source, family, cfg)
-    for layers, (heads, kv), hidden in itertools.product(layer_grid, head_options, hidden_grid):
+    if cfg.experts is not None and not family.moe:
+        raise CompactLMError(f"search.experts: {family.name} has no experts")
+    expert_grid = cfg.experts or _expert_grid(source)
+    for layers, (heads, kv), hidden, experts in itertools.product(layer_grid, head_options, hidden_grid, expert_grid):
         for ffn in cfg.ffn or _ffn_grid(hidden, source, cfg.divisor):
-            dims = Dims(hidden, ffn, heads, kv, source.head_dim, layers, source.vocab)
+            dims = Dims(hidden, ffn, heads, kv, source.head_dim, layers, source.vocab, experts, source.top_k)
             if _fits(dims, source, family):
                 out.append(dims)
     return out
 
 
 def enumerate_candidates(model, cfg: SearchConfig) -> list[Candidate]:
-    """Shapes within +-tolerance of the target, closest first, at most `max_candidates`."""
+    """Shapes within +-tolerance of every budget set (`_budgets`), closest first, at most `max_candidates`."""
     family = family_of(model)
     source = family.dims(model.config)
-    target = _target_params(cfg.target_params, num_params(model))
     shapes = named_shapes(model)
-    fits = [Candidate(d, param_count(shapes, family, d)) for d in _shapes(source, family, cfg)]
+    budgets = _budgets(model, family, shapes, cfg)
+    active = lambda d: param_count(shapes, family, d, active=True) if family.moe else None  # noqa: E731
+    fits = [Candidate(d, param_count(shapes, family, d), active(d)) for d in _shapes(source, family, cfg)]
     if not fits:
         raise CompactLMError(f"search grids hold no shape that {family.name} accepts inside the teacher")
-    fits.sort(key=lambda c: (abs(c.params - target), -c.dims.layers, -c.dims.hidden, -c.dims.heads,
-                             -c.dims.ffn))
-    within = [c for c in fits if abs(c.params - target) <= cfg.tolerance * target]
+    miss = lambda c: max(abs(getattr(c, k) - n) / n for k, n in budgets.items())  # noqa: E731
+    fits.sort(key=lambda c: (miss(c), -c.dims.layers, -c.dims.hidden, -c.dims.heads, -c.dims.ffn, -c.dims.experts))
+    within = [c for c in fits if miss(c) <= cfg.tolerance]
+    wanted = " and ".join(f"search.target_{k}={getattr(cfg, 'target_' + k)} ({n:,})" for k, n in budgets.items())
     if not within:
-        d = fits[0].dims
+        c, d = fits[0], fits[0].dims
+        active_text = f", {c.active_params:,} active" if c.active_params is not None else ""
+        experts_text = f" experts={d.experts}" if d.experts else ""
         raise CompactLMError(
-            f"search.target_params={cfg.target_params} ({target:,} parameters): no candidate within "
-            f"+-{cfg.tolerance:.0%}; the closest has {fits[0].params:,} (layers={d.layers} hidden={d.hidden} "
-            f"heads={d.heads} kv_heads={d.kv_heads} ffn={d.ffn})"
+            f"{wanted}: no candidate within +-{cfg.tolerance:.0%}; the closest has {c.params:,} parameters"
+            f"{active_text} (layers={d.layers} hidden={d.hidden} heads={d.heads} kv_heads={d.kv_heads} ffn={d.ffn}"
+            f"{experts_text})"
         )
-    log.info("search: %d shapes fit, %d within +-%.0f%% of %d parameters", len(fits), len(within),
-             100 * cfg.tolerance, target)
+    log.info("search: %d shapes fit, %d within +-%.0f%% of %s", len(fits), len(within), 100 * cfg.tolerance, wanted)
     return within[: cfg.max_candidates]
 
 
@@ -269,7 +307,7 @@ def _loss_key(loss: float | None) -> float:
 
 
 def search(teacher, scores: Scores, cfg: SearchConfig, val_batches: list, *,
-           layer_metric: str = "block_importance", keep_last_layer: bool = True,
+           layer_metric: str = "block_importance", keep_last_layer: bool = True, expert_metric: str = "reap",
            distill_fn: Callable[[list[torch.nn.Module]], list[float]] | None = None,
            progress: bool = False) -> tuple[Candidate, list[Candidate]]:
     """(chosen, every candidate ranked); `distill_fn(students) -> their val losses` briefly distills the best
@@ -286,7 +324,7 @@ def search(teacher, scores: Scores, cfg: SearchConfig, val_batches: list, *,
         candidates = _within_latency(teacher, family, candidates, cfg.max_latency_ms)
 
     def pruned(cand: Candidate):
-        return prune_model(teacher, make_plan(scores, source, cand.dims, drops[cand.dims.layers]))
+        return prune_model(teacher, make_plan(scores, source, cand.dims, drops[cand.dims.layers], expert_metric))
 
     scored = []
     for cand in tqdm(candidates, desc="search: zero-shot", disable=not progress):
@@ -319,13 +357,15 @@ def _cell(value) -> str:
 
 def write_table(candidates: list[Candidate], chosen: Candidate, path_md: Path, path_json: Path) -> None:
     """search.md (one row per candidate, the chosen one marked) and search.json."""
-    header = ("rank", "layers", "hidden", "heads", "kv_heads", "ffn", "params", "latency (ms)",
-              "zero-shot loss", "distilled loss", "chosen")
+    moe = chosen.dims.experts > 0
+    header = ("rank", "layers", "hidden", "heads", "kv_heads", "ffn", *(("experts",) if moe else ()), "params",
+              *(("active params",) if moe else ()), "latency (ms)", "zero-shot loss", "distilled loss", "chosen")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for c in candidates:
         d = c.dims
-        row = (c.rank, d.layers, d.hidden, d.heads, d.kv_heads, d.ffn, c.params, c.latency_ms,
-               c.zero_shot_loss, c.distilled_loss, "**yes**" if c.dims == chosen.dims else "")
+        row = (c.rank, d.layers, d.hidden, d.heads, d.kv_heads, d.ffn, *((d.experts,) if moe else ()), c.params,
+               *((c.active_params,) if moe else ()), c.latency_ms, c.zero_shot_loss, c.distilled_loss,
+               "**yes**" if c.dims == chosen.dims else "")
         lines.append("| " + " | ".join(_cell(v) for v in row) + " |")
     Path(path_md).write_text("\n".join(lines) + "\n")
     data = {"chosen": chosen.to_json(), "candidates": [c.to_json() for c in candidates]}

@@ -216,12 +216,15 @@ class DistillConfig(TrainConfig):
 @dataclass(frozen=True)
 class SearchConfig:
     target_params: Size = None  # "70M", or a fraction of the teacher's parameters; a list: a cascade
+    # a mixture of experts: the parameters one token runs through (its top-k experts), "3B" or a fraction
+    target_active_params: Size = None
     tolerance: float = 0.05  # candidates within +-5% of target_params (P1)
     layers: tuple[int, ...] | None = None  # grids; None derives one from the teacher
     heads: tuple[int, ...] | None = None
     kv_heads: tuple[int, ...] | None = None  # None keeps the teacher's KV groups
     ffn: tuple[int, ...] | None = None
     hidden: tuple[int, ...] | None = None
+    experts: tuple[int, ...] | None = None  # a mixture of experts: routed experts per layer
     divisor: int = 64  # derived hidden/ffn grids use multiples of this (P1/Model Optimizer)
     max_candidates: int = 16  # keep this many, closest to target_params first
     max_latency_ms: float | None = None  # drop candidates slower than this (forward of one sequence, this device)
@@ -231,12 +234,17 @@ class SearchConfig:
     # holding one student and its optimizer state instead of top_k)
 
     def __post_init__(self) -> None:
-        _size_or_fraction(self, "target_params")
+        _size_or_fraction(self, "target_params", "target_active_params")
         _at_least(self, 0, "tolerance")
         _at_least(self, 1, "divisor", "max_candidates", "distill_steps")
         _at_least(self, 0, "top_k")
         if self.max_latency_ms is not None and self.max_latency_ms <= 0:
             raise InvalidValue("max_latency_ms", self.max_latency_ms, "must be > 0")
+
+    @property
+    def enabled(self) -> bool:
+        """A budget is set: the run searches the architecture."""
+        return self.target_params is not None or self.target_active_params is not None
 
 
 @dataclass(frozen=True)

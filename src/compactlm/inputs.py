@@ -118,6 +118,9 @@ def layerwise(cfg: Config, spec: str | None = None, head: bool = False):
     if need <= budget:
         log.info("%s: %.2f GB of weights fit memory_gb=%s: loading it whole", spec, need / 2**30, cfg.memory_gb)
         return None
+    if family_of(load_model_config(spec)).moe:
+        raise CompactLMError(f"memory_gb={cfg.memory_gb}: layer by layer does not read mixtures of experts yet "
+                             f"({spec} needs {need / 2**30:.1f} GB)")
     if not local_safetensors(spec):
         raise CompactLMError(f"memory_gb={cfg.memory_gb}: {spec} needs {need / 2**30:.1f} GB and layer-by-layer "
                              "reads a local safetensors checkpoint: save it with save_pretrained first")

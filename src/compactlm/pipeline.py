@@ -58,7 +58,7 @@ def _with_scores(cfg: Config, step: Step) -> Config:
 def target_of(cfg: Config, step_dir: Path) -> Config:
     """The config with `target.*` filled from the search's choice when a search ran."""
     chosen = step_dir / "search" / DONE
-    if not cfg.search.target_params or not chosen.is_file():
+    if not cfg.search.enabled or not chosen.is_file():
         return cfg
     shape = json.loads(chosen.read_text())["target"]
     return dataclasses.replace(cfg, target=dataclasses.replace(cfg.target, **shape))
@@ -111,8 +111,11 @@ def plan_stages(cfg: Config) -> list[Stage]:
     """The stages that make one size, in order (correction, once per run, not included)."""
     out = [Stage("score", f"importance of channels, heads, neurons and layers ({cfg.importance.method})",
                  stages.score, _score)]
-    if cfg.search.target_params:
-        out.append(Stage("search", f"search architectures of ~{cfg.search.target_params} parameters",
+    if cfg.search.enabled:
+        budget = " and ".join(f"~{value} {what}" for what, value in (
+            ("parameters", cfg.search.target_params), ("active parameters", cfg.search.target_active_params))
+            if value is not None)
+        out.append(Stage("search", f"search architectures of {budget}",
                          stages.search, _search))
     refit = "" if cfg.prune.reconstruct == "none" else (
         f", refit the projections around the cut ({cfg.prune.reconstruct}, {cfg.prune.reconstruct_inputs} inputs)")
@@ -136,12 +139,13 @@ def _teacher_sizes(spec: str) -> dict[str, int]:
     """The teacher's sizes under config.CASCADE_KEYS, from its config alone (no weights)."""
     from compactlm.models.family import family_of
     from compactlm.models.loading import load_model_config, params_of_config
-    from compactlm.pruning.targets import TARGET_KEYS
+    from compactlm.pruning.targets import target_keys
 
     config = load_model_config(spec)
-    d = family_of(config).dims(config)
-    return {f"target.{key}": getattr(d, field) for key, field in TARGET_KEYS.items()} | {
-        "search.target_params": params_of_config(config)}
+    family = family_of(config)
+    d = family.dims(config)
+    return {f"target.{key}": getattr(d, field) for key, field in target_keys(family).items()} | {
+        "search.target_params": params_of_config(config), "search.target_active_params": params_of_config(config, active=True)}
 
 
 def plan(cfg: Config, resolve: bool = True) -> list[tuple[Stage, Config, Step]]:
@@ -181,10 +185,10 @@ def check(cfg: Config) -> None:
         raise CompactLMError("run needs out_dir=DIR (the run directory)")
     check_out_dir(cfg.out_dir)
     cascade_length(cfg)  # list-valued sizes agree in length
-    if not cfg.search.target_params and not any(
-        getattr(cfg.target, k) is not None for k in
-        ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers", "drop_layers")
-    ):
+    from compactlm.pruning.targets import MOE_KEYS, TARGET_KEYS
+
+    if not cfg.search.enabled and not any(
+            getattr(cfg.target, k) is not None for k in (*TARGET_KEYS, *MOE_KEYS, "drop_layers")):
         raise CompactLMError("run needs a target: set target.* keys or search.target_params")
     model = cfg.model
     if model not in BUILTINS and (model.startswith((".", "/", "~")) or model.endswith(".gguf")) and not Path(model).exists():

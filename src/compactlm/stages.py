@@ -34,6 +34,7 @@ from compactlm.models.family import family_of
 from compactlm.models.layerwise import Layerwise
 from compactlm.models.loading import load_model, load_model_config, num_params, write_checkpoint
 from compactlm.pruning import depth_metrics_needed, layers_to_drop, make_plan, prune_model, resolve_target
+from compactlm.pruning.targets import target_keys
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +74,9 @@ def prune(cfg: Config) -> dict:
     inputs.check_seq_len(config, cfg.calib.seq_len, "calib.seq_len")
     needed = depth_metrics_needed(cfg.target, [source.layers - target.layers])
     scores = inputs.saved_scores(cfg, source)
+    # (a mixture of experts' checkpoint stores each expert apart, the model fuses them: it is cut in memory)
     if (scores is not None and all(n in scores.layers for n in needed) and inputs.local_safetensors(cfg.model)
-            and cfg.prune.reconstruct == "none"):
+            and cfg.prune.reconstruct == "none" and not family.moe):
         return _prune_streamed(cfg, config, scores, target)  # nothing to compute: the model never loads
     model, tokenizer = inputs.load_within(cfg)
     for name in needed if scores is None else [n for n in needed if n not in scores.layers]:
@@ -85,7 +87,7 @@ def prune(cfg: Config) -> dict:
             log.warning("prune: prune.reconstruct needs the whole model in memory (memory_gb): skipped")
         return _prune_streamed(cfg, config, scores, target)
     drop = layers_to_drop(cfg.target, source, target.layers, scores)
-    plan = make_plan(scores, source, target, drop)
+    plan = make_plan(scores, source, target, drop, cfg.target.expert_metric)
     pruned = prune_model(model, plan)
     if cfg.prune.reconstruct != "none":
         from compactlm.pruning.reconstruct import reconstruct
@@ -110,7 +112,7 @@ def _prune_streamed(cfg: Config, config, scores, target) -> dict:
     family = family_of(config)
     source = family.dims(config)
     drop = layers_to_drop(cfg.target, source, target.layers, scores)
-    plan = make_plan(scores, source, target, drop)
+    plan = make_plan(scores, source, target, drop, cfg.target.expert_metric)
     params = {"source": params_of_config(config), "pruned": params_of_config(prune_config(config, family, plan))}
     log.info("pruned %s tensor by tensor: %d -> %d parameters", cfg.model, params["source"], params["pruned"])
     with staged_output(cfg.out_dir) as out:
@@ -231,11 +233,11 @@ def _teacher_cache(cfg: Config, tc, teacher, train_rows, batch: int, d):
 # ---------------------------------------------------------------- search
 
 def search(cfg: Config) -> dict:
-    """Rank candidate shapes of ~`search.target_params` by zero-shot loss, distill the best `search.top_k`
+    """Rank candidate shapes of ~`search.target_params` (or active parameters) by zero-shot loss, distill the best `search.top_k`
     briefly, choose one; writes search.md and search.json. The chosen shape is the result's "target"."""
     from compactlm import arch_search as arch
 
-    if not cfg.search.target_params:
+    if not cfg.search.enabled:
         raise CompactLMError("search needs search.target_params (e.g. 70M, or 0.5 of the teacher)")
     check_one_size(cfg, "search")
     inputs.check_out_dir(cfg.out_dir)
@@ -250,15 +252,13 @@ def search(cfg: Config) -> dict:
                        val_rows=cfg.distill.eval_sequences)
     chosen, ranked = arch.search(
         teacher, scores, cfg.search, val, layer_metric=cfg.target.layer_metric,
-        keep_last_layer=cfg.target.keep_last_layer, progress=True,
+        keep_last_layer=cfg.target.keep_last_layer, expert_metric=cfg.target.expert_metric, progress=True,
         distill_fn=lambda students: _brief_distill(cfg, students, teacher, rows))
     with staged_output(cfg.out_dir) as tmp:
         arch.write_table(ranked, chosen, tmp / "search.md", tmp / "search.json")
         save_config(cfg, tmp / CONFIG_FILE)
-    d = chosen.dims
-    shape = {"hidden_size": d.hidden, "intermediate_size": d.ffn, "num_attention_heads": d.heads,
-             "num_key_value_heads": d.kv_heads, "num_hidden_layers": d.layers}
-    return {"target": shape, "params": chosen.params, "candidates": len(ranked)}
+    shape = {key: getattr(chosen.dims, field) for key, field in target_keys(family_of(teacher)).items()}
+    return {"target": shape, "params": chosen.params, "active_params": chosen.active_params, "candidates": len(ranked)}
 
 
 def _brief_distill(cfg: Config, students: list, teacher, rows: data.Splits) -> list[float]:

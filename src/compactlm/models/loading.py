@@ -244,10 +244,16 @@ def num_params(model) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def params_of_config(config) -> int:
-    """Parameter count of the model a config describes, without allocating weights (meta device)."""
+def params_of_config(config, active: bool = False) -> int:
+    """Parameter count of the model a config describes, without allocating weights (meta device). `active`: of
+    a mixture of experts, only those one token runs through (`arch_search.param_count`)."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return num_params(model)
+    if not active:
+        return num_params(model)
+    from compactlm.arch_search import param_count
+
+    family = family_of(config)
+    return param_count(model, family, family.dims(config), active=True)

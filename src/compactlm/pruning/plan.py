@@ -145,8 +145,8 @@ def select_experts(scores: Scores, source: Dims, target: Dims, metric: str) -> t
     """Per layer, the top `target.experts` experts by the expert metric `metric` (`Scores.experts`), and each
     kept expert's top `target.ffn` neurons: ((experts',), (experts', ffn')) per layer."""
     if metric not in scores.experts:
-        raise CompactLMError(f"target.expert_metric={metric}: the scores hold only "
-                             f"{', '.join(sorted(scores.experts)) or 'no expert metrics'}")
+        held = f"only {', '.join(sorted(scores.experts))}" if scores.experts else "no expert metric"
+        raise CompactLMError(f"target.expert_metric={metric}: the scores hold {held}")
     experts = [top_k(scores.experts[metric][layer], target.experts) for layer in range(source.layers)]
     ffn = [torch.stack([top_k(scores.ffn[layer][e], target.ffn) for e in experts[layer].tolist()])
            for layer in range(source.layers)]

@@ -87,11 +87,15 @@ def _is_conv1d(module: nn.Module) -> bool:
 
 def _stages(family: Family, sites: str) -> list[tuple[str, ...]]:
     """Projection paths inside one layer, in forward order: [attention reads], [attention output], [MLP reads],
-    [MLP output] ("outputs": the two output projections only)."""
+    [MLP output] ("outputs": the two output projections only). A mixture of experts refits its attention only:
+    its experts and router are kept as they were sliced."""
     attn_reads, mlp_reads = family.reads()
+    attn, mlp = [attn_reads, (family.attn_out_path,)], [mlp_reads, (family.mlp_out_path,)]
+    if family.moe:
+        mlp = []
     if sites == "outputs":
-        return [(family.attn_out_path,), (family.mlp_out_path,)]
-    return [s for s in (attn_reads, (family.attn_out_path,), mlp_reads, (family.mlp_out_path,)) if s]
+        return [stage for stage in (attn[1:] + mlp[1:])]
+    return [s for s in attn + mlp if s]
 
 
 class _Gram:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from compactlm.errors import CompactLMError
 from compactlm.models.family import family_of
 from compactlm.models.shards import INDEX, Shards, write_safetensors
 from compactlm.pruning.plan import Plan
@@ -33,6 +34,8 @@ def prune_checkpoint(checkpoint: str | Path, plan: Plan, out: str | Path, *, max
     checkpoint, out = Path(checkpoint), Path(out)
     config = AutoConfig.from_pretrained(checkpoint)
     family = family_of(config)
+    if family.moe:  # on disk each expert is its own tensors; the family record describes the fused ones
+        raise CompactLMError(f"{checkpoint}: streamed surgery does not read mixture-of-experts checkpoints yet")
     dims = family.dims(config)
     plan.validate(dims)
     rescale = rescale_for(family, config, plan)
