@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_killed_at_checkpoint, tiny_config
+from conftest import MOE, ffn_key, run_killed_at_checkpoint, tiny_config
 from gguf import GGUFReader
 from transformers import AutoModelForCausalLM
 
 from compactlm import pipeline
 from compactlm.cli import main
 from compactlm.config import load_config
+from compactlm.models.family import family_of
 from compactlm.models.loading import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -232,23 +233,30 @@ def test_ctrl_c_in_each_stage_leaves_no_partial_output_and_the_rerun_finishes(
         assert [r["step"] for r in rows] == list(range(1, 7))  # resumed from step 2: no step twice
 
 
-@pytest.mark.parametrize("family", ["smollm3", "gemma2", "gemma3", "phi3", "olmo2"])
+@pytest.mark.parametrize("family", ["smollm3", "gemma2", "gemma3", "phi3", "olmo2", "qwen3_moe", "mixtral"])
 def test_run_end_to_end_for_each_newer_family(family, bpe_tokenizer, text_file, tmp_path, capsys):
     """score -> prune (with the refit) -> distill -> evaluate on a tiny random model of each family added after
-    the first five, pruning every axis but depth; the result loads with plain from_pretrained."""
+    the first five, pruning every axis (and the experts of a mixture of experts, which trains with its
+    load-balancing loss); the result loads with plain from_pretrained."""
     checkpoint = tmp_path / family
     config = tiny_config(family, 4, 2, tied=True, layers=4)
     config.vocab_size, config.eos_token_id, config.pad_token_id, config.bos_token_id = len(bpe_tokenizer), 0, 0, 0
+    config.output_router_logits = family in MOE
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(checkpoint)
     bpe_tokenizer.save_pretrained(checkpoint)
     run_dir = tmp_path / "run"
-    args = tiny_run_args(checkpoint, text_file, run_dir) + [
-        "target.hidden_size=24", "target.num_attention_heads=2", "target.intermediate_size=0.5",
+    fam = family_of(config)
+    experts = [f"target.{fam.keys['experts']}=3"] if fam.moe else []
+    args = tiny_run_args(checkpoint, text_file, run_dir) + experts + [
+        "target.hidden_size=24", "target.num_attention_heads=2", f"target.{ffn_key(fam)}=0.5",
         "target.num_hidden_layers=3", "distill.steps=3", "eval.speed=false"]
     assert main(["run", *args]) == 0, capsys.readouterr().err
     student = AutoModelForCausalLM.from_pretrained(run_dir / "distill" / "final")
     assert (student.config.hidden_size, student.config.num_attention_heads, student.config.num_hidden_layers) == (24, 2, 3)
+    assert fam.dims(student.config).experts == (3 if fam.moe else 0)
+    rows = [json.loads(line) for line in (run_dir / "distill" / "metrics.jsonl").read_text().splitlines()]
+    assert all(("loss_router" in r) == fam.moe for r in rows)
     results = json.loads((run_dir / "evaluate" / "eval.json").read_text())
     assert math.isfinite(results["distilled"]["perplexity"]) and results["distilled"]["kl"] >= 0
     assert results["distilled"]["params"] < results["teacher"]["params"]

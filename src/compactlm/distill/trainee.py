@@ -146,9 +146,30 @@ class Trainee(nn.Module):
     def forward(self, ids: Tensor, mask: Tensor, teacher: TeacherOut | SparseTargets | None = None,
                 evaluate: bool = False) -> dict[str, Tensor]:  # noqa: D102
         states = bool(self.objective.layer_map) and not evaluate
+        # a mixture of experts whose config asks for it (output_router_logits) trains with the load-balancing loss
+        router = self.family.moe and bool(getattr(self.model.config, "output_router_logits", False)) and not evaluate
         with _autocast(ids.device):
             out = get_module(self.model, self.family.base_path)(
-                input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=states)
+                input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=states,
+                **({"output_router_logits": True} if router else {}))
+        parts = self._loss_parts(out, ids, mask, teacher, evaluate)
+        if router:
+            parts = parts | self._router_loss(out.router_logits, mask, parts["loss"])
+        return parts
+
+    def _router_loss(self, router_logits: tuple[Tensor, ...], mask: Tensor, loss: Tensor) -> dict[str, Tensor]:
+        """The model's own load-balancing loss (its modeling module's `load_balancing_loss_func`, as its
+        ForCausalLM adds it), weighted by `router_aux_loss_coef` into the total."""
+        import sys
+
+        config = self.model.config
+        balance = sys.modules[type(self.model).__module__].load_balancing_loss_func
+        aux = balance(router_logits, self.family.dims(config).experts, config.num_experts_per_tok, mask)
+        return {"loss": loss + config.router_aux_loss_coef * aux.to(loss.device), "loss_router": aux.detach()}
+
+    def _loss_parts(self, out, ids: Tensor, mask: Tensor, teacher: TeacherOut | SparseTargets | None,
+                    evaluate: bool) -> dict[str, Tensor]:
+        """The objective's parts from the base model's output `out` (see `forward`)."""
         head = get_module(self.model, self.family.lm_head_path)
         cap = self.family.logit_cap(self.model.config)
         if evaluate:
