@@ -142,7 +142,8 @@ def test_active_parameters_count_top_k_experts(family):
     budget = param_count(model, fam, target, active=True)
     found = enumerate_candidates(model, SearchConfig(target_active_params=budget, tolerance=0.02, divisor=4))
     assert found and all(abs(c.active_params - budget) <= 0.02 * budget for c in found)
-    assert any(c.dims.experts < dims.experts for c in enumerate_candidates(model, SearchConfig(target_params=0.7, tolerance=0.3, max_candidates=1000)))
+    wide = SearchConfig(target_params=0.7, tolerance=0.3, max_candidates=1000)
+    assert any(c.dims.experts < dims.experts for c in enumerate_candidates(model, wide))  # the grid cuts experts
     with pytest.raises(CompactLMError, match="search.target_active_params: llama is dense"):
         enumerate_candidates(tiny_model("llama"), SearchConfig(target_active_params=0.5))
 
@@ -175,7 +176,8 @@ def test_plan_and_scores_round_trip_with_experts(family, token_batch, tmp_path):
 
 
 def test_moe_checkpoints_are_cut_in_memory(tmp_path, token_batch):
-    """The checkpoint stores each expert apart (save_pretrained un-fuses them): streamed surgery refuses it."""
+    """The checkpoint stores each expert apart (save_pretrained un-fuses them): streamed surgery and
+    layer-by-layer loading refuse it."""
     from compactlm.pruning.stream import prune_checkpoint
 
     model = tiny_model("qwen3_moe")
@@ -183,6 +185,11 @@ def test_moe_checkpoints_are_cut_in_memory(tmp_path, token_batch):
     with pytest.raises(CompactLMError, match="streamed surgery does not read mixture-of-experts checkpoints"):
         prune_checkpoint(tmp_path / "src", keep_all(family_of(model).dims(model.config)), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+    from compactlm import inputs
+    from compactlm.config import load_config
+
+    with pytest.raises(CompactLMError, match="memory_gb=1e-05: layer by layer does not read mixtures of experts"):
+        inputs.layerwise(load_config(None, [f"model={tmp_path / 'src'}", "memory_gb=0.00001"]))
 
 
 @pytest.mark.parametrize("family", MOE)

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from compactlm.config import TargetConfig
 from compactlm.errors import CompactLMError
-from compactlm.models.family import family_of, get_module
+from compactlm.models.family import family_of
 from compactlm.pruning import keep_all, make_plan, prune_model, resolve_target
 from compactlm.pruning import reconstruct as reconstruct_module
 from compactlm.pruning.reconstruct import reconstruct, ridge_factor, ridge_fit

@@ -6,9 +6,8 @@ The stage functions themselves live in stages.py; these helpers carry no stage l
 
 from __future__ import annotations
 
-import dataclasses
-
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil

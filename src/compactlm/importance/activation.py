@@ -189,9 +189,9 @@ class ActivationCollector:
 
     def scores(self, outgoing: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(hidden,), (layers, heads), (layers, ffn) float32 on CPU (MoE: (layers, experts, ffn)). `outgoing`: the norms of each unit's
-        outgoing weights from `outgoing_norms`, multiplied into every site's score before the sum over norms
-        (output-aware activation importance)."""
+        """(hidden,), (layers, heads), (layers, ffn) float32 on CPU (a mixture of experts: (layers, experts, ffn)).
+        `outgoing`: the norms of each unit's outgoing weights from `outgoing_norms`, multiplied into every site's
+        score before the sum over norms (output-aware activation importance)."""
         d = self.dims
         hidden = self._result("hidden").cpu().view(d.layers, -1, d.hidden)  # one score per norm
         heads = self._result("heads").cpu()

@@ -16,7 +16,6 @@ Magnitude scores (float32, from the family's axis labels, tied weights counted o
 from __future__ import annotations
 
 import dataclasses
-
 from collections.abc import Mapping
 
 import torch

@@ -7,9 +7,8 @@ removed. Batches are materialised once (each metric runs several passes over the
 
 from __future__ import annotations
 
-import dataclasses
-
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -178,7 +177,6 @@ def layer_metrics(model, batches: Batches, names: Sequence[str]) -> dict[str, to
 def with_depth_metrics(model, batches: Batches, scores, names: Sequence[str]):
     """`scores` (a Scores) plus every depth metric in `names` it lacks: "lm_loss", "block_importance" or
     "contiguous_<n>" (LM loss with each block of n layers skipped)."""
-    from compactlm.importance.scores import Scores
 
     missing = [n for n in names if n not in scores.layers]
     if not missing:
