@@ -209,3 +209,35 @@ def test_the_student_trains_with_its_load_balancing_loss(family, token_batch):
     torch.testing.assert_close(parts["loss"], want.loss)
     model.config.output_router_logits = False
     assert "loss_router" not in Trainee(model, Objective())(ids, mask)
+
+
+def test_run_with_an_active_parameter_budget(bpe_tokenizer, text_file, tmp_path, capsys):
+    """`compactlm run` with search.target_active_params on a tiny Qwen3-MoE: the chosen shape (experts
+    included) meets the budget, is what gets pruned, and search.md lists experts and active parameters."""
+    import json
+
+    from test_pipeline import tiny_run_args
+    from transformers import AutoModelForCausalLM
+
+    from compactlm import pipeline
+    from compactlm.cli import main
+
+    config = tiny_config("qwen3_moe", 4, 2, tied=True, layers=3)
+    config.vocab_size, config.eos_token_id, config.pad_token_id, config.bos_token_id = len(bpe_tokenizer), 0, 0, 0
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "moe")
+    bpe_tokenizer.save_pretrained(tmp_path / "moe")
+    run_dir = tmp_path / "run"
+    args = tiny_run_args(tmp_path / "moe", text_file, run_dir) + [
+        "search.target_active_params=0.75", "search.tolerance=0.1", "search.max_candidates=3", "search.top_k=1",
+        "search.distill_steps=2", "target.layer_metric=block_importance", "distill.steps=2", "eval.speed=false"]
+    assert main(["run", *args]) == 0, capsys.readouterr().err
+    chosen = json.loads((run_dir / "search" / pipeline.DONE).read_text())
+    student = AutoModelForCausalLM.from_pretrained(run_dir / "distill" / "final")
+    assert student.config.num_experts == chosen["target"]["num_experts"]
+    assert student.config.moe_intermediate_size == chosen["target"]["moe_intermediate_size"]
+    teacher = AutoModelForCausalLM.from_pretrained(tmp_path / "moe")
+    fam = family_of(teacher)
+    full = param_count(teacher, fam, fam.dims(teacher.config), active=True)
+    assert abs(param_count(student, fam, fam.dims(student.config), active=True) - 0.75 * full) <= 0.1 * 0.75 * full
+    assert "| experts | params | active params |" in (run_dir / "search" / "search.md").read_text()
