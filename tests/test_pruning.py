@@ -209,7 +209,7 @@ def test_unsupported_family_lists_supported():
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     model = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=16, num_attention_heads=2, num_hidden_layers=1, intermediate_size=32, vocab_size=32))
-    supported = "llama, mistral, qwen2, qwen3, smollm3, gemma2, gemma3_text, phi3, olmo2, gpt2"
+    supported = "llama, mistral, qwen2, qwen3, smollm3, gemma2, gemma3_text, phi3, olmo2, qwen3_moe, mixtral, gpt2"
     with pytest.raises(CompactLMError, match=f"supports {supported}"):
         family_of(model)
 

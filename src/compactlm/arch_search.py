@@ -64,11 +64,11 @@ class Candidate:
 
     dims: Dims
     params: int
-    active_params: int | None = None  # a mixture of experts: parameters a token runs through
     latency_ms: float | None = None  # one forward of one sequence
     zero_shot_loss: float | None = None  # validation loss (nats/token) right after pruning
     distilled_loss: float | None = None  # validation loss after the brief distillation
     rank: int | None = None  # 1 = chosen; distilled candidates rank ahead of the rest
+    active_params: int | None = None  # a mixture of experts: parameters a token runs through
 
     def to_json(self) -> dict:
         """Plain values, dims as a nested mapping."""
@@ -218,7 +218,7 @@ def enumerate_candidates(model, cfg: SearchConfig) -> list[Candidate]:
     shapes = named_shapes(model)
     budgets = _budgets(model, family, shapes, cfg)
     active = lambda d: param_count(shapes, family, d, active=True) if family.moe else None  # noqa: E731
-    fits = [Candidate(d, param_count(shapes, family, d), active(d)) for d in _shapes(source, family, cfg)]
+    fits = [Candidate(d, param_count(shapes, family, d), active_params=active(d)) for d in _shapes(source, family, cfg)]
     if not fits:
         raise CompactLMError(f"search grids hold no shape that {family.name} accepts inside the teacher")
     miss = lambda c: max(abs(getattr(c, k) - n) / n for k, n in budgets.items())  # noqa: E731
