@@ -1,18 +1,19 @@
 """Expert pruning of a mixture of experts: REAP against routing frequency against random experts.
 
-    python benchmarks/bench_moe_experts.py          # about 20 minutes alone on 2 CPU cores; rerun resumes
+    python benchmarks/bench_moe_experts.py          # about 30 minutes alone on 2 CPU cores; rerun resumes
 
 Random experts have nothing to find, so the teacher is a tiny Qwen3-MoE (hidden 128, 4 layers, 16 experts of
 width 128, 2 per token, the load-balancing loss on) trained from random weights on python-docs with
 `compactlm train` until its experts specialise, with an offline byte-level BPE tokenizer trained on the same
-corpus. The teacher is the training's best held-out checkpoint (it overfits the 1.5 MB corpus afterwards). Then, through the pipeline's stages on the same calibration text and the same held-out rows:
+corpus. The teacher is the training's best held-out checkpoint (it overfits the 1.5 MB corpus afterwards).
+Then, through the pipeline's stages on the same calibration text and the same held-out rows:
 
-1. `score`: activation importance, with the expert metrics "reap" and "frequency";
-2. `prune` to --keep experts per layer (nothing else cut, no refit) by each expert metric: reap, frequency,
-   "mass" (their product: REAP summed over tokens instead of averaged) and random expert choices (3 seeds);
+1. `score`: activation importance, with the expert metrics "reap_sum", "reap" and "frequency";
+2. `prune` to each --keep experts per layer (8 and 4 of 16; nothing else cut, no refit) by each expert metric,
+   and by random expert choices (3 seeds);
 3. held-out perplexity right after the cut, then after --kd-steps of `distill` from the unpruned teacher.
 
-Writes benchmarks/results/moe_experts.json and prints one row per metric.
+Writes benchmarks/results/moe_experts.json and prints one row per expert count and metric.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", default="runs/bench/moe")
     parser.add_argument("--train-steps", type=int, default=2000, help="teacher training steps of 16 x 256 tokens")
-    parser.add_argument("--keep", type=int, default=8, help="experts kept per layer (of 16)")
+    parser.add_argument("--keep", type=int, nargs="+", default=[8, 4], help="experts kept per layer (of 16)")
     parser.add_argument("--kd-steps", type=int, default=100, help="distillation steps of 8 x 256 tokens")
     parser.add_argument("--val-rows", type=int, default=48)
     parser.add_argument("--out", default=str(RESULTS / "moe_experts.json"))
@@ -93,54 +94,61 @@ def main() -> None:
                                                "importance.layer_metrics=[]"]))
     scores = Scores.load(scores_file)
     # each way's ranking, saved in a copy of the scores under the expert metric the prune stage is told to use
-    reap, frequency = scores.experts["reap"], scores.experts["frequency"]
-    ways = {"reap": ("reap", reap), "frequency": ("frequency", frequency),
-            "mass": ("reap", reap * frequency)}  # REAP summed over the routed tokens, not averaged
+    ways = {name: (name, scores.experts[name]) for name in ("reap_sum", "reap", "frequency")}
     for seed in SEEDS:
-        ways[f"random-{seed}"] = ("random", torch.rand(reap.shape, generator=torch.Generator().manual_seed(seed)))
+        shape = scores.experts["reap"].shape
+        ways[f"random-{seed}"] = ("random", torch.rand(shape, generator=torch.Generator().manual_seed(seed)))
 
     cfg = load_config(None, base + [f"model={teacher}", "distill.seq_len=256"])
     model, tok = inputs.load(cfg)
     val = inputs.load_splits(cfg, tok, 256, calib=False, val_rows=args.val_rows).val[: args.val_rows]
     batches = list(data.batches(val, 8))
     teacher_ppl = perplexity(model, batches)["perplexity"]
-    rows = {}
-    for name, (metric, ranking) in ways.items():
-        folder = run / f"prune-{args.keep}-{name}"
-        if not (folder / "config.json").is_file():
-            variant_file = run / f"scores-{args.keep}-{name}.safetensors"
-            dataclasses.replace(scores, experts={metric: ranking}).save(variant_file)
-            stages.prune(load_config(None, base + [
-                f"model={teacher}", f"out_dir={folder}", f"importance.scores={variant_file}",
-                f"target.num_experts={args.keep}", f"target.expert_metric={metric}", "prune.reconstruct=none"]))
-        distilled = run / f"distill-{args.keep}-{name}"
-        if not (distilled / "final" / "config.json").is_file():
-            stages.distill(load_config(None, base + [
-                f"teacher={teacher}", f"student={folder}", f"out_dir={distilled}", "resume=true",
-                f"distill.steps={args.kd_steps}", "distill.lr=1e-3", "distill.min_lr=1e-4", "distill.batch_size=8",
-                "distill.seq_len=256", "distill.warmup_steps=5", "distill.eval_every=1000",
-                "distill.save_every=20"]))
-        rows[name] = {"pruned": perplexity(load_model(str(folder)), batches)["perplexity"],
-                      "distilled": perplexity(load_model(str(distilled / "final")), batches)["perplexity"]}
-        print(f"{name:>10}: pruned {rows[name]['pruned']:.2f}  distilled {rows[name]['distilled']:.2f}", flush=True)
-    random_rows = [rows[f"random-{s}"] for s in SEEDS]
-    rows["random (mean of 3)"] = {k: statistics.mean(r[k] for r in random_rows) for k in ("pruned", "distilled")}
-    overlap = {m: float((torch.stack([torch.isin(a, b) for a, b in zip(*(
-        scores.experts[x].topk(args.keep, dim=-1).indices for x in ("reap", m)))]).float().mean()))
-        for m in ("frequency",)}
-    result = {"command": "python benchmarks/bench_moe_experts.py", "teacher": TEACHER, "keep": args.keep,
-              "train_steps": args.train_steps, "kd_steps": args.kd_steps, "val_rows": len(val),
-              "teacher_perplexity": teacher_ppl, "rows": rows,
-              "kept_experts_shared_by_reap_and_frequency": overlap["frequency"],
-              "frequency": scores.experts["frequency"].tolist()}
+    result = {"command": "python benchmarks/bench_moe_experts.py", "teacher": TEACHER, "train_steps": args.train_steps,
+              "kd_steps": args.kd_steps, "val_rows": len(val), "teacher_perplexity": teacher_ppl,
+              "frequency": scores.experts["frequency"].tolist(), "keep": {}}
+    for keep in args.keep:
+        rows = {}
+        for name, (metric, ranking) in ways.items():
+            folder, distilled = run / f"prune-{keep}-{name}", run / f"distill-{keep}-{name}"
+            if not (folder / "config.json").is_file():
+                variant_file = run / f"scores-{keep}-{name}.safetensors"
+                dataclasses.replace(scores, experts={metric: ranking}).save(variant_file)
+                stages.prune(load_config(None, base + [
+                    f"model={teacher}", f"out_dir={folder}", f"importance.scores={variant_file}",
+                    f"target.num_experts={keep}", f"target.expert_metric={metric}", "prune.reconstruct=none"]))
+            if not (distilled / "final" / "config.json").is_file():
+                stages.distill(load_config(None, base + [
+                    f"teacher={teacher}", f"student={folder}", f"out_dir={distilled}", "resume=true",
+                    f"distill.steps={args.kd_steps}", "distill.lr=1e-3", "distill.min_lr=1e-4",
+                    "distill.batch_size=8", "distill.seq_len=256", "distill.warmup_steps=5",
+                    "distill.eval_every=1000", "distill.save_every=20"]))
+            rows[name] = {"pruned": perplexity(load_model(str(folder)), batches)["perplexity"],
+                          "distilled": perplexity(load_model(str(distilled / "final")), batches)["perplexity"]}
+            print(f"{keep} experts, {name}: pruned {rows[name]['pruned']:.2f}, distilled {rows[name]['distilled']:.2f}",
+                  flush=True)
+        random_rows = [rows.pop(f"random-{s}") for s in SEEDS]
+        rows["random (mean of 3)"] = {k: statistics.mean(r[k] for r in random_rows) for k in ("pruned", "distilled")}
+        result["keep"][keep] = {"rows": rows, "random_seeds": random_rows, "kept_experts_shared": {
+            f"{a} & {b}": shared(scores, a, b, keep)
+            for a, b in (("reap_sum", "reap"), ("reap_sum", "frequency"), ("reap", "frequency"))}}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"\nteacher {teacher_ppl:.2f}; {args.keep} of 16 experts kept per layer; {len(val)} held-out rows")
-    print(f"{'expert metric':>20} {'pruned':>10} {'after KD':>10}")
-    for name, row in rows.items():
-        print(f"{name:>20} {row['pruned']:>10.2f} {row['distilled']:>10.2f}")
-    print(f"kept experts shared by reap and frequency: {overlap['frequency']:.0%}; wrote {out}")
+    print(f"\nteacher {teacher_ppl:.2f}; {len(val)} held-out rows; held-out perplexity after the cut and after "
+          f"{args.kd_steps} KD steps")
+    print(f"{'experts kept':>12} {'expert metric':>20} {'pruned':>10} {'after KD':>10}")
+    for keep, block in result["keep"].items():
+        for name, row in block["rows"].items():
+            print(f"{keep:>12} {name:>20} {row['pruned']:>10.2f} {row['distilled']:>10.2f}")
+        print(f"{'':>12} kept experts shared: " + ", ".join(f"{k} {v:.0%}" for k, v in block["kept_experts_shared"].items()))
+    print(f"wrote {out}")
+
+
+def shared(scores: Scores, a: str, b: str, keep: int) -> float:
+    """The share of the experts kept by metric `a` that metric `b` keeps too, over all layers."""
+    kept = lambda metric: scores.experts[metric].topk(keep, dim=-1).indices  # noqa: E731  (layers, keep)
+    return float(torch.stack([torch.isin(x, y) for x, y in zip(kept(a), kept(b))]).float().mean())
 
 
 if __name__ == "__main__":

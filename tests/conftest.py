@@ -80,14 +80,14 @@ def model_params():
 
 def positive_scores(model, layer_metrics: tuple[str, ...] = ("x",), seed: int = 0):
     """Random positive scores (1 + U[0, 1)) of the model's shapes and the named layer metrics; a mixture of
-    experts gets its neurons per expert and a "reap" expert metric."""
+    experts gets its neurons per expert and a "reap_sum" expert metric (the default)."""
     from compactlm.importance.scores import Scores
     from compactlm.models.family import family_of
 
     dims = family_of(model).dims(model.config)
     g = torch.Generator().manual_seed(seed)
     rand = lambda *shape: 1.0 + torch.rand(*shape, generator=g)  # noqa: E731
-    experts = {"reap": rand(dims.layers, dims.experts)} if dims.experts else {}
+    experts = {"reap_sum": rand(dims.layers, dims.experts)} if dims.experts else {}
     ffn = rand(dims.layers, *((dims.experts,) if dims.experts else ()), dims.ffn)
     return Scores(rand(dims.hidden), rand(dims.layers, dims.heads), ffn, {m: rand(dims.layers) for m in layer_metrics},
                   experts=experts)

@@ -134,7 +134,7 @@ def test_shapes_dtypes_and_meta(family, token_batch):
     d = family_of(model).dims(model.config)
     assert s.hidden.shape == (d.hidden,) and s.heads.shape == (d.layers, d.heads)
     assert s.ffn.shape == ((d.layers, d.experts, d.ffn) if d.experts else (d.layers, d.ffn))
-    assert set(s.experts) == ({"reap", "frequency"} if d.experts else set())
+    assert set(s.experts) == ({"reap_sum", "reap", "frequency"} if d.experts else set())
     assert all(v.shape == (d.layers, d.experts) and v.dtype == torch.float32 for v in s.experts.values())
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in (s.hidden, s.heads, s.ffn))
     assert set(s.layers) == {"lm_loss", "block_importance"}

@@ -62,8 +62,8 @@ def test_pruning_experts_equals_a_router_that_never_picks_them(family, norm_topk
 
 @pytest.mark.parametrize("family", MOE)
 def test_expert_scores_equal_a_token_by_token_computation(family, token_batch):
-    """REAP (mean over routed tokens of router weight x output norm), routing frequency (share of the routed
-    slots) and each expert's neuron scores (mean |act| over its tokens), computed here one token at a time from
+    """REAP (mean over routed tokens of router weight x output norm), its sum over the tokens (per routed
+    slot), routing frequency (share of the routed slots) and each expert's neuron scores (mean |act| over its tokens), computed here one token at a time from
     the layer's input; padding left out."""
     model = tiny_model(family)
     fam = family_of(model)
@@ -93,6 +93,7 @@ def test_expert_scores_equal_a_token_by_token_computation(family, token_batch):
         assert count.sum() == real.sum() * dims.top_k and torch.all(count > 0)
         torch.testing.assert_close(got.experts["frequency"][i], count / count.sum())
         torch.testing.assert_close(got.experts["reap"][i], mass / count)
+        torch.testing.assert_close(got.experts["reap_sum"][i], mass / count.sum())
         torch.testing.assert_close(got.ffn[i], neurons / count[:, None])
 
 
@@ -156,7 +157,7 @@ def test_plan_and_scores_round_trip_with_experts(family, token_batch, tmp_path):
     scores = activation_scores(model, [token_batch])
     scores.save(tmp_path / "scores.safetensors")
     loaded = Scores.load(tmp_path / "scores.safetensors")
-    assert loaded.experts.keys() == {"reap", "frequency"} and all(
+    assert loaded.experts.keys() == {"reap_sum", "reap", "frequency"} and all(
         torch.equal(loaded.experts[k], scores.experts[k]) for k in scores.experts)
     loaded.check(dims, "scores")
     target = resolve_target(TargetConfig(**{fam.keys["experts"]: 2, fam.keys["ffn"]: 0.5}), dims, fam)
@@ -168,7 +169,7 @@ def test_plan_and_scores_round_trip_with_experts(family, token_batch, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(again.experts, plan.experts) if len(a))
     torch.testing.assert_close(logits(prune_model(model, again), token_batch), logits(prune_model(model, plan), token_batch),
                                rtol=0, atol=0)
-    with pytest.raises(CompactLMError, match="target.expert_metric=random: the scores hold only frequency, reap"):
+    with pytest.raises(CompactLMError, match="target.expert_metric=random: the scores hold only frequency, reap, reap_sum"):
         make_plan(loaded, dims, target, [], expert_metric="random")
     bad = dataclasses.replace(keep_all(dims), experts=[])
     with pytest.raises(CompactLMError, match="plan.experts must list the kept experts"):

@@ -307,7 +307,7 @@ def _loss_key(loss: float | None) -> float:
 
 
 def search(teacher, scores: Scores, cfg: SearchConfig, val_batches: list, *,
-           layer_metric: str = "block_importance", keep_last_layer: bool = True, expert_metric: str = "reap",
+           layer_metric: str = "block_importance", keep_last_layer: bool = True, expert_metric: str = "reap_sum",
            distill_fn: Callable[[list[torch.nn.Module]], list[float]] | None = None,
            progress: bool = False) -> tuple[Candidate, list[Candidate]]:
     """(chosen, every candidate ranked); `distill_fn(students) -> their val losses` briefly distills the best

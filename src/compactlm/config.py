@@ -121,8 +121,9 @@ class TargetConfig:
     moe_intermediate_size: Size = None
     drop_layers: tuple[int, ...] | None = None  # explicit layers to remove (instead of a metric)
     layer_metric: str = choice("lm_loss", "lm_loss", "block_importance", "contiguous", "magnitude", "random")
-    # ranks the experts: router weight x output norm over the tokens routed to each (REAP), routing frequency
-    expert_metric: str = choice("reap", "reap", "frequency", "magnitude", "random")
+    # ranks the experts: router weight x output norm summed over the tokens routed to each (reap_sum; the best in
+    # benchmarks/bench_moe_experts.py), averaged over them (reap, REAP's own), routing frequency, baselines
+    expert_metric: str = choice("reap_sum", "reap_sum", "reap", "frequency", "magnitude", "random")
     keep_last_layer: bool = True  # the contiguous-block search never drops the final layer (P2)
     round_to: int | None = None  # round hidden and ffn targets down to a multiple (Model Optimizer: 64)
 

@@ -249,7 +249,7 @@ def collect_activations(model, family: Family, aggregation: str = "l2_mean",
 def activation_scores(model, batches: Iterable[dict[str, torch.Tensor]], *, aggregation: str = "l2_mean",
                       head_score: str = "paper", output_aware: bool = False, progress: bool = False) -> Scores:
     """Scores hidden (hidden,), heads (layers, heads), ffn (layers, ffn) from no-grad decoder forwards; for a
-    mixture of experts ffn (layers, experts, ffn) and the expert metrics "reap" and "frequency" (experts.py).
+    mixture of experts ffn (layers, experts, ffn) and the expert metrics "reap_sum", "reap" and "frequency" (experts.py).
 
     `output_aware`: each unit's score times the L2 norm of the weights it is read through (a neuron's down_proj
     column, a head's o_proj columns, a norm output channel's columns in the projections that read that norm),

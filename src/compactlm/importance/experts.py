@@ -5,10 +5,13 @@ top_k_weights (T, k)) -> (T, H)`, with the weights of all experts fused in 3-D t
 module sees every token's routing; for each expert it recomputes the expert on the tokens routed to it
 (act = act_fn(gate) * up, out = down(act)), in the module's own dtype, and accumulates in float32:
 
-- routing frequency: tokens routed to the expert (the baseline);
-- REAP (Lasby et al. 2025, "router-weighted expert activation pruning"): the mean over those tokens of the
-  router weight times the norm of the expert's output, g_e(x) * ||E_e(x)||, i.e. how much the expert adds to
-  the layer's output when it is chosen;
+- routing frequency: the share of routed slots the expert receives (the baseline);
+- REAP (Lasby et al. 2025, "router-weighted expert activation pruning"): the mean over the tokens routed to
+  the expert of the router weight times the norm of the expert's output, g_e(x) * ||E_e(x)||, i.e. how much
+  the expert adds to the layer's output when it is chosen;
+- reap_sum: the same products summed over the tokens instead of averaged (per routed slot of the layer):
+  how much the expert adds to the layer's output over all tokens, REAP x frequency. It keeps a workhorse
+  expert that REAP's mean ranks below a rarely chosen one; it is the default (benchmarks/bench_moe_experts.py);
 - each expert's neurons: mean |act| over the tokens routed to it (the dense MLP's activation score, over the
   expert's own tokens; a sequence-level aggregation does not apply to the sparse tokens an expert sees).
 
@@ -20,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-EXPERT_METRICS = ("reap", "frequency")
+EXPERT_METRICS = ("reap_sum", "reap", "frequency")
 
 
 class ExpertStats:
@@ -65,7 +68,7 @@ class ExpertStats:
         return (self.neurons / self.tokens.clamp(min=1.0)[..., None]).cpu()
 
     def metrics(self) -> dict[str, torch.Tensor]:
-        """Expert metric -> (layers, experts) float32 on CPU: "reap" and "frequency" (share of routed slots)."""
+        """Expert metric -> (layers, experts) float32 on CPU: "reap_sum", "reap" and "frequency"."""
+        slots = self.tokens.sum(-1, keepdim=True).clamp(min=1.0)  # routed (token, expert) pairs per layer
         reap = self.mass / self.tokens.clamp(min=1.0)
-        frequency = self.tokens / self.tokens.sum(-1, keepdim=True).clamp(min=1.0)
-        return {"reap": reap.cpu(), "frequency": frequency.cpu()}
+        return {"reap_sum": (self.mass / slots).cpu(), "reap": reap.cpu(), "frequency": (self.tokens / slots).cpu()}

@@ -153,7 +153,7 @@ def select_experts(scores: Scores, source: Dims, target: Dims, metric: str) -> t
     return experts, ffn
 
 
-def make_plan(scores: Scores, source: Dims, target: Dims, drop_layers: list[int], expert_metric: str = "reap") -> Plan:
+def make_plan(scores: Scores, source: Dims, target: Dims, drop_layers: list[int], expert_metric: str = "reap_sum") -> Plan:
     """Choose keep indices for `target` from `scores`; `drop_layers` lists the original layers to remove;
     `expert_metric` ranks the experts of a mixture-of-experts model (`Scores.experts`)."""
     layers = torch.tensor(sorted(set(range(source.layers)) - set(drop_layers)), dtype=torch.long)
