@@ -233,12 +233,14 @@ def _teacher_cache(cfg: Config, tc, teacher, train_rows, batch: int, d):
 # ---------------------------------------------------------------- search
 
 def search(cfg: Config) -> dict:
-    """Rank candidate shapes of ~`search.target_params` (or active parameters) by zero-shot loss, distill the best `search.top_k`
-    briefly, choose one; writes search.md and search.json. The chosen shape is the result's "target"."""
+    """Rank candidate shapes of ~`search.target_params` (and/or `search.target_active_params`) by zero-shot loss,
+    distill the best `search.top_k` briefly, choose one; writes search.md and search.json. The chosen shape is the
+    result's "target"."""
     from compactlm import arch_search as arch
 
     if not cfg.search.enabled:
-        raise CompactLMError("search needs search.target_params (e.g. 70M, or 0.5 of the teacher)")
+        raise CompactLMError("search needs search.target_params (e.g. 70M, or 0.5 of the teacher) or, for a mixture "
+                             "of experts, search.target_active_params")
     check_one_size(cfg, "search")
     inputs.check_out_dir(cfg.out_dir)
     teacher, tokenizer = load(cfg)

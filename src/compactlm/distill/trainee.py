@@ -8,6 +8,7 @@ root's parameters (embeddings, lm_head, map) happens inside its forward.
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -160,8 +161,6 @@ class Trainee(nn.Module):
     def _router_loss(self, router_logits: tuple[Tensor, ...], mask: Tensor, loss: Tensor) -> dict[str, Tensor]:
         """The model's own load-balancing loss (its modeling module's `load_balancing_loss_func`, as its
         ForCausalLM adds it), weighted by `router_aux_loss_coef` into the total."""
-        import sys
-
         config = self.model.config
         balance = sys.modules[type(self.model).__module__].load_balancing_loss_func
         aux = balance(router_logits, self.family.dims(config).experts, config.num_experts_per_tok, mask)

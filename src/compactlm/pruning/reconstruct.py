@@ -94,7 +94,7 @@ def _stages(family: Family, sites: str) -> list[tuple[str, ...]]:
     if family.moe:
         mlp = []
     if sites == "outputs":
-        return [stage for stage in (attn[1:] + mlp[1:])]
+        return attn[1:] + mlp[1:]
     return [s for s in attn + mlp if s]
 
 
