@@ -135,7 +135,11 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"\nteacher {teacher_ppl:.2f}; {len(val)} held-out rows; held-out perplexity after the cut and after "
+    frequency = scores.experts["frequency"]  # (layers, experts) shares of the routed slots
+    print(f"\nrouting: the busiest expert of a layer takes {frequency.max(-1).values.min():.1%}-"
+          f"{frequency.max(-1).values.max():.1%} of its slots; experts under 0.5% per layer: "
+          f"{(frequency < 0.005).sum(-1).tolist()}")
+    print(f"teacher {teacher_ppl:.2f}; {len(val)} held-out rows; held-out perplexity after the cut and after "
           f"{args.kd_steps} KD steps")
     print(f"{'experts kept':>12} {'expert metric':>20} {'pruned':>10} {'after KD':>10}")
     for keep, block in result["keep"].items():
