@@ -24,9 +24,12 @@ The layers run layer-major on captured inputs, as in models/layerwise.py: per ke
 (keeping its targets, at the kept output rows and real tokens, until the layer is fitted), and from sequential
 inputs the student runs once per stage of projections and once more to move on (its attention, once fitted, is
 recorded and replayed rather than run again). Statistics accumulate in
-float32 (G = sum z z^T, C = sum y z^T, padding excluded; projections that read the same input, q/k/v or
-gate/up, share one G and its Cholesky factor), the solve runs in float64; a bias is fitted as a
-constant input column without penalty. One layer's statistics exist at a time (a 14336-wide MLP's G is 0.8 GB),
+float64 (G = sum z z^T, C = sum y z^T, padding excluded; projections that read the same input, q/k/v or
+gate/up, share one G and its Cholesky factor), and the solve runs in float64. The attention output's G is badly
+conditioned (condition numbers of 2e7 to 3e8 on the tests' tiny Gemma 2): float32 sums put noise of about
+1e-7 x |G| into exactly the directions that a small ridge leaves to the data, and no ridge made a keep-all refit
+exact (1e-3 to 2e-3 away from the teacher's logits; float64 with a relative ridge of 1e-12: 4e-7). A bias is fitted as a constant input column without
+penalty. One layer's statistics exist at a time (a 14336-wide MLP's G is 1.6 GB),
 and the refitted weights are ordinary weights: the checkpoint stays plain.
 """
 
@@ -99,12 +102,12 @@ def _stages(family: Family, sites: str) -> list[tuple[str, ...]]:
 
 
 class _Gram:
-    """Float32 G = sum z z^T over real tokens, shared by the projections of a stage that read the same input
+    """Float64 G = sum z z^T over real tokens, shared by the projections of a stage that read the same input
     (q/k/v; gate/up): summed once per batch and factorised once."""
 
     def __init__(self, k: int, bias: bool, device: torch.device):
         self.bias = bias
-        self.sum = torch.zeros(k + int(bias), k + int(bias), dtype=torch.float32, device=device)
+        self.sum = torch.zeros(k + int(bias), k + int(bias), dtype=torch.float64, device=device)
         self.factor: tuple[Tensor, bool] | None = None
 
     def solve(self, cross: Tensor, ridge: float) -> Tensor:
@@ -114,12 +117,12 @@ class _Gram:
 
 
 class _Fit:
-    """Float32 sums for one projection: G = sum z z^T (its own, or one it shares) and C = sum y z^T."""
+    """Float64 sums for one projection: G = sum z z^T (its own, or one it shares) and C = sum y z^T."""
 
     def __init__(self, k: int, out: int, bias: bool, device: torch.device):
         self.bias = bias
         self.gram, self.owns_gram = _Gram(k, bias, device), True
-        self.cross = torch.zeros(out, k + int(bias), dtype=torch.float32, device=device)
+        self.cross = torch.zeros(out, k + int(bias), dtype=torch.float64, device=device)
         self.tokens = 0
 
     def share(self, other: _Fit) -> None:
@@ -128,7 +131,7 @@ class _Fit:
 
     def add_(self, z: Tensor, y: Tensor) -> None:
         """z (T, k) student inputs, y (T, out) teacher outputs, real tokens only."""
-        z, y = z.float(), y.float()
+        z, y = z.double(), y.double()
         if self.bias:
             z = torch.cat([z, torch.ones(z.shape[0], 1, dtype=z.dtype, device=z.device)], 1)
         if self.owns_gram:
