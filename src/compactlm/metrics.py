@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from compactlm.errors import CompactLMError
 from compactlm.models.family import family_of, get_module
-from compactlm.models.head import head_logits
+from compactlm.models.head import head_logits, log_softmax_
 from compactlm.models.layerwise import Layerwise, skeleton
 from compactlm.models.loading import num_params, params_of_config
 
@@ -108,13 +108,12 @@ def token_sums(hidden: Tensor, head: Head, ids: Tensor, mask: Tensor, teacher_hi
     sums[1], sums[4] = (targets != IGNORE_INDEX).sum(), targets.numel()
     for start in range(0, targets.numel(), chunk_tokens):
         part = slice(start, start + chunk_tokens)
-        log_q = F.log_softmax(head_logits(h_s[part], *head, torch.float32), dim=-1)  # (c, V) student
+        log_q = log_softmax_(head_logits(h_s[part], *head, torch.float32))  # (c, V) student
         sums[0] += F.nll_loss(log_q, targets[part], ignore_index=IGNORE_INDEX, reduction="sum").double()
         if h_t is None:
             continue
-        log_p = F.log_softmax(head_logits(h_t[part].to(teacher_head[0].dtype), *teacher_head, torch.float32),
-                              dim=-1).to(dev)  # (c, V)
-        sums[2] += F.kl_div(log_q, log_p, reduction="sum", log_target=True).double()
+        log_p = log_softmax_(head_logits(h_t[part].to(teacher_head[0].dtype), *teacher_head, torch.float32)).to(dev)
+        sums[2] += F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1).double().sum()  # rows: see losses
         sums[3] += (log_q.argmax(-1) == log_p.argmax(-1)).sum().double()
     return sums
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from compactlm.errors import CompactLMError
-from compactlm.models.head import head_logits
+from compactlm.models.head import head_logits, log_softmax_
 
 IGNORE_INDEX = -100
 
@@ -41,6 +41,12 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _row_sums(x: Tensor) -> Tensor:
+    """(c, V) -> (c,) float64 sums of each row. One float32 dot over c x V elements drifts with its length (128 x
+    49,152: 1.7e-4 relative); a row's own (pairwise) sum stays at float32 accuracy, and the rows add in float64."""
+    return x.sum(-1).double()
+
+
 def _cap_slope(hidden: Tensor, head: Tensor, bias: Tensor | None, cap: float, dtype: torch.dtype) -> Tensor:
     """d capped / d raw logits, 1 - tanh(raw / cap)^2 (c, V): turns a gradient wrt capped logits into one wrt
     the raw logits that the head computes."""
@@ -53,15 +59,15 @@ def _log_softmax(
 ) -> Tensor:
     """log_softmax(head_logits(hidden) / T) -> (c, V); matmul in the inputs' dtype, the rest in dtype."""
     logits = head_logits(hidden, head, bias, cap, dtype)  # (c, V), as the model computes them
-    return torch.log_softmax(logits.div_(temperature) if temperature != 1.0 else logits, dim=-1)
+    return log_softmax_(logits.div_(temperature) if temperature != 1.0 else logits)
 
 
 def _chunk_loss_and_grad(
     hs_c: Tensor, ht_c: Tensor, labels: Tensor | None, student: tuple, teacher: tuple, temperature: float,
     kl_scale: float, ce_scale: float, need_grad: bool,
 ) -> tuple[Tensor, Tensor | None, float]:
-    """Loss sum of one chunk and g, scale with d loss / d student_logits = g * scale (c, V) (capped logits,
-    when capped: `_chunked_forward` carries g through the cap).
+    """Loss sum of one chunk (float64) and g, scale with d loss / d student_logits = g * scale (c, V) (capped
+    logits, when capped: `_chunked_forward` carries g through the cap).
 
     At most three (c, V) buffers are alive at once; student/teacher are (head, bias, cap) triples.
     """
@@ -69,14 +75,14 @@ def _chunk_loss_and_grad(
     log_q = _log_softmax(hs_c, *student, temperature, dtype)  # (c, V) log q_T
     log_p = _log_softmax(ht_c, *teacher, temperature, dtype)  # (c, V) log p
     p = log_p.exp()  # (c, V)
-    kl = torch.dot(p.reshape(-1), log_p.sub_(log_q).reshape(-1))  # sum p * (log p - log q), no new buffer
+    kl = _row_sums(log_p.sub_(log_q).mul_(p)).sum()  # sum p * (log p - log q), in place: no new buffer
     loss = kl * (kl_scale * temperature**2)
     del log_p
     if ce_scale:
         log_q1 = log_q if temperature == 1.0 else _log_softmax(hs_c, *student, 1.0, dtype)  # (c, V)
         valid = labels != IGNORE_INDEX  # (c,)
         rows = valid.nonzero().squeeze(1)
-        loss = loss - log_q1[rows, labels[rows]].sum() * ce_scale
+        loss = loss - log_q1[rows, labels[rows]].double().sum() * ce_scale
     if not need_grad:
         return loss, None, 1.0
     coef = kl_scale * temperature  # d(kl_scale * T^2 * KL)/ds = coef * (q_T - p)
@@ -113,7 +119,7 @@ def _chunk_topk_loss_and_grad(
     log_q_tail = torch.log1p(-q_k.exp().sum(-1).clamp(max=1.0 - 1e-7))  # (c,)
     r = log_r.exp()
     tail = torch.where(r > 0, r * (log_r - log_q_tail), torch.zeros_like(r))  # 0 * log 0 = 0
-    kl = (p * (logp - q_k)).sum() + tail.sum()
+    kl = _row_sums(p * (logp - q_k)).sum() + tail.double().sum()
     loss = kl * (kl_scale * temperature**2)
     if not need_grad:
         return loss, None, 1.0
@@ -173,7 +179,7 @@ def _chunked_forward(ctx, h_s: Tensor, w_s: Tensor, b_s: Tensor | None, cap: flo
     """The loss summed over chunks of `rows` (chunk_fn(idx, hs_c) -> (loss part, g, scale)), with the student's
     grads accumulated chunk by chunk and saved on `ctx` for backward. A capped head's g (wrt the capped
     logits) is carried through the cap here."""
-    loss = torch.zeros((), dtype=dtype, device=h_s.device)
+    loss = torch.zeros((), dtype=torch.float64, device=h_s.device)
     grad_h, grad_w, grad_b = _grad_buffers(ctx, h_s, w_s, b_s)
     for start in range(0, rows.numel(), chunk):
         idx = rows[start:start + chunk]  # (c,) token positions
@@ -186,7 +192,7 @@ def _chunked_forward(ctx, h_s: Tensor, w_s: Tensor, b_s: Tensor | None, cap: flo
             _accumulate(g.to(h_s.dtype), scale, idx, hs_c, w_s, grad_h, grad_w, grad_b)
         del g
     _save_grads(ctx, w_s, b_s, grad_h, grad_w, grad_b)
-    return loss
+    return loss.to(dtype)
 
 
 def _grad_buffers(ctx, h_s: Tensor, w_s: Tensor, b_s: Tensor | None) -> tuple:
@@ -273,7 +279,7 @@ def kd_loss(
 def teacher_topk(logits: Tensor, k: int, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
     """A teacher's sparse targets from its logits (..., V): the top-k log-probabilities at `temperature` as
     float16 and their token ids as int32, each (..., k). What a teacher logit cache stores per position."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    logp = log_softmax_(logits.float() / temperature)
     values, ids = logp.topk(k, dim=-1)
     return values.to(torch.float16), ids.to(torch.int32)
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as recompute
 
@@ -61,7 +60,9 @@ def hidden_map(student_hidden: int, teacher_hidden: int, keep: Tensor | None = N
 
 
 def _ce_sum(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, cap: float | None) -> Tensor:
-    return F.cross_entropy(head_logits(hidden, weight, bias, cap, torch.float32), labels, reduction="sum")  # (c, V)
+    """Sum of -log softmax(logits)[label] over c rows, the normaliser summed pairwise (`log_softmax_` says why)."""
+    logits = head_logits(hidden, weight, bias, cap, torch.float32)  # (c, V)
+    return (torch.logsumexp(logits, -1) - logits.gather(1, labels[:, None]).squeeze(1)).sum()
 
 
 def chunked_ce(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, chunk: int,
