@@ -310,3 +310,28 @@ def test_loss_values_are_exact_to_float32_at_a_262k_vocabulary():
     sums = token_sums(h_s[None], (w_s, None, None), ids_in, mask[None], h_t[None], (w_t, None, None), chunk_tokens=n)
     want = kd_loss_reference(s_logits.double(), t_logits.double(), mask) * n
     assert abs(sums[2] / want - 1) < 1e-6, (sums[2].item(), want.item())
+
+
+@pytest.mark.parametrize("module", ["qwen3_moe", "mixtral"])
+def test_load_balancing_loss_is_the_models_own(module):
+    """Without a global load it is transformers' `load_balancing_loss_func` (what the ForCausalLM adds); with the
+    load of the whole batch, two halves weighted by their tokens add up to the whole batch's loss."""
+    import importlib
+
+    from compactlm.distill.losses import expert_slots, load_balancing_loss
+
+    theirs = importlib.import_module(f"transformers.models.{module}.modeling_{module}").load_balancing_loss_func
+    g = torch.Generator().manual_seed(0)
+    layers, experts, top_k = 3, 6, 2
+    mask = torch.ones(4, 5, dtype=torch.long)
+    mask[1, 3:] = 0
+    gates = tuple(torch.randn(20, experts, generator=g, dtype=torch.float64) for _ in range(layers))
+    whole = load_balancing_loss(gates, top_k, mask)
+    torch.testing.assert_close(whole, theirs(gates, experts, top_k, mask).to(whole), rtol=1e-6, atol=0)
+    halves = [(tuple(gate.reshape(4, 5, -1)[rows].reshape(-1, experts) for gate in gates), mask[rows])
+              for rows in (slice(0, 2), slice(2, 4))]
+    slots, rows = (sum(parts) for parts in zip(*(expert_slots(gate, top_k, m) for gate, m in halves)))
+    parts = [load_balancing_loss(gate, top_k, m, slots / rows) * m.sum() / mask.sum() for gate, m in halves]
+    torch.testing.assert_close(sum(parts), whole, rtol=1e-6, atol=0)  # float32 sums of ~20 terms
+    assert not torch.allclose(sum(load_balancing_loss(gate, top_k, m) * m.sum() / mask.sum() for gate, m in halves),
+                              whole, rtol=1e-3)  # per-half loads: another objective

@@ -12,7 +12,11 @@ Objectives (`Trainee.forward`):
   hidden states and the two lm_head weights (`losses.kd_loss`); with `intermediate`/`layer_map`/
   `embedding_loss`: + alpha x sum of cosine losses between `hidden_map(student state)` and the teacher
   state for each (student, teacher) pair of indices into HF `hidden_states` (0 = embedding output), where
-  alpha = L_logits / L_intermediate (detached), computed per micro-batch.
+  alpha = L_logits / L_intermediate (detached), both over the global batch.
+A mixture of experts whose config sets output_router_logits adds its load-balancing loss, its statistics over
+the global batch too. Those two terms are not sums over tokens: when the global batch is split (micro-batches,
+ranks), a forward without gradients over all of it fixes them first (`Trainee` with `sums=True`), and then every
+objective is the same function of the global batch however it is divided; only the gradient's rounding differs.
 The objectives themselves live in trainee.py. bf16 autocast on CUDA, float32
 on CPU; the chunked losses get bf16 inputs explicitly on CUDA.
 """
@@ -35,7 +39,7 @@ from tqdm.auto import tqdm
 from compactlm.config import TrainConfig
 from compactlm.distill import checkpoint as ckpt
 from compactlm.distill.distributed import Dist, all_reduce_sum, shard_
-from compactlm.distill.trainee import CachedTeacher, Teacher, Trainee, hidden_map, make_objective
+from compactlm.distill.trainee import CachedTeacher, Teacher, Trainee, batch_terms, hidden_map, make_objective
 from compactlm.errors import CompactLMError
 from compactlm.models.family import family_of, get_module
 
@@ -89,9 +93,17 @@ def train_step(trainee: Trainee, teacher: Teacher | CachedTeacher | None, optimi
               for r, i in zip(rows.split(micro), row_ids.split(micro))]  # (m, S), (m, S), (m,) each
     counts = [trainee.count(ids, mask) for ids, mask, _ in micros]
     total = float(all_reduce_sum(torch.tensor(float(sum(counts)), dtype=torch.float64), d))
+    targets = [None] * len(micros)  # the teacher's outputs, computed once
+    batch = None
+    if trainee.global_terms and (len(micros) > 1 or d.sharded):  # the batch is split: fix its terms first
+        targets = [teacher(ids, mask, index) if teacher is not None else None for ids, mask, index in micros]
+        batch = batch_terms(_sum_over_batch([trainee(ids, mask, t, sums=True) for (ids, mask, _), t
+                                             in zip(micros, targets)], d))
     sums: dict[str, Tensor] = {}
-    for (ids, mask, index), n in zip(micros, counts):
-        parts = trainee(ids, mask, teacher(ids, mask, index) if teacher is not None else None)
+    for (ids, mask, index), n, target in zip(micros, counts, targets):
+        if target is None and teacher is not None:
+            target = teacher(ids, mask, index)
+        parts = trainee(ids, mask, target, batch=batch)
         weight = n / total  # the micro-batch's share of the global batch's tokens
         (parts["loss"] * (weight * d.world)).backward()  # FSDP averages gradients over ranks
         for key, value in parts.items():
@@ -102,6 +114,17 @@ def train_step(trainee: Trainee, teacher: Teacher | CachedTeacher | None, optimi
     keys = sorted(sums)
     reduced = all_reduce_sum(torch.stack([sums[k] for k in keys]), d).tolist()
     return dict(zip(keys, reduced)) | {"grad_norm": float(norm)}
+
+
+def _sum_over_batch(parts: list[dict[str, Tensor]], d: Dist) -> dict[str, Tensor]:
+    """{key: sum over every micro-batch of every rank} of float64 tensors with the same keys and shapes."""
+    keys = sorted(parts[0])
+    flat = torch.cat([torch.stack([p[k].reshape(-1) for p in parts]).sum(0) for k in keys])
+    flat, out, at = all_reduce_sum(flat, d), {}, 0
+    for k in keys:
+        size = parts[0][k].numel()
+        out[k], at = flat[at: at + size].reshape(parts[0][k].shape), at + size
+    return out
 
 
 def validate(trainee: Trainee, teacher: Teacher | None, val_rows: Tensor, micro: int,

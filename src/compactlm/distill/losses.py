@@ -31,8 +31,8 @@ from compactlm.models.head import head_logits, log_softmax_
 IGNORE_INDEX = -100
 
 __all__ = [
-    "IGNORE_INDEX", "cosine_loss", "default_layer_map", "dynamic_alpha", "head_logits", "kd_loss", "kd_loss_reference",
-    "teacher_topk", "topk_kd_loss", "topk_kd_loss_reference",
+    "IGNORE_INDEX", "cosine_loss", "default_layer_map", "dynamic_alpha", "expert_slots", "head_logits", "kd_loss",
+    "kd_loss_reference", "load_balancing_loss", "teacher_topk", "topk_kd_loss", "topk_kd_loss_reference",
 ]
 
 
@@ -230,6 +230,12 @@ def _scaled_grads(ctx, grad_out: Tensor) -> list:
     return list(grads)
 
 
+def _value_only(*student: Tensor | None) -> tuple:
+    """The student's inputs, detached under `torch.no_grad()`: the chunked losses then compute the value alone
+    (an autograd.Function sees requires_grad, not the grad mode, and would build gradients nobody reads)."""
+    return student if torch.is_grad_enabled() else tuple(None if t is None else t.detach() for t in student)
+
+
 def _flat(x: Tensor, width: int | None) -> Tensor:
     """Flatten leading dims: (..., W) -> (N, W), or (...) -> (N,) when width is None."""
     return x.reshape(-1) if width is None else x.reshape(-1, width)
@@ -272,6 +278,7 @@ def kd_loss(
         raise CompactLMError("kd_loss: labels cover a different token count than the hidden states")
     lab = lab.to(h_s.device)
     tb = teacher_bias.detach() if teacher_bias is not None else None
+    h_s, student_head, student_bias = _value_only(h_s, student_head, student_bias)
     return _ChunkedKD.apply(h_s, student_head, student_bias, h_t, teacher_head.detach(), tb, rows, lab,
                             float(temperature), float(ce_weight), int(chunk_tokens), (student_cap, teacher_cap))
 
@@ -305,6 +312,7 @@ def topk_kd_loss(
     if not (h_s.shape[0] == logp.shape[0] == m.shape[0]):
         raise CompactLMError("topk_kd_loss: student hidden, teacher targets and mask cover different token counts")
     rows = m.nonzero().squeeze(1)  # (n,) positions with mask != 0
+    h_s, student_head, student_bias = _value_only(h_s, student_head, student_bias)
     return _ChunkedTopKKD.apply(h_s, student_head, student_bias, logp.to(h_s.device), ids.to(h_s.device), rows,
                                 float(temperature), int(chunk_tokens), student_cap)
 
@@ -357,6 +365,31 @@ def dynamic_alpha(logit_loss: Tensor, intermediate_loss: Tensor) -> Tensor:
     positive = den > 0
     safe_den = torch.where(positive, den, torch.ones_like(den))
     return torch.where(positive, num / safe_den, torch.zeros_like(num))
+
+
+def expert_slots(router_logits: Sequence[Tensor], top_k: int, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Routing slots per expert (E,) and routed rows (), float32 sums over every layer's non-padding tokens:
+    router_logits per layer (B*S, E), mask (B, S). Each row fills top_k slots, so slots sum to top_k x rows."""
+    weight = mask.reshape(-1).float().to(router_logits[0].device)  # (B*S,)
+    slots = torch.zeros(router_logits[0].shape[-1], dtype=torch.float32, device=weight.device)
+    for gate in router_logits:
+        chosen = gate.float().topk(top_k, dim=-1).indices  # (B*S, k); softmax keeps the order
+        slots.scatter_add_(0, chosen.reshape(-1), weight.repeat_interleave(top_k))
+    return slots, weight.sum() * len(router_logits)
+
+
+def load_balancing_loss(router_logits: Sequence[Tensor], top_k: int, mask: Tensor, load: Tensor | None = None) -> Tensor:
+    """Switch Transformer's auxiliary loss as Mixtral's and Qwen3-MoE's ForCausalLM compute it in transformers:
+    E x sum_e f_e P_e, f_e the share of routing slots that went to expert e (`expert_slots` / rows) and P_e its
+    mean router probability, both over every layer's non-padding tokens. router_logits per layer (B*S, E), mask
+    (B, S). `load` (E,): f of the whole global batch, when this micro-batch is only part of it. P is linear in the
+    tokens, so micro-batch losses weighted by their tokens then add up to the global batch's loss exactly."""
+    weight = mask.reshape(-1).float().to(router_logits[0].device)  # (B*S,)
+    probs = sum((torch.softmax(gate.float(), dim=-1) * weight[:, None]).sum(0) for gate in router_logits)  # (E,)
+    rows = weight.sum() * len(router_logits)
+    if load is None:
+        load = expert_slots(router_logits, top_k, mask)[0] / rows
+    return probs.shape[0] * (load.to(probs) * probs / rows).sum()
 
 
 def default_layer_map(

@@ -8,7 +8,6 @@ root's parameters (embeddings, lm_head, map) happens inside its forward.
 from __future__ import annotations
 
 import contextlib
-import sys
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -17,7 +16,16 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as recompute
 
 from compactlm.config import DistillConfig, TrainConfig
-from compactlm.distill.losses import IGNORE_INDEX, cosine_loss, default_layer_map, dynamic_alpha, kd_loss, topk_kd_loss
+from compactlm.distill.losses import (
+    IGNORE_INDEX,
+    cosine_loss,
+    default_layer_map,
+    dynamic_alpha,
+    expert_slots,
+    kd_loss,
+    load_balancing_loss,
+    topk_kd_loss,
+)
 from compactlm.metrics import next_token_labels, token_sums
 from compactlm.models.family import family_of, get_module
 from compactlm.models.head import head_logits
@@ -137,6 +145,14 @@ class Teacher(nn.Module):
                           self.family.logit_cap(self.model.config))
 
 
+class BatchTerms(NamedTuple):
+    """What the whole global batch (every micro-batch of every rank) fixes in each micro-batch's loss, so that the
+    objective does not depend on how the batch is split (`Trainee` with `sums=True`, then `batch_terms`)."""
+
+    alpha: Tensor | None = None  # () L_logits / L_intermediate of the global batch, detached
+    load: Tensor | None = None  # (E,) the global batch's share of routing slots per expert (`expert_load`)
+
+
 class Trainee(nn.Module):
     """The student (+ hidden-state map): forward -> loss parts, or validation sums with `evaluate=True`."""
 
@@ -144,31 +160,60 @@ class Trainee(nn.Module):
         super().__init__()
         self.model, self.hidden_map, self.objective = model, hidden_map, objective
         self.family = family_of(model)
+        # a mixture of experts whose config asks for it (output_router_logits) trains with the load-balancing loss
+        self.router = self.family.moe and bool(getattr(model.config, "output_router_logits", False))
+
+    @property
+    def global_terms(self) -> bool:
+        """The loss has terms that the global batch fixes (`BatchTerms`): the dynamic alpha, the router's load."""
+        return bool(self.objective.layer_map) or self.router
 
     def forward(self, ids: Tensor, mask: Tensor, teacher: TeacherOut | SparseTargets | None = None,
-                evaluate: bool = False) -> dict[str, Tensor]:  # noqa: D102
-        states = bool(self.objective.layer_map) and not evaluate
-        # a mixture of experts whose config asks for it (output_router_logits) trains with the load-balancing loss
-        router = self.family.moe and bool(getattr(self.model.config, "output_router_logits", False)) and not evaluate
-        with _autocast(ids.device):
-            out = get_module(self.model, self.family.base_path)(
-                input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=states,
-                **({"output_router_logits": True} if router else {}))
-        parts = self._loss_parts(out, ids, mask, teacher, evaluate)
-        if router:
-            parts = parts | self._router_loss(out.router_logits, mask, parts["loss"])
+                evaluate: bool = False, batch: BatchTerms | None = None, sums: bool = False) -> dict[str, Tensor]:
+        """Loss parts of one micro-batch: the loss, a mean over its tokens, and what it is made of. `batch`: the
+        global batch's terms (None: this micro-batch is the whole batch). `sums`: `_batch_sums` instead (through
+        forward, so that an FSDP root gathers its parameters for it)."""
+        if sums:
+            return self._batch_sums(ids, mask, teacher)
+        out = self._run(ids, mask, states=bool(self.objective.layer_map) and not evaluate,
+                        router=self.router and not evaluate)
+        parts = self._loss_parts(out, ids, mask, teacher, evaluate, batch or BatchTerms())
+        if self.router and not evaluate:
+            parts = parts | self._router_loss(out.router_logits, mask, parts["loss"], (batch or BatchTerms()).load)
         return parts
 
-    def _router_loss(self, router_logits: tuple[Tensor, ...], mask: Tensor, loss: Tensor) -> dict[str, Tensor]:
-        """The model's own load-balancing loss (its modeling module's `load_balancing_loss_func`, as its
-        ForCausalLM adds it), weighted by `router_aux_loss_coef` into the total."""
+    @torch.no_grad()
+    def _batch_sums(self, ids: Tensor, mask: Tensor, teacher: TeacherOut | None) -> dict[str, Tensor]:
+        """This micro-batch's share of what `batch_terms` needs, as float64 sums to add over micro-batches and
+        ranks: the logit and intermediate losses times its tokens; routing slots per expert and routed rows."""
+        out = self._run(ids, mask, states=bool(self.objective.layer_map), router=self.router)
+        sums = {}
+        if self.objective.layer_map:
+            parts, tokens = self._loss_parts(out, ids, mask, teacher, False, BatchTerms()), mask.sum().double()
+            sums |= {"logits": parts["loss_logits"].double() * tokens,
+                     "intermediate": parts["loss_intermediate"].double() * tokens}
+        if self.router:
+            slots, rows = expert_slots(out.router_logits, self.family.dims(self.model.config).top_k, mask)
+            sums |= {"slots": slots.double(), "rows": rows.double()}
+        return sums
+
+    def _run(self, ids: Tensor, mask: Tensor, states: bool, router: bool):
+        """The student's base model (no LM head) on one micro-batch, with the hidden states / router logits."""
+        with _autocast(ids.device):
+            return get_module(self.model, self.family.base_path)(
+                input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=states,
+                **({"output_router_logits": True} if router else {}))
+
+    def _router_loss(self, router_logits: tuple[Tensor, ...], mask: Tensor, loss: Tensor,
+                     load: Tensor | None) -> dict[str, Tensor]:
+        """The load-balancing loss as the model's ForCausalLM adds it (`load_balancing_loss`), weighted by
+        `router_aux_loss_coef` into the total; `load`: the global batch's expert load."""
         config = self.model.config
-        balance = sys.modules[type(self.model).__module__].load_balancing_loss_func
-        aux = balance(router_logits, self.family.dims(config).experts, config.num_experts_per_tok, mask)
+        aux = load_balancing_loss(router_logits, self.family.dims(config).top_k, mask, load)
         return {"loss": loss + config.router_aux_loss_coef * aux.to(loss.device), "loss_router": aux.detach()}
 
     def _loss_parts(self, out, ids: Tensor, mask: Tensor, teacher: TeacherOut | SparseTargets | None,
-                    evaluate: bool) -> dict[str, Tensor]:
+                    evaluate: bool, batch: BatchTerms) -> dict[str, Tensor]:
         """The objective's parts from the base model's output `out` (see `forward`)."""
         head = get_module(self.model, self.family.lm_head_path)
         cap = self.family.logit_cap(self.model.config)
@@ -195,7 +240,7 @@ class Trainee(nn.Module):
         if not o.layer_map:
             return {"loss": logits}
         inter = self._intermediate(out.hidden_states, teacher.states, mask)
-        alpha = dynamic_alpha(logits, inter)
+        alpha = dynamic_alpha(logits, inter) if batch.alpha is None else batch.alpha.to(logits)
         total = logits + alpha * inter
         return {"loss": total, "loss_logits": logits, "loss_intermediate": inter, "alpha": alpha}
 
@@ -211,3 +256,11 @@ class Trainee(nn.Module):
         if self.objective.distill:
             return int(mask.sum())
         return int((next_token_labels(ids, mask) != IGNORE_INDEX).sum())
+
+
+def batch_terms(sums: dict[str, Tensor]) -> BatchTerms:
+    """The global batch's terms from the `Trainee`'s sums (`sums=True`) added over every micro-batch and rank: alpha is the ratio
+    of the two token-weighted losses (the ratio of their global means), the load the share of routing slots."""
+    alpha = dynamic_alpha(sums["logits"], sums["intermediate"]) if "logits" in sums else None
+    load = sums["slots"] / sums["rows"] if "slots" in sums else None
+    return BatchTerms(alpha, load)
