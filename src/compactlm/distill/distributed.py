@@ -77,11 +77,15 @@ def teardown(d: Dist) -> None:
         dist.destroy_process_group()
 
 
-def shard_(module: nn.Module, layers: nn.ModuleList, d: Dist, offload: bool = False) -> nn.Module:
-    """FSDP2 in place: `fully_shard` every decoder layer, then `module` as the root; no-op for one process.
+def shard_(module: nn.Module, layers: nn.ModuleList, d: Dist, offload: bool = False,
+           units: tuple[nn.Module, ...] = ()) -> nn.Module:
+    """FSDP2 in place: `fully_shard` every decoder layer and each of `units`, then `module` as the root; no-op for
+    one process. A unit below the root gathers its parameters for its forward and shards them again after it;
+    the root keeps its own gathered after forward (for the backward that follows) until it is resharded.
 
     `offload`: the shards live in (pinned) CPU memory and each layer's parameters are copied to the GPU for its
-    forward (`CPUOffloadPolicy`): a frozen teacher then costs GPU memory for one layer at a time."""
+    forward (`CPUOffloadPolicy`): a frozen teacher then costs GPU memory for one layer at a time, plus its root's
+    parameters (final norm, LM head) while a step computes its losses."""
     if not d.sharded:
         return module
     from torch.distributed.device_mesh import init_device_mesh
@@ -89,10 +93,17 @@ def shard_(module: nn.Module, layers: nn.ModuleList, d: Dist, offload: bool = Fa
 
     mesh = init_device_mesh(d.device.type, (d.world,))
     policy = CPUOffloadPolicy(pin_memory=d.device.type == "cuda") if offload else OffloadPolicy()
-    for layer in layers:
-        fully_shard(layer, mesh=mesh, offload_policy=policy)
-    fully_shard(module, mesh=mesh, offload_policy=policy)  # the root keeps embeddings and head unsharded after forward
+    for unit in (*layers, *units):
+        fully_shard(unit, mesh=mesh, offload_policy=policy)
+    fully_shard(module, mesh=mesh, offload_policy=policy)
     return module
+
+
+def resident_params(module: nn.Module) -> int:
+    """Parameters this rank holds for `module` now: its shards of what is sharded, whole what is gathered."""
+    from torch.distributed.tensor import DTensor
+
+    return sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in module.parameters())
 
 
 def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from compactlm.config import TrainConfig
 from compactlm.distill import checkpoint as ckpt
-from compactlm.distill.distributed import Dist, all_reduce_sum, shard_
+from compactlm.distill.distributed import Dist, all_reduce_sum, resident_params, shard_
 from compactlm.distill.trainee import CachedTeacher, Teacher, Trainee, batch_terms, hidden_map, make_objective
 from compactlm.errors import CompactLMError
 from compactlm.models.family import family_of, get_module
@@ -142,6 +142,8 @@ def validate(trainee: Trainee, teacher: Teacher | None, val_rows: Tensor, micro:
             t_out = teacher(ids, mask) if teacher is not None else None
             part = trainee(ids, mask, t_out, evaluate=True)["sums"]
             sums += part.cpu() * (index < len(chunks))
+    if teacher is not None:
+        teacher.release()
     trainee.train()
     ce, targets, kl, top1, positions = all_reduce_sum(sums, d).tolist()
     loss = ce / max(targets, 1)
@@ -244,7 +246,10 @@ def build(student: nn.Module, teacher: nn.Module | None, tc: TrainConfig, d: Dis
         return trainee, None
     wrapped = Teacher(teacher, tuple(t for _, t in objective.layer_map))
     if tc.teacher_sharded and d.sharded:  # loaded on the CPU: each rank moves only its shards (or none: offload)
-        shard_(wrapped, get_module(teacher, family_of(teacher).layers_path), d, offload=tc.teacher_offload)
+        t_family = family_of(teacher)
+        embed, head = get_module(teacher, t_family.embed_path), get_module(teacher, t_family.lm_head_path)
+        units = () if embed.weight is head.weight else (embed,)  # tied: the root holds the one matrix
+        shard_(wrapped, get_module(teacher, t_family.layers_path), d, offload=tc.teacher_offload, units=units)
     else:
         wrapped.to(d.device)
     return trainee, wrapped
@@ -258,6 +263,7 @@ def fit(student: nn.Module, train_rows: Tensor, val_rows: Tensor, tc: TrainConfi
     d, out = session.dist, session.out_dir
     micro, total = tc.micro_batch_size or tc.batch_size // d.world, total_steps(tc)
     trainee, teacher_mod = build(student, teacher, tc, d, hidden_keep)
+    resident = resident_params(teacher_mod) if teacher_mod is not None else 0  # this rank's, before any forward
     step_teacher = CachedTeacher(teacher_cache) if teacher_cache is not None else teacher_mod
     optimizer = make_optimizer(trainee, tc)
     scheduler = make_schedule(optimizer, total, tc)
@@ -279,6 +285,8 @@ def fit(student: nn.Module, train_rows: Tensor, val_rows: Tensor, tc: TrainConfi
             per_rank = len(index)  # a cache holds rows in order of use: look them up by stream position
             where = progress.rows_seen + d.rank * per_rank + torch.arange(per_rank) if teacher_cache is not None else index
             row = train_step(trainee, step_teacher, optimizer, train_rows[index], micro, tc, d, where)
+            if teacher_mod is not None:
+                teacher_mod.release()
             scheduler.step()
             progress.step, progress.rows_seen = progress.step + 1, progress.rows_seen + tc.batch_size
             progress.tokens += tc.batch_size * tc.seq_len
@@ -303,6 +311,8 @@ def fit(student: nn.Module, train_rows: Tensor, val_rows: Tensor, tc: TrainConfi
     best = None if math.isinf(progress.best_val_loss) else progress.best_val_loss
     out = {"steps": progress.step, "tokens": progress.tokens, **val, "best_val_loss": best,
            "wall_s": time.perf_counter() - start}
+    if teacher_mod is not None:  # the teacher's parameters this rank holds before the first step and after the last
+        out["teacher_resident_params"] = [resident, resident_params(teacher_mod)]
     if d.device.type == "cuda":  # this rank's peak, for the GPU check and the README's sizes
         out["peak_gpu_gb"] = torch.cuda.max_memory_allocated(d.device) / 2**30
     return out
@@ -351,6 +361,7 @@ def fit_together(students: list[nn.Module], train_rows: Tensor, val_rows: Tensor
             scheduler.step()
             if not math.isfinite(row["loss"]):
                 raise CompactLMError(f"loss is {row['loss']} at step {step + 1}: try a lower lr")
+        wrapped.release()  # every student has used the step's teacher outputs
         rows_seen += tc.batch_size
     wall = time.perf_counter() - start
     return [{"steps": total, "tokens": total * tc.batch_size * tc.seq_len, "wall_s": wall,

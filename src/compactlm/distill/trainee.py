@@ -144,6 +144,15 @@ class Teacher(nn.Module):
         return TeacherOut(out.last_hidden_state, states, head.weight, head.bias,
                           self.family.logit_cap(self.model.config))
 
+    def release(self) -> None:
+        """Shard again what the last forwards gathered, once their outputs are used: FSDP2 keeps a root's parameters
+        (here the final norm and LM head, which the losses read) gathered after forward for a backward that a
+        teacher never runs. Between steps every rank then holds its shards only. No-op when not sharded."""
+        from torch.distributed.fsdp import FSDPModule
+
+        if isinstance(self, FSDPModule):
+            self.reshard()
+
 
 class BatchTerms(NamedTuple):
     """What the whole global batch (every micro-batch of every rank) fixes in each micro-batch's loss, so that the
