@@ -192,7 +192,7 @@ def _fit(cfg: Config, tc: TrainConfig, section: str, student_spec: str, teacher_
         log.info("%s: %d train, %d validation rows of %d tokens; %d steps of %d sequences on %d process(es)",
                  section, len(splits.train), len(val), tc.seq_len, total_steps(tc), tc.batch_size, d.world)
         params = num_params(student)
-        session = Session(out, d, tokenizer, cfg.seed, cfg.resume, progress=True)
+        session = Session(out, d, tokenizer, cfg.seed, cfg.resume, progress=True, param_dtype=param_dtype(cfg))
         keep = read_hidden_keep(student_spec) if teacher is not None else None  # hidden map starts as the plan
         cache = None
         if teacher is not None and getattr(tc, "teacher_top_k", 0):
@@ -201,6 +201,13 @@ def _fit(cfg: Config, tc: TrainConfig, section: str, student_spec: str, teacher_
     finally:
         teardown(d)
     return {"out_dir": str(out), "params": params, **result}
+
+
+def param_dtype(cfg: Config):
+    """dtype=bfloat16: a sharded student gathers and computes in bfloat16, reducing its gradients in float32."""
+    import torch
+
+    return torch.bfloat16 if cfg.dtype == "bfloat16" else None
 
 
 def _teacher_cache(cfg: Config, tc, teacher, train_rows, batch: int, d):
@@ -277,7 +284,8 @@ def _brief_distill(cfg: Config, students: list, teacher, rows: data.Splits) -> l
     scratch = Path(tempfile.mkdtemp(prefix=".search-distill.", dir=parent))  # only metrics.jsonl lands here
     val = rows.val[: tc.eval_sequences]
     try:
-        session = Session(scratch, setup(cfg.device), None, cfg.seed, save=False, progress=True)
+        session = Session(scratch, setup(cfg.device), None, cfg.seed, save=False, progress=True,
+                          param_dtype=param_dtype(cfg))
         if cfg.search.distill_together:
             results = fit_together(students, rows.train, val, tc, session, teacher)
         else:

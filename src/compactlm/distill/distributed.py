@@ -78,24 +78,27 @@ def teardown(d: Dist) -> None:
 
 
 def shard_(module: nn.Module, layers: nn.ModuleList, d: Dist, offload: bool = False,
-           units: tuple[nn.Module, ...] = ()) -> nn.Module:
+           units: tuple[nn.Module, ...] = (), param_dtype: torch.dtype | None = None) -> nn.Module:
     """FSDP2 in place: `fully_shard` every decoder layer and each of `units`, then `module` as the root; no-op for
     one process. A unit below the root gathers its parameters for its forward and shards them again after it;
     the root keeps its own gathered after forward (for the backward that follows) until it is resharded.
 
     `offload`: the shards live in (pinned) CPU memory and each layer's parameters are copied to the GPU for its
     forward (`CPUOffloadPolicy`): a frozen teacher then costs GPU memory for one layer at a time, plus its root's
-    parameters (final norm, LM head) while a step computes its losses."""
+    parameters (final norm, LM head) while a step computes its losses.
+    `param_dtype` (bfloat16 for a student trained with dtype=bfloat16): the parameters are gathered and computed
+    with in that dtype and the gradients reduced in float32 (`MixedPrecisionPolicy`); the sharded master weights
+    and the optimizer stay float32. None: gathered in the parameters' own dtype."""
     if not d.sharded:
         return module
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     mesh = init_device_mesh(d.device.type, (d.world,))
     policy = CPUOffloadPolicy(pin_memory=d.device.type == "cuda") if offload else OffloadPolicy()
-    for unit in (*layers, *units):
-        fully_shard(unit, mesh=mesh, offload_policy=policy)
-    fully_shard(module, mesh=mesh, offload_policy=policy)
+    mixed = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    for unit in (*layers, *units, module):  # the root last
+        fully_shard(unit, mesh=mesh, offload_policy=policy, mp_policy=mixed)
     return module
 
 

@@ -164,6 +164,7 @@ class Session:
     resume: bool = False  # continue from out_dir/checkpoint/ when there is one
     progress: bool = False  # tqdm bar (rank 0 only)
     save: bool = True  # write checkpoints, best/ and final/ (off for the search's brief trial runs)
+    param_dtype: torch.dtype | None = None  # bfloat16: a sharded student gathers and computes in it (`shard_`)
 
 
 class MetricsLog:
@@ -223,10 +224,11 @@ def make_schedule(optimizer: torch.optim.Optimizer, total: int, tc: TrainConfig)
 
 
 def build(student: nn.Module, teacher: nn.Module | None, tc: TrainConfig, d: Dist,
-          hidden_keep: Tensor | None = None) -> tuple[Trainee, Teacher | None]:
+          hidden_keep: Tensor | None = None, param_dtype: torch.dtype | None = None) -> tuple[Trainee, Teacher | None]:
     """The trainee (student + map) and the teacher, on the device, sharded with FSDP2 under torchrun.
 
     `hidden_keep` (H_s,): the teacher channel each student channel was pruned from (plan.json's "hidden").
+    `param_dtype`: the sharded student's gathered parameters and compute in this dtype (`shard_`).
     """
     s_family = family_of(student)
     s_dims = s_family.dims(student.config)
@@ -241,7 +243,7 @@ def build(student: nn.Module, teacher: nn.Module | None, tc: TrainConfig, d: Dis
         enable = getattr(student, "activation_checkpointing_enable", student.gradient_checkpointing_enable)
         enable({"use_reentrant": False})
     trainee = shard_(Trainee(student, objective, mapping).to(d.device).train(),
-                     get_module(student, s_family.layers_path), d)
+                     get_module(student, s_family.layers_path), d, param_dtype=param_dtype)
     if teacher is None:
         return trainee, None
     wrapped = Teacher(teacher, tuple(t for _, t in objective.layer_map))
@@ -262,7 +264,7 @@ def fit(student: nn.Module, train_rows: Tensor, val_rows: Tensor, tc: TrainConfi
     then only validates); checkpoints, best/ and final/."""
     d, out = session.dist, session.out_dir
     micro, total = tc.micro_batch_size or tc.batch_size // d.world, total_steps(tc)
-    trainee, teacher_mod = build(student, teacher, tc, d, hidden_keep)
+    trainee, teacher_mod = build(student, teacher, tc, d, hidden_keep, session.param_dtype)
     resident = resident_params(teacher_mod) if teacher_mod is not None else 0  # this rank's, before any forward
     step_teacher = CachedTeacher(teacher_cache) if teacher_cache is not None else teacher_mod
     optimizer = make_optimizer(trainee, tc)
@@ -346,7 +348,7 @@ def fit_together(students: list[nn.Module], train_rows: Tensor, val_rows: Tensor
     micro, total = tc.micro_batch_size or tc.batch_size // d.world, total_steps(tc)
     runs = []
     for student in students:
-        trainee, wrapped = build(student, teacher, tc, d)
+        trainee, wrapped = build(student, teacher, tc, d, param_dtype=session.param_dtype)
         optimizer = make_optimizer(trainee, tc)
         runs.append((trainee, optimizer, make_schedule(optimizer, total, tc)))
     shared = _SharedTeacher(wrapped)

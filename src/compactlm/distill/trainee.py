@@ -257,7 +257,8 @@ class Trainee(nn.Module):
                       mask: Tensor) -> Tensor:
         """Sum over the layer map of 1 - cos(hidden_map(student state), teacher state), mean over tokens."""
         pairs = zip(self.objective.layer_map, teacher_states)
-        return sum(cosine_loss(self.hidden_map(states[s].float()), t_state, mask)  # (B, S, H_t) each
+        dtype = self.hidden_map.weight.dtype  # float32, or the dtype a mixed-precision policy gathers it in
+        return sum(cosine_loss(self.hidden_map(states[s].to(dtype)), t_state, mask)  # (B, S, H_t) each
                    for (s, _), t_state in pairs)
 
     def count(self, ids: Tensor, mask: Tensor) -> int:
