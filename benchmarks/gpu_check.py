@@ -1,12 +1,19 @@
-"""GPU check: bf16 autocast, NCCL, FSDP2 (teacher sharded and CPU-offloaded), KD tokens/s and peak memory.
+"""The prepared GPU check: the whole CUDA path as a user runs it, in one table; `--cpu` rehearses it at tiny size.
 
-Builds a random ~0.5B-parameter Llama teacher (hidden 1536, 16 layers, ffn 6144, vocabulary 49152, SmolLM2's
-tokenizer) and a student pruned from it by `compactlm prune`
-(hidden 1024, ffn 3072), then runs a short `compactlm distill` per setting: one GPU; all GPUs with torchrun
-(NCCL, FSDP2 student, replicated teacher); all GPUs with the teacher sharded; all GPUs with the teacher
-sharded and offloaded to CPU. Prints one row per setting: tokens/s (median step) and peak GPU memory.
+Stages, each a `compactlm` command in its own process:
+1. bf16 autocast on the GPU against float32 (CUDA only);
+2. score and prune the built-in SmolLM2-135M (a Q4_1 GGUF, dequantized) in bfloat16 to the README's shape
+   (--cpu: a tiny random Llama with SmolLM2's tokenizer, in float32);
+3. distill it under torchrun on every visible GPU (--cpu: 2 processes, gloo) in bfloat16: the student sharded
+   with FSDP2 (bf16 mixed precision), the teacher sharded and offloaded to the CPU; the teacher parameters each
+   rank holds before the first step and after the last;
+4. the same distillation killed (SIGKILL) after its first checkpoint, then resumed to the end;
+5. export of the distilled student to GGUF (q8_0).
+One summary row per stage: seconds, tokens/s (median step), peak GPU memory, losses. Exits non-zero when a
+stage fails, after printing the table.
 
-    bash scripts/gpu_check.sh [--steps 12] [--seq-len 1024] [--batch 16]
+    bash scripts/gpu_check.sh [--steps 24]        # a GPU machine, after scripts/setup.sh
+    python benchmarks/gpu_check.py --cpu          # anywhere: what CI runs
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -24,6 +32,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+ENV = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+                    "TOKENIZERS_PARALLELISM": "false"}
+README_SHAPE = ["target.hidden_size=384", "target.num_attention_heads=6", "target.intermediate_size=1024"]
+TINY_SHAPE = ["target.hidden_size=32", "target.num_attention_heads=4", "target.intermediate_size=64"]
 
 
 def check_bf16() -> str:
@@ -36,71 +48,121 @@ def check_bf16() -> str:
     return f"bf16 autocast ok (dtype {c.dtype}, relative error {err:.1e} vs float32)"
 
 
-def make_teacher(path: Path) -> None:
+def make_tiny_teacher(path: Path) -> None:
+    """A tiny random Llama (hidden 64, 4 layers, 8 heads in 4 KV groups) with SmolLM2's tokenizer (--cpu)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from compactlm.models.loading import load_tokenizer
 
     tok = load_tokenizer("smollm2-135m")
-    config = LlamaConfig(hidden_size=1536, intermediate_size=6144, num_attention_heads=12, num_key_value_heads=4,
-                         head_dim=128, num_hidden_layers=16, vocab_size=len(tok), max_position_embeddings=4096,
-                         tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=8, num_key_value_heads=4,
+                         head_dim=8, num_hidden_layers=4, vocab_size=len(tok), max_position_embeddings=512,
+                         tie_word_embeddings=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(path)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
     tok.save_pretrained(path)
 
 
-def distill(label: str, procs: int, args: list[str], work: Path) -> dict:
-    out = work / label.replace(" ", "_")
-    cmd = [sys.executable, "-m", "compactlm", "distill", *args, f"out_dir={out}"]
+def command(verb: str, keys: list[str], procs: int) -> list[str]:
+    """`compactlm VERB keys...`, under torchrun when procs > 1."""
     if procs > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}", *cmd[1:]]
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
+                "-m", "compactlm", verb, *keys]
+    return [sys.executable, "-m", "compactlm", verb, *keys]
+
+
+def stage(name: str, verb: str, keys: list[str], procs: int = 1) -> dict:
+    """Run one command; its row: the JSON it printed last, seconds, or the last line of its error."""
     start = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"PYTHONPATH": str(ROOT / "src")})
+    proc = subprocess.run(command(verb, keys, procs), capture_output=True, text=True, env=ENV)
+    row = {"stage": name, "procs": procs, "seconds": round(time.time() - start, 1)}
     if proc.returncode:
-        return {"setting": label, "error": proc.stderr.strip().splitlines()[-1][-200:]}
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+        return row | {"error": (proc.stderr.strip().splitlines() or ["(no output)"])[-1][-300:]}
+    return row | {"result": json.loads(proc.stdout.strip().splitlines()[-1])}
+
+
+def killed_and_resumed(keys: list[str], out: Path, procs: int) -> dict:
+    """The distillation SIGKILLed (torchrun and its workers) once its first checkpoint exists, then resumed."""
+    from compactlm.distill import checkpoint as ckpt
+
+    start = time.time()
+    first = subprocess.Popen(command("distill", [*keys, f"out_dir={out}"], procs), env=ENV, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while first.poll() is None and ckpt.latest(out) is None:
+        time.sleep(0.2)
+    if first.poll() is not None:
+        return {"stage": "kill + resume", "procs": procs, "error": "the run ended before its first checkpoint"}
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    at = ckpt.read_progress(ckpt.latest(out)).step
+    row = stage("kill + resume", "distill", [*keys, f"out_dir={out}", "resume=true"], procs)
+    return row | {"seconds": round(time.time() - start, 1), "resumed_at": at}
+
+
+def tokens_per_s(out: Path) -> float | None:
+    """Median tokens/s of a run's steps after the first two (compilation, allocator warm-up)."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    rate = statistics.median(r["tokens_per_s"] for r in rows[2:] or rows)  # after the warm-up steps
-    return {"setting": label, "gpus": procs, "tokens_per_s": round(rate), "peak_gpu_gb": round(result.get("peak_gpu_gb", 0), 2),
-            "wall_s": round(time.time() - start)}
+    rates = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
+    return round(statistics.median(rates[2:] or rates)) if rates else None
 
 
-def main() -> None:
+def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--cpu", action="store_true", help="tiny models, 2 CPU processes with gloo (what CI runs)")
+    p.add_argument("--steps", type=int, default=None, help="distillation steps (default 24 on GPU, 6 on CPU)")
+    p.add_argument("--work", type=Path, default=None, help="folder for the runs (default: a new temporary one)")
     args = p.parse_args()
-    gpus = torch.cuda.device_count()
-    print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {gpus} x {torch.cuda.get_device_name(0)}", flush=True)
-    print(check_bf16(), flush=True)
-    work = Path(tempfile.mkdtemp(prefix="compactlm-gpu-check-"))
-    teacher, student = work / "teacher", work / "student"
-    make_teacher(teacher)
-    subprocess.run([sys.executable, "-m", "compactlm", "prune", f"model={teacher}", f"out_dir={student}",
-                    "data=python-docs", "target.hidden_size=1024", "target.intermediate_size=3072", "dtype=bfloat16",
-                    "calib.sequences=32"], check=True, env=os.environ | {"PYTHONPATH": str(ROOT / "src")},
-                   stdout=subprocess.DEVNULL)
-    common = [f"teacher={teacher}", f"student={student}", "data=python-docs", "dtype=bfloat16",
-              f"distill.steps={args.steps}", f"distill.batch_size={args.batch}", f"distill.seq_len={args.seq_len}",
-              "distill.micro_batch_size=2", "distill.eval_every=0", "distill.save_every=0", "distill.eval_sequences=4"]
-    settings = [("1 GPU", 1, [])]
-    if gpus > 1:
-        settings += [("FSDP2, teacher replicated", gpus, []),
-                     ("FSDP2, teacher sharded", gpus, ["distill.teacher_sharded=true"]),
-                     ("FSDP2, teacher sharded + CPU offload", gpus,
-                      ["distill.teacher_sharded=true", "distill.teacher_offload=true"])]
+    cuda = torch.cuda.is_available() and not args.cpu
+    if not cuda and not args.cpu:
+        print("no CUDA device: run with --cpu for the tiny rehearsal", file=sys.stderr)
+        return 2
+    work = args.work or Path(tempfile.mkdtemp(prefix="compactlm-gpu-check-"))
+    procs = torch.cuda.device_count() if cuda else 2
+    if cuda:
+        print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {procs} x {torch.cuda.get_device_name(0)}")
+        print(check_bf16())
+        teacher, dtype, shape, steps, batch, seq = "smollm2-135m", "bfloat16", README_SHAPE, args.steps or 24, 16, 1024
     else:
-        print("one GPU: NCCL and FSDP2 need 2+ GPUs; only the single-GPU row runs")
-    print(f"\n{'setting':<38} {'GPUs':>4} {'tokens/s':>9} {'peak GB':>8} {'wall s':>7}")
-    for label, procs, extra in settings:
-        r = distill(label, procs, common + extra, work)
-        if "error" in r:
-            print(f"{label:<38} error: {r['error']}", flush=True)
-        else:
-            print(f"{label:<38} {procs:>4} {r['tokens_per_s']:>9} {r['peak_gpu_gb']:>8} {r['wall_s']:>7}", flush=True)
+        teacher, dtype, shape, steps, batch, seq = str(work / "teacher"), "float32", TINY_SHAPE, args.steps or 6, 4, 64
+        make_tiny_teacher(work / "teacher")
+    print(f"work folder {work}", flush=True)
+    common = ["data=python-docs", f"dtype={dtype}", "calib.sequences=32", f"calib.seq_len={256 if cuda else 64}"]
+    rows = [stage("score", "score", [f"model={teacher}", f"out_dir={work / 'scores'}", *common])]
+    rows.append(stage("prune (with the refit)", "prune", [f"model={teacher}", f"out_dir={work / 'student'}",
+                                                           f"importance.scores={work / 'scores' / 'scores.safetensors'}", *shape, *common]))
+    distill = [f"teacher={teacher}", f"student={work / 'student'}", "data=python-docs", f"dtype={dtype}",
+               f"distill.steps={steps}", f"distill.batch_size={batch * procs}", f"distill.seq_len={seq}",
+               f"distill.micro_batch_size={batch}", f"distill.save_every={steps // 3}", f"distill.eval_every={steps}",
+               "distill.eval_sequences=8", "distill.teacher_sharded=true", "distill.teacher_offload=true"]
+    rows.append(stage("distill (teacher sharded + offloaded)", "distill", [*distill, f"out_dir={work / 'distill'}"],
+                      procs))
+    rows.append(killed_and_resumed(distill, work / "resumed", procs))
+    rows.append(stage("export q8_0", "export", [f"model={work / 'distill' / 'final'}", f"out={work / 'student.gguf'}",
+                                                "export.type=q8_0"]))
+    for row, out in zip(rows[2:4], (work / "distill", work / "resumed")):
+        if "result" in row:
+            row["tokens_per_s"] = tokens_per_s(out)
+    print_table(rows)
+    (work / "gpu_check.json").write_text(json.dumps(rows, indent=1))
+    return int(any("error" in row for row in rows))
+
+
+def print_table(rows: list[dict]) -> None:
+    """The summary: one line per stage."""
+    print(f"\n{'stage':<40} {'procs':>5} {'s':>6} {'tok/s':>7} {'peak GB':>7} {'val loss':>8}  notes")
+    for row in rows:
+        r = row.get("result", {})
+        notes = row.get("error", "")
+        if "teacher_resident_params" in r:
+            start, end = r["teacher_resident_params"]
+            notes += f"teacher params on rank 0: {start:,} before, {end:,} after"
+        if "resumed_at" in row:
+            notes += f"; resumed at step {row['resumed_at']}, ended at {r.get('steps')}"
+        peak = f"{r['peak_gpu_gb']:.2f}" if "peak_gpu_gb" in r else "-"
+        loss = f"{r['val_loss']:.3f}" if "val_loss" in r else "-"
+        print(f"{row['stage']:<40} {row['procs']:>5} {row.get('seconds', '-'):>6} {row.get('tokens_per_s') or '-':>7} "
+              f"{peak:>7} {loss:>8}  {notes}", flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
