@@ -98,3 +98,34 @@ def test_eval_command_runs_tasks(tiny_checkpoint, text_file, tmp_path, offline, 
     metrics = json.loads(out.strip().splitlines()[-1])
     (task_metrics,) = metrics["tasks"].values()
     assert 0.0 <= task_metrics["acc"] <= 1.0 and metrics["perplexity"] > 1
+
+
+def test_eval_fails_on_an_unloadable_task_before_any_model_loads(tiny_checkpoint, text_file, tmp_path, offline,
+                                                                    monkeypatch):
+    """Regression: `compactlm eval` built its tasks after the perplexity pass, so a task that could not load
+    failed only at the end. Now the task's one-line error comes before any model is read."""
+    pytest.importorskip("lm_eval")
+    from compactlm import inputs
+    from compactlm.cli import main
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the tasks")
+
+    monkeypatch.setattr(inputs, "load_within", no_model)
+    task = _task_dir(tmp_path, data_file=tmp_path / "absent.jsonl") / "tiny_task.yaml"
+    code = main(["eval", f"model={tiny_checkpoint}", f"data={text_file}", "eval.speed=false", f"eval.tasks=[{task}]"])
+    assert code == 2
+
+
+def test_tasks_loaded_once_run_on_two_models(tiny_checkpoint, tmp_path, offline):
+    """The run's evaluation stage (`stages.compare`) builds its tasks once and runs them on the teacher, pruned
+    and distilled models: a second run of the same built tasks gives what a fresh build gives."""
+    pytest.importorskip("lm_eval")
+    from compactlm.models.loading import load_model, load_tokenizer
+    from compactlm.tasks import load_tasks
+
+    model, tokenizer = load_model(str(tiny_checkpoint)), load_tokenizer(str(tiny_checkpoint))
+    task = str(_task_dir(tmp_path) / "tiny_task.yaml")
+    tasks = load_tasks([task])
+    first, second = (run_tasks(model, tokenizer, tasks, limit=4, batch_size=4) for _ in range(2))
+    assert first == second == run_tasks(model, tokenizer, [task], limit=4, batch_size=4)

@@ -304,8 +304,8 @@ def _val_batches(cfg: Config, tokenizer, model) -> list:
 
 
 def _measure(cfg: Config, model, tokenizer, batches: list, teacher=None, sample: bool = False,
-             teacher_cache: dict | None = None) -> dict:
-    """Metrics of one model (+ a greedy sample of `eval.prompt`, + lm-eval `eval.tasks`)."""
+             teacher_cache: dict | None = None, tasks=None) -> dict:
+    """Metrics of one model (+ a greedy sample of `eval.prompt`, + lm-eval `tasks`, from `tasks.load_tasks`)."""
     from compactlm.metrics import evaluate as evaluate_model
     from compactlm.metrics import sample_text
 
@@ -315,28 +315,29 @@ def _measure(cfg: Config, model, tokenizer, batches: list, teacher=None, sample:
     if sample:
         metrics |= {"dims": vars(family_of(model).dims(model.config)),
                     "sample": sample_text(model, tokenizer, cfg.eval.prompt, new_tokens=cfg.eval.gen_tokens)}
-    if cfg.eval.tasks:
+    if tasks is not None:
         from compactlm.tasks import run_tasks
 
-        metrics["tasks"] = run_tasks(model, tokenizer, cfg.eval.tasks, limit=cfg.eval.task_limit,
+        metrics["tasks"] = run_tasks(model, tokenizer, tasks, limit=cfg.eval.task_limit,
                                      device=str(next(model.parameters()).device))
     return metrics
 
 
 def evaluate(cfg: Config) -> dict:
     """Perplexity, params, speed of `model` on held-out text; KL/agreement against `teacher` when given."""
-    from compactlm.tasks import check_task_files
+    from compactlm.tasks import load_tasks
 
     if cfg.out_dir:
         inputs.check_out_dir(cfg.out_dir)
-    check_task_files(cfg.eval.tasks)
+    tasks = load_tasks(cfg.eval.tasks)  # first: a task that cannot load fails before any model loads
     model, tokenizer = inputs.load_within(cfg, head=True)
     teacher = inputs.load_within(cfg, cfg.teacher, head=True)[0] if cfg.teacher else None
     if cfg.eval.tasks and isinstance(model, Layerwise):
         raise CompactLMError("eval.tasks: lm-eval tasks need the whole model in memory (memory_gb is exceeded)")
     if teacher is not None:
         inputs.same_vocabulary(cfg.teacher, teacher, cfg.model, model, cfg)
-    metrics = {"model": cfg.model, **_measure(cfg, model, tokenizer, _val_batches(cfg, tokenizer, model), teacher)}
+    metrics = {"model": cfg.model, **_measure(cfg, model, tokenizer, _val_batches(cfg, tokenizer, model), teacher,
+                                              tasks=tasks)}
     if cfg.out_dir:
         with staged_output(cfg.out_dir) as out:
             (out / EVAL_FILE).write_text(json.dumps(metrics, indent=1) + "\n")
@@ -346,17 +347,17 @@ def evaluate(cfg: Config) -> dict:
 
 def compare(cfg: Config) -> dict:
     """`teacher`, the pruned `student` and the distilled `model` on the same held-out text -> eval.json."""
-    from compactlm.tasks import check_task_files
+    from compactlm.tasks import load_tasks
 
     inputs.check_out_dir(cfg.out_dir)
-    check_task_files(cfg.eval.tasks)
+    tasks = load_tasks(cfg.eval.tasks)  # first: a task that cannot load fails before any model loads
     teacher, tokenizer = load(cfg, cfg.teacher)
     batches = _val_batches(cfg, tokenizer, teacher)
     results, cache = {}, {}  # one teacher pass serves both students' KL and agreement
     for name, spec in (("teacher", cfg.teacher), ("pruned", cfg.student), ("distilled", cfg.model)):
         model = teacher if name == "teacher" else load(cfg, spec)[0]
         results[name] = _measure(cfg, model, tokenizer, batches, None if name == "teacher" else teacher,
-                                 sample=True, teacher_cache=cache)
+                                 sample=True, teacher_cache=cache, tasks=tasks)
     with staged_output(cfg.out_dir) as tmp:
         (tmp / EVAL_FILE).write_text(json.dumps(results | {"prompt": cfg.eval.prompt}, indent=1) + "\n")
     return {name: {k: v for k, v in m.items() if k in ("params", "perplexity", "kl")} for name, m in results.items()}

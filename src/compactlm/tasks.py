@@ -3,8 +3,8 @@
 A task is a registered lm-eval name ("hellaswag"), a task YAML file, or a directory of task YAMLs (its
 groups, or its tasks when it defines no group). lm-eval's built-in index (~15k YAMLs, tens of seconds to
 scan) is only built when some task is a registered name. Every task is built, and so its dataset loaded,
-before any evaluation starts, so a task that cannot be loaded (unknown name, offline, missing file) fails
-fast with a one-line error naming it. Note that datasets resolves a relative `data_files` path in a YAML
+by `load_tasks` before any model loads (the eval commands call it first), so a task that cannot be loaded
+(unknown name, offline, missing file) fails in the first seconds with a one-line error naming it. Note that datasets resolves a relative `data_files` path in a YAML
 against the working directory, not against the YAML file.
 """
 
@@ -15,6 +15,7 @@ import logging
 import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ from compactlm.errors import CompactLMError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run_tasks"]
+__all__ = ["Tasks", "load_tasks", "run_tasks"]
 
 MISSING = "eval.tasks needs lm-evaluation-harness: pip install lm-eval"
 NOT_METRICS = {"sample_len", "samples"}  # lm-eval's example counts beside the metrics
@@ -47,14 +48,6 @@ def _lm_eval():
 def _is_path(spec: str) -> bool:
     path = Path(spec).expanduser()
     return path.suffix in (".yaml", ".yml") or path.is_dir() or "/" in spec
-
-
-def check_task_files(tasks: Sequence[str]) -> None:
-    """Before any model loads: a task given as a file path must exist (lm-eval itself is checked later)."""
-    for spec in tasks:
-        path = Path(spec).expanduser()
-        if _is_path(spec) and not path.exists():
-            raise CompactLMError(f"eval.tasks: task file {spec} does not exist")
 
 
 def _dir_tasks(manager, folder: Path, spec: str) -> list[str]:
@@ -136,14 +129,34 @@ def _on_device(model, device: str) -> Iterator[None]:
         model.to(home).train(training)
 
 
-def run_tasks(model, tokenizer, tasks: Sequence[str], *, limit: int | None = None, batch_size: int = 8,
-              device: str = "cpu") -> dict[str, dict[str, float]]:
-    """{task or group name: {metric: value}} from lm-eval, numeric metrics only; limit = examples per task."""
+class Tasks(NamedTuple):
+    """lm-eval tasks built once (their datasets loaded), to run on one model or several."""
+
+    specs: tuple[str, ...]  # as the user gave them (eval.tasks)
+    manager: object  # lm-eval's TaskManager
+    built: list  # its Task/Group objects, in order
+
+
+def load_tasks(tasks: Sequence[str]) -> Tasks | None:
+    """Build every task of `tasks` (None when there are none): the commands call it before loading any model,
+    so that a task that cannot load fails in the first seconds, not after the perplexity pass."""
     if not tasks:
+        return None
+    manager, built = _load_tasks(list(tasks), _lm_eval()[2])
+    return Tasks(tuple(tasks), manager, built)
+
+
+def run_tasks(model, tokenizer, tasks: Sequence[str] | Tasks | None, *, limit: int | None = None, batch_size: int = 8,
+              device: str = "cpu") -> dict[str, dict[str, float]]:
+    """{task or group name: {metric: value}} from lm-eval, numeric metrics only; limit = examples per task.
+    `tasks`: as `load_tasks` returns them, or their specs (then built here)."""
+    if not isinstance(tasks, Tasks):
+        tasks = load_tasks(tasks or ())
+    if tasks is None:
         return {}
-    simple_evaluate, HFLM, TaskManager = _lm_eval()
-    manager, built = _load_tasks(list(tasks), TaskManager)
-    log.info("lm-eval: %d task(s) from %s, limit=%s", len(built), list(tasks), limit)
+    simple_evaluate, HFLM, _ = _lm_eval()
+    manager, built = tasks.manager, tasks.built
+    log.info("lm-eval: %d task(s) from %s, limit=%s", len(built), list(tasks.specs), limit)
     with _on_device(model, device):
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         results = simple_evaluate(model=lm, tasks=built, limit=limit, task_manager=manager, log_samples=False,
