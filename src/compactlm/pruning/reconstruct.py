@@ -56,6 +56,7 @@ DEFAULTS = PruneConfig()
 # 389 refitted against 46 sliced), and the sliced weights stay.
 MIN_TOKENS_PER_INPUT = 4
 SITES = ("none", "outputs", "all")
+STATS_DTYPE = torch.float64  # G and C (the module docstring says why; benchmarks/bench_refit.py measures float32)
 INPUTS = ("sequential", "teacher")
 
 
@@ -107,7 +108,7 @@ class _Gram:
 
     def __init__(self, k: int, bias: bool, device: torch.device):
         self.bias = bias
-        self.sum = torch.zeros(k + int(bias), k + int(bias), dtype=torch.float64, device=device)
+        self.sum = torch.zeros(k + int(bias), k + int(bias), dtype=STATS_DTYPE, device=device)
         self.factor: tuple[Tensor, bool] | None = None
 
     def solve(self, cross: Tensor, ridge: float) -> Tensor:
@@ -122,7 +123,7 @@ class _Fit:
     def __init__(self, k: int, out: int, bias: bool, device: torch.device):
         self.bias = bias
         self.gram, self.owns_gram = _Gram(k, bias, device), True
-        self.cross = torch.zeros(out, k + int(bias), dtype=torch.float64, device=device)
+        self.cross = torch.zeros(out, k + int(bias), dtype=STATS_DTYPE, device=device)
         self.tokens = 0
 
     def share(self, other: _Fit) -> None:
@@ -131,7 +132,7 @@ class _Fit:
 
     def add_(self, z: Tensor, y: Tensor) -> None:
         """z (T, k) student inputs, y (T, out) teacher outputs, real tokens only."""
-        z, y = z.double(), y.double()
+        z, y = z.to(self.cross.dtype), y.to(self.cross.dtype)
         if self.bias:
             z = torch.cat([z, torch.ones(z.shape[0], 1, dtype=z.dtype, device=z.device)], 1)
         if self.owns_gram:
