@@ -149,24 +149,26 @@ def load_splits(cfg: Config, tokenizer, seq_len: int, calib: bool = True, train_
     token store of (data, tokenizer): tokenised once, memory-mapped, read on demand (tokenstore.py).
 
     The store is read (and built) only as far as the stage needs: `train_tokens` train tokens (calibration: a
-    pool of CALIB_POOL x its rows) and `val_rows` validation rows, which arrive with about 1/val_fraction as
-    many train tokens; but at least READ_AT_LEAST tokens (a small corpus: all of it), so that calibration
-    samples and training shuffles draw from a wide pool; at most `dataset.max_tokens` when it is set.
+    pool of CALIB_POOL x its rows), but at least READ_AT_LEAST (a small corpus: all of it), so that calibration
+    samples and training shuffles draw from a wide pool, and at most `dataset.max_tokens` when it is set; and
+    `val_rows` validation rows. The rows are those of the documents read until both splits held that much
+    (`TokenStore.prefix`), however far an earlier, longer run extended the store: a function of the config.
     """
     from compactlm.tokenstore import Source, open_store
 
     pool = CALIB_POOL * cfg.calib.sequences * seq_len if calib else 0
-    need = max(train_tokens, pool) + int(1.2 * val_rows * seq_len / cfg.dataset.val_fraction)
-    limit = max(need, READ_AT_LEAST)
+    limit = max(train_tokens, pool, READ_AT_LEAST)
     if cfg.dataset.max_tokens is not None:
         limit = min(limit, max(cfg.dataset.max_tokens, seq_len))
     ds = cfg.dataset
-    store = open_store(Source(cfg.data, ds.text_field, ds.split, ds.max_chars, ds.val_fraction), tokenizer, limit)
-    train, val = store.rows("train", seq_len), store.rows("val", seq_len)
-    for name, rows in (("train", train), ("validation", val)):
-        if len(rows) == 0:
-            raise CompactLMError(f"{name} split has {store.meta['tokens']['train' if name == 'train' else 'val']} "
-                                 f"tokens, fewer than seq_len={seq_len}: use more text or a smaller seq_len")
+    store = open_store(Source(cfg.data, ds.text_field, ds.split, ds.max_chars, ds.val_fraction), tokenizer, limit,
+                       val_rows * seq_len)
+    n_train, n_val = store.prefix(limit, val_rows * seq_len)  # not all it holds: rows must not depend on its history
+    train, val = store.rows("train", seq_len, n_train), store.rows("val", seq_len, n_val)
+    for name, rows, tokens in (("train", train, n_train), ("validation", val, n_val)):
+        if len(rows) == 0 and (name == "train" or val_rows):
+            raise CompactLMError(f"{name} split has {tokens} tokens, fewer than seq_len={seq_len}: use more text or "
+                                 f"a smaller seq_len")
     keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))
     keep = keep[: cfg.calib.sequences if calib else 0].sort().values
     log.info("splits: %d train, %d val, %d calib rows of %d tokens", len(train), len(val), len(keep), seq_len)

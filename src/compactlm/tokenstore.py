@@ -2,6 +2,7 @@
 
     <store>/train.bin, val.bin   the two splits' token streams (uint16 when the vocabulary fits, else uint32):
                                  documents in source order, each followed by eos, split by `data.doc_hash`
+    <store>/docs.bin             (documents, 2) uint64: the train and val token counts after each document
     <store>/meta.json            written last, atomically: token counts, documents read, whether the source
                                  is exhausted; a reader trusts only what meta.json counts
 
@@ -11,6 +12,10 @@ A stage asks for the train tokens it needs: the store is built in one streaming 
 tokenizer's batch encoder, a progress bar) up to that budget, extended later when a stage needs more, and
 reused as it is otherwise. A build happens in a temp folder renamed in at the end; an extension appends past
 the counted tokens and rewrites meta.json last, so an interrupted one leaves the old store intact.
+
+A stage reads a prefix of the store, not all of it (`TokenStore.prefix`): the documents up to the one with which
+train reached the tokens the stage asked for, exactly what a store built for that stage alone would hold. So
+the rows a stage uses depend on its config, never on how far earlier runs extended the store.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
 _HUGE = 1 << 62  # no budget: read the whole source
+FORMAT = 2  # 2: docs.bin (a store of format 1 has none and is built anew under its new key)
 
 
 @dataclass(frozen=True)
@@ -68,7 +74,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def store_key(src: Source, tokenizer) -> str:
     """The store folder name for (source, tokenizer); a local file's size and mtime are part of it."""
-    identity = asdict(src)
+    identity = asdict(src) | {"format": FORMAT}
     if src.source == data.PYTHON_DOCS:  # built from this interpreter's standard library
         identity["python"] = sys.version
     path = Path(src.source).expanduser()
@@ -114,17 +120,30 @@ class TokenStore:
             return np.zeros(0, dtype=self.meta["dtype"])
         return np.memmap(self.path / f"{split}.bin", dtype=self.meta["dtype"], mode="r", shape=(count,))
 
-    def rows(self, split: str, seq_len: int) -> TokenRows:
-        """The split packed into rows of seq_len tokens (the remainder is dropped)."""
-        return TokenRows(self.tokens(split), seq_len)
+    def rows(self, split: str, seq_len: int, tokens: int | None = None) -> TokenRows:
+        """The split's first `tokens` tokens (default: all) packed into rows of seq_len (the remainder dropped)."""
+        return TokenRows(self.tokens(split)[:tokens], seq_len)
+
+    def prefix(self, train_tokens: int, val_tokens: int = 0) -> tuple[int, int]:
+        """(train, val) token counts of the documents read until train held `train_tokens` and val `val_tokens`
+        (all of them when the store ends first): what a store built to that budget alone holds, however far
+        this one was extended."""
+        n = self.meta["docs"]
+        counts = np.memmap(self.path / "docs.bin", dtype=np.uint64, mode="r", shape=(n, 2)) if n else np.zeros((0, 2))
+        # the first document after which both splits hold their budget (both columns only grow)
+        at = max(int(np.searchsorted(counts[:, 0], train_tokens)), int(np.searchsorted(counts[:, 1], val_tokens)))
+        if at >= n or self.meta.get("moved"):  # the whole store (a tiny source's split fallback moved a document)
+            return self.meta["tokens"]["train"], self.meta["tokens"]["val"]
+        return int(counts[at, 0]), int(counts[at, 1])
 
 
-def open_store(src: Source, tokenizer, need_train_tokens: int | None = None, *, progress: bool = True) -> TokenStore:
-    """The store of (src, tokenizer) with at least `need_train_tokens` train tokens, or the whole source when
-    None: reused when it has them, extended when it has fewer, built when there is none."""
+def open_store(src: Source, tokenizer, need_train_tokens: int | None = None, need_val_tokens: int = 0, *,
+               progress: bool = True) -> TokenStore:
+    """The store of (src, tokenizer) with at least `need_train_tokens` train and `need_val_tokens` val tokens, or
+    the whole source when None: reused when it has them, extended when it has fewer, built when there is none."""
     if not 0.0 < src.val_fraction < 1.0:
         raise CompactLMError(f"val_fraction must be in (0, 1), got {src.val_fraction}")
-    need = _HUGE if need_train_tokens is None else need_train_tokens
+    need = (_HUGE if need_train_tokens is None else need_train_tokens, need_val_tokens)
     path = store_root() / store_key(src, tokenizer)
     path.parent.mkdir(parents=True, exist_ok=True)
     with _locked(path.parent / f".{path.name}.lock"):  # torchrun's ranks: one builds, the others then reuse
@@ -142,9 +161,9 @@ def _locked(lock: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _open(path: Path, src: Source, tokenizer, need: int, progress: bool) -> TokenStore:
+def _open(path: Path, src: Source, tokenizer, need: tuple[int, int], progress: bool) -> TokenStore:
     meta = _read_meta(path)
-    if meta is not None and (meta["exhausted"] or meta["tokens"]["train"] >= need):
+    if meta is not None and (meta["exhausted"] or _holds(meta, need)):
         log.info("token store %s: reused (%d train, %d val tokens)", path, *meta["tokens"].values())
         return TokenStore(path, meta)
     if meta is None:  # a fresh build goes to a temp folder, renamed in once complete
@@ -160,6 +179,11 @@ def _open(path: Path, src: Source, tokenizer, need: int, progress: bool) -> Toke
         meta = _fill(path, src, tokenizer, need, meta, progress)
     log.info("token store %s: %d train, %d val tokens", path, *meta["tokens"].values())
     return TokenStore(path, _read_meta(path))
+
+
+def _holds(meta: dict, need: tuple[int, int]) -> bool:
+    """The store holds at least (train, val) tokens."""
+    return meta["tokens"]["train"] >= need[0] and meta["tokens"]["val"] >= need[1]
 
 
 def _empty_meta(src: Source, tokenizer) -> dict:
@@ -178,37 +202,38 @@ def _read_meta(path: Path) -> dict | None:
 def _write_meta(path: Path, meta: dict) -> None:
     tmp = path / "meta.json.tmp"
     tmp.write_text(json.dumps(meta, indent=1) + "\n")
-    for split in SPLITS:  # the tokens meta.json counts are on disk before it counts them
+    for split in (*SPLITS, "docs"):  # the tokens meta.json counts are on disk before it counts them
         with open(path / f"{split}.bin", "ab") as f:
             os.fsync(f.fileno())
     tmp.replace(path / "meta.json")
 
 
-def _fill(path: Path, src: Source, tokenizer, need: int, meta: dict, progress: bool) -> dict:
-    """Append documents after the `meta["docs"]` already stored until train holds `need` tokens or the source
-    ends; returns the new meta (written to path/meta.json)."""
+def _fill(path: Path, src: Source, tokenizer, need: tuple[int, int], meta: dict, progress: bool) -> dict:
+    """Append documents after the `meta["docs"]` already stored until train and val hold `need` tokens or the
+    source ends; returns the new meta (written to path/meta.json)."""
     from tqdm.auto import tqdm
 
     dtype, eos = np.dtype(meta["dtype"]), tokenizer.eos_token_id
     texts = data.iter_texts(src.source, text_field=src.text_field, split=src.split, max_chars=src.max_chars)
     texts = itertools.islice(texts, meta["docs"], None)  # documents already stored are read, not tokenised
     files = {}
-    for split in SPLITS:
-        f = open(path / f"{split}.bin", "ab")
-        f.truncate(meta["tokens"][split] * dtype.itemsize)  # drop what an interrupted extension left
-        files[split] = f
+    sizes = {split: meta["tokens"][split] * dtype.itemsize for split in SPLITS} | {"docs": meta["docs"] * 16}
+    for name, size in sizes.items():
+        f = open(path / f"{name}.bin", "ab")
+        f.truncate(size)  # drop what an interrupted extension left
+        files[name] = f
     exhausted = True
     batches = data.batched(texts, data.TOKENIZE_DOCS)
     first = next(batches, None)  # a missing or unreadable source fails here, before any progress bar
     try:
-        with tqdm(total=None if need == _HUGE else need, initial=meta["tokens"]["train"], unit="tok",
+        with tqdm(total=None if need[0] == _HUGE else need[0], initial=meta["tokens"]["train"], unit="tok",
                   desc="tokenise", disable=not progress, unit_scale=True) as bar:
             for batch in itertools.chain([first] if first else [], batches):
                 ids = tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
                 for text, doc in zip(batch, ids):
                     _append(files, meta, text, doc, eos, dtype, src.val_fraction)
                 bar.update(meta["tokens"]["train"] - bar.n)
-                if meta["tokens"]["train"] >= need:
+                if _holds(meta, need):
                     exhausted = False
                     break
     finally:
@@ -232,6 +257,7 @@ def _append(files: dict, meta: dict, text: str, ids: list[int], eos: int | None,
     files[split].write(arr.tobytes())
     meta["tokens"][split] += len(arr)
     meta["docs"] += 1
+    files["docs"].write(np.array([meta["tokens"]["train"], meta["tokens"]["val"]], dtype=np.uint64).tobytes())
     if split == "train" and (meta["min_train_doc"] is None or h < meta["min_train_doc"]["hash"]):
         meta["min_train_doc"] = doc
     if split == "val" and (meta["max_val_doc"] is None or h > meta["max_val_doc"]["hash"]):
@@ -250,3 +276,4 @@ def _every_split_nonempty(path: Path, meta: dict, dtype) -> None:
     tokens[start:end].tofile(path / f"{target}.bin")
     meta["tokens"][source] -= doc["length"]
     meta["tokens"][target] = doc["length"]
+    meta["moved"] = True  # docs.bin no longer tells the splits apart: `prefix` reads the whole store
