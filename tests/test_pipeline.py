@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import signal
@@ -87,6 +88,12 @@ def test_run_end_to_end_with_report(tiny_checkpoint, text_file, tmp_path, capsys
     assert (got - want).abs().max() <= 2e-3 * want.abs().max()
     results = json.loads((run_dir / "evaluate" / "eval.json").read_text())
     assert results["pruned"]["params"] == results["distilled"]["params"] < results["teacher"]["params"]
+    # where the inputs came from: the corpus's sha256 in compactlm.yaml, the report and every model card
+    data_line = f"data {text_file}: 1 file(s), sha256 {hashlib.sha256(text_file.read_bytes()).hexdigest()}"
+    assert f"# {data_line}\n" in (run_dir / "compactlm.yaml").read_text() and f"- {data_line}" in report
+    for folder in ("prune", "distill/final", "distill/best"):
+        assert f"- {data_line}" in (run_dir / folder / "README.md").read_text(), folder
+    assert load_config(str(run_dir / "compactlm.yaml")) == load_config(None, args)  # the header is only comments
 
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob(pipeline.DONE)}
     assert main(["run", *args]) == 0  # everything done: nothing recomputed

@@ -63,3 +63,13 @@ def test_a_resumed_run_sees_the_rows_of_an_uninterrupted_one(models, many_docs, 
     run_distill(load_config(None, _args(models, many_docs, killed, resume=True, **keys)))
     run_distill(load_config(None, _args(models, many_docs, tmp_path / "reference", **keys)))
     torch.testing.assert_close(_weights(killed / "final"), _weights(tmp_path / "reference" / "final"), rtol=0, atol=0)
+
+
+def test_outputs_say_what_the_built_in_teacher_and_corpus_are():
+    """The built-in SmolLM2 is a Q4_1 GGUF, dequantized; python-docs the shipped snapshot: both said, with the
+    corpus's checksum, in every compactlm.yaml, report and model card (`provenance.lines`)."""
+    from compactlm import data, provenance
+
+    lines = provenance.lines(load_config(None, ["teacher=smollm2-135m", "student=somewhere", "data=python-docs"]))
+    assert any(line.startswith("teacher smollm2-135m:") and "Q4_1 GGUF file, dequantized" in line for line in lines)
+    assert any(data.PYTHON_DOCS_SHA256 in line for line in lines) and not any("student" in line for line in lines)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -512,6 +513,7 @@ def check_resume(cfg: Any, saved: str | Path, only: tuple[str, ...] | None = Non
             f"use the old values or another out_dir")
 
 
-def save_config(cfg: Any, path: str | Path) -> None:
-    """Write the resolved config beside a run's outputs."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+def save_config(cfg: Any, path: str | Path, header: Sequence[str] = ()) -> None:
+    """Write the resolved config beside a run's outputs, `header` lines first as YAML comments."""
+    comments = "".join(f"# {line}\n" for line in header)
+    Path(path).write_text(comments + yaml.safe_dump(to_dict(cfg), sort_keys=False))

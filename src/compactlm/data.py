@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
-import importlib
-import inspect
-import io
 import json
 import logging
-import pkgutil
+import lzma
 import re
-import sys
 import tempfile
-import types
 import urllib.error
 import urllib.request
-import warnings
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -32,6 +25,10 @@ from compactlm.models.loading import cache_dir
 log = logging.getLogger(__name__)
 
 PYTHON_DOCS = "python-docs"
+# The python-docs corpus: a fixed snapshot shipped with the package (scripts/build_python_docs.py says how it was
+# built), the same on every machine and Python; the sha256 of its JSON text, recorded in every run's outputs.
+PYTHON_DOCS_FILE = Path(__file__).parent / "corpora" / "python-docs.json.xz"
+PYTHON_DOCS_SHA256 = "125f3db8f1b48c3c8663050360dae13c2c1f50630636814bee71130378130ed8"
 
 
 @dataclass(frozen=True)
@@ -51,16 +48,9 @@ DOWNLOADS = {
 BUILTIN_DATA = (PYTHON_DOCS, *DOWNLOADS)  # data names that are neither paths nor hub datasets
 DOWNLOAD_TIMEOUT_S = 60
 FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
-MIN_DOC_CHARS = 200  # python-docs: shorter topics/docstrings are dropped
 TXT_DOC_CHARS = 2000  # .txt: paragraphs are merged into documents of at least this many characters
 HASH_BUCKETS = 10_000
 TOKENIZE_DOCS = 512  # documents per tokenizer call when building splits
-# Never imported for python-docs: GUI, side effects on import or on the terminal, tests, slow shims.
-_SKIP_MODULES = frozenset({
-    "antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "lib2to3", "test", "tests",
-    "idle_test", "distutils", "readline", "rlcompleter", "pydoc_data", "ensurepip", "venv", "site",
-    "sitecustomize", "usercustomize",
-})
 _PATH_LIKE_SUFFIXES = FILE_SUFFIXES + (".json", ".csv", ".tsv", ".gz", ".md", ".arrow")
 
 
@@ -290,69 +280,14 @@ def _python_docs() -> list[str]:
 
 @functools.lru_cache(maxsize=1)
 def _python_docs_cached() -> tuple[str, ...]:
-    """pydoc topics then stdlib docstrings (modules, public classes, their methods, functions), deduplicated."""
-    from pydoc_data.topics import topics
-
-    docs = [topics[key] for key in sorted(topics)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        seen: set[int] = set()
-        for module in _stdlib_modules():
-            docs.extend(_module_docstrings(module, seen))
-    unique = dict.fromkeys(doc.strip() for doc in docs)
-    return tuple(doc for doc in unique if len(doc) >= MIN_DOC_CHARS)
-
-
-def _stdlib_modules() -> list[types.ModuleType]:
-    """Public stdlib modules and submodules that import cleanly, in sorted depth-first name order."""
-    modules = []
-
-    def visit(name: str) -> None:
-        if any(part.startswith("_") or part in _SKIP_MODULES for part in name.split(".")):
-            return
-        try:
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                module = importlib.import_module(name)
-        except BaseException:  # noqa: BLE001 - platform-specific modules fail here (winreg, ...); skip
-            return
-        modules.append(module)
-        for sub in sorted(info.name for info in pkgutil.iter_modules(getattr(module, "__path__", []) or [])):
-            visit(f"{name}.{sub}")
-
-    for name in sorted(sys.stdlib_module_names):
-        visit(name)
-    return modules
-
-
-def _module_docstrings(module: types.ModuleType, seen: set[int]) -> list[str]:
-    """Docstrings of a module, its public classes (and their methods) and functions not seen before."""
-    docs = []
-
-    def add(obj: object) -> None:
-        if id(obj) not in seen:
-            seen.add(id(obj))
-            doc = getattr(obj, "__doc__", None)
-            if isinstance(doc, str):
-                docs.append(inspect.cleandoc(doc))
-
-    add(module)
-    namespace = vars(module)
-    for name in sorted(namespace):
-        obj = namespace[name]
-        if name.startswith("_"):
-            continue
-        if inspect.isclass(obj):
-            add(obj)
-            members = vars(obj)
-            for member in sorted(members):
-                attr = members[member]
-                if isinstance(attr, (staticmethod, classmethod)):
-                    attr = attr.__func__
-                if inspect.isroutine(attr) or isinstance(attr, property):
-                    add(attr)
-        elif inspect.isroutine(obj):
-            add(obj)
-    return docs
+    """The shipped python-docs snapshot (scripts/build_python_docs.py), its checksum verified."""
+    try:
+        raw = lzma.decompress(PYTHON_DOCS_FILE.read_bytes())
+    except (OSError, lzma.LZMAError) as e:
+        raise CompactLMError(f"python-docs: cannot read the shipped corpus {PYTHON_DOCS_FILE}: {e}") from None
+    if hashlib.sha256(raw).hexdigest() != PYTHON_DOCS_SHA256:
+        raise CompactLMError(f"python-docs: {PYTHON_DOCS_FILE} is not the shipped snapshot (sha256 differs): reinstall")
+    return tuple(json.loads(raw))
 
 
 # ---------------------------------------------------------------- splits

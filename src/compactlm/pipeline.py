@@ -18,8 +18,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from compactlm import stages
-from compactlm.config import Config, cascade_length, cascade_step, check_resume, save_config
+from compactlm import provenance, stages
+from compactlm.config import Config, cascade_length, cascade_step, check_resume
 from compactlm.errors import CompactLMError
 
 log = logging.getLogger(__name__)
@@ -218,7 +218,7 @@ def run(cfg: Config) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = prepare_tokenizer(cfg, run_dir)  # tokenizer=char: built from cfg.data into run_dir/tokenizer
     check_resume(cfg, run_dir / stages.CONFIG_FILE)
-    save_config(cfg, run_dir / stages.CONFIG_FILE)
+    provenance.write_config(cfg, run_dir / stages.CONFIG_FILE)
     summary = {}
     for stage, stage_cfg, step in plan(cfg):
         marker = _marker(stage, step)

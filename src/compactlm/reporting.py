@@ -333,12 +333,17 @@ def _export(exported: Mapping, run_dir: Path) -> list[str]:
     return ["## GGUF export", "", *_table(["file", "type", "size", "matrices kept f16"], rows), ""]
 
 
+def _inputs(inputs: Sequence[str]) -> list[str]:
+    return ["## Inputs", "", *(f"- {line}" for line in inputs), ""] if inputs else []
+
+
 def write_report(run_dir: Path, *, teacher: dict, student: dict, stages: dict[str, dict],
                  plots: dict[str, str], samples: dict[str, str] | None = None,
-                 notes: Sequence[str] = (), exported: Mapping | None = None) -> Path:
-    """Write run_dir/report.md (architectures, metrics per stage, the GGUF export, plots, samples, notes)."""
+                 notes: Sequence[str] = (), exported: Mapping | None = None, inputs: Sequence[str] = ()) -> Path:
+    """Write run_dir/report.md (its inputs, architectures, metrics per stage, the GGUF export, plots, samples,
+    notes); `inputs`: provenance lines (`provenance.recorded`)."""
     run_dir = Path(run_dir)
-    lines = [f"# compactlm report: {run_dir.resolve().name}", "", "## Architecture", "",
+    lines = [f"# compactlm report: {run_dir.resolve().name}", "", *_inputs(inputs), "## Architecture", "",
              *_architecture(teacher, student), "", "## Metrics", "", *_metrics(stages), ""]
     lines += _speeds(stages)
     if exported:
@@ -355,7 +360,8 @@ def write_report(run_dir: Path, *, teacher: dict, student: dict, stages: dict[st
     return path
 
 
-def write_cascade_report(run_dir: Path, *, teacher: dict, sizes: dict[str, dict], plots: dict[str, str]) -> Path:
+def write_cascade_report(run_dir: Path, *, teacher: dict, sizes: dict[str, dict], plots: dict[str, str],
+                         inputs: Sequence[str] = ()) -> Path:
     """run_dir/report.md of a cascade: a row per size (its shape, and its metrics pruned and then distilled), the
     teacher's row, the plots, and links to each size's own report. `sizes`: folder -> its eval.json results."""
     run_dir = Path(run_dir)
@@ -374,7 +380,7 @@ def write_cascade_report(run_dir: Path, *, teacher: dict, sizes: dict[str, dict]
     lines = [f"# compactlm cascade report: {run_dir.resolve().name}", "",
              "Each size is pruned from the one above it (the first from the teacher) and distilled from the teacher; "
              "perplexity, KL and agreement are after distillation, on the same held-out text.", "",
-             *_table(header, rows), "", *_plots(run_dir, plots)]
+             *_inputs(inputs), *_table(header, rows), "", *_plots(run_dir, plots)]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines).rstrip("\n") + "\n", encoding="utf-8")
     log.info("wrote %s", path)

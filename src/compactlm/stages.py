@@ -24,9 +24,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from compactlm import data, inputs
+from compactlm import data, inputs, provenance
 from compactlm.chartok import prepare_tokenizer
-from compactlm.config import Config, TrainConfig, check_one_size, check_resume, save_config
+from compactlm.config import Config, TrainConfig, check_one_size, check_resume
 from compactlm.errors import CompactLMError
 from compactlm.importance.layers import LAYERWISE_METRICS, check_layerwise
 from compactlm.inputs import CONFIG_FILE, load, load_splits, scores_for, staged_output
@@ -57,7 +57,7 @@ def score(cfg: Config) -> dict:
                         model, tokenizer, names)
     with staged_output(cfg.out_dir) as out:
         scores.save(out / SCORES_FILE)
-        save_config(cfg, out / CONFIG_FILE)
+        provenance.write_config(cfg, out / CONFIG_FILE)
     return {"scores": str(Path(cfg.out_dir) / SCORES_FILE), "layer_metrics": sorted(scores.layers), **scores.meta}
 
 
@@ -128,7 +128,10 @@ def _write_plan(cfg: Config, out: Path, plan, scores, source, target, drop: list
         out / PLAN_FILE, source=cfg.model, source_shape=vars(source), target_shape=vars(target),
         dropped_layers=drop, params=params, importance=scores.meta)
     scores.save(out / SCORES_FILE)
-    save_config(cfg, out / CONFIG_FILE)
+    provenance.write_config(cfg, out / CONFIG_FILE)
+    shape = ", ".join(f"{k} {v}" for k, v in vars(target).items() if v)
+    provenance.write_model_card(out, cfg, Path(cfg.out_dir).name, f"`{cfg.model}` pruned by compactlm to {shape}: "
+                                f"{params['pruned']:,} of its {params['source']:,} parameters, not yet retrained.")
 
 
 # ---------------------------------------------------------------- training
@@ -188,7 +191,7 @@ def _fit(cfg: Config, tc: TrainConfig, section: str, student_spec: str, teacher_
         out = Path(cfg.out_dir)
         if d.is_main:
             out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, out / CONFIG_FILE)
+            provenance.write_config(cfg, out / CONFIG_FILE)
         log.info("%s: %d train, %d validation rows of %d tokens; %d steps of %d sequences on %d process(es)",
                  section, len(splits.train), len(val), tc.seq_len, total_steps(tc), tc.batch_size, d.world)
         params = num_params(student)
@@ -198,6 +201,11 @@ def _fit(cfg: Config, tc: TrainConfig, section: str, student_spec: str, teacher_
         if teacher is not None and getattr(tc, "teacher_top_k", 0):
             cache = _teacher_cache(cfg, tc, teacher, splits.train, micro, d)
         result = fit(student, splits.train, val, tc, session, teacher=teacher, hidden_keep=keep, teacher_cache=cache)
+        how = f"distilled from `{teacher_spec}`" if teacher_spec else "trained with cross-entropy"
+        for name in ("final", "best") if d.is_main else ():
+            if (out / name).is_dir():
+                provenance.write_model_card(out / name, cfg, f"{out.name}/{name}", f"`{student_spec}` {how} by "
+                                            f"compactlm: {result['steps']} steps, {result['tokens']:,} tokens ({name}).")
     finally:
         teardown(d)
     return {"out_dir": str(out), "params": params, **result}
@@ -265,7 +273,7 @@ def search(cfg: Config) -> dict:
         distill_fn=lambda students: _brief_distill(cfg, students, teacher, rows))
     with staged_output(cfg.out_dir) as tmp:
         arch.write_table(ranked, chosen, tmp / "search.md", tmp / "search.json")
-        save_config(cfg, tmp / CONFIG_FILE)
+        provenance.write_config(cfg, tmp / CONFIG_FILE)
     shape = {key: getattr(chosen.dims, field) for key, field in target_keys(family_of(teacher)).items()}
     return {"target": shape, "params": chosen.params, "active_params": chosen.active_params, "candidates": len(ranked)}
 
@@ -341,7 +349,7 @@ def evaluate(cfg: Config) -> dict:
     if cfg.out_dir:
         with staged_output(cfg.out_dir) as out:
             (out / EVAL_FILE).write_text(json.dumps(metrics, indent=1) + "\n")
-            save_config(cfg, out / CONFIG_FILE)
+            provenance.write_config(cfg, out / CONFIG_FILE)
     return metrics
 
 
@@ -412,6 +420,7 @@ def report(cfg: Config) -> dict:
         samples={name: prompt + results[name]["sample"] for name in MODELS},
         notes=[f"config: {run_dir / CONFIG_FILE}", f"distillation metrics: {run_dir / 'distill' / 'metrics.jsonl'}"],
         exported=json.loads(exported.read_text()) if exported.is_file() else None,
+        inputs=provenance.recorded(run_dir / CONFIG_FILE),
     )
     return {"report": str(path)}
 
@@ -432,5 +441,6 @@ def cascade_report(cfg: Config) -> dict:
     runs = [run_dir / name / "distill" / "metrics.jsonl" for name in sizes]
     rep.plot_training([p for p in runs if p.is_file()], run_dir / "training.png")
     path = rep.write_cascade_report(run_dir, teacher=next(iter(sizes.values()))["teacher"], sizes=sizes,
-                                    plots={"Training and validation loss, each size": "training.png"})
+                                    plots={"Training and validation loss, each size": "training.png"},
+                                    inputs=provenance.recorded(run_dir / CONFIG_FILE))
     return {"report": str(path), "sizes": {name: r["distilled"].get("perplexity") for name, r in sizes.items()}}

@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -75,8 +74,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def store_key(src: Source, tokenizer) -> str:
     """The store folder name for (source, tokenizer); a local file's size and mtime are part of it."""
     identity = asdict(src) | {"format": FORMAT}
-    if src.source == data.PYTHON_DOCS:  # built from this interpreter's standard library
-        identity["python"] = sys.version
+    if src.source == data.PYTHON_DOCS:  # the shipped snapshot
+        identity["sha256"] = data.PYTHON_DOCS_SHA256
     path = Path(src.source).expanduser()
     if path.exists():
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]

