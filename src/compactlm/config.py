@@ -7,6 +7,9 @@ fraction of the teacher's size to KEEP (float in (0, 1]); a key not given keeps 
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import re
 import types
 import typing
 from collections.abc import Sequence
@@ -22,6 +25,16 @@ from compactlm.errors import CompactLMError
 def choice(default: Any, *choices: Any) -> Any:
     """A field whose value must be one of `choices`."""
     return field(default=default, metadata={"choices": choices})
+
+
+def path_key(default: Any = None) -> Any:
+    """A field that names a file, folder or model: a leading `~` is expanded, from YAML and the command line alike."""
+    return field(default=default, metadata={"path": True})
+
+
+INT_LIMIT = 2**63  # every integer key fits in int64 (torch's and numpy's seeds and counters)
+SEED_LIMIT = 2**32  # numpy's generators take seeds below 2^32; the data order multiplies the seed by ~1e6
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
 class InvalidValue(CompactLMError):
@@ -93,7 +106,7 @@ class ImportanceConfig:
     )  # "<batch>_<sequence>"
     head_score: str = choice("paper", "paper", "channel")  # per-token head norm (P1) or per-channel (Model Optimizer)
     layer_metrics: tuple[str, ...] = ("lm_loss", "block_importance")  # computed by `score`; `prune` adds what it needs
-    scores: str | None = None  # reuse a saved scores.safetensors instead of calibrating again
+    scores: str | None = path_key()  # reuse a saved scores.safetensors instead of calibrating again
 
 
 @dataclass(frozen=True)
@@ -146,7 +159,7 @@ class EvalConfig:
     speed_batches: tuple[int, ...] = (1,)  # batch sizes to time generation at
     gen_tokens: int = 32
     prompt: str = "The Python interpreter"  # the report's sample texts continue this prompt
-    tasks: tuple[str, ...] = ()  # lm-evaluation-harness task names or local task YAML files (optional extra)
+    tasks: tuple[str, ...] = path_key(())  # lm-evaluation-harness task names or local task YAML files (optional extra)
     task_limit: int | None = None  # examples per task
 
     def __post_init__(self) -> None:
@@ -200,7 +213,7 @@ class DistillConfig(TrainConfig):
     teacher_sharded: bool = False  # FSDP-shard the teacher too (default: replicate it)
     teacher_offload: bool = False  # with teacher_sharded: keep its shards in CPU memory (FSDP2 CPUOffloadPolicy)
     teacher_top_k: int = 0  # > 0: distil from the teacher's top-K log-probabilities, cached once per row (0: dense)
-    teacher_cache: str | None = None  # where the top-K cache lives (default: out_dir/teacher_cache)
+    teacher_cache: str | None = path_key()  # where the top-K cache lives (default: out_dir/teacher_cache)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -262,13 +275,13 @@ class ExportConfig:
 
 @dataclass(frozen=True)
 class Config:
-    model: str = "smollm2-135m"  # hub id, local directory, .gguf file, or a built-in name
-    tokenizer: str | None = None  # default: the model's
-    teacher: str | None = None
-    student: str | None = None
-    data: str = "python-docs"  # built-in corpus, a .txt/.jsonl/.parquet path, or a hub dataset name
-    out_dir: str | None = None  # required by every command but eval and export
-    out: str | None = None  # export: the .gguf file to write
+    model: str = path_key("smollm2-135m")  # hub id, local directory, .gguf file, or a built-in name
+    tokenizer: str | None = path_key()  # default: the model's
+    teacher: str | None = path_key()
+    student: str | None = path_key()
+    data: str = path_key("python-docs")  # built-in corpus, a .txt/.jsonl/.parquet path, or a hub dataset name
+    out_dir: str | None = path_key()  # required by every command but eval and export
+    out: str | None = path_key()  # export: the .gguf file to write
     seed: int = 0
     device: str = "auto"  # auto: cuda when available
     dtype: str = choice("float32", "float32", "bfloat16", "float16")
@@ -290,6 +303,10 @@ class Config:
     def __post_init__(self) -> None:
         if self.memory_gb is not None and self.memory_gb <= 0:
             raise InvalidValue("memory_gb", self.memory_gb, "must be > 0 (GiB)")
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise InvalidValue("seed", self.seed, "must lie in [0, 2^32)")
+        if not DEVICE.fullmatch(self.device):
+            raise InvalidValue("device", self.device, "must be auto, cpu, mps, cuda or cuda:N")
 
 
 def _type_name(tp: Any) -> str:
@@ -299,7 +316,17 @@ def _type_name(tp: Any) -> str:
 
 
 def _convert(value: Any, tp: Any, path: str) -> Any:
-    """Check `value` against the annotation `tp`; return it converted (lists to tuples, ints to floats)."""
+    """Check `value` against the annotation `tp`; return it converted (lists to tuples, ints to floats). Numbers
+    must be finite (no NaN or infinity: a NaN learning rate or ridge wrote a model of NaN) and fit in int64."""
+    value = _convert_type(value, tp, path)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise CompactLMError(f"{path}: {value!r} is not a finite number")
+    if isinstance(value, int) and not isinstance(value, bool) and not -INT_LIMIT < value < INT_LIMIT:
+        raise CompactLMError(f"{path}: {value!r} is out of range (at most 2^63 - 1 in size)")
+    return value
+
+
+def _convert_type(value: Any, tp: Any, path: str) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -310,7 +337,7 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
                 return value
         for arg in (a for a in args if a is not type(None)):
             try:
-                return _convert(value, arg, path)
+                return _convert_type(value, arg, path)
             except CompactLMError:
                 pass
         raise CompactLMError(f"{path}: expected {_type_name(tp)}, got {value!r}")
@@ -349,6 +376,8 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
         if key not in fields:
             raise CompactLMError(f"unknown config key '{dotted}'")
         value = _convert(value, hints[key], dotted)
+        if fields[key].metadata.get("path"):  # a str, None, or a tuple of str
+            value = tuple(map(os.path.expanduser, value)) if isinstance(value, tuple) else value and os.path.expanduser(value)
         choices = fields[key].metadata.get("choices")
         if choices and value not in choices:
             raise CompactLMError(f"{dotted}: {value!r} is not one of {', '.join(map(str, choices))}")

@@ -35,6 +35,7 @@ import torch
 
 from compactlm.errors import CompactLMError
 from compactlm.models.family import FAMILIES, Family, family_of
+from compactlm.models.loading import check_finite
 
 log = logging.getLogger(__name__)
 
@@ -258,6 +259,7 @@ def export_gguf(model, tokenizer, out: str | Path, type_name: str = "f16", name:
         raise CompactLMError(f"export.type={type_name!r} is not one of {', '.join(TYPES)}")
     family = family_of(model)
     arch = gguf_arch(family, model.config)
+    check_finite(model.state_dict().items(), f"export of {getattr(model, 'name_or_path', 'the model')}")
     out = Path(out)
     made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # deepest first
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -84,9 +84,11 @@ def batch_rows(n_rows: int, start: int, count: int, seed: int) -> Tensor:
 # ---------------------------------------------------------------- one step, validation, saving
 
 def train_step(trainee: Trainee, teacher: Teacher | CachedTeacher | None, optimizer: torch.optim.Optimizer,
-               rows: Tensor, micro: int, tc: TrainConfig, d: Dist, row_ids: Tensor | None = None) -> dict[str, float]:
-    """One optimizer step on this rank's rows (b, S) (`row_ids` (b,): where a cached teacher finds their
-    targets): accumulate micro-batch grads, clip, step; metrics."""
+               rows: Tensor, micro: int, tc: TrainConfig, d: Dist, row_ids: Tensor | None = None,
+               step: int = 1) -> dict[str, float]:
+    """Optimizer step number `step` on this rank's rows (b, S) (`row_ids` (b,): where a cached teacher finds their
+    targets): accumulate micro-batch grads, clip, step; metrics. A loss or gradient norm that is not finite is a
+    one-line error before the weights change."""
     optimizer.zero_grad(set_to_none=True)
     row_ids = row_ids if row_ids is not None else torch.full((len(rows),), -1)
     micros = [(r.to(d.device).long(), torch.ones_like(r, device=d.device, dtype=torch.long), i)
@@ -109,11 +111,14 @@ def train_step(trainee: Trainee, teacher: Teacher | CachedTeacher | None, optimi
         for key, value in parts.items():
             sums[key] = sums.get(key, 0.0) + value.detach().double() * weight
     norm = torch.nn.utils.clip_grad_norm_(trainee.parameters(), tc.grad_clip or math.inf)
-    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-    optimizer.step()
+    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     keys = sorted(sums)
-    reduced = all_reduce_sum(torch.stack([sums[k] for k in keys]), d).tolist()
-    return dict(zip(keys, reduced)) | {"grad_norm": float(norm)}
+    row = dict(zip(keys, all_reduce_sum(torch.stack([sums[k] for k in keys]), d).tolist())) | {"grad_norm": norm}
+    if not (math.isfinite(row["loss"]) and math.isfinite(norm)):
+        raise CompactLMError(f"step {step}: the loss is {row['loss']:g} and the gradient norm {norm:g}; the weights "
+                             "were not updated and nothing more is saved: try a lower lr")
+    optimizer.step()
+    return row
 
 
 def _sum_over_batch(parts: list[dict[str, Tensor]], d: Dist) -> dict[str, Tensor]:
@@ -286,7 +291,7 @@ def fit(student: nn.Module, train_rows: Tensor, val_rows: Tensor, tc: TrainConfi
             index = _rank_rows(len(train_rows), progress.rows_seen, tc.batch_size, session.seed, d)  # (B/world,)
             per_rank = len(index)  # a cache holds rows in order of use: look them up by stream position
             where = progress.rows_seen + d.rank * per_rank + torch.arange(per_rank) if teacher_cache is not None else index
-            row = train_step(trainee, step_teacher, optimizer, train_rows[index], micro, tc, d, where)
+            row = train_step(trainee, step_teacher, optimizer, train_rows[index], micro, tc, d, where, progress.step + 1)
             if teacher_mod is not None:
                 teacher_mod.release()
             scheduler.step()
@@ -294,8 +299,6 @@ def fit(student: nn.Module, train_rows: Tensor, val_rows: Tensor, tc: TrainConfi
             progress.tokens += tc.batch_size * tc.seq_len
             row = {"step": progress.step, "tokens": progress.tokens, **row, "lr": lr,
                    "tokens_per_s": tc.batch_size * tc.seq_len / (time.perf_counter() - tick)}
-            if not math.isfinite(row["loss"]):
-                raise CompactLMError(f"loss is {row['loss']} at step {progress.step}: try a lower lr")
             last = progress.step == total
             val = evaluate() if _every(progress.step, tc.eval_every) or last else {}
             if _every(progress.step, tc.log_every) or val or last:
@@ -359,10 +362,8 @@ def fit_together(students: list[nn.Module], train_rows: Tensor, val_rows: Tensor
         shared.next_batch()
         for trainee, optimizer, scheduler in runs:
             shared.rewind()
-            row = train_step(trainee, shared, optimizer, train_rows[index], micro, tc, d, index)
+            train_step(trainee, shared, optimizer, train_rows[index], micro, tc, d, index, step + 1)
             scheduler.step()
-            if not math.isfinite(row["loss"]):
-                raise CompactLMError(f"loss is {row['loss']} at step {step + 1}: try a lower lr")
         wrapped.release()  # every student has used the step's teacher outputs
         rows_seen += tc.batch_size
     wall = time.perf_counter() - start

@@ -192,9 +192,19 @@ def _cache_builtin(model, name: str) -> None:
         log.warning("could not cache %s: %s", name, e)
 
 
+def check_finite(tensors, where: str) -> None:
+    """A one-line error naming the first floating tensor of `tensors` ((name, tensor) pairs) that holds NaN or
+    infinity: such weights are never written."""
+    for name, tensor in tensors:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CompactLMError(f"{where}: {name} holds NaN or infinity; nothing was written")
+
+
 def write_checkpoint(model, tokenizer, directory: str | Path) -> None:
-    """save_pretrained the model (and tokenizer) into `directory`, with no quantization entry in config.json."""
+    """save_pretrained the model (and tokenizer) into `directory`, with no quantization entry in config.json;
+    refused when a weight is not finite."""
     directory = Path(directory)
+    check_finite(model.state_dict().items(), "the model to write")
     model.save_pretrained(directory)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
