@@ -182,6 +182,7 @@ def text_file(tmp_path_factory):
 
 def assert_column_close(got: list[dict], want: list[dict], key: str, rel: float) -> None:
     """Rows of two metrics logs carry `key` at the same steps, with values equal within `rel`."""
+    # `rel` is the caller's: each call site says why its runs may differ by that much
     assert [key in r for r in got] == [key in r for r in want], key
     assert [r[key] for r in got if key in r] == pytest.approx([r[key] for r in want if key in r], rel=rel), key
 

@@ -131,15 +131,17 @@ def test_search_zero_shot_matches_manual_pruning(token_batch):
         drop = layers_to_drop(TargetConfig(layer_metric="lm_loss"), source, cand.dims.layers, scores)
         student = prune_model(model, make_plan(scores, source, cand.dims, drop))
         assert num_params(student) == cand.params
+        # search ran this same prune_model + perplexity: the same operations, measured equal; 1e-6 a margin
         assert perplexity(student, [token_batch])["loss"] == pytest.approx(cand.zero_shot_loss, abs=1e-6)
     for key, value in model.state_dict().items():  # the teacher is untouched
-        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)  # exact: nothing may write to it
 
 
 def test_search_teacher_shape_keeps_teacher_loss(token_batch):
     model = tiny_model("gpt2", 4, 4, tied=True)
     cfg = SearchConfig(target_params=1.0, tolerance=0.0, layers=(3,), heads=(4,), hidden=(32,), ffn=(48,))
     chosen, _ = search(model, scores_for(model), cfg, [token_batch])
+    # a keep-all plan is the teacher bit for bit (test_pruning): measured equal; 1e-6 a margin
     assert chosen.zero_shot_loss == pytest.approx(perplexity(model, [token_batch])["loss"], abs=1e-6)
     dims = family_of(model).dims(model.config)
     assert num_params(prune_model(model, keep_all(dims))) == chosen.params

@@ -79,11 +79,12 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 def test_lr_schedule_warmup_then_cosine_to_min_lr():
     tc = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=4)
     lrs = [lr_at(s, 20, tc) for s in range(20)]
+    # python floats: the schedule's own formula up to float64 rounding (~1e-16); approx's default rel 1e-6
     assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     assert lrs[4] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1)
     assert lrs[12] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 8 / 15)))
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))  # decreasing after warm-up
-    assert lr_at(0, 1, TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=0)) == pytest.approx(1.0)
+    assert lr_at(0, 1, TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=0)) == pytest.approx(1.0)  # as above
 
 
 def test_batch_rows_cover_each_epoch_once_and_depend_only_on_seed_and_position():
@@ -167,9 +168,14 @@ def test_micro_batches_give_the_same_step_as_one_batch(models):
         metrics = train_step(trainee, teacher_mod, make_optimizer(trainee, tc), rows, micro, tc, CPU)
         results.append((metrics, [p.detach().clone() for p in trainee.parameters()]))
     for metrics, params in results[1:]:
+        # float32 forwards of 4, 2 or 1 rows round differently (~1e-7 per op), weighted sums in float64: measured
+        # 3.5e-8 on the loss; the grad norm (float32 gradients accumulated in another order, a float32 sum of
+        # squares) measured equal
         assert metrics["loss"] == pytest.approx(results[0][0]["loss"], rel=1e-5)
         assert metrics["grad_norm"] == pytest.approx(results[0][0]["grad_norm"], rel=1e-4)
         for a, b in zip(params, results[0][1]):
+            # one AdamW step at the warm-up lr 1e-5: lr * g / (|g| + eps) is about lr * sign(g), so the gradients'
+            # rounding barely reaches the weights (measured 1.1e-8); a flipped sign would move a weight by 2e-5
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -192,9 +198,11 @@ def test_students_distilled_together_end_as_each_alone(models, tmp_path):
     for model, result, name in zip(fresh, together, ("student", "teacher")):
         alone = AutoModelForCausalLM.from_pretrained(models[name])
         expected = fit(alone, train, val, tc, session, teacher=teacher)
+        # fit validates with the teacher (the head then runs on every position, not only those with a target:
+        # another matmul shape), fit_together without: float32 rounding only, measured 4.5e-8
         assert result["val_loss"] == pytest.approx(expected["val_loss"], rel=1e-6)
         for a, b in zip(model.parameters(), alone.parameters()):
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
+            torch.testing.assert_close(a, b, rtol=0, atol=0)  # exact: the same steps in the same order
 
 
 def test_validation_matches_evaluate(models):
@@ -205,10 +213,14 @@ def test_validation_matches_evaluate(models):
     rows = torch.randint(1, 300, (5, 16), generator=torch.Generator().manual_seed(0))
     val = validate(trainee, teacher_mod, rows, 2, CPU)
     batches = [{"input_ids": rows, "attention_mask": torch.ones_like(rows)}]
+    # validate runs micro-batches of 2 rows, perplexity all 5 at once: float32 forwards round differently (~1e-7
+    # per op, 2 layers), sums in float64; measured 9e-8
     assert val["val_loss"] == pytest.approx(perplexity(student, batches)["loss"], rel=1e-5)
     agreement = teacher_agreement(student, teacher, batches)
+    # the KL is a small difference of log-probabilities, so the logits' rounding weighs more in it than in the
+    # loss: 10x the loss's bound (measured equal here)
     assert val["val_kl"] == pytest.approx(agreement["kl"], rel=1e-4)
-    assert val["val_top1"] == pytest.approx(agreement["top1_agreement"])
+    assert val["val_top1"] == pytest.approx(agreement["top1_agreement"])  # the same argmax matches: equal
     assert trainee.training  # validation restores train mode
 
 
@@ -246,6 +258,7 @@ def test_distill_run_outputs(distilled):
     assert all({"val_kl", "val_top1", "val_ppl"} <= set(r) for r in rows if "val_loss" in r)
     assert rows[-1]["loss"] < rows[0]["loss"]  # it learns
     assert rows[-1]["tokens"] == 6 * 4 * 32 == result["tokens"]
+    # one float, returned and logged (JSON keeps a float exactly): equal; approx's default rel 1e-6
     assert result["steps"] == 6 and result["val_loss"] == pytest.approx(rows[-1]["val_loss"])
     assert result["best_val_loss"] == min(r["val_loss"] for r in rows if "val_loss" in r)
     for name in ("best", "final"):
@@ -269,7 +282,7 @@ def test_resuming_a_finished_run_changes_nothing(distilled, models, text_file):
     before, rows_before = _weights(out / "final"), _metrics(out)
     again = run_distill(load_config(None, _args(models, text_file, out, resume=True, **{
         "distill.intermediate": True, "distill.embedding_loss": True})))
-    assert again["steps"] == 6 and again["val_loss"] == pytest.approx(result["val_loss"])
+    assert again["steps"] == 6 and again["val_loss"] == pytest.approx(result["val_loss"])  # no step runs: equal
     torch.testing.assert_close(_weights(out / "final"), before)
     assert _metrics(out) == rows_before
 
@@ -287,6 +300,8 @@ def test_train_random_init_differs_from_pretrained(models, text_file, tmp_path):
         assert rows[-1]["loss"] < rows[0]["loss"] and "val_kl" not in rows[-1]
     first = _weights(tmp_path / "pretrained" / "final")
     second = _weights(tmp_path / "random" / "final")
+    # the two inits end 0.15 apart in weights and 4e-3 (relative) in val_loss (measured): far outside the defaults
+    # (rtol 1e-5, rel 1e-6), which only an identical run would meet
     assert any(not torch.allclose(first[k], second[k]) for k in first)
     assert runs["random"]["val_loss"] != pytest.approx(runs["pretrained"]["val_loss"])
 
@@ -344,6 +359,8 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(models, text_file, t
     got, want = _metrics(killed), _metrics(reference)
     assert [r["step"] for r in got] == list(range(1, 25))  # rows written after the checkpoint were dropped
     for key in ("loss", "lr", "val_loss"):
+        # resume restores weights, optimizer state and RNG, both runs on one thread: the same operations, measured
+        # equal; 1e-5 is a float32 margin, far below what a different batch or step changes
         assert_column_close(got, want, key, rel=1e-5)
 
 
@@ -412,7 +429,7 @@ def test_cached_kd_sigkill_then_resume_ends_like_an_uninterrupted_cached_run(mod
     stdout, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, (tmp_path / "resumed.log").read_text()[-2000:]
     torch.testing.assert_close(_weights(killed / "final"), _weights(reference / "final"))
-    assert_column_close(_metrics(killed), _metrics(reference), "loss", rel=1e-5)
+    assert_column_close(_metrics(killed), _metrics(reference), "loss", rel=1e-5)  # as in the dense kill test
 
 
 def test_top_k_refuses_the_hidden_state_losses():
@@ -440,9 +457,11 @@ def test_losses_use_the_logits_the_model_computes(family, token_batch):
     t_out = Teacher(teacher)(ids, mask)
     loss = Trainee(student, objective)(ids, mask, t_out)["loss"]
     want = kd_loss_reference(s_logits, t_logits, mask, 2.0, 0.5, labels)
+    # float32: the head runs on gathered positions (another matmul shape than the model's), and our sums are
+    # float64 where the reference's are float32: measured <= 2.3e-7 relative on losses of ~4, here and below
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
     ce = Trainee(student, Objective(chunk_tokens=7))(ids, mask)["loss"]
     want_ce = torch.nn.functional.cross_entropy(s_logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
     torch.testing.assert_close(ce, want_ce, rtol=1e-5, atol=1e-5)
     sums = Trainee(student, objective)(ids, mask, t_out, evaluate=True)["sums"]
-    torch.testing.assert_close(sums[0] / sums[1], want_ce.double(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sums[0] / sums[1], want_ce.double(), rtol=1e-5, atol=1e-5)  # as above

@@ -159,6 +159,8 @@ def test_f32_round_trip_is_exact(family, tied, bpe_tokenizer, tmp_path):
     assert family_of(loaded).dims(loaded.config) == d
     ids = random_ids()
     with torch.no_grad():
+        # the same float32 weights; only the norm eps comes back rounded to float32 and GPT-2's Conv1D weights as
+        # transposed views: measured equal. Logits |x| < 1, so 1e-5 is ~100 ulps; a wrong permutation moves O(1)
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=1e-5, rtol=0)
 
 
@@ -216,7 +218,7 @@ def test_permuted_rows_under_interleaved_rope_give_hugging_face_attention_scores
     q_cpp = interleaved(split(x @ permute_rope(wq, heads).T))
     k_cpp = interleaved(split(x @ permute_rope(wk, heads).T))
     torch.testing.assert_close(q_cpp @ k_cpp.transpose(-1, -2), q_hf @ k_hf.transpose(-1, -2))
-    assert not torch.allclose(interleaved(split(x @ wq.T)), q_cpp)  # without the permutation it differs
+    assert not torch.allclose(interleaved(split(x @ wq.T)), q_cpp)  # without the permutation it differs by O(1)
 
 
 # ----------------------------------------------------------------------------------------- pre-tokenizer
@@ -360,7 +362,7 @@ def test_qwen2_architecture_follows_its_head_layout(bpe_tokenizer, tmp_path):
         reloaded = load_model(str(tmp_path / f"{arch}.gguf"))
         ids = torch.arange(5, 21).unsqueeze(0)
         with torch.no_grad():
-            torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+            torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=1e-5)  # as f32 above
 
 
 @pytest.mark.parametrize("rope", [
@@ -388,6 +390,8 @@ def test_rope_scaling(rope, bpe_tokenizer, tmp_path):
         assert kv["llama.rope.scaling.type"] == "linear" and kv["llama.rope.scaling.factor"] == 2.0 and not freqs
     else:
         values = torch.from_numpy(freqs[0].data.copy())
+        # float64 default frequencies over transformers' float32 scaled ones: the factors within a float32
+        # rounding (6e-8 relative) of 1 and 8; measured exact
         assert values.shape == (8,) and values[0] == 1.0 and torch.allclose(values[-1], torch.tensor(8.0))
         assert bool(((values >= 1.0 - 1e-6) & (values <= 8.0 + 1e-5)).all())
 

@@ -40,10 +40,10 @@ def _reference(h_s, w_s, h_t, w_t, mask, **kw):
 def test_kl_of_identical_distributions_is_zero():
     logits = torch.randn(3, 5, V, dtype=torch.float64)
     mask = torch.ones(3, 5)
-    assert kd_loss_reference(logits, logits, mask).abs() < 1e-12
+    assert kd_loss_reference(logits, logits, mask).abs() < 1e-12  # float64, one log_softmax both sides: exactly 0
     h_s, w_s, *_ = _inputs()
     loss = kd_loss(h_s, w_s, h_s.detach(), w_s.detach(), torch.ones(N), temperature=2.0, chunk_tokens=5)
-    assert loss.abs() < 1e-12
+    assert loss.abs() < 1e-12  # both logits from the same matmul on the same values: exactly 0, 1e-12 a margin
 
 
 @pytest.mark.parametrize("chunk", [1, 4, 7, N, 1024])
@@ -55,6 +55,7 @@ def test_chunked_matches_reference_in_loss_and_grads(chunk, temperature, ce_weig
     grads = torch.autograd.grad(loss * 1.7, (h_s, w_s))  # grad_output != 1 exercises the backward scaling
     ref = _reference(h_s, w_s, h_t, w_t, mask, **kw)
     ref_grads = torch.autograd.grad(ref * 1.7, (h_s, w_s))
+    # float64 (eps 2.2e-16): chunking only reorders the sums over <= 23 tokens; measured <= 1e-15 in loss and grads
     torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-10)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
@@ -103,6 +104,8 @@ def test_padding_contributes_nothing():
     labels2[pad] = 3
     loss2 = kd_loss(h_s2, w_s, h_t2, w_t, mask, **{**kw, "labels": labels2})
     g_h2, g_w2 = torch.autograd.grad(loss2, (h_s2, w_s))
+    # padded positions never enter a chunk: the same float64 operations in the same order (measured equal); 1e-12
+    # is only a margin, far below what a leaked padded position would change
     torch.testing.assert_close(loss2, loss, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(g_h2, g_h, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(g_w2, g_w, rtol=1e-12, atol=1e-12)
@@ -124,7 +127,7 @@ def test_appending_padded_positions_leaves_loss_unchanged():
     mask_pad = torch.cat([mask, torch.zeros(extra, dtype=mask.dtype)])
     labels_pad = torch.cat([labels, torch.randint(0, V, (extra,))])
     loss_pad = kd_loss(h_s_pad, w_s, h_t_pad, w_t, mask_pad, labels=labels_pad, **kw)
-    torch.testing.assert_close(loss_pad, loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(loss_pad, loss, rtol=1e-12, atol=1e-12)  # as above: the same chunks (measured equal)
 
 
 def test_all_padding_gives_zero_loss_and_grads():
@@ -141,6 +144,8 @@ def test_bf16_runs_and_returns_input_dtype_grads():
     g_h, g_w = torch.autograd.grad(loss, (bf[0], bf[1]))
     assert loss.dtype == torch.float32 and g_h.dtype == g_w.dtype == torch.bfloat16
     ref = kd_loss(h_s, w_s, h_t, w_t, mask, ce_weight=0.3, labels=labels)
+    # bf16 inputs and matmuls (8 significant bits: ~4e-3 per rounding) against float32: measured 1e-2 on a loss
+    # of 8.2; a sanity bound that it computes the same loss, not a precision test
     torch.testing.assert_close(loss, ref.detach(), rtol=0.05, atol=0.05)
 
 
@@ -162,10 +167,10 @@ def test_cosine_loss_identical_is_zero_and_ignores_padding():
     torch.manual_seed(0)
     s = torch.randn(2, 5, 8)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]])
-    assert cosine_loss(s, s.clone(), mask).abs() < 1e-6
+    assert cosine_loss(s, s.clone(), mask).abs() < 1e-6  # float32 cosine of a vector with itself: 1 - cos ~ eps 1.2e-7
     t = s.clone()
     t[mask == 0] = torch.randn(int((mask == 0).sum()), 8)
-    assert cosine_loss(s, t, mask).abs() < 1e-6
+    assert cosine_loss(s, t, mask).abs() < 1e-6  # same as above
     assert torch.isclose(cosine_loss(s, -s, mask), torch.tensor(2.0))
 
 
@@ -173,9 +178,9 @@ def test_dynamic_alpha_is_detached_and_safe():
     logit = torch.tensor(3.0, requires_grad=True)
     inter = torch.tensor(0.5, requires_grad=True)
     alpha = dynamic_alpha(logit * 1.0, inter * 1.0)
-    assert not alpha.requires_grad and alpha.item() == pytest.approx(6.0)
+    assert not alpha.requires_grad and alpha.item() == pytest.approx(6.0)  # 3 / 0.5 is exact in float32
     (alpha * inter).backward()
-    assert inter.grad.item() == pytest.approx(6.0) and logit.grad is None
+    assert inter.grad.item() == pytest.approx(6.0) and logit.grad is None  # exact too: d(alpha * inter)/d inter = 6
     zero = dynamic_alpha(logit, torch.tensor(0.0))
     assert zero.item() == 0.0 and torch.isfinite(zero)
 
@@ -207,9 +212,9 @@ def test_kd_loss_equals_a_value_worked_out_by_hand():
     teacher = torch.zeros(2, 3, dtype=torch.float64)
     mask = torch.tensor([1, 0])
     loss = kd_loss(student, eye, teacher, eye, mask, chunk_tokens=1)
-    assert float(loss) == pytest.approx(0.0958940, abs=1e-7)
+    assert float(loss) == pytest.approx(0.0958940, abs=1e-7)  # the literal is log(4/3)/3 to 7 decimals (2.4e-8 off)
     mixed = kd_loss(student, eye, teacher, eye, mask, ce_weight=0.5, labels=torch.tensor([2, 0]))
-    assert float(mixed) == pytest.approx(0.0958940 + 0.5 * 0.6931472, abs=1e-7)
+    assert float(mixed) == pytest.approx(0.0958940 + 0.5 * 0.6931472, abs=1e-7)  # same: 7-decimal literals, float64
 
 
 @pytest.mark.parametrize("temperature,ce_weight", [(1.0, 0.0), (2.0, 0.5)])
@@ -221,13 +226,17 @@ def test_soft_capped_logits_match_the_reference_through_the_cap(temperature, ce_
     kw = dict(temperature=temperature, ce_weight=ce_weight, labels=labels)
     loss = kd_loss(h_s, w_s, h_t, w_t, mask, chunk_tokens=7, student_cap=2.0, teacher_cap=3.0, **kw)
     ref = kd_loss_reference(capped(h_s @ w_s.T, 2.0), capped(h_t @ w_t.T, 3.0), mask, temperature, ce_weight, labels)
+    # float64, as in the chunked test: only the order of the sums differs (measured <= 2e-15)
     torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-10)
     for g, r in zip(torch.autograd.grad(loss * 1.7, (h_s, w_s)), torch.autograd.grad(ref * 1.7, (h_s, w_s))):
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
-    assert not torch.allclose(loss, _reference(h_s, w_s, h_t, w_t, mask, **kw))  # the cap matters here
+    assert not torch.allclose(loss, _reference(h_s, w_s, h_t, w_t, mask, **kw))  # the cap matters here: 50-66% off
     logp, ids = torch.log_softmax(capped(h_t @ w_t.T, 3.0) / temperature, -1).topk(8, dim=-1)
     sparse = topk_kd_loss(h_s, w_s, logp, ids, mask, temperature=temperature, chunk_tokens=5, student_cap=2.0)
     sparse_ref = topk_kd_loss_reference(capped(h_s @ w_s.T, 2.0), logp, ids, mask, temperature)
+    # float64, but the student's tail q_tail = 1 - sum(q_K) is computed two ways (log1p here, 1 - sum in the
+    # reference): it cancels, relative error ~eps / q_tail; the gradient divides by q_tail, hence 10x looser.
+    # Measured <= 3e-16 absolute.
     torch.testing.assert_close(sparse, sparse_ref, rtol=1e-9, atol=1e-10)
     for g, r in zip(torch.autograd.grad(sparse, (h_s, w_s)), torch.autograd.grad(sparse_ref, (h_s, w_s))):
         torch.testing.assert_close(g, r, rtol=1e-8, atol=1e-10)
@@ -248,6 +257,7 @@ def test_topk_chunked_matches_reference_in_loss_and_grads(k, temperature, chunk)
     grads = torch.autograd.grad(loss * 1.7, (h_s, w_s, b_s))
     ref = topk_kd_loss_reference(h_s @ w_s.T + b_s, logp, ids, mask, temperature)
     ref_grads = torch.autograd.grad(ref * 1.7, (h_s, w_s, b_s))
+    # float64; q_tail cancels and divides the tail gradient, as in the soft-cap test (measured <= 1e-15)
     torch.testing.assert_close(loss, ref, rtol=1e-9, atol=1e-10)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-8, atol=1e-10)
@@ -258,6 +268,7 @@ def test_topk_with_every_token_is_the_dense_loss():
     h_s, w_s, _, logp, ids, mask, h_t, w_t = _topk_inputs(V, temperature=2.0)
     loss = topk_kd_loss(h_s, w_s, logp, ids, mask, temperature=2.0, chunk_tokens=6)
     dense = kd_loss(h_s, w_s, h_t, w_t, mask, temperature=2.0, chunk_tokens=6)
+    # float64; the empty tail leaves only rounding residue (~1e-16) in r and q_tail (measured <= 6e-15)
     torch.testing.assert_close(loss, dense, rtol=1e-9, atol=1e-10)
     for g, r in zip(torch.autograd.grad(loss, (h_s, w_s)), torch.autograd.grad(dense, (h_s, w_s))):
         torch.testing.assert_close(g, r, rtol=1e-8, atol=1e-10)
@@ -271,6 +282,7 @@ def test_topk_loss_is_a_lower_bound_that_tightens_with_k():
     for k in (1, 4, 16, 40):
         logp, ids = torch.log_softmax(h_t @ w_t.T, -1).topk(k, dim=-1)
         losses.append(topk_kd_loss(h_s, w_s, logp, ids, mask).item())
+    # 1e-12: float64 rounding only (the steps measured >= 0.08); K = 40 = V is the dense loss (measured 4e-16 off)
     assert all(a <= b + 1e-12 for a, b in zip(losses, losses[1:])) and losses[-1] == pytest.approx(dense, rel=1e-9)
     assert 0 < losses[0] < dense
 
@@ -280,6 +292,7 @@ def test_teacher_topk_stores_half_precision_values_and_int32_ids():
     logp, ids = teacher_topk(logits, 5, temperature=2.0)
     assert logp.shape == ids.shape == (2, 3, 5) and logp.dtype == torch.float16 and ids.dtype == torch.int32
     want = torch.log_softmax(logits / 2.0, -1).topk(5, dim=-1)
+    # float16 storage: half an ulp is 2^-11 = 4.9e-4 relative, 9.8e-4 absolute for |logp| in [2, 4); measured 9.4e-4
     torch.testing.assert_close(logp.double(), want.values, rtol=1e-3, atol=1e-3)
     assert torch.equal(ids.long(), want.indices)
     with pytest.raises(CompactLMError, match="0 < K <= vocab"):
@@ -327,6 +340,8 @@ def test_load_balancing_loss_is_the_models_own(module):
     mask[1, 3:] = 0
     gates = tuple(torch.randn(20, experts, generator=g, dtype=torch.float64) for _ in range(layers))
     whole = load_balancing_loss(gates, top_k, mask)
+    # both sum 3 layers x 20 rows in float32 (theirs after a float64 softmax, ours after a float32 one): a few
+    # float32 roundings (eps 1.2e-7) apart, measured equal
     torch.testing.assert_close(whole, theirs(gates, experts, top_k, mask).to(whole), rtol=1e-6, atol=0)
     halves = [(tuple(gate.reshape(4, 5, -1)[rows].reshape(-1, experts) for gate in gates), mask[rows])
               for rows in (slice(0, 2), slice(2, 4))]
@@ -334,4 +349,4 @@ def test_load_balancing_loss_is_the_models_own(module):
     parts = [load_balancing_loss(gate, top_k, m, slots / rows) * m.sum() / mask.sum() for gate, m in halves]
     torch.testing.assert_close(sum(parts), whole, rtol=1e-6, atol=0)  # float32 sums of ~20 terms
     assert not torch.allclose(sum(load_balancing_loss(gate, top_k, m) * m.sum() / mask.sum() for gate, m in halves),
-                              whole, rtol=1e-3)  # per-half loads: another objective
+                              whole, rtol=1e-3)  # per-half loads: another objective (8e-3 off; float32 noise ~1e-7)

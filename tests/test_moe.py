@@ -57,6 +57,8 @@ def test_pruning_experts_equals_a_router_that_never_picks_them(family, norm_topk
     for i, layer in enumerate(get_module(model, fam.layers_path)):
         router, kept = layer.mlp.gate, plan.experts[i]
         monkeypatch.setattr(router, "forward", lambda h, r=router, k=kept: (None, *_route(r, h, k)))
+    # float32: a softmax over 3 experts vs over 4 with one masked, expert outputs summed in another order: a few
+    # roundings (eps 1.2e-7) of logits |x| < 1, 3 layers deep; measured 9e-8
     torch.testing.assert_close(logits(pruned, token_batch), logits(model, token_batch), rtol=1e-5, atol=1e-5)
 
 
@@ -168,7 +170,7 @@ def test_plan_and_scores_round_trip_with_experts(family, token_batch, tmp_path):
     again = Plan.from_json(json.loads((tmp_path / "plan.json").read_text()), dims)
     assert all(torch.equal(a, b) for a, b in zip(again.experts, plan.experts) if len(a))
     torch.testing.assert_close(logits(prune_model(model, again), token_batch), logits(prune_model(model, plan), token_batch),
-                               rtol=0, atol=0)
+                               rtol=0, atol=0)  # exact: the same kept experts, so the same model
     with pytest.raises(CompactLMError, match="target.expert_metric=random: the scores hold only frequency, reap, reap_sum"):
         make_plan(loaded, dims, target, [], expert_metric="random")
     bad = dataclasses.replace(keep_all(dims), experts=[])

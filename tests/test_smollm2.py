@@ -54,7 +54,7 @@ def test_pruned_smollm2_saves_and_reloads(smollm2, tmp_path):
     assert (config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (384, 6, 3, 64)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     ids = torch.tensor([tokenizer.encode("def main():\n    return 0")])
-    with torch.no_grad():
+    with torch.no_grad():  # exact: safetensors keeps the float32 weights bit for bit, the same operations run
         torch.testing.assert_close(reloaded(ids).logits, pruned(ids).logits, rtol=0, atol=0)
 
 
@@ -70,7 +70,7 @@ def test_gguf_file_loads_and_saves_without_quantization(tmp_path):
     assert "quantization_config" not in json.loads((tmp_path / "ckpt" / "config.json").read_text())
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
     ids = torch.tensor([[1, 2, 3, 4, 5]])
-    with torch.no_grad():
+    with torch.no_grad():  # exact: the file's dequantized float32 weights, saved and read back bit for bit
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
 
 
@@ -110,6 +110,6 @@ def test_pruned_smollm2_round_trips_through_gguf(smollm2, tmp_path):
     export_gguf(pruned, tokenizer, tmp_path / "f32.gguf", "f32")
     reloaded = load_model(str(tmp_path / "f32.gguf"))
     ids = torch.tensor([tokenizer.encode("def main():\n    return 0")])
-    with torch.no_grad():
+    with torch.no_grad():  # f32 GGUF: the same weights, norm eps rounded to float32; measured equal (1e-5 a margin)
         torch.testing.assert_close(reloaded(ids).logits, pruned(ids).logits, rtol=0, atol=1e-5)
     assert len(export_gguf(pruned, tokenizer, tmp_path / "q8.gguf", "q8_0")["kept_f16"]) == 4  # one down_proj per layer
