@@ -105,3 +105,105 @@ def test_training_stops_at_the_first_non_finite_loss_before_the_weights_change(t
     for name, p in student.named_parameters():
         torch.testing.assert_close(p, before[name], rtol=0, atol=0, equal_nan=True)
     assert not (tmp_path / "checkpoint").exists() and not (tmp_path / "final").exists()
+
+
+# ---------------------------------------------------------------- who writes where
+
+def _tree(root) -> dict:
+    """Every file under `root` with its bytes: what a run must not change."""
+    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("command,key,inside", [
+    ("prune", "out_dir", ""), ("prune", "out_dir", "pruned"), ("distill", "out_dir", "student-out"),
+    ("export", "out", "model.gguf"), ("score", "out_dir", "scores"),
+])
+def test_an_output_inside_a_source_is_refused_before_any_work(command, key, inside, tiny_checkpoint, text_file,
+                                                                tmp_path, capsys):
+    """Regression: out_dir=<the model's own folder> overwrote the source checkpoint with its pruned copy."""
+    import shutil
+
+    from compactlm.cli import main
+
+    source = tmp_path / "source"
+    shutil.copytree(tiny_checkpoint, source)
+    before = _tree(source)
+    target = source / inside if inside else source
+    models = [f"teacher={source}", f"student={source}"] if command == "distill" else [f"model={source}"]
+    code = main([command, *models, f"data={text_file}", f"{key}={target}", "distill.steps=1"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"would write into {'teacher' if command == 'distill' else 'model'}=" in err, err
+    assert len(err.strip().splitlines()) == 1 and _tree(source) == before
+
+
+def _holder(out_dir, tmp_path):
+    """A process that holds out_dir's lock until killed; returns it once it holds it."""
+    import subprocess
+    import sys
+    import time
+
+    ready = tmp_path / "ready"
+    code = ("import sys, time, pathlib; from compactlm.ownership import hold\n"
+            "with hold(sys.argv[1]):\n    pathlib.Path(sys.argv[2]).touch(); time.sleep(120)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(out_dir), str(ready)])
+    while not ready.exists():
+        assert proc.poll() is None, "the lock holder died"
+        time.sleep(0.05)
+    return proc
+
+
+def test_a_second_run_on_an_out_dir_in_use_is_refused_and_a_killed_holder_leaves_no_lock(tmp_path, capsys):
+    """Regression: two runs wrote into one out_dir and one died mid-checkpoint. Now the second gets one line
+    naming the holder; once the holder is killed (SIGKILL: no cleanup), its lock is stale and taken over."""
+    import signal
+
+    from compactlm.cli import main
+    from compactlm.ownership import hold
+
+    out_dir = tmp_path / "run"
+    holder = _holder(out_dir, tmp_path)
+    try:
+        code = main(["score", "model=nowhere", f"out_dir={out_dir}"])
+        err = capsys.readouterr().err
+        assert code == 2 and f"in use by another run (pid {holder.pid} on " in err, err
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert (tmp_path / ".run.lock").exists()  # the killed holder's file stays...
+    with hold(out_dir):  # ...but its lock went with the process
+        pass
+    assert not (tmp_path / ".run.lock").exists()
+
+
+def test_the_next_run_of_an_out_dir_removes_what_killed_runs_left(tmp_path):
+    """Staging folders and temp files of a killed prune, export, score or distillation (beside the out_dir and
+    inside it) are removed once the next run holds the out_dir; other files, and other out_dirs', stay."""
+    from compactlm.ownership import hold
+
+    out = tmp_path / "run"
+    left = [tmp_path / ".run.staging.k2j4_x9a", tmp_path / ".run.search.ab12cd34", out / ".prune.staging.q8z1m3pa",
+            out / "distill" / ".final.q8z1m3pa", out / "export" / ".model-q8_0.gguf.x1y2z3w4",
+            out / "distill" / ".checkpoint.tmp", out / "teacher_cache" / "k8" / ".shard.ab12cd34"]
+    kept = [tmp_path / ".run2.staging.k2j4_x9a", out / "distill" / "final" / "model.safetensors",
+            out / "distill" / ".checkpoint.old" / "state.pt", out / "compactlm.yaml"]
+    for path in left + kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir() if "staging" in path.name or path.name.startswith(".final") else path.write_text("x")
+    with hold(out):
+        pass
+    assert not [p for p in left if p.exists()] and all(p.exists() for p in kept)
+
+
+def test_expected_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    """A config file that is not UTF-8 (a UnicodeDecodeError) and an unreadable file (an OSError) are one line
+    with exit 2; COMPACTLM_DEBUG=1 shows the traceback instead."""
+    from compactlm.cli import main
+
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("model: caf\xe9\n".encode("latin-1"))
+    assert main(["score", "--config", str(bad), f"out_dir={tmp_path / 'o'}"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "not UTF-8" in err, err
+    monkeypatch.setenv("COMPACTLM_DEBUG", "1")
+    with pytest.raises(UnicodeDecodeError):
+        main(["score", "--config", str(bad), f"out_dir={tmp_path / 'o'}"])

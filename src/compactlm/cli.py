@@ -9,6 +9,7 @@ import os
 import sys
 from collections.abc import Callable
 
+from compactlm import ownership
 from compactlm.config import load_config
 from compactlm.errors import CompactLMError
 
@@ -91,14 +92,41 @@ def main(argv: list[str] | None = None) -> int:
         if args.command not in ("eval", "export") and not cfg.out_dir:
             raise CompactLMError(f"{args.command} needs out_dir=DIR")
         command = COMMANDS[args.command][0]
-        command(cfg, args.dry_run) if args.command == "run" else command(cfg)
-    except CompactLMError as e:
-        print(f"compactlm {args.command}: error: {e}", file=sys.stderr)
+        if args.command == "run" and args.dry_run:
+            command(cfg, True)
+        else:
+            with ownership.claim(cfg):  # one run per out_dir, never into a source; leftovers of killed runs go
+                command(cfg)
+    except _expected() as e:
+        if os.environ.get("COMPACTLM_DEBUG") == "1":
+            raise
+        print(f"compactlm {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"compactlm {args.command}: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _expected() -> tuple[type[BaseException], ...]:
+    """The errors a user's input or machine can cause, shown as one line (COMPACTLM_DEBUG=1: the traceback):
+    compactlm's own, the OS's (a full disk, a permission, a cross-device rename), text that is not UTF-8, JSON or
+    YAML that does not parse, a safetensors file that is not one. Anything else is a bug and keeps its traceback."""
+    import yaml
+    from safetensors import SafetensorError
+
+    return CompactLMError, OSError, UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError, SafetensorError
+
+
+def _one_line(e: BaseException) -> str:
+    """An error as one line; an OSError names its file and the OS's reason (e.g. 'No space left on device')."""
+    if isinstance(e, OSError) and e.strerror:
+        where = f"{e.filename}: " if e.filename else ""
+        return f"{where}{e.strerror}"
+    if isinstance(e, UnicodeDecodeError):
+        return f"a file is not UTF-8 text ({e.reason} at byte {e.start})"
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if isinstance(e, CompactLMError) else f"{type(e).__name__}: {text}"
 
 
 if __name__ == "__main__":

@@ -287,9 +287,9 @@ def _brief_distill(cfg: Config, students: list, teacher, rows: data.Splits) -> l
 
     tc = dataclasses.replace(cfg.distill, steps=cfg.search.distill_steps, eval_every=None, save_every=None,
                              warmup_steps=1)
-    parent = Path(cfg.out_dir).parent
-    parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=".search-distill.", dir=parent))  # only metrics.jsonl lands here
+    out = Path(cfg.out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.search.", dir=out.parent))  # only metrics.jsonl lands here
     val = rows.val[: tc.eval_sequences]
     try:
         session = Session(scratch, setup(cfg.device), None, cfg.seed, save=False, progress=True,
