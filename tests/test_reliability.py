@@ -207,3 +207,26 @@ def test_expected_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, ca
     monkeypatch.setenv("COMPACTLM_DEBUG", "1")
     with pytest.raises(UnicodeDecodeError):
         main(["score", "--config", str(bad), f"out_dir={tmp_path / 'o'}"])
+
+
+def test_code_shipped_with_a_checkpoint_runs_only_when_trusted(tiny_checkpoint, tmp_path, capsys):
+    """A checkpoint whose config asks for its own code (auto_map): by default one line saying how to allow it,
+    never a question on stdin; trust_remote_code=true reaches transformers."""
+    import json
+    import shutil
+
+    from compactlm.cli import main
+    from compactlm.models.loading import load_model_config, trusting_remote_code
+
+    custom = tmp_path / "custom"
+    shutil.copytree(tiny_checkpoint, custom)
+    config = json.loads((custom / "config.json").read_text())
+    config |= {"model_type": "tiny_custom", "auto_map": {"AutoConfig": "configuration_tiny.TinyConfig"}}
+    (custom / "config.json").write_text(json.dumps(config))
+    (custom / "configuration_tiny.py").write_text(
+        "from transformers import LlamaConfig\nclass TinyConfig(LlamaConfig):\n    model_type = 'llama'\n")
+    assert main(["prune", f"model={custom}", f"out_dir={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "trust_remote_code" in err, err
+    with trusting_remote_code(True), pytest.raises(CompactLMError, match="unsupported model family 'tiny_custom'"):
+        load_model_config(str(custom))  # past the gate: its own config class loaded (a family compactlm lacks)

@@ -95,7 +95,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run" and args.dry_run:
             command(cfg, True)
         else:
-            with ownership.claim(cfg):  # one run per out_dir, never into a source; leftovers of killed runs go
+            from compactlm.models.loading import trusting_remote_code
+
+            # one run per out_dir, never into a source; transformers runs a checkpoint's code only when allowed
+            with ownership.claim(cfg), trusting_remote_code(cfg.trust_remote_code):
                 command(cfg)
     except _expected() as e:
         if os.environ.get("COMPACTLM_DEBUG") == "1":

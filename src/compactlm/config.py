@@ -287,6 +287,7 @@ class Config:
     dtype: str = choice("float32", "float32", "bfloat16", "float16")
     memory_gb: float | None = None  # weights above this: score, prune and eval run one decoder layer at a time
     resume: bool = False
+    trust_remote_code: bool = False  # let transformers run code shipped with a checkpoint (never asked on stdin)
     init: str = choice("pretrained", "pretrained", "random")
     dataset: DatasetConfig = DatasetConfig()
     calib: CalibConfig = CalibConfig()
@@ -505,7 +506,7 @@ def check_one_size(cfg: Config, command: str) -> None:
 # What may differ when a run or a training resumes: where it runs, how often it reports and saves, how a
 # batch is split over micro-batches (same gradients), what the evaluation measures besides its loss.
 MAY_CHANGE_ON_RESUME = frozenset({
-    "resume", "device", "out_dir", "eval.speed", "eval.speed_modes", "eval.speed_batches", "distill.teacher_cache",
+    "resume", "device", "out_dir", "trust_remote_code", "eval.speed", "eval.speed_modes", "eval.speed_batches", "distill.teacher_cache",
     "eval.tasks", "eval.task_limit", "eval.batch_size", "search.distill_together",
     *(f"{section}.{key}" for section in ("distill", "train", "correction")
       for key in ("micro_batch_size", "eval_every", "save_every", "log_every", "activation_checkpointing",

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from compactlm.errors import CompactLMError
 from compactlm.models.family import family_of, get_module
+from compactlm.models.loading import remote_code
 from compactlm.models.shards import Shards
 
 log = logging.getLogger(__name__)
@@ -164,7 +165,7 @@ class Layerwise:
 
         _return_big_frees()
         self.shards = Shards(checkpoint)
-        config = AutoConfig.from_pretrained(checkpoint)
+        config = AutoConfig.from_pretrained(checkpoint, **remote_code())
         self.family = family_of(config)
         self.dtype = dtype
         self.spill_bytes = spill_bytes

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib.util
 import json
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -28,6 +31,32 @@ BUILTIN_DESCRIPTIONS = {
 }
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Whether transformers may run code that a checkpoint ships (config key trust_remote_code, default false). Always
+# passed explicitly: left unset, transformers asks on stdin, which a pipeline or a torchrun rank cannot answer.
+_TRUST_REMOTE_CODE: contextvars.ContextVar[bool] = contextvars.ContextVar("trust_remote_code", default=False)
+
+
+@contextlib.contextmanager
+def trusting_remote_code(trust: bool) -> Iterator[None]:
+    """Loads inside the block pass trust_remote_code=`trust` to transformers (the CLI sets it from the config)."""
+    token = _TRUST_REMOTE_CODE.set(trust)
+    try:
+        yield
+    finally:
+        _TRUST_REMOTE_CODE.reset(token)
+
+
+def _load_error(what: str, spec: str, e: BaseException) -> CompactLMError:
+    """A failed transformers load as one line; a checkpoint that ships code says how to allow it."""
+    if "custom code" in str(e) and not _TRUST_REMOTE_CODE.get():
+        return CompactLMError(f"cannot load {what} from {spec}: it ships code of its own, which runs only with "
+                              "trust_remote_code=true (set it only if you trust that code)")
+    return CompactLMError(f"cannot load {what} from {spec}: {(str(e).splitlines() or [type(e).__name__])[0]}")
+
+
+def remote_code() -> dict:
+    """The trust_remote_code keyword every transformers load here passes."""
+    return {"trust_remote_code": _TRUST_REMOTE_CODE.get()}
 
 
 def pick_device(name: str) -> torch.device:
@@ -87,9 +116,9 @@ def load_tokenizer(spec: str):
     else:
         path, gguf = resolve(spec)
     try:
-        tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf} if gguf else {}), **remote_code())
     except (OSError, ValueError) as e:
-        raise CompactLMError(f"cannot load tokenizer from {spec}: {str(e).splitlines()[0]}") from None
+        raise _load_error("tokenizer", spec, e) from None
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return tok
@@ -118,8 +147,8 @@ def _auto_config(path: str, gguf: str | None):
     from transformers import AutoConfig
 
     if not gguf:
-        return AutoConfig.from_pretrained(path)
-    config = AutoConfig.from_pretrained(path, gguf_file=gguf)
+        return AutoConfig.from_pretrained(path, **remote_code())
+    config = AutoConfig.from_pretrained(path, gguf_file=gguf, **remote_code())
     for key, value in gguf_config_fixes(Path(path) / gguf).items():  # set, not passed: Qwen2Config drops unknowns
         setattr(config, key, value)
     return config
@@ -131,7 +160,7 @@ def load_model_config(spec: str):
     try:
         config = _auto_config(path, gguf)
     except (OSError, ValueError, json.JSONDecodeError) as e:
-        raise CompactLMError(f"cannot load model config from {spec}: {str(e).splitlines()[0]}") from None
+        raise _load_error("model config", spec, e) from None
     family_of(config)
     return config
 
@@ -143,7 +172,7 @@ def load_model(spec: str, *, dtype: str = "float32", device: str | torch.device 
     from transformers import AutoModelForCausalLM
 
     path, gguf = resolve(spec)
-    kwargs = {"dtype": DTYPES[dtype]}
+    kwargs = {"dtype": DTYPES[dtype], **remote_code()}
     if device_map:
         kwargs["device_map"] = device_map
     try:
@@ -151,7 +180,7 @@ def load_model(spec: str, *, dtype: str = "float32", device: str | torch.device 
             kwargs |= {"gguf_file": gguf, "config": _auto_config(path, gguf)}
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except Exception as e:  # corrupt files surface as OSError, ValueError, SafetensorError, RuntimeError...
-        raise CompactLMError(f"cannot load model from {spec}: {str(e).splitlines()[0]}") from None
+        raise _load_error("model", spec, e) from None
     family_of(model)  # unsupported families fail here, before any work
     if gguf:
         _clear_quantizer(model)

@@ -20,6 +20,7 @@ import torch
 
 from compactlm.errors import CompactLMError
 from compactlm.models.family import family_of
+from compactlm.models.loading import remote_code
 from compactlm.models.shards import INDEX, Shards, write_safetensors
 from compactlm.pruning.plan import Plan
 from compactlm.pruning.surgery import prune_config, prune_tensor, rescale_for, weight_axes
@@ -32,7 +33,7 @@ def prune_checkpoint(checkpoint: str | Path, plan: Plan, out: str | Path, *, max
     from transformers import AutoConfig
 
     checkpoint, out = Path(checkpoint), Path(out)
-    config = AutoConfig.from_pretrained(checkpoint)
+    config = AutoConfig.from_pretrained(checkpoint, **remote_code())
     family = family_of(config)
     if family.moe:  # on disk each expert is its own tensors; the family record describes the fused ones
         raise CompactLMError(f"{checkpoint}: streamed surgery does not read mixture-of-experts checkpoints yet")
