@@ -19,6 +19,7 @@ stage fails, after printing the table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -72,12 +73,15 @@ def command(verb: str, keys: list[str], procs: int) -> list[str]:
 
 
 def stage(name: str, verb: str, keys: list[str], procs: int = 1) -> dict:
-    """Run one command; its row: the JSON it printed last, seconds, or the last line of its error."""
+    """Run one command; its row: the JSON it printed last, seconds, or its error (compactlm's one line, else the
+    last line of the log; the whole log is printed below the table)."""
     start = time.time()
     proc = subprocess.run(command(verb, keys, procs), capture_output=True, text=True, env=ENV)
     row = {"stage": name, "procs": procs, "seconds": round(time.time() - start, 1)}
     if proc.returncode:
-        return row | {"error": (proc.stderr.strip().splitlines() or ["(no output)"])[-1][-300:]}
+        lines = proc.stderr.strip().splitlines() or ["(no output)"]
+        error = next((line for line in reversed(lines) if "error:" in line), lines[-1])
+        return row | {"error": error[-300:], "log": proc.stderr[-4000:]}
     return row | {"result": json.loads(proc.stdout.strip().splitlines()[-1])}
 
 
@@ -92,11 +96,45 @@ def killed_and_resumed(keys: list[str], out: Path, procs: int) -> dict:
         time.sleep(0.2)
     if first.poll() is not None:
         return {"stage": "kill + resume", "procs": procs, "error": "the run ended before its first checkpoint"}
-    os.killpg(first.pid, signal.SIGKILL)
+    _kill_tree(first.pid)  # torchrun's workers may sit in process groups of their own
     first.wait()
     at = ckpt.read_progress(ckpt.latest(out)).step
     row = stage("kill + resume", "distill", [*keys, f"out_dir={out}", "resume=true"], procs)
     return row | {"seconds": round(time.time() - start, 1), "resumed_at": at}
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc), children first."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL `pid` and everything below it, as a power cut would, and wait until they are gone."""
+    victims = [*_descendants(pid), pid]
+    for victim in victims:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGKILL)
+    while any(Path(f"/proc/{v}").exists() and "Z" not in _state(v) for v in victims if v != pid):
+        time.sleep(0.1)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
 
 
 def tokens_per_s(out: Path) -> float | None:
@@ -143,6 +181,9 @@ def main() -> int:
         if "result" in row:
             row["tokens_per_s"] = tokens_per_s(out)
     print_table(rows)
+    for row in rows:
+        if "log" in row:
+            print(f"\n--- {row['stage']}: the end of its log\n{row.pop('log')}", file=sys.stderr)
     (work / "gpu_check.json").write_text(json.dumps(rows, indent=1))
     return int(any("error" in row for row in rows))
 

@@ -159,7 +159,7 @@ class BatchTerms(NamedTuple):
     objective does not depend on how the batch is split (`Trainee` with `sums=True`, then `batch_terms`)."""
 
     alpha: Tensor | None = None  # () L_logits / L_intermediate of the global batch, detached
-    load: Tensor | None = None  # (E,) the global batch's share of routing slots per expert (`expert_load`)
+    load: Tensor | None = None  # (E,) the global batch's share of routing slots per expert (`expert_slots`)
 
 
 class Trainee(nn.Module):
@@ -184,11 +184,12 @@ class Trainee(nn.Module):
         forward, so that an FSDP root gathers its parameters for it)."""
         if sums:
             return self._batch_sums(ids, mask, teacher)
+        batch = batch or BatchTerms()
         out = self._run(ids, mask, states=bool(self.objective.layer_map) and not evaluate,
                         router=self.router and not evaluate)
-        parts = self._loss_parts(out, ids, mask, teacher, evaluate, batch or BatchTerms())
+        parts = self._loss_parts(out, ids, mask, teacher, evaluate, batch)
         if self.router and not evaluate:
-            parts = parts | self._router_loss(out.router_logits, mask, parts["loss"], (batch or BatchTerms()).load)
+            parts = parts | self._router_loss(out.router_logits, mask, parts["loss"], batch.load)
         return parts
 
     @torch.no_grad()
@@ -269,8 +270,9 @@ class Trainee(nn.Module):
 
 
 def batch_terms(sums: dict[str, Tensor]) -> BatchTerms:
-    """The global batch's terms from the `Trainee`'s sums (`sums=True`) added over every micro-batch and rank: alpha is the ratio
-    of the two token-weighted losses (the ratio of their global means), the load the share of routing slots."""
+    """The global batch's terms from the `Trainee`'s sums (`sums=True`) added over every micro-batch and rank:
+    alpha is the ratio of the two token-weighted losses (the ratio of their global means), the load the share of
+    routing slots."""
     alpha = dynamic_alpha(sums["logits"], sums["intermediate"]) if "logits" in sums else None
     load = sums["slots"] / sums["rows"] if "slots" in sums else None
     return BatchTerms(alpha, load)
