@@ -230,3 +230,42 @@ def test_code_shipped_with_a_checkpoint_runs_only_when_trusted(tiny_checkpoint, 
     assert len(err.strip().splitlines()) == 1 and "trust_remote_code" in err, err
     with trusting_remote_code(True), pytest.raises(CompactLMError, match="unsupported model family 'tiny_custom'"):
         load_model_config(str(custom))  # past the gate: its own config class loaded (a family compactlm lacks)
+
+
+def test_a_refused_resume_writes_nothing(tiny_checkpoint, text_file, tmp_path, capsys):
+    """A distillation killed at its checkpoint, resumed with a changed key (refused), then with the right keys
+    (resumed): the refused attempt leaves every file of the out_dir as it was, so the right resume still works."""
+    import signal
+
+    from conftest import run_killed_at_checkpoint
+    from test_distill import _args, models  # noqa: F401 - the fixture's helpers
+
+    from compactlm.cli import main
+
+    out = tmp_path / "kd"
+    args = [f"teacher={tiny_checkpoint}", f"student={tiny_checkpoint}", f"data={text_file}", f"out_dir={out}",
+            "distill.steps=4", "distill.batch_size=4", "distill.seq_len=32", "distill.save_every=2",
+            "distill.eval_every=2", "distill.eval_sequences=4", "eval.speed=false"]
+    assert run_killed_at_checkpoint(["distill", *args], 2, tmp_path / "killed.log") == -signal.SIGKILL
+    before = _tree(out)
+    assert main(["distill", *args, "resume=true", "distill.lr=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "distill.lr" in err and len(err.strip().splitlines()) == 1, err
+    assert _tree(out) == before
+    assert main(["distill", *args, "resume=true"]) == 0
+
+
+@pytest.mark.parametrize("command", ["score", "prune", "eval"])
+def test_a_tokenizer_larger_than_the_embedding_is_one_line(command, bpe_tokenizer, text_file, tmp_path, capsys):
+    """Regression: only training checked it; score, prune and eval died with an IndexError in the first forward."""
+    from compactlm.cli import main
+
+    small = tmp_path / "small-vocab"
+    tiny_model("llama").save_pretrained(small)  # 64 embedding rows
+    bpe_tokenizer.save_pretrained(small)  # ~300 tokens
+    capsys.readouterr()  # the save's progress bars
+    code = main([command, f"model={small}", f"data={text_file}", f"out_dir={tmp_path / 'out'}", "eval.speed=false",
+                 "calib.seq_len=32", "eval.seq_len=32", "target.intermediate_size=0.5"])
+    err = capsys.readouterr().err
+    assert code == 2 and "more than the 64 rows" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()

@@ -88,10 +88,18 @@ def load(cfg: Config, spec: str | None = None):
 
 
 def _tokenizer(cfg: Config, spec: str):
+    """The tokenizer for `spec`; one line when it has more tokens than the model's embedding has rows (its ids
+    would index past it: an IndexError deep in the first forward)."""
     if cfg.tokenizer == "char":  # chartok.CHAR: built from the data by run/train/distill, read from its folder here
         raise CompactLMError("tokenizer=char is built by run, train and distill; here pass the folder it was "
                              "saved to: tokenizer=RUN_DIR/tokenizer")
-    return load_tokenizer(cfg.tokenizer or spec)
+    tokenizer = load_tokenizer(cfg.tokenizer or spec)
+    config = load_model_config(spec)
+    vocab = family_of(config).dims(config).vocab
+    if len(tokenizer) > vocab:
+        raise CompactLMError(f"tokenizer {cfg.tokenizer or spec} has {len(tokenizer)} tokens, more than the "
+                             f"{vocab} rows of {spec}'s embedding: use the model's own tokenizer")
+    return tokenizer
 
 
 def local_safetensors(spec: str) -> bool:
