@@ -269,3 +269,143 @@ def test_a_tokenizer_larger_than_the_embedding_is_one_line(command, bpe_tokenize
     err = capsys.readouterr().err
     assert code == 2 and "more than the 64 rows" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def _killed_distill(tiny_checkpoint, text_file, tmp_path) -> list[str]:
+    """A distillation SIGKILLed right after its checkpoint of step 2; its arguments."""
+    import signal
+
+    from conftest import run_killed_at_checkpoint
+
+    args = [f"teacher={tiny_checkpoint}", f"student={tiny_checkpoint}", f"data={text_file}",
+            f"out_dir={tmp_path / 'kd'}", "distill.steps=4", "distill.batch_size=4", "distill.seq_len=32",
+            "distill.save_every=2", "distill.eval_every=2", "distill.eval_sequences=4", "eval.speed=false"]
+    assert run_killed_at_checkpoint(["distill", *args], 2, tmp_path / "killed.log") == -signal.SIGKILL
+    return args
+
+
+class Unsafe:
+    """An object weights_only=True refuses to unpickle."""
+
+
+def test_damaged_files_in_a_run_directory_are_one_line_naming_the_file(tiny_checkpoint, text_file, tmp_path, capsys):
+    """Regression: a torn progress.json or eval.json, and a training state with pickled objects (which
+    torch.load's weights_only refuses), ended in a decoder's or unpickler's traceback."""
+    from compactlm.cli import main
+
+    args = _killed_distill(tiny_checkpoint, text_file, tmp_path)
+    progress = tmp_path / "kd" / "checkpoint" / "progress.json"
+    good = progress.read_text()
+    progress.write_text('{"step": 2, "tok')
+    assert main(["distill", *args]) == 2  # the refusal to overwrite a checkpoint reads its step there
+    err = capsys.readouterr().err
+    assert "progress.json is not valid JSON" in err and len(err.strip().splitlines()) == 1, err
+    progress.write_text(good)
+    torch.save({"model": Unsafe()}, tmp_path / "kd" / "checkpoint" / "trainer_state.pt")
+    assert main(["distill", *args, "resume=true"]) == 2
+    err = capsys.readouterr().err
+    assert "trainer_state.pt: it holds objects other than tensors" in err and len(err.strip().splitlines()) == 1, err
+    run = tmp_path / "run"
+    (run / "evaluate").mkdir(parents=True)
+    (run / "evaluate" / "eval.json").write_bytes(b'{"teacher": \xff}')
+    assert main(["report", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "eval.json is not valid JSON" in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("keep", [10, 600, -64], ids=["inside-the-header", "inside-the-metadata", "inside-the-data"])
+def test_a_cut_gguf_file_is_one_line_naming_it(keep, tiny_checkpoint, tmp_path, capsys):
+    """Regression: a GGUF file cut inside its header ended in a struct.error traceback from the reader."""
+    from compactlm.cli import main
+
+    whole = tmp_path / "whole.gguf"
+    assert main(["export", f"model={tiny_checkpoint}", f"out={whole}", "export.type=f32"]) == 0
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[:keep])
+    capsys.readouterr()
+    assert main(["eval", f"model={cut}"]) == 2
+    err = capsys.readouterr().err
+    assert f"model file {cut} is not a whole GGUF file" in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("config,message", [
+    ([1, 2], "is not a JSON object"),
+    ({"num_attention_heads": 0}, "impossible num_attention_heads=0"),
+    ({"num_key_value_heads": 3}, "4 heads in 3 KV groups"),
+    ({"hidden_size": -32}, "impossible hidden_size=-32"),
+])
+def test_a_config_json_with_impossible_values_is_one_line(config, message, tiny_checkpoint, tmp_path, capsys):
+    """Regression: zero heads ended in a ZeroDivisionError, a config.json that is a list in an AttributeError."""
+    import json
+    import shutil
+
+    from compactlm.cli import main
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint, model)
+    saved = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(saved | config if isinstance(config, dict) else config))
+    assert main(["prune", f"model={model}", f"out_dir={tmp_path / 'out'}", "target.hidden_size=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_jsonl_file_that_is_not_utf8_names_its_line(tmp_path):
+    """Regression: a latin-1 .jsonl ended in a UnicodeDecodeError traceback that named no file."""
+    from compactlm import data
+
+    path = tmp_path / "docs.jsonl"
+    path.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(CompactLMError, match=r"docs.jsonl:2: not UTF-8 text"):
+        list(data.iter_texts(str(path)))
+
+
+@pytest.mark.parametrize("where,message", [
+    ("under-a-file/x.gguf", "is a file, not a folder"),
+    ("a-folder.gguf", "is a folder: give a file name"),
+    ("read-only/x.gguf", "cannot write in"),
+])
+def test_export_to_a_place_it_cannot_write_is_one_line_and_leaves_nothing(where, message, tiny_checkpoint, tmp_path,
+                                                                            capsys, monkeypatch):
+    """Regression: these named a temp file or said 'File exists'; they are checked before the model loads."""
+    import os
+
+    from compactlm.cli import main
+
+    (tmp_path / "under-a-file").write_text("x")
+    (tmp_path / "a-folder.gguf").mkdir()
+    (tmp_path / "read-only").mkdir()
+    real_mkstemp = __import__("tempfile").mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):  # root writes anywhere: a read-only folder as the OS says it
+        if dir is not None and str(dir).endswith("read-only"):
+            raise PermissionError(13, os.strerror(13))
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr("compactlm.inputs.tempfile.mkstemp", mkstemp)
+    before = sorted(tmp_path.rglob("*"))
+    assert main(["export", f"model={tiny_checkpoint}", f"out={tmp_path / where}"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_a_full_disk_during_export_is_one_line_and_leaves_no_partial_file(tiny_checkpoint, tmp_path, capsys,
+                                                                          monkeypatch):
+    """ENOSPC while the GGUF tensors are written: one line from the OS, exit 2, the temp file removed."""
+    import errno
+    import os
+
+    import gguf
+
+    from compactlm.cli import main
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", full)
+    assert main(["export", f"model={tiny_checkpoint}", f"out={tmp_path / 'out' / 'm.gguf'}"]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and len(err.strip().splitlines()) == 1, err
+    assert list(tmp_path.iterdir()) == []

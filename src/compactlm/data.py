@@ -167,8 +167,12 @@ def _txt_docs(path: Path) -> Iterator[str]:
 
 def _jsonl_docs(path: Path, text_field: str) -> Iterator[str]:
     """The text_field of every JSON object, one per line."""
-    with path.open(encoding="utf-8", errors="strict") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise CompactLMError(f"{path}:{lineno}: not UTF-8 text (byte {e.start} of the line)") from None
             if not line.strip():
                 continue
             try:

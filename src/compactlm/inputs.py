@@ -47,6 +47,22 @@ def check_out_dir(out_dir: str | Path) -> Path:
     return out
 
 
+def check_out_file(out: str | Path, key: str = "out") -> Path:
+    """A one-line error unless the file `out` can be written: not a folder, under folders (not files), in a place
+    this process may write (probed, as `check_out_dir` does)."""
+    out = Path(out)
+    if out.is_dir():
+        raise CompactLMError(f"{key}={out} is a folder: give a file name")
+    parent = next((p for p in out.parents if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise CompactLMError(f"{key}={out}: {parent} is a file, not a folder")
+    try:
+        os.unlink(tempfile.mkstemp(prefix=".compactlm-probe.", dir=parent)[1])
+    except OSError as e:
+        raise CompactLMError(f"{key}={out}: cannot write in {parent} ({e.strerror})") from None
+    return out
+
+
 @contextlib.contextmanager
 def staged_output(out_dir: str | Path) -> Iterator[Path]:
     """Yield a temp dir beside `out_dir`; on success move its entries into `out_dir`, on failure delete it."""

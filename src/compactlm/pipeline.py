@@ -20,7 +20,7 @@ from pathlib import Path
 
 from compactlm import provenance, stages
 from compactlm.config import Config, cascade_length, cascade_step, check_resume
-from compactlm.errors import CompactLMError
+from compactlm.errors import CompactLMError, read_json
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def target_of(cfg: Config, step_dir: Path) -> Config:
     chosen = step_dir / "search" / DONE
     if not cfg.search.enabled or not chosen.is_file():
         return cfg
-    shape = json.loads(chosen.read_text())["target"]
+    shape = read_json(chosen)["target"]
     return dataclasses.replace(cfg, target=dataclasses.replace(cfg.target, **shape))
 
 
@@ -225,7 +225,7 @@ def run(cfg: Config) -> dict:
         name = str(marker.parent.relative_to(run_dir))  # "prune", or "size-2/prune" in a cascade
         if marker.is_file():
             log.info("stage %s: done, skipping", name)
-            summary[name] = json.loads(marker.read_text())
+            summary[name] = read_json(marker)
             continue
         log.info("stage %s: %s", name, stage.what)
         start = time.perf_counter()

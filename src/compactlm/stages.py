@@ -27,7 +27,7 @@ from pathlib import Path
 from compactlm import data, inputs, provenance
 from compactlm.chartok import prepare_tokenizer
 from compactlm.config import Config, TrainConfig, check_one_size, check_resume
-from compactlm.errors import CompactLMError
+from compactlm.errors import CompactLMError, read_json
 from compactlm.importance.layers import LAYERWISE_METRICS, check_layerwise
 from compactlm.inputs import CONFIG_FILE, load, load_splits, scores_for, staged_output
 from compactlm.models.family import family_of
@@ -380,6 +380,7 @@ def export(cfg: Config) -> dict:
         raise CompactLMError("export needs out=FILE.gguf")
     if not cfg.out.endswith(".gguf"):
         raise CompactLMError(f"out={cfg.out}: expected a file name ending in .gguf")
+    inputs.check_out_file(cfg.out)
     family_of(load_model_config(cfg.model))  # a bad spec or an unsupported family fails before the weights load
     model = load_model(cfg.model)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
@@ -400,7 +401,7 @@ def report(cfg: Config) -> dict:
         return cascade_report(cfg)  # a cascade's run directory: its sizes live in size-<i>
     if not results_file.is_file():
         raise CompactLMError(f"report: {run_dir} holds no evaluate/{EVAL_FILE} (is it a finished run directory?)")
-    results = json.loads(results_file.read_text())
+    results = read_json(results_file)
     prompt = results.pop("prompt", "")
     scores = Scores.load(run_dir / "score" / SCORES_FILE)
     rep.plot_width_importance(scores, run_dir / "importance_width.png")
@@ -410,7 +411,7 @@ def report(cfg: Config) -> dict:
     plots = {"Width importance": "importance_width.png", "Layer importance": "importance_layers.png",
              "Training and validation loss": "training.png"}
     if (run_dir / "search" / "search.json").is_file():
-        rep.plot_search(json.loads((run_dir / "search" / "search.json").read_text())["candidates"], run_dir / "search.png")
+        rep.plot_search(read_json(run_dir / "search" / "search.json")["candidates"], run_dir / "search.png")
         plots["Search candidates"] = "search.png"
     arch = lambda name: results[name]["dims"] | {"params": results[name]["params"]}  # noqa: E731
     exported = run_dir / "export" / "stage.json"  # pipeline.DONE of the export stage
@@ -419,7 +420,7 @@ def report(cfg: Config) -> dict:
         stages={name: results[name] for name in MODELS}, plots=plots,
         samples={name: prompt + results[name]["sample"] for name in MODELS},
         notes=[f"config: {run_dir / CONFIG_FILE}", f"distillation metrics: {run_dir / 'distill' / 'metrics.jsonl'}"],
-        exported=json.loads(exported.read_text()) if exported.is_file() else None,
+        exported=read_json(exported) if exported.is_file() else None,
         inputs=provenance.recorded(run_dir / CONFIG_FILE),
     )
     return {"report": str(path)}
@@ -435,7 +436,7 @@ def cascade_report(cfg: Config) -> dict:
         results = folder / "evaluate" / EVAL_FILE
         if not results.is_file():
             raise CompactLMError(f"report: {folder} holds no evaluate/{EVAL_FILE} (is the cascade finished?)")
-        sizes[folder.name] = json.loads(results.read_text())
+        sizes[folder.name] = read_json(results)
     if not sizes:
         raise CompactLMError(f"report: {run_dir} holds no size-* folders (is it a cascade run directory?)")
     runs = [run_dir / name / "distill" / "metrics.jsonl" for name in sizes]

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import shutil
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 
 from compactlm.distill.distributed import Dist, barrier, full_state, gather_objects, load_full_state_
-from compactlm.errors import CompactLMError
+from compactlm.errors import CompactLMError, read_json
 from compactlm.models.loading import save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ def latest(out_dir: str | Path) -> Path | None:
 
 def read_progress(path: str | Path) -> Progress:
     """Progress recorded in a checkpoint folder."""
-    return Progress.from_record(json.loads((Path(path) / PROGRESS_FILE).read_text()))
+    return Progress.from_record(read_json(Path(path) / PROGRESS_FILE))
 
 
 def save(out_dir: str | Path, state: dict, progress: Progress) -> Path:
@@ -113,6 +114,9 @@ def load(path: str | Path) -> dict:
     file = Path(path) / STATE_FILE
     try:
         return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:  # weights_only=True refuses anything but tensors and plain data
+        raise CompactLMError(f"cannot read checkpoint {file}: it holds objects other than tensors and plain data, "
+                             "which are never unpickled (not a compactlm training state)") from None
     except (RuntimeError, OSError, EOFError) as e:
         raise CompactLMError(f"cannot read checkpoint {file}: {str(e).splitlines()[0]}") from None
 

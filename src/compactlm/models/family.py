@@ -86,17 +86,26 @@ class Family:
         return "experts" in self.keys
 
     def dims(self, config) -> Dims:
-        """Read a config's shape."""
+        """Read a config's shape; one line when it is impossible (a size below 1, heads not a multiple of the KV
+        heads, experts fewer than each token's top-k)."""
         get = lambda field: getattr(config, self.keys[field], None) if field in self.keys else None  # noqa: E731
-        hidden, heads = get("hidden"), get("heads")
+        sizes = {k: get(k) for k in ("hidden", "heads", "layers", "vocab")}
+        bad = [f"{self.keys[k]}={v!r}" for k, v in sizes.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1]
+        if bad:
+            raise CompactLMError(f"{self.name} config: impossible {', '.join(bad)} (sizes are integers of at least 1)")
+        hidden, heads = sizes["hidden"], sizes["heads"]
         ffn = get("ffn") or 4 * hidden  # GPT-2's n_inner=None means 4 * n_embd
         head_dim = (get("head_dim") if self.explicit_head_dim else None) or hidden // heads  # absent: hidden / heads
         kv_heads = get("kv_heads") or heads
         if self.moe and (getattr(config, "mlp_only_layers", None) or getattr(config, "decoder_sparse_step", 1) != 1):
             raise CompactLMError(f"{self.name}: configs with dense MLP layers among the expert layers "
                                  "(mlp_only_layers, decoder_sparse_step > 1) are not supported")
-        return Dims(hidden, ffn, heads, kv_heads, head_dim, get("layers"), get("vocab"), get("experts") or 0,
+        dims = Dims(hidden, ffn, heads, kv_heads, head_dim, sizes["layers"], sizes["vocab"], get("experts") or 0,
                     get("top_k") or 0)
+        if not all(isinstance(v, int) and v >= 1 for v in (ffn, kv_heads, head_dim)) or heads % kv_heads:
+            raise CompactLMError(f"{self.name} config: impossible shape: ffn {ffn}, {heads} heads in {kv_heads} KV "
+                                 f"groups of head_dim {head_dim}")
+        return dims
 
     def logit_cap(self, config) -> float | None:
         """The final-logit soft-cap of this config (Gemma 2), or None."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import importlib.util
 import json
 import logging
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from compactlm.errors import CompactLMError
+from compactlm.errors import CompactLMError, read_json
 from compactlm.models.family import family_of
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ def resolve(spec: str) -> tuple[str, str | None]:
     if spec.endswith(".gguf"):
         if not path.is_file():
             raise CompactLMError(f"model file {spec} does not exist")
+        check_gguf(path)
         return str(path.parent), path.name
     if path.exists():
         if not (path / "config.json").is_file():
@@ -104,6 +106,30 @@ def resolve(spec: str) -> tuple[str, str | None]:
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise CompactLMError(f"model path {spec} does not exist")
     return spec, None  # a hub id
+
+
+@functools.lru_cache(maxsize=8)
+def _gguf_problem(path: str, size: int, mtime: int) -> str | None:
+    """Why `path` is not a whole GGUF file (its header, metadata and tensor table read, every tensor's data inside
+    the file), or None. Cached per size and mtime: a spec resolves several times per command."""
+    import struct
+
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+        end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
+    except (struct.error, ValueError, IndexError, KeyError, OSError) as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return f"its tensors end at byte {end:,}, past the file's {size:,}" if end > size else None
+
+
+def check_gguf(path: Path) -> None:
+    """One line naming `path` when it is not a whole GGUF file (cut inside its header or its data, or not GGUF)."""
+    stat = path.stat()
+    problem = _gguf_problem(str(path), stat.st_size, stat.st_mtime_ns)
+    if problem:
+        raise CompactLMError(f"model file {path} is not a whole GGUF file ({problem}): a cut or damaged download?")
 
 
 def load_tokenizer(spec: str):
@@ -154,14 +180,32 @@ def _auto_config(path: str, gguf: str | None):
     return config
 
 
+# size keys of the config classes compactlm reads: transformers' own checks divide by some before any of ours run
+_SIZE_KEYS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers", "vocab_size",
+              "intermediate_size", "head_dim", "n_embd", "n_head", "n_layer")
+
+
+def _check_raw_config(config, path: Path) -> None:
+    """One line when config.json is not a JSON object, or a size in it is not an integer of at least 1."""
+    if not isinstance(config, dict):
+        raise CompactLMError(f"{path} is not a JSON object of config keys")
+    bad = [f"{k}={config[k]!r}" for k in _SIZE_KEYS
+           if config.get(k) is not None and (not isinstance(config[k], int) or isinstance(config[k], bool) or config[k] < 1)]
+    if bad:
+        raise CompactLMError(f"{path}: impossible {', '.join(bad)} (sizes are integers of at least 1)")
+
+
 def load_model_config(spec: str):
     """Only the config of a model spec (cheap): lets shape checks run before any weights load."""
     path, gguf = resolve(spec)
+    local = Path(path) / "config.json"
+    if not gguf and local.is_file():
+        _check_raw_config(read_json(local), local)
     try:
         config = _auto_config(path, gguf)
-    except (OSError, ValueError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, json.JSONDecodeError, ZeroDivisionError, TypeError) as e:
         raise _load_error("model config", spec, e) from None
-    family_of(config)
+    family_of(config).dims(config)  # an unsupported family or an impossible shape: one line, before any weights
     return config
 
 

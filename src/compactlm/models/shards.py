@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from compactlm.errors import CompactLMError
+from compactlm.errors import CompactLMError, read_json
 
 INDEX = "model.safetensors.index.json"
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -29,7 +29,7 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
 def source_shards(checkpoint: Path) -> dict[str, Path]:
     """Tensor name -> the safetensors file holding it, in the checkpoint's order."""
     if (checkpoint / INDEX).is_file():
-        weight_map = json.loads((checkpoint / INDEX).read_text())["weight_map"]
+        weight_map = read_json(checkpoint / INDEX)["weight_map"]
         return {name: checkpoint / file for name, file in weight_map.items()}
     single = checkpoint / "model.safetensors"
     if not single.is_file():

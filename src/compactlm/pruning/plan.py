@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from compactlm.errors import CompactLMError
+from compactlm.errors import CompactLMError, read_json
 from compactlm.importance.scores import Scores
 from compactlm.models.family import Dims
 
@@ -101,7 +101,7 @@ def read_hidden_keep(model_dir: str | Path) -> torch.Tensor | None:
     if not path.is_file():
         return None
     try:
-        return torch.tensor(json.loads(path.read_text())["hidden"], dtype=torch.long)
+        return torch.tensor(read_json(path)["hidden"], dtype=torch.long)
     except (ValueError, KeyError, TypeError) as e:
         raise CompactLMError(f"cannot read the pruning plan {path}: {e}") from None
 
