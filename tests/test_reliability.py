@@ -409,3 +409,30 @@ def test_a_full_disk_during_export_is_one_line_and_leaves_no_partial_file(tiny_c
     err = capsys.readouterr().err
     assert "No space left on device" in err and len(err.strip().splitlines()) == 1, err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_outputs_respect_the_umask(mask, bpe_tokenizer, tmp_path, monkeypatch):
+    """Regression: GGUF files, checkpoints and token-store folders were 0600/0700 whatever the umask (tempfile's
+    modes survive the rename into place): unreadable to a colleague on a shared machine."""
+    import os
+    import stat
+
+    from compactlm.export import export_gguf
+    from compactlm.models.loading import save_checkpoint
+    from compactlm.tokenstore import Source, open_store
+
+    monkeypatch.setenv("COMPACTLM_TOKENS", str(tmp_path / "stores"))
+    (tmp_path / "docs.txt").write_text("some text to tokenise\n\n" * 50)
+    model = tiny_model("llama")
+    model.config.vocab_size = len(bpe_tokenizer)
+    model.resize_token_embeddings(len(bpe_tokenizer))
+    old = os.umask(mask)
+    try:
+        gguf = export_gguf(model, bpe_tokenizer, tmp_path / "m.gguf", "f32")["gguf"]
+        ckpt = save_checkpoint(model, bpe_tokenizer, tmp_path / "ckpt")
+        store = open_store(Source(str(tmp_path / "docs.txt")), bpe_tokenizer, progress=False).path
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
+    assert mode(gguf) == 0o666 & ~mask and mode(ckpt) == 0o777 & ~mask and mode(store) == 0o777 & ~mask

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from compactlm.config import Config
 from compactlm.errors import CompactLMError
+from compactlm.files import as_if_created
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -63,7 +64,7 @@ def prepare_tokenizer(cfg: Config, out_dir: str | Path) -> Config:
 def _save_atomically(tokenizer, target: Path) -> None:
     """save_pretrained into a temp dir beside `target`, renamed in; a copy already there (another rank) wins."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp = as_if_created(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         tokenizer.save_pretrained(tmp)
         try:

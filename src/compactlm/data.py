@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from compactlm.errors import CompactLMError
+from compactlm.files import as_if_created
 from compactlm.models.loading import cache_dir
 
 log = logging.getLogger(__name__)
@@ -251,7 +252,7 @@ def download(url: str, dest: Path, sha256: str, *, size: int | None = None,
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    tmp, digest = Path(name), hashlib.sha256()
+    tmp, digest = as_if_created(name), hashlib.sha256()
     try:
         with open(fd, "wb") as out:
             try:

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from compactlm.errors import CompactLMError
+from compactlm.files import as_if_created
 from compactlm.models.family import FAMILIES, Family, family_of
 from compactlm.models.loading import check_finite
 
@@ -265,6 +266,7 @@ def export_gguf(model, tokenizer, out: str | Path, type_name: str = "f16", name:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
     os.close(fd)
+    as_if_created(tmp)
     kept_f16: list[str] = []
     try:
         writer = gguf.GGUFWriter(tmp, arch)

@@ -38,6 +38,7 @@ import torch
 
 from compactlm import data
 from compactlm.errors import CompactLMError
+from compactlm.files import as_if_created
 from compactlm.models.loading import cache_dir
 
 log = logging.getLogger(__name__)
@@ -166,7 +167,7 @@ def _open(path: Path, src: Source, tokenizer, need: tuple[int, int], progress: b
         log.info("token store %s: reused (%d train, %d val tokens)", path, *meta["tokens"].values())
         return TokenStore(path, meta)
     if meta is None:  # a fresh build goes to a temp folder, renamed in once complete
-        work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        work = as_if_created(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:
             meta = _fill(work, src, tokenizer, need, _empty_meta(src, tokenizer), progress)
             if path.exists():  # a folder left without meta.json by an old interrupted extension

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from compactlm.distill.losses import teacher_topk
 from compactlm.errors import CompactLMError
+from compactlm.files import as_if_created
 
 Logits = Callable[[Tensor], Tensor]  # (b, S) token ids -> (b, S, V) teacher logits
 
@@ -103,6 +104,7 @@ class TeacherCache:
                        "ids": torch.cat([p[1] for p in parts]).contiguous()}
             fd, tmp = tempfile.mkstemp(prefix=".shard.", dir=self.folder)
             os.close(fd)
+            as_if_created(tmp)
             try:
                 save_file(tensors, tmp)
                 os.replace(tmp, self.shard_path(i))

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from compactlm.errors import CompactLMError, read_json
+from compactlm.files import as_if_created
 from compactlm.models.family import family_of
 
 log = logging.getLogger(__name__)
@@ -309,7 +310,7 @@ def save_checkpoint(model, tokenizer, out: str | Path) -> Path:
     """
     out = recover(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = as_if_created(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         write_checkpoint(model, tokenizer, tmp)
         if out.exists():
