@@ -71,9 +71,11 @@ def test_evaluation_equal_in_memory(family, tied, tmp_path):
     assert teacher_agreement(lw_student, teacher, batches) == teacher_agreement(student, teacher, batches)
 
 
-def test_bfloat16_file_scored_in_float32(tmp_path):
-    """Weights stored in bf16, computed in f32: embeddings stay mapped in bf16 and their rows are cast."""
-    model = tiny_model("llama", tied=True)
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3"])
+def test_bfloat16_file_scored_in_float32(family, tmp_path):
+    """Weights stored in bf16, computed in f32: embeddings stay mapped in bf16 and their rows are cast. Regression
+    (Gemma): the scaled embedding multiplied by sqrt(hidden) in bf16 before the cast; the loaded model casts first."""
+    model = tiny_model(family, tied=True)
     path = _saved(model, tmp_path, dtype=torch.bfloat16)
     loaded = type(model).from_pretrained(path, dtype=torch.float32).eval()
     lw = Layerwise(path, torch.float32, head=True)

@@ -68,8 +68,15 @@ def _set_params(module: nn.Module, tensors: dict[str, Tensor]) -> None:
 
 
 def _cast_output(dtype: torch.dtype):
+    """A forward hook: an embedding's rows, looked up in the file's dtype, cast to the compute dtype. A scaled
+    embedding (Gemma's, times sqrt(hidden)) is scaled after the cast, as the converted table would be: its own
+    forward scales in the file's dtype first (a bf16 rounding the loaded model never makes)."""
+
     def hook(module, args, output):
-        return output.to(dtype)
+        scale = getattr(module, "embed_scale", None)
+        if scale is None:
+            return output.to(dtype)
+        return nn.functional.embedding(args[0], module.weight, module.padding_idx).to(dtype) * scale.to(dtype)
 
     return hook
 
