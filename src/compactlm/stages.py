@@ -228,9 +228,9 @@ def _teacher_cache(cfg: Config, tc, teacher, train_rows, batch: int, d):
     if d.world > 1:
         raise CompactLMError("distill.teacher_top_k runs in one process for now, not under torchrun")
 
-    def logits(ids):
+    def logits(ids):  # left on the device: the cache takes the top K there
         with torch.no_grad():
-            return teacher(input_ids=ids.to(d.device).long()).logits.float().cpu()
+            return teacher(input_ids=ids.to(d.device).long()).logits
 
     fingerprint = teacher_fingerprint(teacher.config.to_dict(), logits, train_rows[0:1][:, :16])
     key = cache_key(fingerprint, train_rows, cfg.seed, tc.teacher_top_k, tc.temperature)
@@ -238,8 +238,8 @@ def _teacher_cache(cfg: Config, tc, teacher, train_rows, batch: int, d):
     positions = -(-total_steps(tc) * tc.batch_size // per_shard) * per_shard  # the rows the run reads, in whole shards
     cache = TeacherCache(Path(tc.teacher_cache or Path(cfg.out_dir) / "teacher_cache") / key, positions,
                          tc.seq_len, tc.teacher_top_k, rows_per_shard=per_shard)
-    used = train_rows[batch_rows(len(train_rows), 0, positions, cfg.seed)]  # (positions, S) in order of use
-    built = cache.build(logits, used, tc.temperature, batch_size=batch)
+    order = batch_rows(len(train_rows), 0, positions, cfg.seed)  # (positions,) row indices in order of use
+    built = cache.build(logits, train_rows, tc.temperature, batch_size=batch, order=order)
     log.info("teacher cache %s: %d rows, %.1f MB on disk (%d bytes per token), %d shards computed now",
              cache.folder, built["rows"], built["bytes"] / 1e6, built["bytes_per_token"], built["built_shards"])
     return cache

@@ -32,7 +32,7 @@ from compactlm.distill.losses import teacher_topk
 from compactlm.errors import CompactLMError
 from compactlm.files import as_if_created
 
-Logits = Callable[[Tensor], Tensor]  # (b, S) token ids -> (b, S, V) teacher logits
+Logits = Callable[[Tensor], Tensor]  # (b, S) token ids -> (b, S, V) teacher logits, on the teacher's device
 
 
 def _digest(*parts: bytes) -> str:
@@ -46,7 +46,7 @@ def teacher_fingerprint(config: dict, logits: Logits, probe: Tensor) -> str:
     """What identifies a teacher here: its config and its logits on `probe` (b, S), rounded to 1e-3, so that a
     different checkpoint with the same config gets a different key without hashing every weight."""
     with torch.no_grad():
-        out = logits(probe).float()
+        out = logits(probe).float().cpu()
     rounded = torch.round(out * 1000).to(torch.int64)
     return _digest(json.dumps(config, sort_keys=True, default=str).encode(), rounded.numpy().tobytes())
 
@@ -88,18 +88,22 @@ class TeacherCache:
         return k * (2 + 4)  # float16 value + int32 id per kept token
 
     def build(self, logits: Logits, train_rows, temperature: float, batch_size: int = 8,
-              progress: bool = True) -> dict:
-        """Compute and write every missing shard from `train_rows` (n_rows, S), row i being position i (a rerun
-        resumes); returns what the cache holds."""
-        if tuple(train_rows.shape) != (self.n_rows, self.seq_len):
-            raise CompactLMError(f"teacher cache: rows {tuple(train_rows.shape)} are not the cache's "
+              progress: bool = True, order: Tensor | None = None) -> dict:
+        """Compute and write every missing shard (a rerun resumes); returns what the cache holds. Position i is
+        row order[i] of `train_rows` (N, S) (default: row i). Rows are read a shard at a time, and the top K are
+        taken where `logits` leaves the logits (the GPU): the host holds O(batch x S x K), never the whole
+        vocabulary nor every row."""
+        order = torch.arange(len(train_rows)) if order is None else order
+        if (len(order), train_rows.shape[1]) != (self.n_rows, self.seq_len):
+            raise CompactLMError(f"teacher cache: rows ({len(order)}, {train_rows.shape[1]}) are not the cache's "
                                  f"({self.n_rows}, {self.seq_len})")
         self.folder.mkdir(parents=True, exist_ok=True)
         todo = self.missing()
         bar = tqdm(total=len(todo) * self.rows_per_shard, desc="teacher cache", unit="row", disable=not progress)
         for i in todo:
-            rows = train_rows[i * self.rows_per_shard: (i + 1) * self.rows_per_shard]
-            parts = [teacher_topk(logits(batch), self.k, temperature) for batch in rows.split(batch_size)]
+            rows = train_rows[order[i * self.rows_per_shard: (i + 1) * self.rows_per_shard]]
+            parts = [[t.cpu() for t in teacher_topk(logits(batch), self.k, temperature)]
+                     for batch in rows.split(batch_size)]
             tensors = {"logp": torch.cat([p[0] for p in parts]).contiguous(),
                        "ids": torch.cat([p[1] for p in parts]).contiguous()}
             fd, tmp = tempfile.mkstemp(prefix=".shard.", dir=self.folder)
