@@ -214,3 +214,30 @@ def test_budget_that_fits_loads_whole(capsys, tiny_checkpoint, text_file, tmp_pa
     with caplog.at_level("INFO"):
         _cli(capsys, "eval", *_common(tiny_checkpoint, text_file, tmp_path / "e"), "memory_gb=1")
     assert "fit memory_gb=1" in caplog.text
+
+
+def test_masks_are_rebuilt_per_call_not_kept_for_every_batch(tmp_path):
+    """Regression: the run kept every batch's attention masks (4-D for eager attention: (B, 1, S, S) each, two for
+    sliding-window families) for the whole run, outside the memory budget. Now each layer call gets its own,
+    gone once the call returns: at most one batch's masks are alive."""
+    import weakref
+
+    model = tiny_model("gemma2", kv_heads=2)
+    model.config._attn_implementation = "eager"
+    lw = Layerwise(_saved(model, tmp_path))
+    lw.model.config._attn_implementation = "eager"
+    alive = []
+
+    def watch(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor):
+            alive.append(weakref.ref(mask))
+            assert sum(r() is not None for r in alive) <= 2, "masks of earlier calls are still held"
+
+    handles = [layer.register_forward_pre_hook(watch, with_kwargs=True) for layer in lw.layers]
+    try:
+        lw.run(_batches() * 3).close()
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(alive) == len(lw.layers) * 6

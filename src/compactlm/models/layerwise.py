@@ -248,7 +248,7 @@ class Layerwise:
 
         inputs = [model_inputs(batch, torch.device("cpu")) for batch in batches]
         with torch.no_grad():
-            states, calls = capture_layer_calls(self.model, inputs, self.spill_bytes)
+            states, _ = capture_layer_calls(self.model, inputs, self.spill_bytes, keep_calls=False)
             try:
                 for i in tqdm(range(len(self.layers)), desc="layers", unit="layer", disable=not progress):
                     self._load_layer(i)
@@ -256,7 +256,9 @@ class Layerwise:
                         for b, batch in enumerate(inputs):
                             if on_batch is not None:
                                 on_batch(b, batch)
-                            args, kwargs = calls[b][i]
+                            # the masks and rotary tables are rebuilt for each call rather than kept for every
+                            # batch: 4-D masks (B, 1, S, S) can outweigh the hidden states the budget counts
+                            args, kwargs = capture_layer_calls(self.model, [batch])[1][0][i]
                             out = self.layers[i](states[b], *args, **kwargs)
                             states[b] = out[0] if isinstance(out, tuple) else out
                     finally:
@@ -278,11 +280,11 @@ class Layerwise:
             states.close()
 
 
-def capture_layer_calls(model: nn.Module, inputs: list[dict[str, Tensor]], spill_bytes: int | None = None
-                        ) -> tuple[_States, list[dict[int, tuple]]]:
+def capture_layer_calls(model: nn.Module, inputs: list[dict[str, Tensor]], spill_bytes: int | None = None,
+                        keep_calls: bool = True) -> tuple[_States, list[dict[int, tuple]]]:
     """Each batch's input to decoder layer 0, and the other arguments (masks, rotary embeddings, ...) that the
-    model passes every layer, from one forward of the decoder with each layer replaced by a catcher. Works on a
-    loaded model and on a `Layerwise` skeleton alike (no layer weight is used)."""
+    model passes every layer (none when not `keep_calls`), from one forward of the decoder with each layer
+    replaced by a catcher. Works on a loaded model and on a `Layerwise` skeleton alike (no layer weight is used)."""
     family = family_of(model)
     base = get_module(model, family.base_path)
     layers = get_module(model, family.layers_path)
@@ -296,7 +298,8 @@ def capture_layer_calls(model: nn.Module, inputs: list[dict[str, Tensor]], spill
                 catcher.calls.clear()
             base(**batch, use_cache=False)
             states.append(layers[0].calls[0][0])
-            calls.append({i: c.calls[i][1:] for i, c in enumerate(layers)})
+            if keep_calls:
+                calls.append({i: c.calls[i][1:] for i, c in enumerate(layers)})
     finally:
         for i, layer in enumerate(originals):
             layers[i] = layer
