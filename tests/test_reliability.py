@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from pathlib import Path
 
 import pytest
 import torch
@@ -436,3 +437,28 @@ def test_outputs_respect_the_umask(mask, bpe_tokenizer, tmp_path, monkeypatch):
         os.umask(old)
     mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
     assert mode(gguf) == 0o666 & ~mask and mode(ckpt) == 0o777 & ~mask and mode(store) == 0o777 & ~mask
+
+
+def test_an_out_dir_that_is_a_symlink_stages_on_its_targets_file_system(tmp_path, monkeypatch):
+    """Regression: the staging folder went beside the link, so with the target on another file system the final
+    moves failed (EXDEV) after all the work. Now it goes beside the target: the moves are renames."""
+    import tempfile
+
+    from compactlm.inputs import staged_output
+
+    target, link = tmp_path / "other-fs" / "run", tmp_path / "here" / "run"
+    target.mkdir(parents=True)
+    link.parent.mkdir()
+    link.symlink_to(target)
+    made = []
+    real = tempfile.mkdtemp
+
+    def spy(*args, **kwargs):
+        made.append(Path(real(*args, **kwargs)))
+        return str(made[-1])
+
+    monkeypatch.setattr("compactlm.inputs.tempfile.mkdtemp", spy)
+    with staged_output(link) as out:
+        (out / "result.txt").write_text("done")
+    staging = [p for p in made if ".staging." in p.name]  # (the first is check_out_dir's probe)
+    assert staging[0].parent == target.parent and (target / "result.txt").read_text() == "done"

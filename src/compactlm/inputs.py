@@ -65,8 +65,10 @@ def check_out_file(out: str | Path, key: str = "out") -> Path:
 
 @contextlib.contextmanager
 def staged_output(out_dir: str | Path) -> Iterator[Path]:
-    """Yield a temp dir beside `out_dir`; on success move its entries into `out_dir`, on failure delete it."""
-    out = check_out_dir(out_dir)
+    """Yield a temp dir beside `out_dir`; on success move its entries into `out_dir`, on failure delete it. Beside
+    the folder `out_dir` resolves to: a symlink to another file system gets its staging there, where the moves
+    are renames (from the link's own folder they would fail with EXDEV after all the work)."""
+    out = check_out_dir(out_dir).resolve()
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging.", dir=out.parent))
