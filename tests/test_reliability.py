@@ -462,3 +462,36 @@ def test_an_out_dir_that_is_a_symlink_stages_on_its_targets_file_system(tmp_path
         (out / "result.txt").write_text("done")
     staging = [p for p in made if ".staging." in p.name]  # (the first is check_out_dir's probe)
     assert staging[0].parent == target.parent and (target / "result.txt").read_text() == "done"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "huge-header", "bad-dtype", "offsets-outside"])
+def test_damaged_safetensors_are_one_line_on_the_layer_by_layer_and_streamed_paths(damage, tmp_path):
+    """Regression: the streamed and layer-by-layer readers trusted the header: a truncated file mapped past its
+    end, a garbage one raised from struct or json. Each is now one line naming the file."""
+    import json
+    import struct
+
+    from compactlm.models.shards import Shards
+
+    ckpt = tmp_path / "ckpt"
+    tiny_model("llama").save_pretrained(ckpt)
+    file = ckpt / "model.safetensors"
+    raw = file.read_bytes()
+    size = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8: 8 + size])
+    name = next(k for k in header if k != "__metadata__")
+    if damage == "truncated":
+        raw = raw[: len(raw) // 2]
+    elif damage == "garbage":
+        raw = b"\x00\x01not a safetensors file at all"
+    elif damage == "huge-header":
+        raw = struct.pack("<Q", 1 << 40) + raw[8:]
+    else:
+        header[name] = header[name] | ({"dtype": "F7"} if damage == "bad-dtype" else {"data_offsets": [0, 1 << 30]})
+        blob = json.dumps(header).encode()
+        raw = struct.pack("<Q", len(blob)) + blob + raw[8 + size:]
+    file.write_bytes(raw)
+    with pytest.raises(CompactLMError, match=r"model\.safetensors"):
+        shards = Shards(ckpt)
+        for tensor_name in shards.files:
+            shards.mapped(tensor_name)

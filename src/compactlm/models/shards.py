@@ -38,12 +38,39 @@ def source_shards(checkpoint: Path) -> dict[str, Path]:
 
 
 def _header(path: Path) -> dict:
-    """The safetensors header of `path`: name -> {dtype, shape, data_offsets} (metadata dropped)."""
+    """The safetensors header of `path`: name -> {dtype, shape, data_offsets} (metadata dropped), checked: its
+    length, a JSON object, known dtypes, every tensor's bytes matching its shape and lying inside the file. A
+    truncated or garbage file is a one-line error here, not a crash or a read past the end of a mapping."""
+    file_size = path.stat().st_size
     with open(path, "rb") as f:
-        size = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(size))
+        head = f.read(8)
+        size = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 2 <= size <= file_size - 8:
+            raise CompactLMError(f"{path} is not a safetensors file (a header of {size} bytes in a file of "
+                                 f"{file_size}): truncated or garbage")
+        try:
+            header = json.loads(f.read(size).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise CompactLMError(f"{path}: its safetensors header is not JSON (truncated or garbage)") from None
+    if not isinstance(header, dict):
+        raise CompactLMError(f"{path}: its safetensors header is not a JSON object")
     header.pop("__metadata__", None)
+    data = file_size - 8 - size
+    for name, entry in header.items():
+        _check_entry(path, name, entry, data)
     return {name: dict(entry, start=8 + size) for name, entry in header.items()}
+
+
+def _check_entry(path: Path, name: str, entry, data_bytes: int) -> None:
+    """One header entry: a known dtype, a shape of non-negative ints, offsets inside the data, bytes = shape."""
+    try:
+        dtype, shape, (begin, end) = _ST_DTYPES[entry["dtype"]], entry["shape"], entry["data_offsets"]
+        ok = all(isinstance(d, int) and d >= 0 for d in shape) and isinstance(begin, int) and isinstance(end, int)
+    except (KeyError, TypeError, ValueError):
+        raise CompactLMError(f"{path}: tensor '{name}' has a malformed header entry ({entry!r:.80})") from None
+    if not ok or not 0 <= begin <= end <= data_bytes or end - begin != math.prod(shape) * dtype.itemsize:
+        raise CompactLMError(f"{path}: tensor '{name}' {entry['dtype']} {shape} at bytes {begin}..{end} does not fit "
+                             f"the file's {data_bytes} bytes of data (truncated or garbage)")
 
 
 class Shards:
