@@ -495,3 +495,34 @@ def test_damaged_safetensors_are_one_line_on_the_layer_by_layer_and_streamed_pat
         shards = Shards(ckpt)
         for tensor_name in shards.files:
             shards.mapped(tensor_name)
+
+
+def test_a_full_disk_at_a_training_checkpoint_keeps_the_previous_one(tiny_checkpoint, text_file, tmp_path, capsys,
+                                                                       monkeypatch):
+    """ENOSPC while the second checkpoint is written: one line from the OS, exit 2; the first checkpoint is
+    intact and resumable, and no partial one is left."""
+    import errno
+    import os
+
+    from compactlm.cli import main
+    from compactlm.distill import checkpoint as ckpt
+
+    real, calls = torch.save, []
+
+    def save(obj, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt.torch, "save", save)
+    out = tmp_path / "kd"
+    args = [f"teacher={tiny_checkpoint}", f"student={tiny_checkpoint}", f"data={text_file}", f"out_dir={out}",
+            "distill.steps=4", "distill.batch_size=4", "distill.seq_len=32", "distill.save_every=2",
+            "distill.eval_every=0", "distill.eval_sequences=4", "eval.speed=false"]
+    assert main(["distill", *args]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]  # (progress bars above it)
+    assert len(errors) == 1 and errors[0].endswith("No space left on device"), errors
+    assert ckpt.read_progress(ckpt.latest(out)).step == 2 and not (out / ".checkpoint.tmp").exists()
+    monkeypatch.setattr(ckpt.torch, "save", real)
+    assert main(["distill", *args, "resume=true"]) == 0

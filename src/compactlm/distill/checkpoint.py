@@ -84,9 +84,13 @@ def save(out_dir: str | Path, state: dict, progress: Progress) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     record = progress.to_record()
-    torch.save(state | {"progress": record}, tmp / STATE_FILE)
-    (tmp / PROGRESS_FILE).write_text(json.dumps(record) + "\n")
-    _fsync_dir(tmp)
+    try:  # a full disk: the previous checkpoint stays as it was, and no partial one is left
+        torch.save(state | {"progress": record}, tmp / STATE_FILE)
+        (tmp / PROGRESS_FILE).write_text(json.dumps(record) + "\n")
+        _fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
