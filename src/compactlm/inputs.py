@@ -37,30 +37,30 @@ def check_out_dir(out_dir: str | Path) -> Path:
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise CompactLMError(f"out_dir {out} is a file, not a folder")
-    parent = next((p for p in (out, *out.parents) if p.exists()), Path("."))
-    if not parent.is_dir():
-        raise CompactLMError(f"out_dir {out}: {parent} is a file, not a folder")
-    try:  # a real probe: permissions, read-only mounts and root's exemptions all answer the same way
-        os.rmdir(tempfile.mkdtemp(prefix=".compactlm-probe.", dir=parent))
-    except OSError as e:
-        raise CompactLMError(f"out_dir {out}: cannot write in {parent} ({e.strerror})") from None
+    _probe_writable(out, (out, *out.parents), f"out_dir {out}")
     return out
 
 
 def check_out_file(out: str | Path, key: str = "out") -> Path:
     """A one-line error unless the file `out` can be written: not a folder, under folders (not files), in a place
-    this process may write (probed, as `check_out_dir` does)."""
+    this process may write."""
     out = Path(out)
     if out.is_dir():
         raise CompactLMError(f"{key}={out} is a folder: give a file name")
-    parent = next((p for p in out.parents if p.exists()), Path("."))
+    _probe_writable(out, out.parents, f"{key}={out}")
+    return out
+
+
+def _probe_writable(out: Path, candidates, what: str) -> None:
+    """The nearest existing folder among `candidates` must be a folder this process can create a file in: a real
+    probe, since permissions, read-only mounts and root's exemptions all answer the same way."""
+    parent = next((p for p in candidates if p.exists()), Path("."))
     if not parent.is_dir():
-        raise CompactLMError(f"{key}={out}: {parent} is a file, not a folder")
+        raise CompactLMError(f"{what}: {parent} is a file, not a folder")
     try:
         os.unlink(tempfile.mkstemp(prefix=".compactlm-probe.", dir=parent)[1])
     except OSError as e:
-        raise CompactLMError(f"{key}={out}: cannot write in {parent} ({e.strerror})") from None
-    return out
+        raise CompactLMError(f"{what}: cannot write in {parent} ({e.strerror})") from None
 
 
 @contextlib.contextmanager
