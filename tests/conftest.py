@@ -118,14 +118,18 @@ def corpus_text(chars: int) -> str:
     return "\n\n".join(data.load_texts("python-docs", max_chars=chars))
 
 
-def tiny_tokenizer(vocab_size: int = 300):
-    """An offline byte-level BPE tokenizer (any text encodes) trained on a slice of the python-docs corpus."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def tiny_tokenizer(vocab_size: int = 300, split: str | None = None):
+    """An offline byte-level BPE tokenizer (any text encodes) trained on a slice of the python-docs corpus;
+    `split`: a regex applied before the byte-level step (as Llama 3, Qwen2 and Tekken tokenizers do)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     text = corpus_text(50_000)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split is not None:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()

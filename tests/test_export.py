@@ -226,6 +226,10 @@ LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Mistral NeMo's (Tekken) split, as its tokenizer.json writes it: single digits like Qwen2's, words split at case
+TEKKEN_REGEX = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?"
+                r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 def _pre_tokenizer_spec(pre):
@@ -254,6 +258,7 @@ def _pre_tokenizer_cases():
         ("smollm", pt.Sequence([pt.Digits(individual_digits=True), pt.ByteLevel(add_prefix_space=False)])),
         ("llama-bpe", _split(LLAMA3_REGEX)),
         ("qwen2", _split(QWEN2_REGEX)),
+        ("tekken", _split(TEKKEN_REGEX)),  # was written as qwen2: llama.cpp then split camelCase differently
         ("default", pt.Whitespace()),
         ("default", pt.ByteLevel(use_regex=False)),  # no split at all: not GPT-2's
         ("default", pt.Sequence([pt.Digits(individual_digits=False), pt.ByteLevel()])),
@@ -262,7 +267,7 @@ def _pre_tokenizer_cases():
     ]
 
 
-@pytest.mark.parametrize("case", range(9))
+@pytest.mark.parametrize("case", range(10))
 def test_pre_tokenizer_name(case):
     want, pre = _pre_tokenizer_cases()[case]
     assert pre_tokenizer_name(_pre_tokenizer_spec(pre)) == want

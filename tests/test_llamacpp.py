@@ -9,8 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import corpus_text, tiny_config
+from conftest import corpus_text, tiny_config, tiny_tokenizer
 from test_export import FAMILIES as GGUF_FAMILIES  # the families export_gguf writes
+from test_export import TEKKEN_REGEX
 from transformers import AutoModelForCausalLM
 
 from compactlm.export import export_gguf
@@ -86,3 +87,15 @@ def test_llama_cpp_tokenizes_like_transformers(bpe_tokenizer, tmp_path):
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, vocab_only=True, verbose=False)
     text = corpus_text(2000)
     assert llm.tokenize(text.encode(), add_bos=False, special=False) == bpe_tokenizer(text)["input_ids"]
+
+
+def test_llama_cpp_splits_mixed_case_identifiers_like_transformers_with_a_tekken_tokenizer(tmp_path):
+    """Mistral NeMo's Tekken split breaks words at case changes; written as qwen2 (the old export), llama.cpp
+    kept `getValue` whole and tokenised differently from transformers. Written as tekken they agree."""
+    tok = tiny_tokenizer(split=TEKKEN_REGEX)
+    path = tmp_path / "m.gguf"
+    export_gguf(pruned_like("mistral", tied=True), tok, path, "f16")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, vocab_only=True, verbose=False)
+    text = "getValue HTTPServer myXMLParser parseJSONString iPhone ABCdef x2Y3z __init__ camelCase_snake\n"
+    text += corpus_text(1000)
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok(text)["input_ids"]

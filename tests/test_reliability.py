@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
 from pathlib import Path
 
@@ -526,3 +527,55 @@ def test_a_full_disk_at_a_training_checkpoint_keeps_the_previous_one(tiny_checkp
     assert ckpt.read_progress(ckpt.latest(out)).step == 2 and not (out / ".checkpoint.tmp").exists()
     monkeypatch.setattr(ckpt.torch, "save", real)
     assert main(["distill", *args, "resume=true"]) == 0
+
+
+@pytest.mark.parametrize("when", ["build", "extension"])
+def test_a_full_disk_while_tokenising_is_one_line_and_keeps_the_store(when, tiny_checkpoint, text_file, tmp_path,
+                                                                       capsys, monkeypatch):
+    """ENOSPC while the token store is written (a first build, or an extension of a smaller store): one line from
+    the OS, exit 2, no temp folder and no partial output left, an older store intact; the next run succeeds and
+    reads the same tokens as a store built in one go."""
+    import errno
+    import os
+
+    import numpy as np
+
+    from compactlm import tokenstore
+    from compactlm.cli import main
+
+    monkeypatch.setenv("COMPACTLM_TOKENS", str(tmp_path / "stores"))
+    args = [f"model={tiny_checkpoint}", f"data={text_file}", "calib.sequences=4",
+            "calib.seq_len=32"]
+    monkeypatch.setattr(tokenstore.data, "TOKENIZE_DOCS", 1)
+    if when == "extension":  # a smaller store first (its first document): the failing run must extend it
+        from transformers import AutoTokenizer
+
+        tokenstore.open_store(tokenstore.Source(str(text_file)), AutoTokenizer.from_pretrained(tiny_checkpoint),
+                              need_train_tokens=1, progress=False)
+    stores = {p: (p / "meta.json").read_text() for p in (tmp_path / "stores").glob("*") if p.is_dir()}
+    real, calls = tokenstore._append, []
+
+    def full_after_two(files, *rest):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(files, *rest)
+
+    monkeypatch.setattr(tokenstore, "_append", full_after_two)
+    out = tmp_path / "scores"
+    assert main(["score", *args, f"out_dir={out}"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].endswith("No space left on device"), errors
+    assert not out.exists() or not [p for p in out.iterdir() if not p.name.startswith(".")]
+    left = sorted(p for p in (tmp_path / "stores").glob("*") if p.is_dir())
+    assert left == sorted(stores) and all((p / "meta.json").read_text() == m for p, m in stores.items())
+    monkeypatch.setattr(tokenstore, "_append", real)
+    assert main(["score", *args, f"out_dir={out}"]) == 0
+    (store,) = [p for p in (tmp_path / "stores").glob("*") if p.is_dir()]
+    got = tokenstore.TokenStore(store, json.loads((store / "meta.json").read_text()))
+    monkeypatch.setenv("COMPACTLM_TOKENS", str(tmp_path / "one-go"))
+    assert main(["score", *args, f"out_dir={tmp_path / 'again'}"]) == 0
+    (fresh,) = [p for p in (tmp_path / "one-go").glob("*") if p.is_dir()]
+    once = tokenstore.TokenStore(fresh, json.loads((fresh / "meta.json").read_text()))
+    n = min(got.meta["tokens"]["train"], once.meta["tokens"]["train"])
+    assert np.array_equal(got.tokens("train")[:n], once.tokens("train")[:n])

@@ -185,16 +185,21 @@ def write_hparams(writer, family: Family, config, arch: str) -> list[tuple[str, 
 # llama.cpp's pre-tokenizer names, recognised from the rules in tokenizer.json (llama.cpp itself hashes the
 # tokens of a test string; the rules are what that hash stands for).
 LLAMA3_DIGITS, QWEN2_DIGITS = r"\p{N}{1,3}", r"|\p{N}|"
+# Tekken (Mistral NeMo) splits words at case changes; it shares Qwen2's single digits, so it is tested first
+TEKKEN_CASE_SPLIT = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
 
 
 def pre_tokenizer_name(spec: dict | None) -> str:
     """llama.cpp's name for a tokenizer.json `pre_tokenizer`: gpt-2 (plain byte level), smollm (single digits,
-    then byte level), llama-bpe (Llama 3's split), qwen2 (Qwen2's split); anything else is "default"."""
+    then byte level), llama-bpe (Llama 3's split), tekken (Mistral NeMo's case-aware split), qwen2 (Qwen2's
+    split); anything else is "default"."""
     parts = (spec or {}).get("pretokenizers", [spec] if spec else [])
     kinds = [p.get("type") for p in parts]
     splits = [p["pattern"].get("Regex", "") for p in parts if p.get("type") == "Split"]
     if splits and LLAMA3_DIGITS in splits[0]:
         return "llama-bpe"
+    if splits and TEKKEN_CASE_SPLIT in splits[0]:
+        return "tekken"
     if splits and QWEN2_DIGITS in splits[0]:
         return "qwen2"
     if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
