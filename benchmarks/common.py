@@ -1,0 +1,146 @@
+"""What every benchmark writes: `benchmarks/results/<name>.json`, the source of every number in the docs.
+
+A result holds the command that produced it, the commit and machine it ran on, the hashes of its inputs, every
+figure the script printed (`figures`, the script's own layout), the tables the docs show (`tables`: columns and
+rows of cells, formatted as printed) and single values quoted in prose (`values`). `scripts/render_results.py`
+renders the tables and values into README.md and docs/RESULTS.md; a test fails when the two disagree.
+
+    from common import Table, write_result
+    table = Table(["model", "perplexity"]); table.add("teacher", 28.1)
+    write_result("my_bench", figures={...}, tables={"main": table}, inputs={"data": "python-docs"})
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+class Table:
+    """A results table: column names and rows of cells (str, or numbers formatted by `fmt`)."""
+
+    def __init__(self, columns: list[str]):
+        self.columns, self.rows = list(columns), []
+
+    def add(self, *cells) -> None:
+        if len(cells) != len(self.columns):
+            raise ValueError(f"{len(cells)} cells for {len(self.columns)} columns")
+        self.rows.append([fmt(c) for c in cells])
+
+    def markdown(self) -> str:
+        return "\n".join(markdown_table(self.columns, self.rows))
+
+    def as_dict(self) -> dict:
+        return {"columns": self.columns, "rows": self.rows}
+
+
+def fmt(value, digits: int = 2) -> str:
+    """A cell: None -> "", ints with thousands separators, floats to `digits` decimals (large ones with
+    separators), anything else as str."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown_table(columns: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
+            *("| " + " | ".join(row) + " |" for row in rows)]
+
+
+def sha256_of(path: str | Path) -> str:
+    """sha256 of a file's contents, or of a folder's files (names and contents, in sorted order)."""
+    path, h = Path(path), hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for p in files:
+        if path.is_dir():
+            h.update(str(p.relative_to(path)).encode())
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def describe_input(spec: str) -> str:
+    """One line naming an input and its hash: the built-in corpus and models by their known hashes, a local
+    file or folder by the sha256 of its contents, anything else by name."""
+    from compactlm import data
+    from compactlm.models.loading import BUILTIN_DESCRIPTIONS
+
+    if spec == data.PYTHON_DOCS:
+        return f"{spec}: sha256 {data.PYTHON_DOCS_SHA256}"
+    if spec in BUILTIN_DESCRIPTIONS:
+        return f"{spec}: {BUILTIN_DESCRIPTIONS[spec]}"
+    if Path(spec).expanduser().exists():
+        return f"{spec}: sha256 {sha256_of(Path(spec).expanduser())}"
+    return f"{spec}: by name (no hash)"
+
+
+def machine() -> str:
+    """CPU model, cores, torch and its CPU capability, threads: what makes numbers differ between machines."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    capability = torch.backends.cpu.get_cpu_capability()
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({capability}), "
+            f"{torch.get_num_threads()} threads")
+
+
+def commit() -> str:
+    """The checked-out commit, `+dirty` when the working tree differs from it."""
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def command(argv: list[str] | None = None) -> str:
+    argv = sys.argv if argv is None else argv
+    script = Path(argv[0]).resolve()
+    try:
+        script = script.relative_to(ROOT)
+    except ValueError:
+        pass
+    return shlex.join(["python", str(script), *argv[1:]])
+
+
+def write_result(name: str, *, figures, tables: dict[str, Table] | None = None, values: dict | None = None,
+                 inputs: dict[str, str] | None = None, out: str | Path | None = None) -> Path:
+    """Write benchmarks/results/<name>.json (or `out`) and return its path; the write is atomic."""
+    result = {"name": name, "command": command(), "commit": commit(),
+              "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "machine": machine(),
+              "provenance": "measured", "inputs": {k: describe_input(v) for k, v in (inputs or {}).items()},
+              "tables": {k: t.as_dict() for k, t in (tables or {}).items()},
+              "values": {k: fmt(v) if not isinstance(v, str) else v for k, v in (values or {}).items()},
+              "figures": figures}
+    path = Path(out) if out else RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(path)
+    for table_id, table in (tables or {}).items():
+        print(f"\n{name}/{table_id}:\n{table.markdown()}")
+    print(f"\nwrote {path}")
+    return path
