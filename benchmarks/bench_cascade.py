@@ -1,6 +1,6 @@
 """Cascade against direct pruning at the same total distillation tokens (P1: 15B -> 8B -> 4B beats 15B -> 4B).
 
-    python benchmarks/bench_cascade.py [--steps 40] [--out runs/bench/cascade.json]
+    python benchmarks/bench_cascade.py [--steps 40]
 
 SmolLM2-135M to about 25% of its parameters (hidden 288, 3 heads, one per KV group, ffn 512, 30 layers: 34.1M),
 two ways, each a `compactlm run` with the default recipe (activation importance, refit):
@@ -17,6 +17,8 @@ import argparse
 import json
 import time
 from pathlib import Path
+
+from common import Table, write_result
 
 from compactlm import pipeline
 from compactlm.config import load_config
@@ -45,7 +47,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40, help="distillation steps in all, per way")
     parser.add_argument("--run-dir", type=Path, default=Path("runs/bench/cascade"))
-    parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--out", help="write the results here instead of benchmarks/results/cascade.json")
     args = parser.parse_args()
     if args.steps % 2:
         parser.error("--steps must be even (the cascade spends half at each size)")
@@ -61,18 +63,14 @@ def main() -> None:
     tokens = args.steps * 8 * 256
     print(f"\nSmolLM2-135M (teacher held-out perplexity {direct['teacher']:.2f}) to {direct['params'] / 1e6:.1f}M "
           f"parameters, {tokens:,} distillation tokens in all each way")
-    print("| way | params | pruned perplexity | distilled perplexity | KL to teacher | top-1 agreement | wall |")
-    print("|---|---|---|---|---|---|---|")
+    table = Table(["way", "params", "pruned perplexity", "distilled perplexity", "KL to teacher", "top-1 agreement"])
     half = cascade["half"]
-    print(f"| cascade, size 1 (50%, {args.steps // 2} steps) | {half['params'] / 1e6:.1f}M | {half['pruned']:,.1f} | "
-          f"{half['distilled']:.2f} | {half['kl']:.3f} | {half['top1']:.1%} | |")
-    for name, r in (("cascade, size 2 (25%)", cascade), ("direct (25%)", direct)):
-        print(f"| {name} | {r['params'] / 1e6:.1f}M | {r['pruned']:,.1f} | {r['distilled']:.2f} | {r['kl']:.3f} | "
-              f"{r['top1']:.1%} | {r['wall_s'] / 60:.1f} min |")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"steps": args.steps, "tokens": tokens, "direct": direct,
-                                              "cascade": cascade}, indent=1) + "\n")
+    for name, r in ((f"cascade, size 1 (50%, {args.steps // 2} steps)", half),
+                    (f"cascade, size 2 (25%, {args.steps // 2} steps)", cascade), (f"direct (25%, {args.steps} steps)", direct)):
+        table.add(name, f"{r['params'] / 1e6:.1f}M", f"{r['pruned']:,.1f}", f"{r['distilled']:.2f}", f"{r['kl']:.3f}",
+                  f"{r['top1']:.1%}")
+    write_result("cascade", figures={"steps": args.steps, "tokens": tokens, "direct": direct, "cascade": cascade},
+                 tables={"sizes": table}, inputs={"model": "smollm2-135m", "data": "python-docs"}, out=args.out)
 
 
 if __name__ == "__main__":

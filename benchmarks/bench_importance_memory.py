@@ -1,6 +1,6 @@
 """Memory and time of each importance method on SmolLM2-135M, each in a fresh process (peak RSS).
 
-    python benchmarks/bench_importance_memory.py --out runs/bench/importance_memory.json
+    python benchmarks/bench_importance_memory.py
 
 Activation and output-aware scores are forward-only hooks; first-order Taylor runs a backward pass through the
 whole model per batch (the activations of a batch are kept for it, and the LM loss's logits with their
@@ -15,7 +15,8 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
+
+from common import Table, write_result
 
 METHODS = ("load only", "activation", "output_aware", "taylor")
 
@@ -43,7 +44,7 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--out", help="write the results here instead of benchmarks/results/importance_memory.json")
     args = parser.parse_args()
     if args.child:
         child(args.child, args.sequences, args.batch_size)
@@ -55,13 +56,11 @@ def main() -> None:
         rows.append({"method": method, **json.loads(out.stdout.strip().splitlines()[-1])})
     base = rows[0]["peak_gb"]
     print(f"SmolLM2-135M, {args.sequences} x 256 calibration tokens in batches of {args.batch_size}, float32")
-    print("| method | scoring seconds | peak RSS | above loading the model |\n|---|---|---|---|")
+    table = Table(["method", "scoring seconds", "peak RSS", "above loading the model"])
     for r in rows:
-        print(f"| {r['method']} | {r['seconds']:.1f} | {r['peak_gb']:.2f} GB | {r['peak_gb'] - base:+.2f} GB |")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
-
+        table.add(r["method"], f"{r['seconds']:.1f}", f"{r['peak_gb']:.2f} GB", f"{r['peak_gb'] - base:+.2f} GB")
+    write_result("importance_memory", figures={"sequences": args.sequences, "batch_size": args.batch_size, "rows": rows},
+                 tables={"memory": table}, inputs={"model": "smollm2-135m", "data": "python-docs"}, out=args.out)
 
 if __name__ == "__main__":
     main()

@@ -6,7 +6,7 @@ torch.cuda.max_memory_allocated minus the memory allocated after the inputs. Spe
 times all variants interleaved round by round, so drifting machine load hits them alike. One step is forward
 + backward (grads wrt student hidden states and head) of KL(teacher || student) at T=1, mask all ones.
 
-    python benchmarks/bench_kd_loss.py --out kd_bench.json
+    python benchmarks/bench_kd_loss.py          # benchmarks/results/kd_loss.json
     python benchmarks/bench_kd_loss.py --cases 128k --chunk-tokens 128 256 512 --repeats 5
 """
 
@@ -22,6 +22,7 @@ import sys
 import time
 
 import torch
+from common import Table, write_result
 
 from compactlm.distill.losses import kd_loss, kd_loss_reference
 
@@ -147,7 +148,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--out", help="write all results as JSON here")
+    parser.add_argument("--out", help="write the results here instead of benchmarks/results/kd_loss.json")
     parser.add_argument("--worker-time", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker-memory", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--case", help=argparse.SUPPRESS)
@@ -174,10 +175,14 @@ def main() -> None:
                   f"{r['speed_ratio_cpu']:>7.2f}{r['peak_ratio']:>7.2f}")
     print("speed x = reference time / variant time (>1: faster): median wall, min wall, median CPU time;")
     print(f"mem x = peak over the reference's peak. 1-min load average at start: {load:.1f}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"results": rows, "repeats": args.repeats, "warmup": args.warmup,
-                       "load_avg_1min": load, "cpu_count": os.cpu_count()}, f, indent=1)
+    table = Table(["benchmark", "compactlm", "plain reference", "ratio"])
+    for r in rows:
+        if r["variant"] != "reference":
+            table.add(f"KD loss, {r['case']} ({r['vocab']:,} vocabulary), forward + backward",
+                      f"{r['variant']} tokens per chunk", "full logits + `F.kl_div`",
+                      f"{r['speed_ratio']:.2f}x faster, {r['peak_ratio']:.2f}x peak memory")
+    write_result("kd_loss", figures={"results": rows, "repeats": args.repeats, "warmup": args.warmup,
+                                      "load_avg_1min": load}, tables={"ratios": table}, out=args.out)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ ru_maxrss delta elsewhere; on CUDA it is torch.cuda.max_memory_allocated above t
 The FLOP rate of a step is (6 * N_student + 2 * N_teacher) * tokens / step time, against this machine's
 float32 torch.mm rate.
 
-    python benchmarks/bench_kd_step.py --out kd_step.json
+    python benchmarks/bench_kd_step.py          # benchmarks/results/kd_step.json
     python benchmarks/bench_kd_step.py --cases 128k --steps 5 --chunk-tokens 128 256
 """
 
@@ -32,6 +32,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import Table, write_result
 
 CASES = {  # name: (batch, seq) of one step
     "smollm2": (2, 256),
@@ -140,7 +142,8 @@ def worker(args: argparse.Namespace) -> dict:
     from compactlm.distill.distributed import Dist
     from compactlm.distill.loop import build, make_optimizer, train_step
     from compactlm.distill.trainee import Objective, Trainee
-    from compactlm.models.loading import load_model, num_params
+    from compactlm.models.loading import load_model
+    from compactlm.models.params import num_params
 
     device = args.device
     d = Dist(0, 1, torch.device(device))
@@ -253,7 +256,7 @@ def main() -> None:
                         help="CPU threads per worker (0: torch's default); on a shared machine more threads "
                              "than idle cores make every small op wait (OpenMP spinning)")
     parser.add_argument("--work-dir", help="where the benchmark models are saved (default: a temp dir)")
-    parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--out", help="write the results here instead of benchmarks/results/kd_step.json")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--matmul", action="store_true", help=argparse.SUPPRESS)
     for hidden in ("--case", "--variant", "--teacher", "--student"):
@@ -274,9 +277,19 @@ def main() -> None:
             results.append(_spawn(args, [*common, "--variant", "compactlm", "--chunk-tokens", str(chunk)]))
         print(table([r for r in results if r["case"] == case], mm), flush=True)
     print("\n" + table(results, mm))
-    if args.out:
-        Path(args.out).write_text(json.dumps({"matmul_flops": mm, "device": args.device, "results": results,
-                                              "cases": {c: CASES[c] for c in args.cases}}, indent=1) + "\n")
+    ratios = Table(["benchmark", "compactlm", "plain reference", "ratio"])
+    for r in results:
+        if r["variant"] == "reference":
+            ref = r
+            continue
+        ratios.add(f"KD training step, {r['case']} ({args.threads} thread(s))", f"our step, {r['chunk_tokens']} tokens per chunk",
+                  "both models' full logits + `F.kl_div`", f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x faster, "
+                  f"{r['peak_mib'] / max(ref['peak_mib'], 1e-9):.2f}x peak memory")
+        rate = r["flops_per_step"] / r["step_s"]
+        ratios.add(f"KD step's achieved FLOP rate, {r['case']}", f"{rate / 1e9:.1f} GFLOP/s",
+                  f"{mm / 1e9:.0f} GFLOP/s measured `torch.mm`", f"{rate / mm:.0%} of matmul peak")
+    write_result("kd_step", figures={"matmul_flops": mm, "device": args.device, "results": results,
+                                      "cases": {c: CASES[c] for c in args.cases}}, tables={"ratios": ratios}, out=args.out)
 
 
 def _cuda() -> bool:

@@ -13,15 +13,14 @@ safetensors with SmolLM2's tokenizer. Then, each in a fresh process under /usr/b
 Prints wall time and peak RSS side by side and checks that both checkpoints (and their scores) are equal,
 tensor for tensor.
 
-    python benchmarks/bench_layerwise_prune.py [--calib 32] [--work DIR] [--out result.json]
-    python benchmarks/bench_layerwise_prune.py --model DIR --hidden H --ffn F --memory-gb G   # another model
+    python benchmarks/bench_layerwise_prune.py [--calib 32] [--work DIR]   # benchmarks/results/layerwise_prune.json
+    python benchmarks/bench_layerwise_prune.py --model DIR --hidden H --ffn F --memory-gb G --result-name NAME
     python benchmarks/bench_layerwise_prune.py --project    # only the projection to 8B and 70B
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -29,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, Table, write_result
 SHAPE = {"hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
          "head_dim": 64, "intermediate_size": 8192, "vocab_size": 128256}
 IMPORTS = ("import torch, transformers, safetensors, accelerate, tokenizers; "
@@ -92,21 +91,22 @@ PROJECTED = {  # name: (parameters, hidden, ffn, layers, heads, kv_heads, head_d
 }
 
 
-def project(interpreter_gb: float, calib: int = 128, seq_len: int = 256, batch: int = 8) -> None:
-    """What scoring holds in float32, in memory and layer by layer, by the README's formula (GiB):
+def project(interpreter_gb: float, calib: int = 128, seq_len: int = 256, batch: int = 8) -> Table:
+    """What scoring holds in float32, in memory and layer by layer, by docs/SIZES.md's formula (GB):
     weights; one layer L; calibration states N x S x hidden x 4 (in memory up to budget/2 - L, the rest on
     disk); one batch's activations in one layer T x (4 ffn + 6 hidden) x 4; about 0.15 GB of the rest."""
     gib = 2**30
-    print(f"\nprojected, float32, calibration {calib} x {seq_len}, batches of {batch}:")
-    print(f"{'model':<15} {'weights':>8} {'L':>6} {'states':>7} {'batch':>6} {'in memory':>10} {'layer by layer':>15}")
+    table = Table(["model (projected)", "weights (float32)", "L (float32)", f"states ({calib} x {seq_len})",
+                   f"one batch of {batch} in one layer", "score in memory", "score, layer by layer"])
     for name, (params, hidden, ffn, layers, heads, kv, head_dim, budget) in PROJECTED.items():
         layer = 4 * (hidden * head_dim * (2 * heads + 2 * kv) + 3 * hidden * ffn + 2 * hidden) / gib
         states = 4 * calib * seq_len * hidden / gib
         acts = 4 * batch * seq_len * (4 * ffn + 6 * hidden) / gib
         kept = min(states, max(0.0, budget / 2 - layer))
-        print(f"{name:<15} {4 * params / gib:>8.1f} {layer:>6.2f} {states:>7.2f} {acts:>6.2f} "
-              f"{interpreter_gb + 4 * params / gib + acts:>10.1f} "
-              f"{interpreter_gb + layer + kept + acts + 0.15:>9.1f} (memory_gb={budget})")
+        table.add(name, f"{4 * params / gib:.1f} GB", f"{layer:.2f} GB", f"{states:.2f} GB", f"{acts:.2f} GB",
+                  f"~{interpreter_gb + 4 * params / gib + acts:.1f} GB",
+                  f"~{interpreter_gb + layer + kept + acts + 0.15:.1f} GB (`memory_gb={budget}`)")
+    return table
 
 
 def main() -> None:
@@ -117,7 +117,8 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=1536, help="target hidden_size")
     p.add_argument("--ffn", type=int, default=4096, help="target intermediate_size")
     p.add_argument("--work", type=Path, help="where the model and outputs go (default: a temp dir)")
-    p.add_argument("--out", type=Path)
+    p.add_argument("--result-name", default="layerwise_prune", help="benchmarks/results/NAME.json")
+    p.add_argument("--out", type=Path, help="write the results here instead of benchmarks/results/NAME.json")
     args = p.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="compactlm-layerwise-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -149,16 +150,21 @@ def main() -> None:
               f"{round(r['peak_rss_gb'] - footprint, 2) if r['run'] != 'interpreter' else '':>18}"
               + (f"  ({r['last_line']})" if r["exit"] else ""))
     print(f"\nequal checkpoints: {compared} tensors compared, {len(differ)} differ {differ[:5]}")
-    project(footprint)
-    if args.out:
-        args.out.write_text(json.dumps({"results": results, "compared": compared, "differ": differ,
-                                        "memory_gb": args.memory_gb, "calib": args.calib}, indent=1) + "\n")
+    table = Table(["model", "run", "wall", "peak RSS", f"above the interpreter ({footprint:.2f} GB)", "checkpoint"])
+    for r in results[1:]:
+        equal = f"equal, {compared - len(differ)} of {compared} tensors" if r["run"] == "memory_gb" else ""
+        table.add(model.name, f"`memory_gb={args.memory_gb}`" if r["run"] == "memory_gb" else r["run"], f"{r['wall_s']} s",
+                  f"{r['peak_rss_gb']} GB", f"{r['peak_rss_gb'] - footprint:.2f} GB", equal)
+    write_result(args.result_name, figures={"results": results, "compared": compared, "differ": differ,
+                                            "memory_gb": args.memory_gb, "calib": args.calib},
+                 tables={"measured": table, "projected": project(footprint)}, inputs={"model": str(model)}, out=args.out)
 
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--make":
         make_model(Path(sys.argv[2]))
-    elif len(sys.argv) == 2 and sys.argv[1] == "--project":  # the projection alone (interpreter: 0.36 GB)
-        project(0.36)
+    elif len(sys.argv) == 2 and sys.argv[1] == "--project":  # the projection alone (interpreter: 0.36 GB, measured)
+        write_result("layerwise_projection", figures={"interpreter_gb": 0.36, "models": PROJECTED},
+                     tables={"projected": project(0.36)})
     else:
         main()

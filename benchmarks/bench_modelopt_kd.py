@@ -1,7 +1,7 @@
 """Distil the same pruned SmolLM2 with compactlm and with NVIDIA Model Optimizer (`modelopt.torch.distill`) and
 print held-out perplexity before/after, median seconds per step and peak RSS side by side.
 
-    bash scripts/setup_modelopt.sh && python benchmarks/bench_modelopt_kd.py [--steps 40] [--out FILE.json]
+    bash scripts/setup_modelopt.sh && python benchmarks/bench_modelopt_kd.py [--steps 40]
 
 Same for every run: the student (the README's shape, pruned by compactlm into RUN_DIR/pruned), the teacher
 (the built-in SmolLM2-135M saved as a plain checkpoint in RUN_DIR/teacher), the training batches (compactlm's
@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import ROOT, Table, write_result
 
 from compactlm import stages
 from compactlm.config import load_config
@@ -36,7 +37,6 @@ from compactlm.inputs import load_splits
 from compactlm.metrics import perplexity
 from compactlm.models.loading import load_model, load_tokenizer, write_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "benchmarks" / "modelopt_kd_worker.py"
 TARGET = ["target.hidden_size=384", "target.num_attention_heads=6", "target.intermediate_size=1024"]
 TRAIN = {"batch_size": 8, "seq_len": 256, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 5, "weight_decay": 0.01,
@@ -118,14 +118,14 @@ def summary(tool: str, out: Path, measured: dict, rows: list[dict]) -> dict:
             "losses": [r["loss"] for r in rows], "tokens": rows[-1]["tokens"]}
 
 
-def table(results: list[dict], before: float) -> str:
-    lines = ["| tool | steps | tokens | held-out ppl before | after | median s/step | process CPU s | peak RSS GB "
-             "| KD loss, step 1 -> last |", "|---|---|---|---|---|---|---|---|---|"]
+def table(results: list[dict], before: float) -> Table:
+    out = Table(["tool", "steps", "tokens", "held-out perplexity before", "after", "median seconds per step",
+                 "process CPU s", "peak RSS", "KD loss, step 1 -> last"])
     for r in results:
-        lines.append(f"| {r['tool']} | {len(r['losses'])} | {r['tokens']:,} | {before:,.1f} | {r['perplexity']:,.1f} | "
-                     f"{statistics.median(r['step_seconds']):.2f} | {r['cpu_s']:.0f} | {r['peak_rss_gb']:.2f} | "
-                     f"{r['losses'][0]:.4g} -> {r['losses'][-1]:.4g} |")
-    return "\n".join(lines)
+        out.add(r["tool"], len(r["losses"]), r["tokens"], f"{before:,.1f}", f"{r['perplexity']:,.1f}",
+                f"{statistics.median(r['step_seconds']):.2f}", f"{r['cpu_s']:.0f}", f"{r['peak_rss_gb']:.2f} GB",
+                f"{r['losses'][0]:.4g} -> {r['losses'][-1]:.4g}")
+    return out
 
 
 def main() -> None:
@@ -138,7 +138,7 @@ def main() -> None:
     parser.add_argument("--val-rows", type=int, default=64, help="held-out rows of 256 tokens for perplexity")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads of every process (0: torch's default); 1 on cores shared with other jobs")
-    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--out", type=Path, help="write the results here instead of benchmarks/results/modelopt_kd.json")
     args = parser.parse_args()
     if not Path(args.modelopt_python).is_file():
         print(f"no Model Optimizer venv at {args.modelopt_python}: run bash scripts/setup_modelopt.sh first")
@@ -158,17 +158,14 @@ def main() -> None:
         r["perplexity"] = perplexity(load_model(str(r["model"])), val)["perplexity"]
     wall, load = time.perf_counter() - start, max(load, os.getloadavg()[1])
 
-    print(table(results, before))
     print(f"\nheld-out: {sum(len(b['input_ids']) for b in val)} rows of 256 tokens; process CPU s: the whole training "
           f"process (loading, steps, saving); benchmark wall time {wall / 60:.1f} min, "
           f"{torch.get_num_threads()} torch threads per process, 5-min load average up to {load:.1f} on {os.cpu_count()} cores")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        rows = [{k: str(v) if k == "model" else v for k, v in r.items()} for r in results]
-        meta = {"steps": args.steps, "train": TRAIN, "perplexity_before": before, "wall_s": wall,
-                "threads": torch.get_num_threads(), "load_avg_5min": load}
-        args.out.write_text(json.dumps(meta | {"results": rows}, indent=1) + "\n")
-
+    rows = [{k: str(v) if k == "model" else v for k, v in r.items()} for r in results]
+    meta = {"steps": args.steps, "train": TRAIN, "perplexity_before": before, "wall_s": wall,
+            "threads": torch.get_num_threads(), "load_avg_5min": load}
+    write_result("modelopt_kd", figures=meta | {"results": rows}, tables={"kd": table(results, before)},
+                 inputs={"model": "smollm2-135m", "data": "python-docs"}, out=args.out)
 
 if __name__ == "__main__":
     main()

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 from pathlib import Path
 
 import torch
+from common import Table, write_result
 
 from compactlm import data, inputs, stages
 from compactlm.config import load_config
@@ -32,7 +32,6 @@ from compactlm.importance.scores import Scores
 from compactlm.metrics import perplexity
 from compactlm.models.loading import load_model
 
-RESULTS = Path(__file__).parent / "results"
 SEEDS = (0, 1, 2)
 TEACHER = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                num_experts=16, num_experts_per_tok=2, moe_intermediate_size=128, intermediate_size=512,
@@ -75,7 +74,7 @@ def main() -> None:
     parser.add_argument("--keep", type=int, nargs="+", default=[8, 4], help="experts kept per layer (of 16)")
     parser.add_argument("--kd-steps", type=int, default=100, help="distillation steps of 8 x 256 tokens")
     parser.add_argument("--val-rows", type=int, default=48)
-    parser.add_argument("--out", default=str(RESULTS / "moe_experts.json"))
+    parser.add_argument("--out", help="write the results here instead of benchmarks/results/moe_experts.json")
     args = parser.parse_args()
 
     run = Path(args.run_dir)
@@ -104,7 +103,7 @@ def main() -> None:
     val = inputs.load_splits(cfg, tok, 256, calib=False, val_rows=args.val_rows).val[: args.val_rows]
     batches = list(data.batches(val, 8))
     teacher_ppl = perplexity(model, batches)["perplexity"]
-    result = {"command": "python benchmarks/bench_moe_experts.py", "teacher": TEACHER, "train_steps": args.train_steps,
+    result = {"teacher": TEACHER, "train_steps": args.train_steps,
               "kd_steps": args.kd_steps, "val_rows": len(val), "teacher_perplexity": teacher_ppl,
               "frequency": scores.experts["frequency"].tolist(), "keep": {}}
     for keep in args.keep:
@@ -132,9 +131,8 @@ def main() -> None:
         result["keep"][keep] = {"rows": rows, "random_seeds": random_rows, "kept_experts_shared": {
             f"{a} & {b}": shared(scores, a, b, keep)
             for a, b in (("reap_sum", "reap"), ("reap_sum", "frequency"), ("reap", "frequency"))}}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    write_result("moe_experts", figures=result, tables={"experts": experts_table(result)}, out=args.out,
+                 inputs={"data": "python-docs"})
     frequency = scores.experts["frequency"]  # (layers, experts) shares of the routed slots
     print(f"\nrouting: the busiest expert of a layer takes {frequency.max(-1).values.min():.1%}-"
           f"{frequency.max(-1).values.max():.1%} of its slots; experts under 0.5% per layer: "
@@ -146,7 +144,16 @@ def main() -> None:
         for name, row in block["rows"].items():
             print(f"{keep:>12} {name:>20} {row['pruned']:>10.2f} {row['distilled']:>10.2f}")
         print(f"{'':>12} kept experts shared: " + ", ".join(f"{k} {v:.0%}" for k, v in block["kept_experts_shared"].items()))
-    print(f"wrote {out}")
+
+
+def experts_table(result: dict) -> Table:
+    """Held-out perplexity after the cut and after distillation, per experts kept and expert metric."""
+    table = Table(["experts kept", "expert metric", "after the cut", f"after {result['kd_steps']} KD steps"])
+    for keep, block in result["keep"].items():
+        for name, row in block["rows"].items():
+            label = {"reap_sum": "reap_sum (default)", "random (mean of 3)": "random (mean of 3 seeds)"}.get(name, name)
+            table.add(f"{keep} of 16", label, f"{row['pruned']:.2f}", f"{row['distilled']:.2f}")
+    return table
 
 
 def shared(scores: Scores, a: str, b: str, keep: int) -> float:

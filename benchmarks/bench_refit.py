@@ -10,13 +10,12 @@ Writes benchmarks/results/refit_precision.json. Scores are computed once and reu
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import subprocess
+import statistics
 import time
 from pathlib import Path
 
 import torch
+from common import ROOT, Table, write_result
 
 from compactlm import data, inputs, stages
 from compactlm.config import load_config
@@ -24,7 +23,6 @@ from compactlm.metrics import perplexity
 from compactlm.models.loading import load_model
 from compactlm.pruning import reconstruct
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "smollm2-135m.yaml"
 
 
@@ -50,16 +48,19 @@ def main() -> None:
         rows.append({"statistics": str(dtype).removeprefix("torch."), "prune_seconds": round(seconds, 1),
                      "perplexity": round(perplexity(load_model(str(out_dir)), batches)["perplexity"], 3)})
         print(rows[-1], flush=True)
-    print(f"\n{'statistics':<11} {'prune s (with the refit)':>24} {'pruned ppl':>11}")
-    for r in rows:
-        print(f"{r['statistics']:<11} {r['prune_seconds']:>24} {r['perplexity']:>11}")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    out = ROOT / "benchmarks" / "results" / "refit_precision.json"
-    out.write_text(json.dumps({"command": "python benchmarks/bench_refit.py", "commit": commit,
-                               "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-                               "model": "smollm2-135m (Q4_1 GGUF, dequantized)", "validation_tokens": sum(
-                                   int(b["attention_mask"].sum()) for b in batches), "rows": rows}, indent=1) + "\n")
+    write_result("refit_precision", figures={"validation_tokens": sum(int(b["attention_mask"].sum()) for b in batches),
+                                             "rows": rows}, tables={"precision": precision_table(rows)},
+                 inputs={"config": str(CONFIG.relative_to(ROOT)), "model": "smollm2-135m", "data": "python-docs"})
 
+
+def precision_table(rows: list[dict]) -> Table:
+    """Each run in the order it ran (interleaved), then the median prune seconds per precision."""
+    table = Table(["refit statistics", "prune seconds, with the refit", "pruned held-out perplexity"])
+    for r in rows:
+        table.add(r["statistics"], f"{r['prune_seconds']:.1f}", f"{r['perplexity']:.3f}")
+    for dtype in dict.fromkeys(r["statistics"] for r in rows):
+        table.add(f"{dtype}, median", f"{statistics.median(r['prune_seconds'] for r in rows if r['statistics'] == dtype):.1f}", "")
+    return table
 
 if __name__ == "__main__":
     main()

@@ -1,19 +1,19 @@
 """Cost of activation scoring against a plain no-grad forward over the same calibration batches.
 
 Times, interleaved and repeated: (a) the full causal LM forward (what a user would run), (b) the decoder
-alone (no LM head), (c) `activation_scores`. Goal: (c) / (a) <= 1.15. Prints a table; --out writes JSON.
+alone (no LM head), (c) `activation_scores`. Goal: (c) / (a) <= 1.15. Prints a table and writes benchmarks/results/scoring.json.
 
-    python benchmarks/bench_scoring.py --repeats 3 --out bench_scoring.json
+    python benchmarks/bench_scoring.py --repeats 3
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 from pathlib import Path
+
+from common import Table, write_result
 
 import torch
 
@@ -57,7 +57,7 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    p.add_argument("--out", type=Path, default=None, help="write the results here instead of benchmarks/results/scoring.json")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -102,15 +102,14 @@ def main() -> None:
     ratio = median["activation_scores"] / ref
     print(f"scoring / plain forward = {ratio:.3f}x (goal <= 1.15x): {'PASS' if ratio <= 1.15 else 'FAIL'}; "
           f"hook overhead over the decoder alone = {median['activation_scores'] / dec:.3f}x")
-    if args.out:
-        result = {
-            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
-            "times_s": times, "median_s": median, "ratio_vs_forward": ratio,
-            "ratio_vs_decoder": median["activation_scores"] / dec, "tokens": tokens,
-        }
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    table = Table(["benchmark", "compactlm", "plain reference", "ratio"])
+    table.add(f"scoring against a plain no-grad forward ({args.data}, {args.sequences} x {args.seq_len} tokens)",
+              f"`activation_scores`: {median['activation_scores']:.1f} s", f"full no-grad forward: {ref:.1f} s",
+              f"**{ratio:.2f}x** (goal <= 1.15x); {median['activation_scores'] / dec:.2f}x a decoder-only forward")
+    write_result("scoring", figures={"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                                      "times_s": times, "median_s": median, "ratio_vs_forward": ratio,
+                                      "ratio_vs_decoder": median["activation_scores"] / dec, "tokens": tokens},
+                 tables={"ratios": table}, inputs={"model": args.model, "data": args.data}, out=args.out)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Dense KD against KD from the teacher's cached top-K targets (distill.teacher_top_k), on the pruned SmolLM2.
 
-    python benchmarks/bench_teacher_cache.py --student runs/main/prune --out runs/bench/teacher_cache.json
+    python benchmarks/bench_teacher_cache.py --student runs/main/prune
 
 Each run distils the same student (default: the README main command's pruned model; `python
 benchmarks/main_command.py --keep runs/main` leaves it) from the same teacher on the same rows in the same order
@@ -17,6 +17,8 @@ import shutil
 import statistics
 import time
 from pathlib import Path
+
+from common import Table, write_result
 
 from compactlm import data, inputs, stages
 from compactlm.config import load_config
@@ -39,7 +41,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--ks", default="16,64,256", help="top-K values to compare with dense KD")
     parser.add_argument("--eval-sequences", type=int, default=64)
-    parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--out", help="write the results here instead of benchmarks/results/teacher_cache.json")
     args = parser.parse_args()
     if not Path(args.student, "config.json").is_file():
         raise SystemExit(f"--student {args.student}: no checkpoint there (python benchmarks/main_command.py --keep runs/main)")
@@ -71,15 +73,14 @@ def main() -> None:
     dense = rows[0]
     print(f"\n{args.steps} steps of 8 x 256 tokens each; held-out perplexity on "
           f"{sum(len(b['input_ids']) for b in batches)} validation rows")
-    print("| KD | held-out perplexity | vs dense | s per step | speed-up | run wall (with cache build) | cache bytes/token |")
-    print("|---|---|---|---|---|---|---|")
+    table = Table(["KD", "held-out perplexity", "vs dense", "seconds per step", "speed-up", "run wall, with the cache build",
+                   "cache bytes per token"])
     for r in rows:
-        print(f"| {r['kd']} | {r['perplexity']:.2f} | {r['perplexity'] / dense['perplexity'] - 1:+.1%} | {r['step_s']:.2f} "
-              f"| {dense['step_s'] / r['step_s']:.2f}x | {r['wall_s']:.0f} s | {r['cache_bytes_per_token']:.0f} |")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"steps": args.steps, "rows": rows}, indent=1) + "\n")
-
+        table.add(r["kd"], f"{r['perplexity']:.2f}", f"{r['perplexity'] / dense['perplexity'] - 1:+.1%}" if r is not dense else "",
+                  f"{r['step_s']:.2f}", f"{dense['step_s'] / r['step_s']:.2f}x", f"{r['wall_s']:.0f} s",
+                  f"{r['cache_bytes_per_token']:,.0f}" if r["cache_bytes_per_token"] else "")
+    write_result("teacher_cache", figures={"steps": args.steps, "rows": rows}, tables={"kd": table}, out=args.out,
+                 inputs={"student": args.student, "teacher": "smollm2-135m", "data": "python-docs"})
 
 if __name__ == "__main__":
     main()

@@ -7,7 +7,7 @@ With `--before-src DIR` (the `src` folder of an older checkout) the same command
 under an address-space cap of `--before-cap-gb` so that a version that reads everything fails fast instead of
 swapping the machine. Prints, per run: wall seconds, seconds to the first training step, peak RSS.
 
-    python benchmarks/bench_token_store.py --mb 2048 [--before-src /path/to/old/src] [--out store.json]
+    python benchmarks/bench_token_store.py --mb 2048 [--before-src /path/to/old/src] 
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, Table, write_result
 WORDS = ("the of and to in is was for on that with as by at from his her which an are be this had not but it "
          "model data layer token train loss prune distil teacher student width depth head neuron channel").split()
 
@@ -94,7 +94,7 @@ def main() -> None:
     p.add_argument("--before-src", type=Path, help="an older checkout's src folder, run first")
     p.add_argument("--before-cap-gb", type=float, default=8.0)
     p.add_argument("--work", type=Path, help="where the corpus, models and stores go (default: a temp dir)")
-    p.add_argument("--out", type=Path)
+    p.add_argument("--out", type=Path, help="write the results here instead of benchmarks/results/token_store.json")
     args = p.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="compactlm-store-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -118,8 +118,13 @@ def main() -> None:
         print(f"{label:<18} exit {r['exit']:>3}  wall {r['wall_s']:7.1f} s  first step "
               f"{r['first_step_s'] if r['first_step_s'] is not None else '-':>6} s  peak RSS {r['peak_rss_gb']} GB"
               + (f"  ({r['last_line']})" if r["exit"] else ""), flush=True)
-    if args.out:
-        args.out.write_text(json.dumps({"corpus_gb": corpus.stat().st_size / 2**30, "runs": results}, indent=1) + "\n")
+    table = Table(["run", "time to the first training step", "whole run", "peak RSS"])
+    for r in results:
+        failed = f"failed after {r['wall_s']:.0f} s" if r["exit"] else ""
+        table.add(r["run"], failed or (f"{r['first_step_s']} s" if r["first_step_s"] is not None else ""),
+                  "" if failed else f"{r['wall_s']} s", f"{r['peak_rss_gb']} GB")
+    write_result("token_store", figures={"corpus_gb": corpus.stat().st_size / 2**30, "runs": results},
+                 tables={"runs": table}, out=args.out)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 magnitude importance); print held-out perplexity, parameters and pruning time of each beside the teacher's.
 
     pip install "torch-pruning>=1.6,<1.7"   # or: pip install -e ".[bench]"
-    python benchmarks/bench_torch_pruning.py --out runs/bench/torch_pruning.json
+    python benchmarks/bench_torch_pruning.py
 
 Every row cuts every layer's intermediate_size to the same width (ffn 1072 and 768) and changes nothing else;
 all see the same calibration rows (calib.sequences x calib.seq_len of python-docs) and are evaluated by
@@ -24,6 +24,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from common import Table, write_result
 from tqdm import tqdm
 
 try:
@@ -34,7 +35,8 @@ except ImportError:
 from compactlm import data, inputs, stages
 from compactlm.config import load_config
 from compactlm.metrics import perplexity
-from compactlm.models.loading import load_model, num_params, params_of_config
+from compactlm.models.loading import load_model
+from compactlm.models.params import num_params, params_of_config
 
 FFNS = (1072, 768)
 warnings.filterwarnings("ignore", message="Unwrapped parameters detected")  # the RMSNorm weights: not pruned here
@@ -169,6 +171,7 @@ def measured_rows(path: Path, ffn: int, teacher_config) -> list[dict]:
     """compactlm's two rows at `ffn` as prune_quality.py measured them (the same calibration rows and evaluator):
     run_all prunes each setting once."""
     results = json.loads(path.read_text())
+    results = results.get("figures", results)  # a results file (common.write_result), or an older bare one
     shape = f"ffn {ffn}"
     picked = [("compactlm paper (activation, reconstruct=none)", "importance", "none"),
               ("compactlm defaults (activation, reconstruct=all)", "reconstruct", "all")]
@@ -207,7 +210,7 @@ def main() -> None:
     parser.add_argument("--compactlm-from", type=Path,
                         help="take compactlm's rows from prune_quality.py's JSON (same calibration and evaluator) "
                              "instead of pruning again")
-    parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--out", help="write the results here instead of benchmarks/results/torch_pruning.json")
     args = parser.parse_args()
 
     base = ["model=smollm2-135m", "data=python-docs", "eval.seq_len=256",
@@ -238,15 +241,14 @@ def main() -> None:
     print(f"  Torch-Pruning full recipe: setting up (bound {args.bound_s:.0f} s) ...", flush=True)
     full = bounded_full_recipe(base, calib[0]["input_ids"][:1, :32], args.bound_s)
 
-    print("\n| method | ffn | params | held-out perplexity | seconds to prune |\n|---|---:|---:|---:|---:|")
+    table = Table(["method", "ffn", "params", "held-out perplexity", "seconds to prune"])
     for r in rows:
-        print(f"| {r['method']} | {r['ffn']} | {r['params']:,} | {r['perplexity']:.2f} | {r['seconds']:.1f} |")
+        table.add(r["method"], r["ffn"], r["params"], f"{r['perplexity']:,.2f}", f"{r['seconds']:.1f}")
     print(f"\nheld-out: {rows[0]['tokens']} tokens of python-docs; calibration: {args.calib_sequences} x "
           f"{args.calib_seq_len} tokens")
     print(f"Torch-Pruning full recipe (hidden+heads+MLP, ratio 0.5, head pruning): {full['line']}")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"rows": rows, "full_recipe": full}, indent=1) + "\n")
+    write_result("torch_pruning", figures={"rows": rows, "full_recipe": full}, tables={"mlp": table},
+                 values={"full_recipe": full["line"]}, inputs={"model": "smollm2-135m", "data": "python-docs"}, out=args.out)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ torch.compile: `compactlm eval`'s eval.speed_modes) at batch 1 and 8. The studen
 the parameter ratio (goal: at least 0.9x of it).
 
     pip install -e ".[deploy]"          # llama-cpp-python: builds llama.cpp from source, a few minutes on 2 cores
-    python benchmarks/deploy.py --student runs/main/distill/final --out runs/bench/deploy.json
+    python benchmarks/deploy.py --student runs/main/distill/final      # benchmarks/results/deploy.json
 
 The student defaults to the README main command's distilled model (`python benchmarks/main_command.py --keep
 runs/main` leaves it there). Run alone: other processes on the cores change the speeds.
@@ -17,19 +17,20 @@ runs/main` leaves it there). Run alone: other processes on the cores change the 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import Table, write_result
 
 from compactlm import inputs
 from compactlm.config import load_config
 from compactlm.export import export_gguf
 from compactlm.metrics import generation_speeds
-from compactlm.models.loading import load_model, load_tokenizer, num_params
+from compactlm.models.loading import load_model, load_tokenizer
+from compactlm.models.params import num_params
 
 PROMPT_TOKENS = 16
 
@@ -85,7 +86,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
-    parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--out", help="write the results here instead of benchmarks/results/deploy.json")
     args = parser.parse_args()
     from llama_cpp import Llama  # the [deploy] extra; fails here, before any work, when missing
 
@@ -127,27 +128,28 @@ def main() -> None:
     print(f"\nheld-out: {len(rows)} python-docs validation sequences ({result['tokens']:,} tokens); "
           f"{args.threads} threads; {args.new_tokens} new tokens after a {PROMPT_TOKENS}-token prompt")
     print(f"parameters: teacher {t['params'] / 1e6:.1f}M, student {s['params'] / 1e6:.1f}M ({param_ratio:.2f}x fewer)\n")
-    print("| model | GGUF | size | llama.cpp perplexity | HF perplexity | ratio | top-1 agreement | llama.cpp tokens/s |")
-    print("|---|---|---|---|---|---|---|---|")
+    gguf = Table(["model", "GGUF", "size", "llama.cpp perplexity", "transformers (float32)", "ratio", "top-1 agreement",
+                  "llama.cpp tokens/s"])
     for name, m in result["models"].items():
         for type_name, g in m["gguf"].items():
-            print(f"| {name} | {type_name} | {g['bytes'] / 2**20:,.1f} MiB | {g['perplexity']:.2f} | {m['hf_perplexity']:.2f} "
-                  f"| {g['ppl_vs_hf']:.4f} | {g['top1_agreement']:.1%} | {g['tokens_per_s']:.1f} |")
-    print("\n| runtime | teacher tokens/s | student tokens/s | speed-up | speed-up / parameter ratio |")
-    print("|---|---|---|---|---|")
-    pairs = [(f"llama.cpp {k} b1", t["gguf"][k]["tokens_per_s"], s["gguf"][k]["tokens_per_s"]) for k in t["gguf"]]
-    pairs += [(f"transformers {k}", t["hf"][k], s["hf"][k]) for k in t["hf"]]
+            gguf.add(f"{name}, {m['params'] / 1e6:.1f}M", type_name, f"{g['bytes'] / 2**20:,.1f} MiB", f"{g['perplexity']:.2f}",
+                     f"{m['hf_perplexity']:.2f}", f"{g['ppl_vs_hf']:.4f}", f"{g['top1_agreement']:.1%}", f"{g['tokens_per_s']:.1f}")
+    speed = Table(["runtime", "teacher tokens/s", "student tokens/s", "speed-up",
+                   f"speed-up / parameter ratio ({param_ratio:.2f}x)"])
+    pairs = [(f"llama.cpp, {k}, batch 1", t["gguf"][k]["tokens_per_s"], s["gguf"][k]["tokens_per_s"]) for k in t["gguf"]]
+    pairs += [(f"transformers, {k}", t["hf"][k], s["hf"][k]) for k in t["hf"]]
     result["speedups"] = {}
     for label, a, b in pairs:
         if a and b:
             result["speedups"][label] = b / a
-            print(f"| {label} | {a:.1f} | {b:.1f} | {b / a:.2f}x | {b / a / param_ratio:.2f} |")
+            speed.add(label, f"{a:.1f}", f"{b:.1f}", f"**{b / a:.2f}x**", f"{b / a / param_ratio:.2f}")
         else:
-            print(f"| {label} | {a or 'failed'} | {b or 'failed'} | | |")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+            speed.add(label, f"{a:.1f}" if a else "failed", f"{b:.1f}" if b else "failed", "", "")
+    import llama_cpp
 
+    write_result("deploy", figures=result, tables={"llama_cpp": gguf, "speed": speed}, out=args.out,
+                 values={"llama_cpp_python": llama_cpp.__version__},
+                 inputs={"teacher": args.teacher, "student": args.student, "data": "python-docs"})
 
 if __name__ == "__main__":
     main()

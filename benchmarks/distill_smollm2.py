@@ -2,7 +2,7 @@
 held-out perplexity side by side: distillation from the teacher, cross-entropy retraining, and the same
 architecture trained from random init (P1 Table 11's comparison).
 
-    python benchmarks/distill_smollm2.py --tokens 300000 --out runs/bench/distill_smollm2.json
+    python benchmarks/distill_smollm2.py [--tokens 160000]
 
 Expects the activation-pruned model of benchmarks/prune_smollm2.py in --pruned (it prunes one if absent).
 """
@@ -10,9 +10,10 @@ Expects the activation-pruned model of benchmarks/prune_smollm2.py in --pruned (
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
+
+from common import Table, write_result
 
 from compactlm import data, inputs, stages
 from compactlm.config import load_config
@@ -28,10 +29,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pruned", default="runs/bench/prune_smollm2/activation")
     parser.add_argument("--run-dir", default="runs/bench/distill_smollm2")
-    parser.add_argument("--tokens", type=int, default=300_000)
+    parser.add_argument("--tokens", type=int, default=160_000)  # docs/RESULTS.md's budget
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--eval-sequences", type=int, default=64)
-    parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--out", help="write the results here instead of benchmarks/results/distill_smollm2.json")
     args = parser.parse_args()
 
     base = ["data=python-docs", "eval.seq_len=256", "resume=true"]
@@ -61,13 +62,12 @@ def main() -> None:
         rows.append({"model": name, "seconds": time.perf_counter() - start,
                      **perplexity(load_model(str(out / "final")), batches)})
 
-    print(f"{'student (67.6M params)':36} {'val ppl':>10} {'minutes':>8}   ({args.tokens:,} training tokens each)")
+    table = Table([f"student (67.6M params), {args.tokens:,} training tokens each", "held-out perplexity", "wall time"])
     for r in rows:
-        print(f"{r['model']:36} {r['perplexity']:>10.2f} {r['seconds'] / 60:>8.1f}")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"tokens": args.tokens, "lr": args.lr, "rows": rows}, indent=1) + "\n")
-
+        table.add(r["model"], f"{r['perplexity']:,.1f}", f"{r['seconds'] / 60:.1f} min" if r["seconds"] else "")
+    write_result("distill_smollm2", figures={"tokens": args.tokens, "lr": args.lr, "rows": rows},
+                 tables={"recovery": table}, inputs={"pruned": args.pruned, "teacher": "smollm2-135m", "data": "python-docs"},
+                 out=args.out)
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,6 @@
 """How good is the pruned model before any retraining? SmolLM2-135M cut to three shapes, held-out perplexity.
 
-    python benchmarks/prune_quality.py --out runs/bench/prune_quality.json            # every table (~25 min alone)
+    python benchmarks/prune_quality.py           # every table (~25 min alone): benchmarks/results/prune_quality.json
     python benchmarks/prune_quality.py --tables importance,aggregation                 # some of them
 
 Tables (all zero-shot, on the same held-out python-docs rows; calibration 64 x 256 tokens unless varied):
@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import time
 from functools import cache
-from pathlib import Path
+
+from common import Table, write_result
 
 from compactlm import data, inputs
 from compactlm.config import PruneConfig, TargetConfig, load_config
@@ -122,19 +122,22 @@ def run_tables(bench: Bench, tables: list[str], shapes: list[str], calib_sizes: 
     return out
 
 
-def print_tables(results: dict[str, list[dict]]) -> None:
-    print(f"\nteacher: held-out perplexity {results['teacher'][0]['perplexity']:.2f}")
+TABLE_IDS = {"importance": "importance", "reconstruct": "refit", "calibration": "calibration",
+             "aggregation": "aggregation"}  # the script's tables -> the docs' blocks
+
+
+def tables_of(results: dict[str, list[dict]]) -> dict[str, Table]:
+    """One table per measured table: its settings, held-out perplexity, loss and seconds (score + refit)."""
     columns = {"importance": ("shape", "method"), "reconstruct": ("shape", "method", "reconstruct", "inputs", "ridge"),
                "calibration": ("calib_sequences",), "aggregation": ("aggregation",)}
+    out = {}
     for name, keys in columns.items():
-        if name not in results:
-            continue
-        print(f"\n{name}:\n| {' | '.join(keys)} | held-out perplexity | loss | seconds |")
-        print("|" + "---|" * (len(keys) + 3))
-        for r in results[name]:
-            cells = [str(r[k]) for k in keys] + [f"{r['perplexity']:.2f}", f"{r['loss']:.3f}",
-                                                  f"{r['score_s'] + r['reconstruct_s']:.0f}"]
-            print("| " + " | ".join(cells) + " |")
+        if name in results:
+            table = out[TABLE_IDS[name]] = Table([*keys, "held-out perplexity", "loss", "seconds"])
+            for r in results[name]:
+                table.add(*(r[k] for k in keys), f"{r['perplexity']:,.2f}", f"{r['loss']:.3f}",
+                          f"{r['score_s'] + r['reconstruct_s']:.0f}")
+    return out
 
 
 def main() -> None:
@@ -144,7 +147,7 @@ def main() -> None:
     parser.add_argument("--calib-seq-len", type=int, default=256)
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
     parser.add_argument("--calib-sizes", default="8,16,32,64,128", help="calibration sequences of that table")
-    parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--out", help="write the results here instead of benchmarks/results/prune_quality.json")
     args = parser.parse_args()
     tables, shapes = [t for t in args.tables.split(",") if t], [s for s in args.shapes.split(",") if s]
     for given, known, what in ((tables, TABLES, "table"), (shapes, SHAPES, "shape")):
@@ -153,13 +156,13 @@ def main() -> None:
     start = time.perf_counter()
     results = run_tables(Bench(args.eval_sequences, args.calib_seq_len), tables, shapes,
                          [int(n) for n in args.calib_sizes.split(",")])
-    print_tables(results)
-    print(f"\n({time.perf_counter() - start:.0f} s in all; defaults: prune.reconstruct={DEFAULT.reconstruct}, "
+    print(f"\nteacher: held-out perplexity {results['teacher'][0]['perplexity']:.2f}")
+    print(f"({time.perf_counter() - start:.0f} s in all; defaults: prune.reconstruct={DEFAULT.reconstruct}, "
           f"prune.reconstruct_inputs={DEFAULT.reconstruct_inputs}, prune.ridge={DEFAULT.ridge})")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
-
+    if set(tables) != set(TABLES) and not args.out:  # a partial run must not replace the committed results
+        args.out = f"runs/bench/prune_quality-{'-'.join(tables)}.json"
+    write_result("prune_quality", figures=results, tables=tables_of(results),
+                 inputs={"model": "smollm2-135m", "data": "python-docs"}, out=args.out)
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,7 @@
 """Prune the built-in SmolLM2-135M to half its parameters with activation, magnitude and random importance;
 print held-out perplexity of each beside the teacher's.
 
-    python benchmarks/prune_smollm2.py --out runs/bench/prune_smollm2.json
+    python benchmarks/prune_smollm2.py
 
 Same target for every method: hidden 384, 6 heads (2 per KV group), ffn 1024, all 30 layers; the weights are
 only sliced (`prune.reconstruct=none`), so the table compares the importance scores alone
@@ -11,14 +11,16 @@ only sliced (`prune.reconstruct=none`), so the table compares the importance sco
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
+
+from common import Table, write_result
 
 from compactlm import data, inputs, stages
 from compactlm.config import load_config
 from compactlm.metrics import perplexity
-from compactlm.models.loading import load_model, num_params
+from compactlm.models.loading import load_model
+from compactlm.models.params import num_params
 
 TARGET = ["target.hidden_size=384", "target.num_attention_heads=6", "target.intermediate_size=1024"]
 
@@ -27,7 +29,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", default="runs/bench/prune_smollm2")
     parser.add_argument("--eval-sequences", type=int, default=64)
-    parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--out", help="write the results here instead of benchmarks/results/prune_smollm2.json")
     args = parser.parse_args()
 
     base = ["model=smollm2-135m", "data=python-docs", "eval.seq_len=256", "prune.reconstruct=none"]  # plain slicing
@@ -46,14 +48,12 @@ def main() -> None:
         rows.append({"model": f"pruned, {method} importance", "params": num_params(pruned), "seconds": seconds,
                      **perplexity(pruned, batches)})
 
-    print(f"{'model':32} {'params':>12} {'val ppl':>10} {'prune s':>8}")
+    table = Table(["model", "params", "held-out perplexity"])
     for r in rows:
-        print(f"{r['model']:32} {r['params']:>12,} {r['perplexity']:>10.2f} {r['seconds']:>8.1f}")
+        table.add(r["model"], f"{r['params'] / 1e6:.1f}M", f"{r['perplexity']:,.2f}")
     print(f"(validation: {rows[0]['tokens']} tokens of python-docs held out)")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
-
+    write_result("prune_smollm2", figures={"rows": rows}, tables={"importance": table},
+                 inputs={"model": "smollm2-135m", "data": "python-docs"}, out=args.out)
 
 if __name__ == "__main__":
     main()

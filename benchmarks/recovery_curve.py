@@ -16,13 +16,14 @@ import dataclasses
 import json
 from pathlib import Path
 
+from common import RESULTS, Table, write_result
+
 from compactlm import data, inputs, stages
 from compactlm.config import load_config
 from compactlm.metrics import perplexity
 from compactlm.models.loading import load_model
 
 TARGET = ["target.hidden_size=384", "target.num_attention_heads=6", "target.intermediate_size=1024"]
-RESULTS = Path(__file__).parent / "results"
 
 
 def main() -> None:
@@ -31,7 +32,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1_048_576)
     parser.add_argument("--eval-every", type=int, default=32, help="steps (of 2,048 tokens) between validations")
     parser.add_argument("--eval-sequences", type=int, default=32)
-    parser.add_argument("--out", default=str(RESULTS / "recovery_curve.json"))
+    parser.add_argument("--out", default=str(RESULTS / "recovery_curve.json"))  # its plot: the same name, .png
     parser.add_argument("--report-only", action="store_true",
                         help="write the JSON and plot from the validations logged so far (a run in progress)")
     args = parser.parse_args()
@@ -62,19 +63,22 @@ def main() -> None:
             points.append({"tokens": row["step"] * tokens_per_step, "perplexity": row["val_ppl"]})
     used = load_config(str(pruned / "compactlm.yaml"), [])  # the recipe the student was pruned with
     result = {"teacher_perplexity": perplexity(teacher, batches)["perplexity"], "points": points,
-              "tokens_planned": args.tokens,
-              "command": "python benchmarks/recovery_curve.py", "shape": TARGET,
+              "tokens_planned": args.tokens, "shape": TARGET,
               "recipe": {"importance": used.importance.method, "aggregation": used.importance.aggregation,
                          **{f"prune.{k}": v for k, v in dataclasses.asdict(used.prune).items()}}}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    out = write_result("recovery_curve", figures=result, tables={"curve": curve_table(result)}, out=args.out,
+                       inputs={"model": "smollm2-135m", "data": "python-docs"})
     plot(result, out.with_suffix(".png"))
-    print(f"{'tokens':>10} {'held-out perplexity':>20}")
-    for p in points:
-        print(f"{p['tokens']:>10,} {p['perplexity']:>20.2f}")
-    print(f"teacher: {result['teacher_perplexity']:.2f}; wrote {out}")
+    print(f"teacher: {result['teacher_perplexity']:.2f}")
 
+
+def curve_table(result: dict) -> Table:
+    """Held-out perplexity at 0 and 65K tokens, then every 131K (the plot has every point)."""
+    shown = [p for p in result["points"] if p["tokens"] in (0, 65536) or p["tokens"] % 131072 == 0]
+    table = Table(["tokens", *(f"{round(p['tokens'] / 1000):,}K" if p["tokens"] else "0" for p in shown)])
+    table.add("held-out perplexity", *(f"{p['perplexity']:.0f}" if p["perplexity"] >= 200 else f"{p['perplexity']:.1f}"
+                                       for p in shown))
+    return table
 
 def plot(result: dict, path: Path) -> None:
     """Perplexity against tokens (log y), the teacher as a dashed line."""

@@ -2,7 +2,7 @@
 count (~67M of 134.5M), held-out perplexity before and after the same distillation budget; and whether a better
 start (the default recipe against P1's plain activation score) still matters after distillation.
 
-    python benchmarks/width_depth.py --out runs/bench/width_depth.json      # ~40 min alone on 2 CPU cores
+    python benchmarks/width_depth.py      # ~40 min alone on 2 CPU cores
 
 Every student is distilled from the teacher for --steps steps of 8 x 256 tokens (AdamW, LR 1e-3 cosine to 1e-4,
 5 warm-up steps), the same data in the same order. One scoring pass (activation scores plus every depth metric
@@ -12,15 +12,17 @@ the variants use) is shared by all of them; `prune_s` is each variant's pruning 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
+
+from common import Table, write_result
 
 from compactlm import data, inputs, stages
 from compactlm.config import load_config
 from compactlm.metrics import perplexity
 from compactlm.models.family import family_of
-from compactlm.models.loading import load_model, num_params
+from compactlm.models.loading import load_model
+from compactlm.models.params import num_params
 
 LAYER_METRICS = ("lm_loss", "block_importance", "contiguous_19")  # what the depth variants below drop by
 WIDTH = ["target.hidden_size=384", "target.num_attention_heads=6", "target.intermediate_size=1024"]
@@ -43,7 +45,7 @@ def main() -> None:
     parser.add_argument("--run-dir", default="runs/bench/width_depth")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--eval-sequences", type=int, default=64)
-    parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--out", help="write the results here instead of benchmarks/results/width_depth.json")
     args = parser.parse_args()
 
     base = ["data=python-docs", "seed=0", "calib.sequences=64", "calib.layer_sequences=16"]
@@ -85,16 +87,12 @@ def main() -> None:
     tokens = args.steps * 8 * 256
     print(f"\nteacher: {teacher_ppl:.2f}; distillation: {args.steps} steps, {tokens:,} tokens each; "
           f"shared scoring {score_s:.0f} s")
-    print("| variant | layers | hidden | heads | ffn | params | zero-shot perplexity | after KD |")
-    print("|---|---|---|---|---|---|---|---|")
+    table = Table(["pruning", "layers", "hidden", "heads", "ffn", "params", "zero-shot", f"after {tokens:,} tokens"])
     for r in rows:
-        print(f"| {r['variant']} | {r['layers']} | {r['hidden']} | {r['heads']} | {r['ffn']} | {r['params'] / 1e6:.1f}M "
-              f"| {r['zero_shot']:,.1f} | {r['after_kd']:.2f} |")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"teacher": teacher_ppl, "tokens": tokens, "score_s": round(score_s, 1),
-                                              "rows": rows}, indent=1) + "\n")
-
+        table.add(r["variant"], r["layers"], r["hidden"], r["heads"], r["ffn"], f"{r['params'] / 1e6:.1f}M",
+                  f"{r['zero_shot']:,.0f}", f"{r['after_kd']:.2f}")
+    write_result("width_depth", figures={"teacher": teacher_ppl, "tokens": tokens, "score_s": round(score_s, 1), "rows": rows},
+                 tables={"shapes": table}, inputs={"model": "smollm2-135m", "data": "python-docs"}, out=args.out)
 
 if __name__ == "__main__":
     main()

@@ -14,7 +14,7 @@ from compactlm.errors import CompactLMError
 from compactlm.metrics import perplexity
 from compactlm.importance.scores import Scores
 from compactlm.models.family import Dims, family_of
-from compactlm.models.loading import num_params
+from compactlm.models.params import num_params
 from compactlm.pruning import keep_all, layers_to_drop, make_plan, prune_model
 from compactlm.arch_search import (
     Candidate,

@@ -41,7 +41,8 @@ def test_a_model_bigger_than_one_gpu_spreads_over_several(monkeypatch):
     """device_map=auto only on CUDA with 2+ GPUs and weights above 90% of one GPU's free memory."""
     from conftest import tiny_config
 
-    from compactlm.models.loading import params_of_config, spread_over_gpus
+    from compactlm.models.loading import spread_over_gpus
+    from compactlm.models.params import params_of_config
 
     config = tiny_config("llama")
     need = params_of_config(config) * 4

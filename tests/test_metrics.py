@@ -9,7 +9,7 @@ from conftest import VOCAB, model_params, tiny_config, tiny_model
 
 from compactlm.errors import CompactLMError
 from compactlm.metrics import evaluate, generation_speed, generation_speeds, perplexity, sample_text, teacher_agreement
-from compactlm.models.loading import num_params
+from compactlm.models.params import num_params
 
 
 def _rows(batch):

@@ -14,13 +14,14 @@ import torch.nn.functional as F
 from conftest import MOE, tiny_config, tiny_model
 from test_pruning import logits, scores_for
 
-from compactlm.arch_search import enumerate_candidates, param_count
+from compactlm.arch_search import enumerate_candidates
+from compactlm.models.params import param_count
 from compactlm.config import SearchConfig, TargetConfig
 from compactlm.errors import CompactLMError
 from compactlm.importance import activation_scores
 from compactlm.importance.scores import Scores
 from compactlm.models.family import family_of, get_module
-from compactlm.models.loading import num_params
+from compactlm.models.params import num_params
 from compactlm.pruning import Plan, keep_all, make_plan, prune_model, resolve_target
 
 

@@ -1,4 +1,4 @@
-"""Surgery invariants (STYLE.md): keep-all is identity, pruning zeroed units changes nothing, reload keeps logits."""
+"""Surgery invariants: keep-all is identity, pruning zeroed units changes nothing, reload keeps logits."""
 
 from __future__ import annotations
 

@@ -14,7 +14,8 @@ from compactlm.config import TargetConfig
 from compactlm.metrics import perplexity
 from compactlm.importance import random_scores
 from compactlm.models.family import family_of
-from compactlm.models.loading import load_model, load_tokenizer, num_params
+from compactlm.models.loading import load_model, load_tokenizer
+from compactlm.models.params import num_params
 from compactlm.pruning import make_plan, prune_model, resolve_target
 
 pytestmark = pytest.mark.skipif(

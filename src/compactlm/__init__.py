@@ -22,7 +22,7 @@ _API = {
     "evaluate": ("compactlm.stages", "evaluate"),
     "report": ("compactlm.stages", "report"),
     "run": ("compactlm.pipeline", "run"),
-    "prune_to": ("compactlm.pruning.verb", "prune_to"),
+    "prune_to": ("compactlm.api", "prune_to"),
     "TargetConfig": ("compactlm.config", "TargetConfig"),
     "ImportanceConfig": ("compactlm.config", "ImportanceConfig"),
 }

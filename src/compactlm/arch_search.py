@@ -1,4 +1,4 @@
-"""Architecture search (METHOD.md section 6): enumerate shapes near a parameter target, prune each, rank them.
+"""Architecture search (Minitron, P1: arXiv 2407.14679): enumerate shapes near a parameter target, prune each, rank them.
 
 Grids come from `SearchConfig` or are derived from the teacher. Every candidate is pruned from the same saved
 importance scores and scored by its zero-shot validation loss; when the caller supplies `distill_fn`, the best
@@ -30,7 +30,6 @@ import itertools
 import json
 import logging
 import math
-import re
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -45,9 +44,8 @@ from compactlm.errors import CompactLMError
 from compactlm.metrics import perplexity
 from compactlm.importance.scores import Scores
 from compactlm.models.family import Dims, Family, family_of
-from compactlm.models.loading import num_params
+from compactlm.models.params import named_shapes, num_params, param_count
 from compactlm.pruning import layers_to_drop, make_plan, prune_model
-from compactlm.pruning.surgery import PER_EXPERT
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +53,7 @@ FFN_FACTORS = (2.0, 2.5, 3.0, 3.5, 4.0)  # MLP width as a multiple of hidden (P1
 EXPERT_FRACTIONS = (1.0, 0.75, 0.5, 0.25)  # derived expert grids: these shares of the teacher's experts
 LAYER_VALUES = 6  # derived layer grid: this many values from L down to L/2
 
-Shapes = Mapping[str, tuple[int, ...]]
+Shapes = Mapping[str, tuple[int, ...]]  # parameter name -> shape (models/params.py: named_shapes)
 
 
 @dataclass(frozen=True)
@@ -73,46 +71,6 @@ class Candidate:
     def to_json(self) -> dict:
         """Plain values, dims as a nested mapping."""
         return dataclasses.asdict(self)
-
-
-def named_shapes(model) -> dict[str, tuple[int, ...]]:
-    """Parameter name -> shape; shared (tied) tensors appear once."""
-    return {name: tuple(p.shape) for name, p in model.named_parameters()}
-
-
-def _axis_size(label: str, dims: Dims) -> int:
-    sizes = {
-        "hidden": dims.hidden, "ffn": dims.ffn, "ffn2": 2 * dims.ffn, "q": dims.heads * dims.head_dim,
-        "kv": dims.kv_heads * dims.head_dim, "qkv": (dims.heads + 2 * dims.kv_heads) * dims.head_dim,
-        "expert": dims.experts, "effn": dims.ffn, "effn2": 2 * dims.ffn,
-    }
-    return sizes[label]
-
-
-def param_count(model_or_named_shapes, family: Family, dims: Dims, active: bool = False) -> int:
-    """Exact parameters of the teacher pruned to `dims`, from its parameter names, shapes and axis labels.
-    `active`: only those one token runs through (the experts' weights count top_k / experts of their size)."""
-    shapes = model_or_named_shapes
-    if not isinstance(shapes, Mapping):
-        shapes = named_shapes(shapes)
-    layer_key = re.compile(rf"^{re.escape(family.layers_path)}\.(\d+)\.(.+)$")
-    per_layer, total = 0, 0
-    for name, shape in shapes.items():
-        match = layer_key.match(name)
-        if match and match.group(1) != "0":
-            continue  # layers are homogeneous: layer 0 stands for all of them
-        axes = family.layer_params.get(match.group(2)) if match else family.global_params.get(name)
-        if axes is None or len(axes) != len(shape):
-            raise CompactLMError(f"{family.name}: weight '{name}' is not described in the family record")
-        sizes = (size if label is None else _axis_size(label, dims) for label, size in zip(axes, shape))
-        count = math.prod(sizes)
-        if active and any(label in PER_EXPERT for label in axes):  # routed experts' weights, not the router
-            count = count * dims.top_k // dims.experts
-        if match:
-            per_layer += count
-        else:
-            total += count
-    return total + per_layer * dims.layers
 
 
 def _target_params(value: int | float, teacher_params: int) -> int:

@@ -21,7 +21,7 @@ import torch
 
 from compactlm.errors import CompactLMError
 from compactlm.files import as_if_created
-from compactlm.models.loading import cache_dir
+from compactlm.cache import cache_dir
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from compactlm.config import Config, TrainConfig
 from compactlm.errors import CompactLMError
 from compactlm.importance.scores import Scores
 from compactlm.metrics import vocab_size
-from compactlm.models.family import family_of
+from compactlm.models.family import Dims, Family, family_of
 from compactlm.models.loading import load_model, load_model_config, load_tokenizer, pick_device, spread_over_gpus
 
 log = logging.getLogger(__name__)
@@ -120,6 +120,26 @@ def _tokenizer(cfg: Config, spec: str):
     return tokenizer
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelRecord:
+    """A model spec resolved once: its config, family and shape, and whether it is a local safetensors checkpoint
+    (what streamed surgery and layer-by-layer loading read). Built before any weights load."""
+
+    spec: str
+    config: object  # transformers' PretrainedConfig
+    family: Family
+    dims: Dims
+    local: bool
+
+
+def resolve(spec: str) -> ModelRecord:
+    """`spec` (hub id, folder, .gguf, built-in name) read once into a ModelRecord: a bad config or an unsupported
+    family is one line here, before any work."""
+    config = load_model_config(spec)
+    family = family_of(config)
+    return ModelRecord(spec, config, family, family.dims(config), local_safetensors(spec))
+
+
 def local_safetensors(spec: str) -> bool:
     """A local folder holding a safetensors checkpoint (model.safetensors or its sharded index)."""
     path = Path(spec)
@@ -133,7 +153,8 @@ def layerwise(cfg: Config, spec: str | None = None, head: bool = False):
     Hidden states between layers stay in memory up to half the budget less one layer's weights, the rest
     goes to temporary files. Layer by layer runs on the CPU."""
     from compactlm.models.layerwise import Layerwise
-    from compactlm.models.loading import DTYPES, params_of_config
+    from compactlm.models.loading import DTYPES
+    from compactlm.models.params import params_of_config
 
     if cfg.memory_gb is None:
         return None

@@ -28,7 +28,7 @@ from compactlm.errors import CompactLMError
 from compactlm.models.family import family_of, get_module
 from compactlm.models.head import head_logits, log_softmax_
 from compactlm.models.layerwise import Layerwise, skeleton
-from compactlm.models.loading import num_params, params_of_config
+from compactlm.models.params import num_params, params_of_config
 
 log = logging.getLogger(__name__)
 

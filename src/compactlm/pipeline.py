@@ -138,7 +138,8 @@ CASCADE_REPORT = Stage("report", "report.md: every size of the cascade", stages.
 def _teacher_sizes(spec: str) -> dict[str, int]:
     """The teacher's sizes under config.CASCADE_KEYS, from its config alone (no weights)."""
     from compactlm.models.family import family_of
-    from compactlm.models.loading import load_model_config, params_of_config
+    from compactlm.models.loading import load_model_config
+    from compactlm.models.params import params_of_config
     from compactlm.pruning.targets import target_keys
 
     config = load_model_config(spec)

@@ -32,7 +32,8 @@ from compactlm.importance.layers import LAYERWISE_METRICS, check_layerwise
 from compactlm.inputs import CONFIG_FILE, load, load_splits, scores_for, staged_output
 from compactlm.models.family import family_of
 from compactlm.models.layerwise import Layerwise
-from compactlm.models.loading import load_model, load_model_config, num_params, write_checkpoint
+from compactlm.models.loading import load_model, load_model_config, write_checkpoint
+from compactlm.models.params import num_params
 from compactlm.pruning import depth_metrics_needed, layers_to_drop, make_plan, prune_model, resolve_target
 from compactlm.pruning.targets import target_keys
 
@@ -67,17 +68,16 @@ def prune(cfg: Config) -> dict:
     check_one_size(cfg, "prune")
     if cfg.importance.scores and not Path(cfg.importance.scores).is_file():
         raise CompactLMError(f"importance.scores: file {cfg.importance.scores} does not exist")
-    config = load_model_config(cfg.model)
-    family = family_of(config)
-    source = family.dims(config)
-    target = resolve_target(cfg.target, source, family)  # every shape error before loading any weights
-    inputs.check_seq_len(config, cfg.calib.seq_len, "calib.seq_len")
+    record = inputs.resolve(cfg.model)  # config, family and shape, read once for the whole stage
+    source = record.dims
+    target = resolve_target(cfg.target, source, record.family)  # every shape error before loading any weights
+    inputs.check_seq_len(record.config, cfg.calib.seq_len, "calib.seq_len")
     needed = depth_metrics_needed(cfg.target, [source.layers - target.layers])
     scores = inputs.saved_scores(cfg, source)
     # (a mixture of experts' checkpoint stores each expert apart, the model fuses them: it is cut in memory)
-    if (scores is not None and all(n in scores.layers for n in needed) and inputs.local_safetensors(cfg.model)
-            and cfg.prune.reconstruct == "none" and not family.moe):
-        return _prune_streamed(cfg, config, scores, target)  # nothing to compute: the model never loads
+    if (scores is not None and all(n in scores.layers for n in needed) and record.local
+            and cfg.prune.reconstruct == "none" and not record.family.moe):
+        return _prune_streamed(cfg, record, scores, target)  # nothing to compute: the model never loads
     model, tokenizer = inputs.load_within(cfg)
     for name in needed if scores is None else [n for n in needed if n not in scores.layers]:
         check_layerwise(model, name)  # before the slow passes
@@ -85,7 +85,7 @@ def prune(cfg: Config) -> dict:
     if isinstance(model, Layerwise):  # scored one layer at a time: cut tensor by tensor too
         if cfg.prune.reconstruct != "none":
             log.warning("prune: prune.reconstruct needs the whole model in memory (memory_gb): skipped")
-        return _prune_streamed(cfg, config, scores, target)
+        return _prune_streamed(cfg, record, scores, target)
     drop = layers_to_drop(cfg.target, source, target.layers, scores)
     plan = make_plan(scores, source, target, drop, cfg.target.expert_metric)
     pruned = prune_model(model, plan)
@@ -102,18 +102,18 @@ def prune(cfg: Config) -> dict:
     return {"out_dir": str(cfg.out_dir), "target_shape": vars(target), "params": params}
 
 
-def _prune_streamed(cfg: Config, config, scores, target) -> dict:
+def _prune_streamed(cfg: Config, record: inputs.ModelRecord, scores, target) -> dict:
     """Cut a local safetensors checkpoint to `target` with `scores` (saved, or computed layer by layer) without
     building the model: tensor by tensor into sharded safetensors (pruning/stream.py)."""
-    from compactlm.models.loading import load_tokenizer, params_of_config
+    from compactlm.models.loading import load_tokenizer
+    from compactlm.models.params import params_of_config
     from compactlm.pruning import prune_config
     from compactlm.pruning.stream import prune_checkpoint
 
-    family = family_of(config)
-    source = family.dims(config)
+    source, config = record.dims, record.config
     drop = layers_to_drop(cfg.target, source, target.layers, scores)
     plan = make_plan(scores, source, target, drop, cfg.target.expert_metric)
-    params = {"source": params_of_config(config), "pruned": params_of_config(prune_config(config, family, plan))}
+    params = {"source": params_of_config(config), "pruned": params_of_config(prune_config(config, record.family, plan))}
     log.info("pruned %s tensor by tensor: %d -> %d parameters", cfg.model, params["source"], params["pruned"])
     with staged_output(cfg.out_dir) as out:
         prune_checkpoint(cfg.model, plan, out)

@@ -39,7 +39,7 @@ import torch
 from compactlm import data
 from compactlm.errors import CompactLMError
 from compactlm.files import as_if_created
-from compactlm.models.loading import cache_dir
+from compactlm.cache import tokens_dir
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class Source:
 
 def store_root() -> Path:
     """Where token stores live: COMPACTLM_TOKENS, default <compactlm cache>/tokens."""
-    return Path(os.environ.get("COMPACTLM_TOKENS") or cache_dir() / "tokens")
+    return tokens_dir()
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

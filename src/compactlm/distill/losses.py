@@ -1,4 +1,4 @@
-"""Distillation losses as pure functions (METHOD.md section 5).
+"""Distillation losses as pure functions (Minitron: P1, arXiv 2407.14679; P2, arXiv 2408.11796).
 
 `kd_loss` is the memory-efficient logit loss: it never materialises full-size logits. It walks the tokens in
 chunks, computes student and teacher logits of one chunk from the final hidden states and the lm_head

@@ -1,4 +1,4 @@
-"""Activation importance (METHOD.md section 2): forward hooks that aggregate |activations| per channel.
+"""Activation importance (Minitron, P1: arXiv 2407.14679): forward hooks that aggregate |activations| per channel.
 
 Sequence aggregation turns a (B, S, C) activation into (B, C) per-sequence scores over non-padding tokens;
 batch aggregation reduces those rows across every calibration batch from float32 running statistics

@@ -1,4 +1,4 @@
-"""Depth importance (METHOD.md section 2): LM loss when layers are skipped, and Block Importance (cosine).
+"""Depth importance (Minitron: P1, arXiv 2407.14679; P2, arXiv 2408.11796): LM loss when layers are skipped, and Block Importance (cosine).
 
 Every metric returns a (layers,)-like float32 tensor on CPU, higher = more important. A layer is skipped by
 a forward hook on the decoder layer that replaces its output hidden states by its input; hooks are always

@@ -8,7 +8,6 @@ import functools
 import importlib.util
 import json
 import logging
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -16,9 +15,11 @@ from pathlib import Path
 
 import torch
 
+from compactlm.cache import cache_dir
 from compactlm.errors import CompactLMError, read_json
 from compactlm.files import as_if_created
 from compactlm.models.family import family_of
+from compactlm.models.params import params_of_config
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +67,6 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def cache_dir() -> Path:
-    """Where converted built-in models live (COMPACTLM_CACHE, default ~/.cache/compactlm)."""
-    return Path(os.environ.get("COMPACTLM_CACHE", Path.home() / ".cache" / "compactlm"))
 
 
 def _builtin_gguf(name: str) -> Path:
@@ -326,23 +322,3 @@ def _strip_quantization(config_path: Path) -> None:
     config = json.loads(config_path.read_text())
     if config.pop("quantization_config", None) is not None:
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def num_params(model) -> int:
-    """Parameters of a model, tied weights counted once."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
-def params_of_config(config, active: bool = False) -> int:
-    """Parameter count of the model a config describes, without allocating weights (meta device). `active`: of
-    a mixture of experts, only those one token runs through (`arch_search.param_count`)."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    if not active:
-        return num_params(model)
-    from compactlm.arch_search import param_count
-
-    family = family_of(config)
-    return param_count(model, family, family.dims(config), active=True)

@@ -16,6 +16,7 @@ import torch
 
 from compactlm.errors import CompactLMError
 from compactlm.models.family import Dims, Family, family_of
+from compactlm.models.params import PER_EXPERT
 from compactlm.pruning.plan import Plan
 
 
@@ -50,7 +51,6 @@ def axis_index(label: str, plan: Plan, layer: int | None, dims: Dims) -> torch.T
     raise ValueError(f"unknown axis label {label!r}")
 
 
-PER_EXPERT = ("effn", "effn2")  # axes indexed differently in each expert
 
 
 def _slice(tensor: torch.Tensor, axes: tuple, plan: Plan, layer: int | None, dims: Dims) -> torch.Tensor:

@@ -1,4 +1,6 @@
-"""`prune_to`: importance, target, plan and surgery in one call, for your own scripts and notebooks."""
+"""`prune_to`: importance, target, plan and surgery in one call, for your own scripts and notebooks.
+
+At the package's top, above importance and pruning (which it composes), beside the stages."""
 
 from __future__ import annotations
 
