@@ -5,7 +5,8 @@ the first load of the built-in model, its GGUF conversion, is included) into a t
 prints the wall time, each stage's seconds, the distillation's tokens/s (median over steps) and the held-out
 results from the run's own files. Run it alone on the machine: other processes on the cores slow torch.
 
-    python benchmarks/main_command.py [--config configs/smollm2-135m.yaml] [--out FILE.json] [--keep runs/main]
+    python benchmarks/main_command.py [--config configs/smollm2-135m.yaml] [--keep runs/main]
+    python benchmarks/main_command.py --config configs/gemma3-270m.yaml --result-name gemma3_270m
 
 Writes benchmarks/results/main_command.json (or --out): the README's time and headline table are rendered from it.
 """
@@ -26,12 +27,15 @@ from pathlib import Path
 
 from common import ROOT, Table, write_result
 
+from compactlm.config import load_config
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default=str(ROOT / "configs" / "smollm2-135m.yaml"))
     p.add_argument("--keep-cache", action="store_true", help="use the usual cache (skips the first-load cost)")
-    p.add_argument("--out", type=Path, help="write the results here instead of benchmarks/results/main_command.json")
+    p.add_argument("--result-name", default="main_command", help="benchmarks/results/NAME.json (another config's run)")
+    p.add_argument("--out", type=Path, help="write the results here instead of benchmarks/results/NAME.json")
     p.add_argument("--keep", type=Path, help="keep the run directory here (benchmarks/deploy.py reads its student)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="compactlm-main-") as tmp:
@@ -66,6 +70,7 @@ def main() -> None:
         print(f"  {name:<10} {m['params'] / 1e6:.1f}M params, held-out perplexity {m['perplexity']:.1f}{kl}")
     if exported:
         print(f"  GGUF export: {exported['type']}, {exported['bytes'] / 2**20:.1f} MiB")
+    used = load_config(args.config)
     table = Table(["stage", "params", "held-out perplexity", "KL to teacher", "top-1 agreement", "tokens/s (batch 1)"])
     for name in ("teacher", "pruned", "distilled"):
         m = results[name]
@@ -74,12 +79,12 @@ def main() -> None:
                   f"{m['tokens_per_s']:.1f}" if m.get("tokens_per_s") else "–")
     figures = {"wall_s": wall, "peak_rss_gb": rss_gb, "stages_s": stages, "distill_tokens_per_s": tok_s,
                "fresh_cache": not args.keep_cache, "results": results, "export": exported}
-    write_result("main_command", figures=figures, tables={"stages": table}, out=args.out,
+    write_result(args.result_name, figures=figures, tables={"stages": table}, out=args.out,
                  values={"wall_min": f"{wall / 60:.1f}", "peak_rss_gb": f"{rss_gb:.1f}",
                          "distilled_perplexity": f"{results['distilled']['perplexity']:.1f}"},
                  inputs={"config": str(Path(args.config).relative_to(ROOT)) if Path(args.config).is_absolute()
                          and Path(args.config).is_relative_to(ROOT) else args.config,
-                         "model": "smollm2-135m", "data": "python-docs"})
+                         "model": used.model, "data": used.data})
 
 
 if __name__ == "__main__":

