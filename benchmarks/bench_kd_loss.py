@@ -30,6 +30,7 @@ from compactlm.distill.losses import kd_loss, kd_loss_reference
 CASES = {
     "smollm2": (49152, 384, 576, 4, 256),
     "128k": (131072, 512, 512, 2, 512),
+    "gemma3": (262144, 384, 640, 2, 256),  # Gemma 3 270M's vocabulary and hidden, cut to configs/gemma3-270m.yaml's
 }
 
 

@@ -14,6 +14,7 @@ import yaml
 from compactlm import keys, ownership, pipeline, stages
 from compactlm.config import load_config, to_dict
 from compactlm.errors import CompactLMError
+from compactlm.models.loading import trusting_remote_code
 
 log = logging.getLogger("compactlm")
 
@@ -22,10 +23,6 @@ def _print(result) -> None:
     """The command's result as JSON on the last line of stdout (rank 0 only under torchrun)."""
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result))
-
-
-def _run(cfg) -> dict:
-    return pipeline.run(cfg)
 
 
 # command -> (the function it calls, what it does); `compactlm eval` is accepted for `evaluate`
@@ -38,7 +35,7 @@ COMMANDS: dict[str, tuple[Callable, str]] = {
     "search": (stages.search, "find the best architecture of ~search.target_params parameters from model='s scores"),
     "export": (stages.export, "write model= as a GGUF file out=FILE.gguf for llama.cpp (export.type=f32|f16|bf16|q8_0)"),
     "report": (stages.report, "write report.md and plots of a run directory: compactlm report RUN_DIR"),
-    "run": (_run, "every stage from the teacher to a compact model and report.md, resuming where it stopped"),
+    "run": (pipeline.run, "every stage from the teacher to a compact model and report.md, resuming where it stopped"),
 }
 ALIASES = {"evaluate": ["eval"]}
 NO_OUT_DIR = ("evaluate", "export")  # commands that write nothing but their result (export: its out= file)
@@ -90,8 +87,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run" and args.dry_run:
             print("\n".join(pipeline.dry_run(cfg)))
             return 0
-        from compactlm.models.loading import trusting_remote_code
-
         # one run per out_dir, never into a source; transformers runs a checkpoint's code only when allowed
         with ownership.claim(cfg), trusting_remote_code(cfg.trust_remote_code):
             result = COMMANDS[args.command][0](cfg)

@@ -1,6 +1,6 @@
 """Every config key with its type, default and meaning, read from the schema itself (`config/schema.py`).
 
-A key's meaning is the comment written with its field (config/schema.py): the comment at the end of the field's line and the
+A key's meaning is the comment written with its field: the comment at the end of the field's line and the
 comment lines just above it. `compactlm <command> --help` lists the keys a command reads from here, and
 `scripts/render_results.py` writes docs/CONFIG.md from here, so neither can drift from the schema.
 """
@@ -13,6 +13,7 @@ import functools
 import inspect
 import io
 import tokenize
+import typing
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,10 +76,8 @@ def _type_name(tp: Any) -> str:
 @functools.lru_cache(maxsize=None)
 def all_keys() -> tuple[Key, ...]:
     """Every key of the schema, in the order the dataclasses define them (sections after the top level)."""
-    hints_cache = {}
-
     def walk(cls: type, default_obj: Any, prefix: str) -> list[Key]:
-        hints = hints_cache.setdefault(cls, _hints(cls))
+        hints = typing.get_type_hints(cls, vars(schema))
         docs = {}
         for klass in reversed(cls.__mro__):  # a subclass's comments override its base's
             if dataclasses.is_dataclass(klass):
@@ -96,12 +95,6 @@ def all_keys() -> tuple[Key, ...]:
         return keys
 
     return tuple(walk(schema.Config, schema.Config(), ""))
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    import typing
-
-    return typing.get_type_hints(cls, vars(schema))
 
 
 def keys_for(command: str) -> list[Key]:
