@@ -12,7 +12,6 @@ renders the tables and values into README.md and docs/RESULTS.md; a test fails w
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -63,23 +62,10 @@ def markdown_table(columns: list[str], rows: list[list[str]]) -> list[str]:
             *("| " + " | ".join(row) + " |" for row in rows)]
 
 
-def sha256_of(path: str | Path) -> str:
-    """sha256 of a file's contents, or of a folder's files (names and contents, in sorted order)."""
-    path, h = Path(path), hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for p in files:
-        if path.is_dir():
-            h.update(str(p.relative_to(path)).encode())
-        with open(p, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-    return h.hexdigest()
-
-
 def describe_input(spec: str) -> str:
     """One line naming an input and its hash: the built-in corpus and models by their known hashes, a local
     file or folder by the sha256 of its contents, anything else by name."""
-    from compactlm import data
+    from compactlm import data, provenance
     from compactlm.models.loading import BUILTIN_DESCRIPTIONS
 
     if spec == data.PYTHON_DOCS:
@@ -87,7 +73,8 @@ def describe_input(spec: str) -> str:
     if spec in BUILTIN_DESCRIPTIONS:
         return f"{spec}: {BUILTIN_DESCRIPTIONS[spec]}"
     if Path(spec).expanduser().exists():
-        return f"{spec}: sha256 {sha256_of(Path(spec).expanduser())}"
+        count, digest = provenance.path_digest(Path(spec).expanduser())
+        return f"{spec}: {count} file(s), sha256 {digest}"
     return f"{spec}: by name (no hash)"
 
 

@@ -38,10 +38,15 @@ def data_line(source: str) -> str:
         return f"data {source}: {data.DOWNLOADS[source].url}, sha256 {data.DOWNLOADS[source].sha256}"
     path = Path(source).expanduser()
     if path.exists():
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        stats = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
-        return f"data {source}: {len(files)} file(s), sha256 {_files_digest(stats)}"
+        count, digest = path_digest(path)
+        return f"data {source}: {count} file(s), sha256 {digest}"
     return f"data {source}: a Hugging Face dataset, read by name (no checksum)"
+
+
+def path_digest(path: Path) -> tuple[int, str]:
+    """(files, sha256 over their contents in sorted order) of a file or a folder's files."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return len(files), _files_digest(tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
 
 
 def lines(cfg) -> list[str]:
