@@ -2,7 +2,7 @@
 then standard-library docstrings (modules, public classes, their methods, functions) of the running CPython,
 deduplicated, those shorter than 200 characters dropped.
 
-    python scripts/build_python_docs.py          # writes the snapshot; prints its sha256 for data.py
+    python scripts/build_python_docs.py          # writes the snapshot; prints its sha256 for data/corpora.py
 
 The corpus used to be built at run time from the running interpreter, so every perplexity changed with the
 Python version; the snapshot fixes it. It was built once from CPython 3.11.7 in a process that had imported

@@ -155,7 +155,7 @@ def _files_now(root) -> set:
 @pytest.mark.parametrize("command,args,message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input(command, args, message, files, tiny_checkpoint, text_file, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("COMPACTLM_CACHE", str(tmp_path / "cache"))  # no cached data set: the download runs
-    monkeypatch.setattr("compactlm.data.urllib.request.urlopen", _offline)
+    monkeypatch.setattr("compactlm.data.corpora.urllib.request.urlopen", _offline)
     out_dir = tmp_path / "out"  # `{out_dir}` in an argument: a path inside it (export's out=)
     args = [a.format(**{k: str(v) for k, v in files.items()}, out_dir=out_dir) for a in args]
     base = {"model": tiny_checkpoint, "student": tiny_checkpoint, "teacher": tiny_checkpoint, "data": text_file,

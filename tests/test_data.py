@@ -252,7 +252,7 @@ def test_download_lands_in_the_cache_once(fake_download, monkeypatch):
     def no_download(*args, **kwargs):
         raise AssertionError("downloaded again")
 
-    monkeypatch.setattr(data, "download", no_download)
+    monkeypatch.setattr(data.corpora, "download", no_download)
     source.unlink()
     assert data.load_texts("tinyshakespeare", max_chars=500) == data.load_texts(
         str(cache / "tinyshakespeare.txt"), max_chars=500)
@@ -291,7 +291,7 @@ def test_download_offline_names_the_url_and_data_file(fake_download, tmp_path):
 
 def test_make_splits_streams_and_stops_at_max_tokens(tokenizer, monkeypatch):
     """The 8B recipes' data sets do not fit in memory: documents are read lazily, only as far as needed."""
-    monkeypatch.setattr(data, "TOKENIZE_DOCS", 16)  # documents per tokenizer call
+    monkeypatch.setattr(data.splits, "TOKENIZE_DOCS", 16)  # documents per tokenizer call
     texts = make_docs(400)
     full = data.make_splits(texts, tokenizer, 16, val_fraction=0.1, calib_sequences=4)
     streamed = data.make_splits(iter(texts), tokenizer, 16, val_fraction=0.1, calib_sequences=4)
@@ -324,7 +324,7 @@ def test_stages_read_only_what_they_need_from_big_data(tokenizer, monkeypatch):
             yield text
 
     monkeypatch.setattr(data, "iter_texts", endless)
-    monkeypatch.setattr(data, "TOKENIZE_DOCS", 8)
+    monkeypatch.setattr(data.splits, "TOKENIZE_DOCS", 8)
     monkeypatch.setattr(inputs, "READ_AT_LEAST", 100)  # as a 20M-token floor is to a corpus of billions
     cfg = load_config(None, ["dataset.max_tokens=100000000", "calib.sequences=4"])
     splits = inputs.load_splits(cfg, tokenizer, 16)  # scoring: a pool of 4 x 4 rows of 16 tokens
@@ -361,7 +361,7 @@ def test_python_docs_is_the_checksummed_snapshot(tmp_path, monkeypatch):
     assert tuple(json.loads(raw)) == tuple(data.load_texts("python-docs"))
     damaged = tmp_path / "python-docs.json.xz"
     damaged.write_bytes(lzma.compress(raw.replace(b"assert", b"ASSERT", 1)))
-    monkeypatch.setattr(data, "PYTHON_DOCS_FILE", damaged)
+    monkeypatch.setattr(data.corpora, "PYTHON_DOCS_FILE", damaged)
     data._python_docs_cached.cache_clear()
     try:
         with pytest.raises(CompactLMError, match="sha256"):

@@ -548,7 +548,7 @@ def test_a_full_disk_while_tokenising_is_one_line_and_keeps_the_store(when, tiny
     monkeypatch.setenv("COMPACTLM_TOKENS", str(tmp_path / "stores"))
     args = [f"model={tiny_checkpoint}", f"data={text_file}", "calib.sequences=4",
             "calib.seq_len=32"]
-    monkeypatch.setattr(tokenstore.data, "TOKENIZE_DOCS", 1)
+    monkeypatch.setattr(tokenstore.splits, "TOKENIZE_DOCS", 1)
     if when == "extension":  # a smaller store first (its first document): the failing run must extend it
         from transformers import AutoTokenizer
 

@@ -39,7 +39,7 @@ def test_rows_do_not_depend_on_how_far_the_store_was_extended(many_docs, bpe_tok
     """Regression: a stage used the whole token store, however far earlier runs had extended it, so a longer run
     in between changed the next short run's calibration rows (drawn over the store's length), training rows and
     validation rows. Now a stage reads the documents that its own budget reaches."""
-    monkeypatch.setattr(inputs.data, "TOKENIZE_DOCS", 8)  # the store ends a few documents past each budget
+    monkeypatch.setattr(inputs.data.splits, "TOKENIZE_DOCS", 8)  # the store ends a few documents past each budget
     before = _splits(many_docs, bpe_tokenizer, 3000, val_rows=4)
     _splits(many_docs, bpe_tokenizer, 12_000, calib=False, train_tokens=10_000, val_rows=40)  # a longer run
     after = _splits(many_docs, bpe_tokenizer, 3000, val_rows=4)

@@ -71,7 +71,7 @@ def test_second_open_reuses_the_store_without_tokenising(bpe_tokenizer, tmp_path
 
 
 def test_a_budget_then_an_extension_equals_one_build(bpe_tokenizer, tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "TOKENIZE_DOCS", 16)
+    monkeypatch.setattr(data.splits, "TOKENIZE_DOCS", 16)
     path = corpus(tmp_path / "c.jsonl", 400)
     tok = Counting(bpe_tokenizer)
     small = open_store(Source(str(path)), tok, need_train_tokens=1000, progress=False)
@@ -86,7 +86,7 @@ def test_a_budget_then_an_extension_equals_one_build(bpe_tokenizer, tmp_path, mo
 
 
 def test_an_interrupted_build_leaves_no_store(bpe_tokenizer, tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "TOKENIZE_DOCS", 16)
+    monkeypatch.setattr(data.splits, "TOKENIZE_DOCS", 16)
     path = corpus(tmp_path / "c.jsonl", 100)
     with pytest.raises(KeyboardInterrupt):
         open_store(Source(str(path)), Counting(bpe_tokenizer, fail_at=3), progress=False)
@@ -96,7 +96,7 @@ def test_an_interrupted_build_leaves_no_store(bpe_tokenizer, tmp_path, monkeypat
 
 
 def test_an_interrupted_extension_keeps_the_old_store(bpe_tokenizer, tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "TOKENIZE_DOCS", 16)
+    monkeypatch.setattr(data.splits, "TOKENIZE_DOCS", 16)
     path = corpus(tmp_path / "c.jsonl", 300)
     small = open_store(Source(str(path)), bpe_tokenizer, need_train_tokens=500, progress=False)
     before = {s: np.array(small.tokens(s)) for s in ("train", "val")}

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from compactlm import data
+from compactlm.data import splits
 from compactlm.errors import CompactLMError
 from compactlm.files import as_if_created
 from compactlm.cache import tokens_dir
@@ -223,7 +224,7 @@ def _fill(path: Path, src: Source, tokenizer, need: tuple[int, int], meta: dict,
         f.truncate(size)  # drop what an interrupted extension left
         files[name] = f
     exhausted = True
-    batches = data.batched(texts, data.TOKENIZE_DOCS)
+    batches = splits.batched(texts, splits.TOKENIZE_DOCS)
     first = next(batches, None)  # a missing or unreadable source fails here, before any progress bar
     try:
         with tqdm(total=None if need[0] == _HUGE else need[0], initial=meta["tokens"]["train"], unit="tok",
@@ -251,7 +252,7 @@ def _fill(path: Path, src: Source, tokenizer, need: tuple[int, int], meta: dict,
 def _append(files: dict, meta: dict, text: str, ids: list[int], eos: int | None, dtype, val_fraction: float) -> None:
     """Write one document to its split; keep the smallest-hash train and largest-hash val document's place."""
     h = data.doc_hash(text)
-    split = "val" if h < val_fraction * data.HASH_BUCKETS else "train"
+    split = "val" if h < val_fraction * splits.HASH_BUCKETS else "train"
     arr = np.asarray(ids + [eos] if eos is not None else ids, dtype=dtype)
     doc = {"hash": h, "offset": meta["tokens"][split], "length": len(arr)}
     files[split].write(arr.tobytes())
