@@ -18,16 +18,15 @@ import json
 import time
 from pathlib import Path
 
-from common import Table, write_result
+from common import README_SHAPE, Table, kd_keys, write_result
 
 from compactlm import pipeline
 from compactlm.config import load_config
 
 COMMON = ["model=smollm2-135m", "data=python-docs", "seed=0", "calib.sequences=64", "eval.sequences=64",
-          "eval.speed=false", "distill.batch_size=8", "distill.seq_len=256", "distill.lr=0.001",
-          "distill.min_lr=0.0001", "distill.warmup_steps=5", "distill.eval_sequences=16"]
+          "eval.speed=false", *kd_keys(eval_sequences=16)]
 QUARTER = {"hidden_size": 288, "num_attention_heads": 3, "intermediate_size": 512}
-HALF = {"hidden_size": 384, "num_attention_heads": 6, "intermediate_size": 1024}
+HALF = README_SHAPE
 
 
 def run(name: str, overrides: list[str], run_dir: Path) -> dict:

@@ -18,13 +18,13 @@ import statistics
 import time
 
 import torch
-from common import Table, write_result
+from common import README_SHAPE, Table, write_result
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from compactlm.distill.losses import kd_loss
 
 SHAPES = {"teacher": dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9),
-          "student": dict(hidden_size=384, intermediate_size=1024, num_attention_heads=6)}
+          "student": README_SHAPE}
 
 
 def model(name: str) -> LlamaForCausalLM:

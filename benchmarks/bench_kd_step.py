@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -33,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import Table, write_result
+from common import README_SHAPE, Table, peak, reset_peak, write_result
 
 CASES = {  # name: (batch, seq) of one step
     "smollm2": (2, 256),
@@ -79,43 +77,13 @@ def _pruned_smollm2(out: Path) -> None:
     g = torch.Generator().manual_seed(0)
     scores = Scores(torch.rand(dims.hidden, generator=g), torch.rand(dims.layers, dims.heads, generator=g),
                     torch.rand(dims.layers, dims.ffn, generator=g))
-    target = dataclasses.replace(dims, hidden=384, heads=6, ffn=1024)
+    shape = README_SHAPE
+    target = dataclasses.replace(dims, hidden=shape["hidden_size"], heads=shape["num_attention_heads"],
+                                 ffn=shape["intermediate_size"])
     prune_model(model, make_plan(scores, dims, target, [])).save_pretrained(out)
 
 
 # ---------------------------------------------------------------- one variant in this process
-
-def _rss_kib(field: str) -> int | None:
-    try:
-        return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
-    except (OSError, AttributeError):
-        return None
-
-
-def _reset_peak(device: str) -> int:
-    """Reset the memory high-water mark; return the baseline (bytes) the peak is measured against."""
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
-        return _rss_kib("VmRSS") * 1024
-    except (OSError, TypeError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _peak(device: str, baseline: int) -> int:
-    import torch
-
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() - baseline
-    hwm = _rss_kib("VmHWM")
-    peak = hwm * 1024 if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return peak - baseline
-
 
 def _init_optimizer_state(optimizer) -> None:
     """Allocate AdamW's state with an lr=0 step on zero grads (weights unchanged): part of the baseline."""
@@ -180,7 +148,7 @@ def worker(args: argparse.Namespace) -> dict:
             return train_step(trainee, teacher_mod, optimizer, rows, batch, tc, d)["loss"]
 
     _init_optimizer_state(optimizer)
-    baseline = _reset_peak(device)
+    baseline = reset_peak(device)
     times, losses = [], []
     for i, rows in enumerate(batches):
         start = time.perf_counter()
@@ -193,7 +161,7 @@ def worker(args: argparse.Namespace) -> dict:
     tokens = batch * seq
     return {"case": args.case, "variant": args.variant, "chunk_tokens": chunk, "tokens": tokens,
             "vocab": student.config.vocab_size, "params_student": n_student, "params_teacher": n_teacher,
-            "step_s": seconds, "tokens_per_s": tokens / seconds, "peak_mib": _peak(device, baseline) / 2**20,
+            "step_s": seconds, "tokens_per_s": tokens / seconds, "peak_mib": peak(device, baseline) / 2**20,
             "flops_per_step": (6 * n_student + 2 * n_teacher) * tokens, "first_loss": losses[0],
             "threads": torch.get_num_threads() if device == "cpu" else None}
 

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import ROOT, Table, write_result
+from common import KD_RECIPE, ROOT, TARGET, Table, write_result
 
 from compactlm import stages
 from compactlm.config import load_config
@@ -38,9 +38,7 @@ from compactlm.metrics import perplexity
 from compactlm.models.loading import load_model, load_tokenizer, write_checkpoint
 
 WORKER = ROOT / "benchmarks" / "modelopt_kd_worker.py"
-TARGET = ["target.hidden_size=384", "target.num_attention_heads=6", "target.intermediate_size=1024"]
-TRAIN = {"batch_size": 8, "seq_len": 256, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 5, "weight_decay": 0.01,
-         "grad_clip": 1.0, "temperature": 1.0, "eval_every": 0, "save_every": 0, "eval_sequences": 8}  # 0: at the end only
+TRAIN = KD_RECIPE | {"weight_decay": 0.01, "grad_clip": 1.0, "temperature": 1.0, "eval_every": 0, "save_every": 0, "eval_sequences": 8}  # 0: at the end only
 MODELOPT = {"token": "Model Optimizer, KL mean over tokens", "mean": "Model Optimizer, default reduction='mean'"}
 
 

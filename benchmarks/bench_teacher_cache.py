@@ -18,7 +18,7 @@ import statistics
 import time
 from pathlib import Path
 
-from common import Table, write_result
+from common import Table, kd_keys, write_result
 
 from compactlm import data, inputs, stages
 from compactlm.config import load_config
@@ -50,9 +50,7 @@ def main() -> None:
     teacher, tokenizer = inputs.load(cfg, "smollm2-135m")
     batches = list(data.batches(inputs.load_splits(cfg, tokenizer, 256).val[: args.eval_sequences], 8))
     del teacher
-    budget = [f"distill.{k}={v}" for k, v in (
-        ("steps", args.steps), ("lr", 1e-3), ("min_lr", 1e-4), ("batch_size", 8), ("seq_len", 256),
-        ("warmup_steps", 5), ("eval_every", 0), ("save_every", args.steps), ("eval_sequences", 16))]
+    budget = kd_keys(steps=args.steps, eval_every=0, save_every=args.steps, eval_sequences=16)
     rows = []
     for k in [0, *map(int, args.ks.split(","))]:
         run = Path(args.run_dir) / (f"top{k}" if k else "dense")

@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
+import resource
 import shlex
 import subprocess
 import sys
@@ -23,6 +25,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+
+# The README's shape and KD recipe, declared once (configs/smollm2-135m.yaml): SmolLM2-135M (134.5M parameters)
+# cut to 67.6M, distilled 8 x 256 tokens a step with AdamW, LR 1e-3 cosine to 1e-4 after 5 warm-up steps.
+README_SHAPE = {"hidden_size": 384, "num_attention_heads": 6, "intermediate_size": 1024}
+TARGET = [f"target.{key}={value}" for key, value in README_SHAPE.items()]  # as `key=value` overrides
+KD_RECIPE = {"batch_size": 8, "seq_len": 256, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 5}
+KD_TOKENS = 163_840  # the main command's budget (80 steps)
+
+
+def kd_keys(section: str = "distill", **changes) -> list[str]:
+    """The KD recipe with `changes` as `section.key=value` overrides (section: distill or train)."""
+    return [f"{section}.{key}={value}" for key, value in (KD_RECIPE | changes).items()]
 
 
 class Table:
@@ -131,3 +145,38 @@ def write_result(name: str, *, figures, tables: dict[str, Table] | None = None, 
         print(f"\n{name}/{table_id}:\n{table.markdown()}")
     print(f"\nwrote {path}")
     return path
+
+
+# ---------------------------------------------------------------- peak memory of this process
+
+def _rss_kib(field: str) -> int | None:
+    try:
+        return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+    except (OSError, AttributeError):
+        return None
+
+
+def reset_peak(device: str) -> int:
+    """Reset the memory high-water mark; return the baseline (bytes) the peak is measured against."""
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
+        return _rss_kib("VmRSS") * 1024
+    except (OSError, TypeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak(device: str, baseline: int) -> int:
+    """Bytes above `baseline` (from `reset_peak`) at the high-water mark since."""
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() - baseline
+    hwm = _rss_kib("VmHWM")
+    high = hwm * 1024 if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return high - baseline

@@ -13,7 +13,7 @@ import argparse
 import time
 from pathlib import Path
 
-from common import Table, write_result
+from common import TARGET, Table, kd_keys, write_result
 
 from compactlm import data, inputs, stages
 from compactlm.config import load_config
@@ -22,7 +22,6 @@ from compactlm.models.loading import load_model
 from compactlm.stages import distill as run_distill
 from compactlm.stages import train as run_train
 
-TARGET = ["target.hidden_size=384", "target.num_attention_heads=6", "target.intermediate_size=1024"]
 
 
 def main() -> None:
@@ -39,9 +38,8 @@ def main() -> None:
     if not (Path(args.pruned) / "config.json").is_file():
         stages.prune(load_config(None, base + TARGET + ["model=smollm2-135m", f"out_dir={args.pruned}",
                                                         "prune.reconstruct=none"]))  # the start its table shows
-    budget = [f"{s}.{k}={v}" for s in ("distill", "train") for k, v in (
-        ("tokens", args.tokens), ("lr", args.lr), ("min_lr", args.lr / 10), ("batch_size", 8), ("seq_len", 256),
-        ("warmup_steps", 5), ("eval_every", 0), ("save_every", 20), ("eval_sequences", 16))]
+    budget = [key for s in ("distill", "train") for key in kd_keys(
+        s, tokens=args.tokens, lr=args.lr, min_lr=args.lr / 10, eval_every=0, save_every=20, eval_sequences=16)]
     runs = {
         "distillation (KL) from the teacher": lambda out: run_distill(load_config(None, base + budget + [
             "teacher=smollm2-135m", f"student={args.pruned}", f"out_dir={out}"])),

@@ -31,11 +31,11 @@ import time
 from pathlib import Path
 
 import torch
+from common import TARGET
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
                     "TOKENIZERS_PARALLELISM": "false"}
-README_SHAPE = ["target.hidden_size=384", "target.num_attention_heads=6", "target.intermediate_size=1024"]
 TINY_SHAPE = ["target.hidden_size=32", "target.num_attention_heads=4", "target.intermediate_size=64"]
 
 
@@ -159,7 +159,7 @@ def main() -> int:
     if cuda:
         print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {procs} x {torch.cuda.get_device_name(0)}")
         print(check_bf16())
-        teacher, dtype, shape, steps, batch, seq = "smollm2-135m", "bfloat16", README_SHAPE, args.steps or 24, 16, 1024
+        teacher, dtype, shape, steps, batch, seq = "smollm2-135m", "bfloat16", TARGET, args.steps or 24, 16, 1024
     else:
         teacher, dtype, shape, steps, batch, seq = str(work / "teacher"), "float32", TINY_SHAPE, args.steps or 6, 4, 64
         make_tiny_teacher(work / "teacher")

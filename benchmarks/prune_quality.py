@@ -20,7 +20,7 @@ import inspect
 import time
 from functools import cache
 
-from common import Table, write_result
+from common import README_SHAPE, Table, write_result
 
 from compactlm import data, inputs
 from compactlm.config import PruneConfig, TargetConfig, load_config
@@ -33,9 +33,9 @@ from compactlm.pruning.reconstruct import reconstruct
 SHAPES = {
     "ffn 1072": TargetConfig(intermediate_size=1072),
     "ffn 768": TargetConfig(intermediate_size=768),
-    "h384 6 heads ffn 1024": TargetConfig(hidden_size=384, num_attention_heads=6, intermediate_size=1024),
+    "h384 6 heads ffn 1024": TargetConfig(**README_SHAPE),
 }
-README_SHAPE = "h384 6 heads ffn 1024"
+SHAPE = "h384 6 heads ffn 1024"
 TABLES = ("importance", "reconstruct", "calibration", "aggregation")
 DEFAULT = PruneConfig()
 _D = ("activation", DEFAULT.reconstruct, DEFAULT.reconstruct_inputs, DEFAULT.ridge)  # the default recipe
@@ -46,7 +46,7 @@ REFITS = {
     "ffn 1072": [_SLICED, _D],
     "ffn 768": [_SLICED, ("activation", "outputs", "teacher", DEFAULT.ridge), _D,
                 ("taylor", *_D[1:])],
-    README_SHAPE: [_SLICED, ("activation", "outputs", "teacher", DEFAULT.ridge),
+    SHAPE: [_SLICED, ("activation", "outputs", "teacher", DEFAULT.ridge),
                    ("activation", "outputs", "sequential", DEFAULT.ridge), _D,
                    ("activation", "all", "teacher", DEFAULT.ridge), ("taylor", *_D[1:]), ("output_aware", *_D[1:]),
                    (*_D[:3], 1e-2)],
@@ -116,9 +116,9 @@ def run_tables(bench: Bench, tables: list[str], shapes: list[str], calib_sizes: 
         out["reconstruct"] = [bench.row(shape, method, sites=sites, how=how, ridge=ridge)
                               for shape in shapes for method, sites, how, ridge in REFITS[shape]]
     if "calibration" in tables:
-        out["calibration"] = [bench.row(README_SHAPE, sequences=n, sites=DEFAULT.reconstruct) for n in calib_sizes]
+        out["calibration"] = [bench.row(SHAPE, sequences=n, sites=DEFAULT.reconstruct) for n in calib_sizes]
     if "aggregation" in tables:
-        out["aggregation"] = [bench.row(README_SHAPE, aggregation=a) for a in AGGREGATIONS]
+        out["aggregation"] = [bench.row(SHAPE, aggregation=a) for a in AGGREGATIONS]
     return out
 
 

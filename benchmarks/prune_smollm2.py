@@ -14,7 +14,7 @@ import argparse
 import time
 from pathlib import Path
 
-from common import Table, write_result
+from common import TARGET, Table, write_result
 
 from compactlm import data, inputs, stages
 from compactlm.config import load_config
@@ -22,7 +22,6 @@ from compactlm.metrics import perplexity
 from compactlm.models.loading import load_model
 from compactlm.models.params import num_params
 
-TARGET = ["target.hidden_size=384", "target.num_attention_heads=6", "target.intermediate_size=1024"]
 
 
 def main() -> None:

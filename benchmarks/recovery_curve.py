@@ -16,14 +16,13 @@ import dataclasses
 import json
 from pathlib import Path
 
-from common import RESULTS, Table, write_result
+from common import RESULTS, TARGET, Table, kd_keys, write_result
 
 from compactlm import data, inputs, stages
 from compactlm.config import load_config
 from compactlm.metrics import perplexity
 from compactlm.models.loading import load_model
 
-TARGET = ["target.hidden_size=384", "target.num_attention_heads=6", "target.intermediate_size=1024"]
 
 
 def main() -> None:
@@ -42,10 +41,8 @@ def main() -> None:
     pruned = run / "prune"
     if not (pruned / "config.json").is_file():
         stages.prune(load_config(None, base + TARGET + ["model=smollm2-135m", f"out_dir={pruned}"]))
-    distill = [f"distill.{k}={v}" for k, v in (
-        ("tokens", args.tokens), ("lr", 1e-3), ("min_lr", 1e-4), ("batch_size", 8), ("seq_len", 256),
-        ("warmup_steps", 5), ("eval_every", args.eval_every), ("save_every", args.eval_every),
-        ("eval_sequences", args.eval_sequences))]
+    distill = kd_keys(tokens=args.tokens, eval_every=args.eval_every, save_every=args.eval_every,
+                      eval_sequences=args.eval_sequences)
     cfg = load_config(None, base + distill + ["teacher=smollm2-135m", f"student={pruned}",
                                               f"out_dir={run / 'distill'}", "resume=true"])
     if not args.report_only:

@@ -15,7 +15,7 @@ import argparse
 import time
 from pathlib import Path
 
-from common import Table, write_result
+from common import TARGET, Table, kd_keys, write_result
 
 from compactlm import data, inputs, stages
 from compactlm.config import load_config
@@ -25,7 +25,7 @@ from compactlm.models.loading import load_model
 from compactlm.models.params import num_params
 
 LAYER_METRICS = ("lm_loss", "block_importance", "contiguous_19")  # what the depth variants below drop by
-WIDTH = ["target.hidden_size=384", "target.num_attention_heads=6", "target.intermediate_size=1024"]
+WIDTH = TARGET
 PAPER = ["importance.method=activation", "prune.reconstruct=none"]  # P1's activation score, plain slicing
 VARIANTS = {
     "width, P1 recipe (activation, no reconstruction)": WIDTH + PAPER,
@@ -54,9 +54,7 @@ def main() -> None:
     val = inputs.load_splits(cfg, tokenizer, 256).val[: args.eval_sequences]
     batches = list(data.batches(val, 8))
     teacher_ppl = perplexity(teacher, batches)["perplexity"]
-    budget = [f"distill.{k}={v}" for k, v in (
-        ("steps", args.steps), ("lr", 1e-3), ("min_lr", 1e-4), ("batch_size", 8), ("seq_len", 256),
-        ("warmup_steps", 5), ("eval_every", 0), ("save_every", args.steps), ("eval_sequences", 16))]
+    budget = kd_keys(steps=args.steps, eval_every=0, save_every=args.steps, eval_sequences=16)
     # One calibration pass serves every variant: the activation scores and each depth metric they use.
     scored = Path(args.run_dir) / "score"
     start = time.perf_counter()

@@ -19,7 +19,7 @@ from transformers import AutoConfig
 from compactlm.config import TrainConfig, load_config
 from compactlm.distill import checkpoint as ckpt
 from compactlm.distill.distributed import Dist
-from compactlm.distill.loop import Session, batch_rows, build, fit, fit_together, lr_at, make_optimizer, train_step, validate
+from compactlm.distill.loop import Session, batch_rows, build, fit, lr_at, make_optimizer, train_step, validate
 from compactlm.errors import CompactLMError
 from compactlm.stages import distill as run_distill
 from compactlm.stages import train as run_train
@@ -193,13 +193,13 @@ def test_students_distilled_together_end_as_each_alone(models, tmp_path):
     fresh = [AutoModelForCausalLM.from_pretrained(models[name]) for name in ("student", "teacher")]
     calls = []
     teacher.model.register_forward_hook(lambda *args: calls.append(1))  # the decoder: Teacher skips the head
-    together = fit_together(fresh, train, val, tc, session, teacher)
+    together = fit(fresh, train, val, tc, session, teacher)
     assert len(calls) == 3 * 2  # steps x micro-batches: one teacher forward serves both students
     for model, result, name in zip(fresh, together, ("student", "teacher")):
         alone = AutoModelForCausalLM.from_pretrained(models[name])
         expected = fit(alone, train, val, tc, session, teacher=teacher)
         # fit validates with the teacher (the head then runs on every position, not only those with a target:
-        # another matmul shape), fit_together without: float32 rounding only, measured 4.5e-8
+        # another matmul shape), students trained together without: float32 rounding only, measured 4.5e-8
         assert result["val_loss"] == pytest.approx(expected["val_loss"], rel=1e-6)
         for a, b in zip(model.parameters(), alone.parameters()):
             torch.testing.assert_close(a, b, rtol=0, atol=0)  # exact: the same steps in the same order

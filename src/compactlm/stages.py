@@ -165,7 +165,7 @@ def _check_training_out_dir(cfg: Config, section: str) -> None:
 
 def _fit(cfg: Config, tc: TrainConfig, section: str, student_spec: str, teacher_spec: str | None) -> dict:
     from compactlm.distill.distributed import setup, teardown
-    from compactlm.distill.loop import Session, fit, total_steps
+    from compactlm.distill.loop import Session, fit, micro_batch, total_steps
     from compactlm.pruning.plan import read_hidden_keep
 
     inputs.check_out_dir(cfg.out_dir)
@@ -173,10 +173,7 @@ def _fit(cfg: Config, tc: TrainConfig, section: str, student_spec: str, teacher_
     _check_training_out_dir(cfg, section)
     d = setup(cfg.device)
     try:
-        micro = tc.micro_batch_size or tc.batch_size // d.world
-        if micro < 1 or tc.batch_size % (d.world * micro):
-            raise CompactLMError(f"{section}.batch_size={tc.batch_size} must be a multiple of world size x "
-                                 f"micro_batch_size = {d.world} x {micro}")
+        micro = micro_batch(tc, d, section)  # a batch that does not divide fails before any model loads
         student, tokenizer = inputs.load_trainee(cfg, tc, section, student_spec, d.device)
         teacher = None
         if teacher_spec is not None:
@@ -283,7 +280,7 @@ def _brief_distill(cfg: Config, students: list, teacher, rows: data.Splits) -> l
     kept), on the same batches: together from one teacher forward per batch (`search.distill_together`), or one
     after another."""
     from compactlm.distill.distributed import setup
-    from compactlm.distill.loop import Session, fit, fit_together
+    from compactlm.distill.loop import Session, fit
 
     tc = dataclasses.replace(cfg.distill, steps=cfg.search.distill_steps, eval_every=None, save_every=None,
                              warmup_steps=1)
@@ -295,7 +292,7 @@ def _brief_distill(cfg: Config, students: list, teacher, rows: data.Splits) -> l
         session = Session(scratch, setup(cfg.device), None, cfg.seed, save=False, progress=True,
                           param_dtype=param_dtype(cfg))
         if cfg.search.distill_together:
-            results = fit_together(students, rows.train, val, tc, session, teacher)
+            results = fit(students, rows.train, val, tc, session, teacher)
         else:
             results = [fit(s, rows.train, val, tc, session, teacher=teacher) for s in students]
     finally:

@@ -59,6 +59,17 @@ def lr_at(step: int, total: int, tc: TrainConfig) -> float:
     return tc.min_lr + 0.5 * (tc.lr - tc.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
+def micro_batch(tc: TrainConfig, d: Dist, section: str = "distill") -> int:
+    """Rows per forward on each rank: tc.micro_batch_size, else the rank's whole share of the global batch; a
+    one-line error naming `section`'s key when the global batch is not a whole number of micro-batches on every
+    rank."""
+    micro = tc.micro_batch_size or tc.batch_size // d.world
+    if micro < 1 or tc.batch_size % (d.world * micro):
+        raise CompactLMError(f"{section}.batch_size={tc.batch_size} must be a multiple of world size x "
+                             f"micro_batch_size = {d.world} x {micro}")
+    return micro
+
+
 def total_steps(tc: TrainConfig) -> int:
     """Optimizer steps of a run: tc.steps, else the token budget // tokens per global batch."""
     return tc.steps if tc.steps is not None else tc.tokens // (tc.batch_size * tc.seq_len)
@@ -262,54 +273,85 @@ def build(student: nn.Module, teacher: nn.Module | None, tc: TrainConfig, d: Dis
     return trainee, wrapped
 
 
-def fit(student: nn.Module, train_rows: Tensor, val_rows: Tensor, tc: TrainConfig, session: Session,
-        teacher: nn.Module | None = None, hidden_keep: Tensor | None = None, teacher_cache=None) -> dict[str, Any]:
-    """Train `student` on (N, S) train rows (KD from `teacher` when given, from its top-K targets in
+@dataclass
+class _Run:
+    """One student's training state inside `fit`."""
+
+    trainee: Trainee
+    optimizer: torch.optim.AdamW
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+
+
+def fit(students: nn.Module | list[nn.Module], train_rows: Tensor, val_rows: Tensor, tc: TrainConfig,
+        session: Session, teacher: nn.Module | None = None, hidden_keep: Tensor | None = None,
+        teacher_cache=None) -> dict[str, Any] | list[dict[str, Any]]:
+    """Train a student on (N, S) train rows (KD from `teacher` when given, from its top-K targets in
     `teacher_cache`, a built `TeacherCache` of these rows in their order of use, when given too: the teacher
-    then only validates); checkpoints, best/ and final/."""
+    then only validates); checkpoints, best/ and final/ as `session` says. Returns its result.
+
+    `students` a list of k models (the search's brief trials): they step on the same batches, one teacher
+    forward per micro-batch serving them all, and each ends with the weights it reaches alone; nothing is saved,
+    resumed or validated before the end. Returns one result per student."""
+    several = isinstance(students, (list, tuple))
+    models = list(students) if several else [students]
+    if several and (session.save or session.resume or teacher_cache is not None or hidden_keep is not None):
+        raise ValueError("students trained together are trials: no saving, resuming, teacher cache or hidden map")
     d, out = session.dist, session.out_dir
-    micro, total = tc.micro_batch_size or tc.batch_size // d.world, total_steps(tc)
-    trainee, teacher_mod = build(student, teacher, tc, d, hidden_keep, session.param_dtype)
+    micro, total = micro_batch(tc, d), total_steps(tc)
+    runs = []
+    for model in models:
+        trainee, teacher_mod = build(model, teacher, tc, d, hidden_keep, session.param_dtype)
+        optimizer = make_optimizer(trainee, tc)
+        runs.append(_Run(trainee, optimizer, make_schedule(optimizer, total, tc)))
     resident = resident_params(teacher_mod) if teacher_mod is not None else 0  # this rank's, before any forward
     step_teacher = CachedTeacher(teacher_cache) if teacher_cache is not None else teacher_mod
-    optimizer = make_optimizer(trainee, tc)
-    scheduler = make_schedule(optimizer, total, tc)
+    shared = _SharedTeacher(step_teacher) if several and step_teacher is not None else None
     found = ckpt.latest(out) if session.resume else None
     progress = ckpt.Progress(total_steps=total)
     if found:
-        progress = ckpt.resume_(found, trainee, optimizer, scheduler, d)
+        progress = ckpt.resume_(found, runs[0].trainee, runs[0].optimizer, runs[0].scheduler, d)
     log.info("%s at step %d of %d", f"resuming from {found}" if found else "starting", progress.step, total)
-    evaluate = functools.partial(_evaluate_, trainee, teacher_mod, val_rows, micro, progress, session)
-    metrics = MetricsLog(out, d.is_main, keep_until=progress.step)
-    desc = "distill" if teacher is not None else "train"
+    evaluate = functools.partial(_evaluate_, runs[0].trainee, teacher_mod, val_rows, micro, progress, session)
+    metrics = MetricsLog(out, d.is_main and not several, keep_until=progress.step)
+    desc = ("distill" if teacher is not None else "train") + (f" {len(runs)} together" if several else "")
     bar = tqdm(total=total, initial=progress.step, unit="step", desc=desc,
                disable=not (session.progress and d.is_main), dynamic_ncols=True)
     start, val = time.perf_counter(), {}
     try:
         while progress.step < total:
-            tick, lr = time.perf_counter(), scheduler.get_last_lr()[0]
+            tick, lr = time.perf_counter(), runs[0].scheduler.get_last_lr()[0]
             index = _rank_rows(len(train_rows), progress.rows_seen, tc.batch_size, session.seed, d)  # (B/world,)
             per_rank = len(index)  # a cache holds rows in order of use: look them up by stream position
             where = progress.rows_seen + d.rank * per_rank + torch.arange(per_rank) if teacher_cache is not None else index
-            row = train_step(trainee, step_teacher, optimizer, train_rows[index], micro, tc, d, where, progress.step + 1)
+            if shared is not None:
+                shared.next_batch()
+            for run in runs:
+                if shared is not None:
+                    shared.rewind()
+                row = train_step(run.trainee, shared or step_teacher, run.optimizer, train_rows[index], micro, tc, d,
+                                 where, progress.step + 1)
+                run.scheduler.step()
             if teacher_mod is not None:
-                teacher_mod.release()
-            scheduler.step()
+                teacher_mod.release()  # every student has used the step's teacher outputs
             progress.step, progress.rows_seen = progress.step + 1, progress.rows_seen + tc.batch_size
             progress.tokens += tc.batch_size * tc.seq_len
             row = {"step": progress.step, "tokens": progress.tokens, **row, "lr": lr,
                    "tokens_per_s": tc.batch_size * tc.seq_len / (time.perf_counter() - tick)}
             last = progress.step == total
-            val = evaluate() if _every(progress.step, tc.eval_every) or last else {}
+            val = evaluate() if not several and (_every(progress.step, tc.eval_every) or last) else {}
             if _every(progress.step, tc.log_every) or val or last:
                 metrics.write(row | val)
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
             if session.save and (_every(progress.step, tc.save_every) or last):
-                ckpt.save_state(out, trainee, optimizer, scheduler, progress, d)
+                ckpt.save_state(out, runs[0].trainee, runs[0].optimizer, runs[0].scheduler, progress, d)
+        if several:
+            wall = time.perf_counter() - start
+            return [{"steps": progress.step, "tokens": progress.tokens, "wall_s": wall,
+                     **validate(run.trainee, None, val_rows, micro, d)} for run in runs]
         val = val or evaluate()  # a resumed finished run: evaluate the weights it ends with
         if session.save:
-            ckpt.export_(out / "final", trainee, session.tokenizer, d)
+            ckpt.export_(out / "final", runs[0].trainee, session.tokenizer, d)
     finally:
         bar.close()
         metrics.close()
@@ -326,7 +368,7 @@ def fit(student: nn.Module, train_rows: Tensor, val_rows: Tensor, tc: TrainConfi
 class _SharedTeacher:
     """The teacher's outputs for one batch, computed for the first student's step and replayed to the others."""
 
-    def __init__(self, teacher: Teacher):
+    def __init__(self, teacher: Teacher | CachedTeacher):
         self.teacher, self.outs, self.calls = teacher, [], 0
 
     def next_batch(self) -> None:
@@ -340,35 +382,6 @@ class _SharedTeacher:
             self.outs.append(self.teacher(ids, mask, rows))
         self.calls += 1
         return self.outs[self.calls - 1]
-
-
-def fit_together(students: list[nn.Module], train_rows: Tensor, val_rows: Tensor, tc: TrainConfig,
-                 session: Session, teacher: nn.Module) -> list[dict[str, Any]]:
-    """Distil `students` on the same batches as `fit` would, one teacher forward per micro-batch serving them all
-    (the search's brief trials): each ends with the weights `fit` gives it alone. Nothing is saved or resumed.
-    Returns per student {"steps", "tokens", "val_loss", "val_ppl", "wall_s"} (wall: the shared run's)."""
-    d = session.dist
-    micro, total = tc.micro_batch_size or tc.batch_size // d.world, total_steps(tc)
-    runs = []
-    for student in students:
-        trainee, wrapped = build(student, teacher, tc, d, param_dtype=session.param_dtype)
-        optimizer = make_optimizer(trainee, tc)
-        runs.append((trainee, optimizer, make_schedule(optimizer, total, tc)))
-    shared = _SharedTeacher(wrapped)
-    start, rows_seen = time.perf_counter(), 0
-    for step in tqdm(range(total), unit="step", desc=f"distill {len(runs)} together",
-                     disable=not (session.progress and d.is_main), dynamic_ncols=True):
-        index = _rank_rows(len(train_rows), rows_seen, tc.batch_size, session.seed, d)
-        shared.next_batch()
-        for trainee, optimizer, scheduler in runs:
-            shared.rewind()
-            train_step(trainee, shared, optimizer, train_rows[index], micro, tc, d, index, step + 1)
-            scheduler.step()
-        wrapped.release()  # every student has used the step's teacher outputs
-        rows_seen += tc.batch_size
-    wall = time.perf_counter() - start
-    return [{"steps": total, "tokens": total * tc.batch_size * tc.seq_len, "wall_s": wall,
-             **validate(trainee, None, val_rows, micro, d)} for trainee, _, _ in runs]
 
 
 def _rank_rows(n_rows: int, rows_seen: int, batch_size: int, seed: int, d: Dist) -> Tensor:

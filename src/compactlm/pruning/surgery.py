@@ -2,7 +2,8 @@
 
 Every weight's axes are labelled in its family record (models/family.py); slicing a weight means indexing
 each labelled axis with the plan's keep indices for that label. Nothing is patched in place: the pruned
-model is built fresh from its new config and loaded with strict=True, which is the shape check.
+model is built from its new config with its parameters on the meta device, and the sliced weights are
+assigned to it with strict=True, which is the shape check.
 """
 
 from __future__ import annotations
@@ -168,18 +169,24 @@ def prune_config(config, family: Family, plan: Plan):
 
 
 def prune_model(model, plan: Plan):
-    """Build a new model of the pruned shape and load the sliced weights strictly; `model` is not changed."""
+    """Build a new model of the pruned shape around the sliced weights (strictly: every key, every shape);
+    `model` is not changed and shares no memory with the result."""
+    from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     family = family_of(model)
     dims = family.dims(model.config)
     plan.validate(dims)
     new_config = prune_config(model.config, family, plan)
-    state_dict = prune_state_dict(family, dims, model.state_dict(), plan, rescale_for(family, model.config, plan))
+    source = model.state_dict()
+    state_dict = prune_state_dict(family, dims, source, plan, rescale_for(family, model.config, plan))
+    shared = {t.untyped_storage().data_ptr() for t in source.values()}  # a weight no axis of which is cut
+    state_dict = {k: t.clone() if t.untyped_storage().data_ptr() in shared else t for k, t in state_dict.items()}
     param = next(model.parameters())
-    with torch.device(param.device):
+    # parameters on the meta device (no memory, no random init), buffers computed for the new shape
+    with torch.device(param.device), init_empty_weights(include_buffers=False):
         new = AutoModelForCausalLM.from_config(new_config, dtype=param.dtype)
-    new.load_state_dict(state_dict, strict=True)
+    new.load_state_dict(state_dict, strict=True, assign=True)  # the sliced tensors become the parameters
     if getattr(new_config, "tie_word_embeddings", False):
         new.tie_weights()
     return new.eval()

@@ -1,0 +1,94 @@
+"""The recipe table: distillation recipes side by side at the same tokens, from the same pruned student.
+
+Each recipe is the main command's distillation (configs/smollm2-135m.yaml: SmolLM2-135M teaching its 67.6M
+pruned student, LR 1e-3 cosine to 1e-4, 8 x 256 tokens per step) with some keys changed. Every recipe reads
+the same training rows in the same order (the store's prefix) and is measured on the main command's own
+held-out rows (eval.sequences x eval.seq_len): perplexity, KL to the teacher, top-1 agreement. Wall times
+are printed but only comparable when the run had the machine to itself.
+
+    python benchmarks/recipe.py [--tokens 65536] [--pruned runs/main/prune] [--recipes baseline batch4]
+
+Resumes: a recipe whose result is in --run-dir is not run again. Writes benchmarks/results/recipe.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from common import ROOT, Table, write_result
+
+from compactlm import data, inputs, stages
+from compactlm.config import load_config
+from compactlm.metrics import perplexity, teacher_agreement
+from compactlm.models.loading import load_model
+
+MAIN = ROOT / "configs" / "smollm2-135m.yaml"
+
+# name -> (what changes, overrides of the main config's distill section)
+RECIPES = {
+    "baseline": ("the main command's recipe", []),
+    "batch4": ("4 sequences per step (twice the steps)", ["distill.batch_size=4"]),
+    "lr2e-3": ("peak LR 2e-3 (floor 2e-4)", ["distill.lr=0.002", "distill.min_lr=0.0002"]),
+    "batch4-lr2e-3": ("both", ["distill.batch_size=4", "distill.lr=0.002", "distill.min_lr=0.0002"]),
+    "intermediate": ("+ the intermediate-state loss (last 2 blocks, learned map)", ["distill.intermediate=true"]),
+    "T2": ("temperature 2", ["distill.temperature=2.0"]),
+    "ce0.5": ("+ 0.5 x cross-entropy on the data", ["distill.ce_weight=0.5"]),
+    "floor0": ("cosine to 0 (floor 0)", ["distill.min_lr=0"]),
+}
+
+
+def run_recipe(name: str, overrides: list[str], pruned: Path, run_dir: Path, tokens: int) -> dict:
+    """Distil `pruned` with the main config + `overrides` into run_dir/name (resumable); its held-out metrics."""
+    done = run_dir / name / "recipe.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    cfg = load_config(MAIN, [f"distill.tokens={tokens}", "distill.eval_every=0", "distill.save_every=8",
+                             "teacher=smollm2-135m", f"student={pruned}", f"out_dir={run_dir / name}",
+                             "resume=true", *overrides])
+    start = time.perf_counter()
+    stages.distill(cfg)
+    seconds = time.perf_counter() - start
+    teacher, tokenizer = inputs.load(load_config(MAIN, []))
+    val = inputs.load_splits(cfg, tokenizer, cfg.eval.seq_len, calib=False,
+                             val_rows=cfg.eval.sequences).val[: cfg.eval.sequences]
+    batches = list(data.batches(val, cfg.eval.batch_size))
+    student = load_model(str(run_dir / name / "final"))
+    result = {"recipe": name, "overrides": overrides, "tokens": tokens, "seconds": seconds,
+              **perplexity(student, batches), **teacher_agreement(student, teacher, batches)}
+    done.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=65_536)
+    parser.add_argument("--pruned", type=Path, default=Path("runs/main/prune"),
+                        help="the pruned student (`python benchmarks/main_command.py --keep runs/main` leaves one)")
+    parser.add_argument("--run-dir", type=Path, default=Path("runs/bench/recipe"))
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--out", help="write the results here instead of benchmarks/results/recipe.json")
+    args = parser.parse_args()
+    if not (args.pruned / "config.json").is_file():
+        stages.prune(load_config(MAIN, [f"out_dir={args.pruned}"]))
+    run_dir = args.run_dir / f"{args.tokens}"
+    rows = []
+    for name in args.recipes:
+        rows.append(run_recipe(name, RECIPES[name][1], args.pruned, run_dir, args.tokens))
+        r = rows[-1]
+        print(f"{name:<14} perplexity {r['perplexity']:7.2f}  KL {r['kl']:.3f}  top-1 {r['top1_agreement']:.1%}  "
+              f"{r['seconds'] / 60:5.1f} min", flush=True)
+    table = Table([f"recipe ({args.tokens:,} tokens from the same pruned student)", "what changes",
+                   "held-out perplexity", "KL to teacher", "top-1 agreement"])
+    for r in sorted(rows, key=lambda r: r["perplexity"]):
+        table.add(r["recipe"], RECIPES[r["recipe"]][0], f"{r['perplexity']:.1f}", f"{r['kl']:.3f}",
+                  f"{r['top1_agreement']:.1%}")
+    write_result("recipe", figures={"tokens": args.tokens, "rows": rows}, tables={"recipes": table},
+                 inputs={"config": str(MAIN.relative_to(ROOT)), "pruned": str(args.pruned), "teacher": "smollm2-135m",
+                         "data": "python-docs"}, out=args.out)
+
+
+if __name__ == "__main__":
+    main()
