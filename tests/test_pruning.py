@@ -75,6 +75,11 @@ def test_keep_all_plan_is_identity(family, heads, kv, tied, token_batch):
     pruned = prune_model(model, keep_all(dims))
     # exact: the same float32 weights, the same operations in the same order
     torch.testing.assert_close(logits(pruned, token_batch), logits(model, token_batch), rtol=0, atol=0)
+    # built on the meta device, the pruned model holds real tensors of its own: none is meta, none is the source's
+    source = {t.untyped_storage().data_ptr() for t in model.state_dict().values()}
+    tensors = [*pruned.parameters(), *pruned.buffers()]
+    assert not any(t.is_meta for t in tensors)
+    assert not any(t.untyped_storage().data_ptr() in source for t in tensors)
 
 
 @pytest.mark.parametrize("family,heads,kv,tied", model_params())
