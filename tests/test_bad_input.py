@@ -82,7 +82,7 @@ CASES = [  # id, command, arguments, what the one line must say
      "model path ./no/such/model does not exist"),
     ("export-model-unsupported", "export", ["out={out_dir}/m.gguf", "model={neox}"], "unsupported model family"),
     ("export-tokenizer-not-bpe", "export", ["out={out_dir}/m.gguf", "tokenizer={word_tokenizer}"],
-     "the tokenizer is not byte-level BPE"),
+     "the tokenizer is neither byte-level BPE"),
 ]
 
 

@@ -15,8 +15,14 @@ quantiser). What pruned shapes need, and what each family needs:
 - q8_0 quantises in blocks of 32 along a row: a matrix whose rows are not a multiple of 32 long (an odd
   pruned ffn width) stays f16, as in llama.cpp's own converter, and the result lists it. 1-D tensors (norms,
   biases) stay f32 at every type.
-- The tokenizer must be byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM): vocabulary, merges, special tokens and
-  chat template are written; the pre-tokenizer's name is read off its split rules.
+- Gemma 3 (llama.cpp's gemma3): its norms store w where the model computes (1 + w); llama.cpp reads the gain
+  itself, so 1 is added, as llama.cpp's converter does. llama.cpp fixes what the file cannot say: every sixth
+  layer global (the rest sliding-window), the local RoPE base 10,000 and 1/sqrt(head_dim) attention scaling; a
+  model that differs (layers dropped out of that pattern) is refused in one line.
+- Tokenizers: byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM) is written with its merges, the pre-tokenizer's name
+  read off its split rules. A SentencePiece-style BPE (byte fallback, spaces as U+2581: Gemma, Llama 2) is
+  written as llama.cpp's `llama` model: tokens, types (byte, control, user-defined) and scores that rank the
+  merges as the tokenizer's merge list does. Special tokens, add_bos/eos and the chat template in both.
 
 The file is written beside `out` and renamed into place, so an interrupted export leaves nothing behind.
 """
@@ -27,6 +33,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -93,6 +100,8 @@ def gguf_tensors(model, family: Family, arch: str):
         w = p.detach().float().cpu()
         if name in conv1d:
             w = w.T
+        if family.norm_offset and name.endswith("norm.weight"):  # Gemma: the stored w of a (offset + w) gain
+            w = w + family.norm_offset
         if arch == "llama" and ".self_attn.q_proj." in name:
             w = permute_rope(w, d.heads)
         elif arch == "llama" and ".self_attn.k_proj." in name:
@@ -125,6 +134,8 @@ def _arch(name: str):
 def rope_parameters(config) -> dict:
     """RoPE settings as transformers 5 keeps them (`rope_parameters`), or from older configs' fields."""
     params = getattr(config, "rope_parameters", None)
+    if params and "full_attention" in params:  # per attention kind (Gemma 3): the global layers' settings
+        return dict(params["full_attention"])
     if params:
         return dict(params)
     return {"rope_theta": getattr(config, "rope_theta", 10000.0), **(getattr(config, "rope_scaling", None) or {})}
@@ -140,6 +151,28 @@ def llama3_rope_factors(config) -> np.ndarray:
     default = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
     return (default / scaled.double()).float().numpy()
+
+
+GEMMA3_GLOBAL_EVERY = 6  # llama.cpp's gemma3: layers 5, 11, 17, ... attend globally, the others in a window
+GEMMA3_LOCAL_THETA = 10_000.0  # llama.cpp's gemma3: the sliding-window layers' RoPE base
+
+
+def check_gemma3(config, d) -> None:
+    """What llama.cpp's gemma3 assumes and a GGUF cannot say: a one-line error when this model differs."""
+    want = ["full_attention" if (i + 1) % GEMMA3_GLOBAL_EVERY == 0 else "sliding_attention" for i in range(d.layers)]
+    if list(getattr(config, "layer_types", want)) != want:
+        raise CompactLMError(f"export: llama.cpp's gemma3 makes every {GEMMA3_GLOBAL_EVERY}th layer global; this model's "
+                             "layer_types differ (layers were dropped): it loads with transformers, not llama.cpp")
+    local = (getattr(config, "rope_parameters", None) or {}).get("sliding_attention", {})
+    if local and (local.get("rope_theta") != GEMMA3_LOCAL_THETA or local.get("rope_type", "default") != "default"):
+        raise CompactLMError(f"export: llama.cpp's gemma3 uses RoPE base {GEMMA3_LOCAL_THETA:g} in sliding-window "
+                             f"layers; this model has {local}")
+    if getattr(config, "query_pre_attn_scalar", d.head_dim) != d.head_dim:
+        raise CompactLMError(f"export: llama.cpp's gemma3 scales attention by 1/sqrt(head_dim); this model's "
+                             f"query_pre_attn_scalar is {config.query_pre_attn_scalar}, head_dim {d.head_dim}")
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if getattr(config, key, None):
+            raise CompactLMError(f"export: llama.cpp's gemma3 has no {key}; this model sets it")
 
 
 def write_hparams(writer, family: Family, config, arch: str) -> list[tuple[str, np.ndarray]]:
@@ -159,6 +192,9 @@ def write_hparams(writer, family: Family, config, arch: str) -> list[tuple[str, 
                                  "reorder_and_upcast_attn; this GPT-2 config sets one")
         writer.add_layer_norm_eps(config.layer_norm_epsilon)
         return []
+    if arch == "gemma3":
+        check_gemma3(config, d)
+        writer.add_sliding_window(config.sliding_window)
     writer.add_head_count_kv(d.kv_heads)
     writer.add_key_length(d.head_dim)
     writer.add_value_length(d.head_dim)
@@ -231,8 +267,31 @@ def vocabulary(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
     return tokens, types
 
 
+SPM_SPACE = "\u2581"  # SentencePiece's visible space
+SPM_CONTROL_SCORE = -1000.0  # what llama.cpp's converters give control and user-defined tokens (never merged)
+BYTE_TOKEN = re.compile(r"^<0x[0-9A-F]{2}>$")  # a byte-fallback token
+
+
+def sentencepiece_vocabulary(tokenizer, vocab_size: int) -> tuple[list[str], list[int], list[float]]:
+    """Tokens, llama.cpp types and scores of a SentencePiece-style BPE: byte-fallback tokens are BYTE; a normal
+    token scores minus its id, since llama.cpp merges the pair whose result scores highest and such a
+    tokenizer's merges rank by the id of what they make (transformers rebuilds Gemma's merges that way)."""
+    import gguf
+
+    tokens, types = vocabulary(tokenizer, vocab_size)
+    scores = []
+    for i, (token, kind) in enumerate(zip(tokens, types)):
+        if kind == gguf.TokenType.NORMAL and BYTE_TOKEN.match(token):
+            types[i], score = gguf.TokenType.BYTE, 0.0
+        else:
+            score = -float(i) if kind == gguf.TokenType.NORMAL else SPM_CONTROL_SCORE
+        scores.append(score)
+    return tokens, types, scores
+
+
 def write_tokenizer(writer, tokenizer, vocab_size: int) -> None:
-    """Vocabulary, merges, special token ids, add_bos/eos and chat template of a byte-level BPE tokenizer."""
+    """Vocabulary, merges or scores, special token ids, add_bos/eos and chat template of a byte-level BPE or a
+    SentencePiece-style BPE tokenizer."""
     import gguf
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -240,15 +299,26 @@ def write_tokenizer(writer, tokenizer, vocab_size: int) -> None:
         path = Path(tmp) / "tokenizer.json"
         spec = json.loads(path.read_text()) if path.is_file() else {}
         model = spec.get("model", {})
-        if model.get("type") != "BPE" or model.get("byte_fallback") or "ByteLevel" not in json.dumps(spec.get("decoder")):
-            raise CompactLMError("export: the tokenizer is not byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM); "
-                                 "SentencePiece and WordPiece vocabularies are not supported")
-        tokens, types = vocabulary(tokenizer, vocab_size)
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(pre_tokenizer_name(spec.get("pre_tokenizer")))
-        writer.add_token_list(tokens)
-        writer.add_token_types(types)
-        special = gguf.SpecialVocab(tmp, load_merges=True, n_vocab=len(tokens))
+        if model.get("type") == "BPE" and model.get("byte_fallback"):
+            tokens, types, scores = sentencepiece_vocabulary(tokenizer, vocab_size)
+            writer.add_tokenizer_model("llama")
+            writer.add_tokenizer_pre("default")
+            writer.add_token_list(tokens)
+            writer.add_token_scores(scores)
+            writer.add_token_types(types)
+            writer.add_add_space_prefix(tokenizer.tokenize("a")[0].startswith(SPM_SPACE))
+            merges = False  # llama.cpp's sentencepiece model merges by score
+        elif model.get("type") == "BPE" and "ByteLevel" in json.dumps(spec.get("decoder")):
+            tokens, types = vocabulary(tokenizer, vocab_size)
+            writer.add_tokenizer_model("gpt2")
+            writer.add_tokenizer_pre(pre_tokenizer_name(spec.get("pre_tokenizer")))
+            writer.add_token_list(tokens)
+            writer.add_token_types(types)
+            merges = True
+        else:
+            raise CompactLMError("export: the tokenizer is neither byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM) nor "
+                                 "SentencePiece-style BPE (Gemma, Llama 2); unigram and WordPiece are not supported")
+        special = gguf.SpecialVocab(tmp, load_merges=merges, n_vocab=len(tokens))
         # what the tokenizer does, stated, so that llama.cpp does not fall back to its own default (BOS on)
         ids = tokenizer("a")["input_ids"]
         special.add_special_token = {"bos": tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id,

@@ -32,7 +32,7 @@ from compactlm.importance.layers import LAYERWISE_METRICS, check_layerwise
 from compactlm.inputs import CONFIG_FILE, load, load_splits, scores_for, staged_output
 from compactlm.models.family import family_of
 from compactlm.models.layerwise import Layerwise
-from compactlm.models.loading import load_model, load_model_config, write_checkpoint
+from compactlm.models.loading import load_model, write_checkpoint
 from compactlm.models.params import num_params
 from compactlm.pruning import depth_metrics_needed, layers_to_drop, make_plan, prune_model, resolve_target
 from compactlm.pruning.targets import target_keys
@@ -256,7 +256,8 @@ def search(cfg: Config) -> dict:
     check_one_size(cfg, "search")
     inputs.check_out_dir(cfg.out_dir)
     teacher, tokenizer = load(cfg)
-    source = family_of(teacher).dims(teacher.config)
+    family = family_of(teacher)
+    source = family.dims(teacher.config)
     depths = {c.dims.layers for c in arch.enumerate_candidates(teacher, cfg.search)}  # cheap: counts only
     scores = scores_for(cfg, teacher, tokenizer, depth_metrics_needed(cfg.target, [source.layers - n for n in depths]))
     val = _val_batches(cfg, tokenizer, teacher)
@@ -271,7 +272,7 @@ def search(cfg: Config) -> dict:
     with staged_output(cfg.out_dir) as tmp:
         arch.write_table(ranked, chosen, tmp / "search.md", tmp / "search.json")
         provenance.write_config(cfg, tmp / CONFIG_FILE)
-    shape = {key: getattr(chosen.dims, field) for key, field in target_keys(family_of(teacher)).items()}
+    shape = {key: getattr(chosen.dims, field) for key, field in target_keys(family).items()}
     return {"target": shape, "params": chosen.params, "active_params": chosen.active_params, "candidates": len(ranked)}
 
 
@@ -378,7 +379,7 @@ def export(cfg: Config) -> dict:
     if not cfg.out.endswith(".gguf"):
         raise CompactLMError(f"out={cfg.out}: expected a file name ending in .gguf")
     inputs.check_out_file(cfg.out)
-    family_of(load_model_config(cfg.model))  # a bad spec or an unsupported family fails before the weights load
+    inputs.resolve(cfg.model)  # a bad spec or an unsupported family fails before the weights load
     model = load_model(cfg.model)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
     return export_gguf(model, tokenizer, cfg.out, cfg.export.type or "f16", name=Path(cfg.model).name)

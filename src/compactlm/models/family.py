@@ -296,7 +296,7 @@ FAMILIES: tuple[Family, ...] = (
     # Gemma 2: (1 + w) RMSNorms, sandwich norms, sqrt(hidden) embedding scale, soft-capped final logits (and
     # attention scores, inside the attention module), query_pre_attn_scalar (independent of head_dim)
     _llama_like("gemma2", ("gemma2",), logit_cap_key="final_logit_softcapping", **_GEMMA),
-    _llama_like("gemma3", ("gemma3_text",), qk_norm="head", **_GEMMA),
+    _llama_like("gemma3", ("gemma3_text",), qk_norm="head", **(_GEMMA | {"gguf_arch": "gemma3"})),
     # Phi-3 / Phi-4-mini: fused [q; k; v] and [gate; up] rows; partial RoPE acts inside head_dim, never pruned
     _llama_like("phi3", ("phi3",), fused=True, hidden_divisible_by_heads=False, gguf_arch=None),
     # OLMo 2: norms after attention and MLP only (the projections read the raw residual stream), and q/k norms
