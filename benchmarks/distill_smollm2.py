@@ -4,7 +4,7 @@ architecture trained from random init (P1 Table 11's comparison).
 
     python benchmarks/distill_smollm2.py [--tokens 160000]
 
-Expects the activation-pruned model of benchmarks/prune_smollm2.py in --pruned (it prunes one if absent).
+Starts from the activation-pruned model in --pruned, weights sliced as in P1 (it prunes one if absent).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from compactlm.stages import train as run_train
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pruned", default="runs/bench/prune_smollm2/activation")
+    parser.add_argument("--pruned", default="runs/bench/distill_smollm2/pruned")
     parser.add_argument("--run-dir", default="runs/bench/distill_smollm2")
     parser.add_argument("--tokens", type=int, default=160_000)  # docs/RESULTS.md's budget
     parser.add_argument("--lr", type=float, default=1e-3)
