@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import README_SHAPE, Table, peak, reset_peak, write_result
+from common import Table, peak, readme_cut, reset_peak, write_result
 
 CASES = {  # name: (batch, seq) of one step
     "smollm2": (2, 256),
@@ -62,25 +62,11 @@ def prepare(case: str, work: Path) -> dict[str, str]:
 
 
 def _pruned_smollm2(out: Path) -> None:
-    """SmolLM2-135M cut to hidden 384, heads 6, ffn 1024 with random scores (speed, not quality)."""
-    import dataclasses
+    """SmolLM2-135M cut to the README's shape with random scores (speed, not quality)."""
+    from compactlm.pruning import prune_model
 
-    import torch
-
-    from compactlm.importance.scores import Scores
-    from compactlm.models.family import family_of
-    from compactlm.models.loading import load_model
-    from compactlm.pruning import make_plan, prune_model
-
-    model = load_model("smollm2-135m")
-    dims = family_of(model).dims(model.config)
-    g = torch.Generator().manual_seed(0)
-    scores = Scores(torch.rand(dims.hidden, generator=g), torch.rand(dims.layers, dims.heads, generator=g),
-                    torch.rand(dims.layers, dims.ffn, generator=g))
-    shape = README_SHAPE
-    target = dataclasses.replace(dims, hidden=shape["hidden_size"], heads=shape["num_attention_heads"],
-                                 ffn=shape["intermediate_size"])
-    prune_model(model, make_plan(scores, dims, target, [])).save_pretrained(out)
+    model, plan = readme_cut()
+    prune_model(model, plan).save_pretrained(out)
 
 
 # ---------------------------------------------------------------- one variant in this process

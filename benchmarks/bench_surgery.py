@@ -16,13 +16,12 @@ The compactlm process also builds the reference afterwards and checks that the t
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import subprocess
 import sys
 import time
 
-from common import README_SHAPE, Table, peak, reset_peak, write_result
+from common import Table, peak, readme_cut, reset_peak, write_result
 
 
 def reference_prune(model, plan):
@@ -46,19 +45,9 @@ def reference_prune(model, plan):
 def worker(variant: str) -> dict:
     import torch
 
-    from compactlm.importance.scores import Scores
-    from compactlm.models.family import family_of
-    from compactlm.models.loading import load_model
-    from compactlm.pruning import make_plan, prune_model
+    from compactlm.pruning import prune_model
 
-    model = load_model("smollm2-135m")
-    dims = family_of(model).dims(model.config)
-    g = torch.Generator().manual_seed(0)
-    scores = Scores(torch.rand(dims.hidden, generator=g), torch.rand(dims.layers, dims.heads, generator=g),
-                    torch.rand(dims.layers, dims.ffn, generator=g))
-    target = dataclasses.replace(dims, hidden=README_SHAPE["hidden_size"], heads=README_SHAPE["num_attention_heads"],
-                                 ffn=README_SHAPE["intermediate_size"])
-    plan = make_plan(scores, dims, target, [])
+    model, plan = readme_cut()
     build = prune_model if variant == "compactlm" else reference_prune
     baseline = reset_peak("cpu")
     start = time.perf_counter()

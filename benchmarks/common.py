@@ -34,6 +34,28 @@ KD_RECIPE = {"batch_size": 8, "seq_len": 256, "lr": 1e-3, "min_lr": 1e-4, "warmu
 KD_TOKENS = 163_840  # the main command's budget (80 steps)
 
 
+def readme_cut(seed: int = 0):
+    """SmolLM2-135M (float32) and a plan that cuts it to README_SHAPE by random scores: for speed and memory
+    measurements, which do not depend on which units are kept. Returns (model, plan)."""
+    import dataclasses
+
+    import torch
+
+    from compactlm.importance.scores import Scores
+    from compactlm.models.family import family_of
+    from compactlm.models.loading import load_model
+    from compactlm.pruning import make_plan
+
+    model = load_model("smollm2-135m")
+    dims = family_of(model).dims(model.config)
+    g = torch.Generator().manual_seed(seed)
+    scores = Scores(torch.rand(dims.hidden, generator=g), torch.rand(dims.layers, dims.heads, generator=g),
+                    torch.rand(dims.layers, dims.ffn, generator=g))
+    target = dataclasses.replace(dims, hidden=README_SHAPE["hidden_size"], heads=README_SHAPE["num_attention_heads"],
+                                 ffn=README_SHAPE["intermediate_size"])
+    return model, make_plan(scores, dims, target, [])
+
+
 def kd_keys(section: str = "distill", **changes) -> list[str]:
     """The KD recipe with `changes` as `section.key=value` overrides (section: distill or train)."""
     return [f"{section}.{key}={value}" for key, value in (KD_RECIPE | changes).items()]
