@@ -132,9 +132,10 @@ def resolve(spec: str) -> tuple[str, str | None]:
 
 
 @functools.lru_cache(maxsize=8)
-def _gguf_problem(path: str, size: int, mtime: int) -> str | None:
-    """Why `path` is not a whole GGUF file (its header, metadata and tensor table read, every tensor's data inside
-    the file), or None. Cached per size and mtime: a spec resolves several times per command."""
+def _gguf_header(path: str, size: int, mtime: int) -> tuple[str | None, dict]:
+    """(why `path` is not a whole GGUF file or None, `gguf_config_fixes`' values), from one read of its header,
+    metadata and tensor table (every tensor's data must lie inside the file). Cached per size and mtime: a spec
+    resolves several times per command, and a 262K-token vocabulary takes seconds to parse."""
     import struct
 
     from gguf import GGUFReader
@@ -143,14 +144,25 @@ def _gguf_problem(path: str, size: int, mtime: int) -> str | None:
         reader = GGUFReader(path)
         end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
     except (struct.error, ValueError, IndexError, KeyError, OSError) as e:
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    return f"its tensors end at byte {end:,}, past the file's {size:,}" if end > size else None
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", {}
+    if end > size:
+        return f"its tensors end at byte {end:,}, past the file's {size:,}", {}
+    fields = reader.fields
+    arch = fields["general.architecture"].contents()
+    get = lambda key: fields[f"{arch}.{key}"].contents() if f"{arch}.{key}" in fields else None  # noqa: E731
+    if arch == "gpt2":
+        fixes = {"n_inner": get("feed_forward_length"), "n_positions": get("context_length")}
+    else:
+        fixes = {"head_dim": get("attention.key_length")}
+    if arch == "llama" and any(t.name == "blk.0.attn_q.bias" for t in reader.tensors):
+        fixes["attention_bias"] = True
+    return None, {k: v for k, v in fixes.items() if v is not None}
 
 
 def check_gguf(path: Path) -> None:
     """One line naming `path` when it is not a whole GGUF file (cut inside its header or its data, or not GGUF)."""
     stat = path.stat()
-    problem = _gguf_problem(str(path), stat.st_size, stat.st_mtime_ns)
+    problem, _ = _gguf_header(str(path), stat.st_size, stat.st_mtime_ns)
     if problem:
         raise CompactLMError(f"model file {path} is not a whole GGUF file ({problem}): a cut or damaged download?")
 
@@ -177,19 +189,9 @@ def gguf_config_fixes(file: str | Path) -> dict:
     """Config values transformers' GGUF reader leaves at their defaults although the file states them: head_dim
     (`attention.key_length`; pruned models have head_dim != hidden / heads), q/k/v biases of a llama-arch file
     (a Qwen2 exported as llama) and GPT-2's MLP width and context."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(file)
-    fields = reader.fields
-    arch = fields["general.architecture"].contents()
-    get = lambda key: fields[f"{arch}.{key}"].contents() if f"{arch}.{key}" in fields else None  # noqa: E731
-    if arch == "gpt2":
-        fixes = {"n_inner": get("feed_forward_length"), "n_positions": get("context_length")}
-    else:
-        fixes = {"head_dim": get("attention.key_length")}
-    if arch == "llama" and any(t.name == "blk.0.attn_q.bias" for t in reader.tensors):
-        fixes["attention_bias"] = True
-    return {k: v for k, v in fixes.items() if v is not None}
+    check_gguf(Path(file))
+    stat = Path(file).stat()
+    return _gguf_header(str(file), stat.st_size, stat.st_mtime_ns)[1]
 
 
 def _auto_config(path: str, gguf: str | None):
