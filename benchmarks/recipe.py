@@ -42,6 +42,8 @@ RECIPES = {
     "batch2": ("2 sequences per step (4x the steps)", ["distill.batch_size=2"]),
     "intermediate": ("+ the intermediate-state loss (last 2 blocks, learned map)",
                      ["distill.batch_size=8", "distill.intermediate=true"]),
+    "batch4-intermediate": ("4 sequences per step + the intermediate-state loss (last 2 blocks, learned map)",
+                            ["distill.batch_size=4", "distill.intermediate=true"]),
     "T2": ("temperature 2", ["distill.batch_size=8", "distill.temperature=2.0"]),
     "ce0.5": ("+ 0.5 x cross-entropy on the data", ["distill.batch_size=8", "distill.ce_weight=0.5"]),
     "floor0": ("cosine to 0 (floor 0)", ["distill.batch_size=8", "distill.min_lr=0"]),
