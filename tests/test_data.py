@@ -345,7 +345,7 @@ def test_txt_paragraphs_stream_in_chunks_like_one_split(chunk, tmp_path):
     text = "".join(rng.choice(pieces) for _ in range(3000))
     path = tmp_path / "t.txt"
     path.write_text(text, encoding="utf-8")
-    assert list(data._paragraphs(path, chunk_chars=chunk)) == re.split(r"\n[ \t\r\f\v]*\n", path.read_text())
+    assert list(data.readers._paragraphs(path, chunk_chars=chunk)) == re.split(r"\n[ \t\r\f\v]*\n", path.read_text())
 
 
 def test_python_docs_is_the_checksummed_snapshot(tmp_path, monkeypatch):
@@ -362,9 +362,9 @@ def test_python_docs_is_the_checksummed_snapshot(tmp_path, monkeypatch):
     damaged = tmp_path / "python-docs.json.xz"
     damaged.write_bytes(lzma.compress(raw.replace(b"assert", b"ASSERT", 1)))
     monkeypatch.setattr(data.corpora, "PYTHON_DOCS_FILE", damaged)
-    data._python_docs_cached.cache_clear()
+    data.corpora._python_docs_cached.cache_clear()
     try:
         with pytest.raises(CompactLMError, match="sha256"):
             data.load_texts("python-docs")
     finally:
-        data._python_docs_cached.cache_clear()
+        data.corpora._python_docs_cached.cache_clear()

@@ -11,14 +11,12 @@ from compactlm.data.corpora import (
     PYTHON_DOCS_FILE,
     PYTHON_DOCS_SHA256,
     Download,
-    _python_docs_cached,
     cached_download,
     download,
 )
-from compactlm.data.readers import FILE_SUFFIXES, TXT_DOC_CHARS, _paragraphs, iter_texts, load_texts
+from compactlm.data.readers import FILE_SUFFIXES, TXT_DOC_CHARS, iter_texts, load_texts
 from compactlm.data.splits import HASH_BUCKETS, Splits, assign_val, batched, batches, doc_hash, make_splits
 
 __all__ = ["BUILTIN_DATA", "DOWNLOADS", "DOWNLOAD_TIMEOUT_S", "Download", "FILE_SUFFIXES", "HASH_BUCKETS",
-           "PYTHON_DOCS", "PYTHON_DOCS_FILE", "PYTHON_DOCS_SHA256", "Splits", "TXT_DOC_CHARS", "_paragraphs",
-           "_python_docs_cached", "assign_val", "batched", "batches", "cached_download", "doc_hash", "download",
-           "iter_texts", "load_texts", "make_splits"]
+           "PYTHON_DOCS", "PYTHON_DOCS_FILE", "PYTHON_DOCS_SHA256", "Splits", "TXT_DOC_CHARS", "assign_val",
+           "batched", "batches", "cached_download", "doc_hash", "download", "iter_texts", "load_texts", "make_splits"]
