@@ -44,9 +44,18 @@ RECIPES = {
                      ["distill.batch_size=8", "distill.intermediate=true"]),
     "batch4-intermediate": ("4 sequences per step + the intermediate-state loss (last 2 blocks, learned map)",
                             ["distill.batch_size=4", "distill.intermediate=true"]),
-    "T2": ("temperature 2", ["distill.batch_size=8", "distill.temperature=2.0"]),
-    "ce0.5": ("+ 0.5 x cross-entropy on the data", ["distill.batch_size=8", "distill.ce_weight=0.5"]),
-    "floor0": ("cosine to 0 (floor 0)", ["distill.batch_size=8", "distill.min_lr=0"]),
+    "batch4-T2": ("4 sequences per step, temperature 2", ["distill.batch_size=4", "distill.temperature=2.0"]),
+    "batch4-ce0.5": ("4 sequences per step + 0.5 x cross-entropy on the data",
+                     ["distill.batch_size=4", "distill.ce_weight=0.5"]),
+    "batch4-rkl": ("4 sequences per step, reverse KL(q || p) (MiniLLM)",
+                   ["distill.batch_size=4", "distill.divergence=reverse_kl"]),
+    "batch4-skl": ("4 sequences per step, skew KL(p || 0.1 p + 0.9 q) (DistiLLM)",
+                   ["distill.batch_size=4", "distill.divergence=skew_kl", "distill.skew=0.1"]),
+    "batch4-srkl": ("4 sequences per step, skew reverse KL(q || 0.9 p + 0.1 q) (DistiLLM)",
+                    ["distill.batch_size=4", "distill.divergence=skew_reverse_kl", "distill.skew=0.1"]),
+    "batch4-jsd": ("4 sequences per step, Jensen-Shannon, beta 0.5 (GKD)",
+                   ["distill.batch_size=4", "distill.divergence=jsd", "distill.skew=0.5"]),
+    "batch4-floor0": ("4 sequences per step, cosine to 0 (floor 0)", ["distill.batch_size=4", "distill.min_lr=0"]),
 }
 
 
@@ -66,8 +75,9 @@ def run_recipe(name: str, overrides: list[str], pruned: Path, run_dir: Path, tok
                              val_rows=cfg.eval.sequences).val[: cfg.eval.sequences]
     batches = list(data.batches(val, cfg.eval.batch_size))
     student = load_model(str(run_dir / name / "final"))
-    result = {"recipe": name, "overrides": overrides, "tokens": tokens, "seconds": seconds,
-              **perplexity(student, batches), **teacher_agreement(student, teacher, batches)}
+    held_out = {**perplexity(student, batches), **teacher_agreement(student, teacher, batches)}
+    held_out["eval_tokens"] = held_out.pop("tokens")
+    result = {"recipe": name, "overrides": overrides, **held_out, "tokens": tokens, "seconds": seconds}
     done.write_text(json.dumps(result, indent=1) + "\n")
     return result
 

@@ -437,6 +437,16 @@ def test_top_k_refuses_the_hidden_state_losses():
         load_config(None, ["distill.teacher_top_k=8", "distill.intermediate=true"])
 
 
+def test_divergence_keys_are_checked():
+    with pytest.raises(CompactLMError, match="teacher_top_k.*forward_kl only"):
+        load_config(None, ["distill.teacher_top_k=8", "distill.divergence=reverse_kl"])
+    with pytest.raises(CompactLMError, match="distill.divergence"):
+        load_config(None, ["distill.divergence=kl"])
+    with pytest.raises(CompactLMError, match="skew"):
+        load_config(None, ["distill.skew=0"])
+    assert load_config(None, ["distill.divergence=jsd", "distill.skew=0.5"]).distill.divergence == "jsd"
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_losses_use_the_logits_the_model_computes(family, token_batch):
     """The chunked losses and the evaluator run the LM head themselves: for every family they must compute the
@@ -460,6 +470,10 @@ def test_losses_use_the_logits_the_model_computes(family, token_batch):
     # float32: the head runs on gathered positions (another matmul shape than the model's), and our sums are
     # float64 where the reference's are float32: measured <= 2.3e-7 relative on losses of ~4, here and below
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
+    jsd = Objective(distill=True, temperature=2.0, ce_weight=0.5, chunk_tokens=7, divergence="jsd", skew=0.3)
+    loss = Trainee(student, jsd)(ids, mask, t_out)["loss"]
+    want = kd_loss_reference(s_logits, t_logits, mask, 2.0, 0.5, labels, divergence="jsd", skew=0.3)
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)  # as above
     ce = Trainee(student, Objective(chunk_tokens=7))(ids, mask)["loss"]
     want_ce = torch.nn.functional.cross_entropy(s_logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
     torch.testing.assert_close(ce, want_ce, rtol=1e-5, atol=1e-5)

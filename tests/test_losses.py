@@ -61,6 +61,66 @@ def test_chunked_matches_reference_in_loss_and_grads(chunk, temperature, ce_weig
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("divergence", ["reverse_kl", "skew_kl", "skew_reverse_kl", "jsd"])
+@pytest.mark.parametrize("temperature,ce_weight,skew", [(1.0, 0.0, 0.1), (2.0, 0.0, 0.5), (1.0, 0.4, 0.3),
+                                                         (0.7, 0.3, 0.9)])
+def test_every_divergence_matches_its_plain_formula_in_loss_and_grads(divergence, temperature, ce_weight, skew):
+    """Each divergence's closed-form gradient against autograd through the plain probability-space formula."""
+    h_s, w_s, h_t, w_t, mask, labels = _inputs()
+    kw = dict(temperature=temperature, ce_weight=ce_weight, labels=labels, divergence=divergence, skew=skew)
+    loss = kd_loss(h_s, w_s, h_t, w_t, mask, chunk_tokens=7, **kw)
+    ref = kd_loss_reference(h_s @ w_s.T, h_t @ w_t.T, mask, **kw)
+    # float64: log space (logaddexp) against probability space differ by a few eps; measured <= 1e-15
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-10)
+    for g, r in zip(torch.autograd.grad(loss * 1.7, (h_s, w_s)), torch.autograd.grad(ref * 1.7, (h_s, w_s))):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+    forward = kd_loss(h_s, w_s, h_t, w_t, mask, chunk_tokens=7, temperature=temperature)
+    assert abs(float(loss.detach() - forward.detach())) > 1e-3  # a different loss than the forward KL on these inputs
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "skew_kl", "skew_reverse_kl", "jsd"])
+def test_every_divergence_is_zero_for_identical_distributions_and_positive_otherwise(divergence):
+    h_s, w_s, h_t, w_t, mask, _ = _inputs()
+    same = kd_loss(h_s, w_s, h_s.detach(), w_s.detach(), torch.ones(N), divergence=divergence, chunk_tokens=5)
+    assert same.abs() < 1e-12  # the same logits: every divergence is exactly 0 up to rounding (float64)
+    (grad,) = torch.autograd.grad(same, h_s)
+    assert grad.abs().max() < 1e-12  # ...and at its minimum: zero gradient
+    assert float(kd_loss(h_s, w_s, h_t, w_t, mask, divergence=divergence)) > 0.01
+
+
+def test_divergences_at_far_apart_logits_stay_finite():
+    """Logits 200 apart: p and q each underflow to exactly 0 on tokens the other puts all its mass on, so a
+    mixture formed in probability space would take log 0. In log space every loss and gradient stays finite."""
+    eye = torch.eye(3, dtype=torch.float32)
+    student = torch.tensor([[200.0, 0.0, 0.0]], requires_grad=True)
+    teacher = torch.tensor([[0.0, 200.0, 0.0]])
+    for divergence in ["reverse_kl", "skew_kl", "skew_reverse_kl", "jsd"]:
+        loss = kd_loss(student, eye, teacher, eye, torch.ones(1), divergence=divergence, skew=0.1)
+        (grad,) = torch.autograd.grad(loss, student)
+        assert torch.isfinite(loss) and torch.isfinite(grad).all(), divergence
+
+
+def test_skew_kl_equals_a_value_worked_out_by_hand():
+    """p = (1/2, 1/2), q = (1, 0) (logits 0 and -inf through a far-apart pair): m = 0.1 p + 0.9 q = (0.95, 0.05);
+    KL(p || m) = 1/2 log(0.5/0.95) + 1/2 log(0.5/0.05) = 0.8303656...; JSD(0.5) of p and q: m = (3/4, 1/4),
+    1/2 (1/2 log(2/3) + 1/2 log 2) + 1/2 log(4/3) = 0.2157616..."""
+    eye = torch.eye(2, dtype=torch.float64)
+    student = torch.tensor([[0.0, -800.0]], dtype=torch.float64)  # exp(-800) is 0 in float64
+    teacher = torch.zeros(1, 2, dtype=torch.float64)
+    skl = kd_loss(student, eye, teacher, eye, torch.ones(1), divergence="skew_kl", skew=0.1)
+    assert float(skl) == pytest.approx(0.8303656, abs=1e-7)  # 7-decimal literal, float64
+    jsd = kd_loss(student, eye, teacher, eye, torch.ones(1), divergence="jsd", skew=0.5)
+    assert float(jsd) == pytest.approx(0.2157616, abs=1e-7)
+
+
+def test_kd_loss_rejects_an_unknown_divergence_and_a_skew_outside_0_1():
+    h_s, w_s, h_t, w_t, mask, _ = _inputs()
+    with pytest.raises(CompactLMError, match="unknown divergence 'kl'"):
+        kd_loss(h_s, w_s, h_t, w_t, mask, divergence="kl")
+    with pytest.raises(CompactLMError, match="skew_kl needs 0 < skew < 1"):
+        kd_loss(h_s, w_s, h_t, w_t, mask, divergence="skew_kl", skew=1.0)
+
+
 def test_float32_matches_reference_and_bias_grad():
     h_s, w_s, h_t, w_t, mask, labels = _inputs(torch.float32)
     b_s = torch.randn(V, requires_grad=True)

@@ -201,6 +201,10 @@ class TrainConfig:
 class DistillConfig(TrainConfig):
     temperature: float = 1.0  # softens both distributions in the KL (the loss is scaled by its square)
     ce_weight: float = 0.0  # optional cross-entropy term mixed with the KL
+    # the logit loss: forward_kl KL(p||q) (Minitron); reverse_kl KL(q||p); skew_kl KL(p||skew p+(1-skew) q) and
+    # skew_reverse_kl KL(q||(1-skew) p+skew q) (DistiLLM); jsd: generalised Jensen-Shannon with beta = skew (GKD)
+    divergence: str = choice("forward_kl", "forward_kl", "reverse_kl", "skew_kl", "skew_reverse_kl", "jsd")
+    skew: float = 0.1  # the mixing weight of skew_kl, skew_reverse_kl and jsd, in (0, 1)
     intermediate: bool = False  # cosine loss on hidden states through a learned linear map
     layer_map: tuple[tuple[int, int], ...] | None = None  # (student, teacher) block outputs; default last-2 of each
     embedding_loss: bool = False  # also match the embedding outputs
@@ -214,6 +218,11 @@ class DistillConfig(TrainConfig):
         if self.temperature <= 0:
             raise InvalidValue("temperature", self.temperature, "must be > 0")
         _at_least(self, 0, "teacher_top_k")
+        if not 0 < self.skew < 1:
+            raise InvalidValue("skew", self.skew, "must lie in (0, 1)")
+        if self.teacher_top_k and self.divergence != "forward_kl":
+            raise InvalidValue("teacher_top_k", self.teacher_top_k, f"distils with forward_kl only, not "
+                                                                    f"divergence={self.divergence}")
         if self.teacher_top_k and (self.intermediate or self.layer_map is not None or self.embedding_loss):
             raise InvalidValue("teacher_top_k", self.teacher_top_k, "caches logits only: the hidden-state losses "
                                                                     "(intermediate, layer_map, embedding_loss) need the teacher")

@@ -13,12 +13,25 @@ Definitions (T = temperature, p = softmax(teacher_logits / T), q = softmax(stude
 
 The T^2 factor (Hinton et al. 2015) keeps the soft-target gradient, T * (q - p) wrt the student logits,
 comparable in size across temperatures (q - p shrinks about as 1/T^2 at high T).
+
+`divergence` replaces the forward KL in kl[i] by another divergence D(p, q), with the same T^2 (a = `skew`):
+
+    forward_kl       KL(p || q)                                   mean-seeking (Hinton; Minitron's choice)
+    reverse_kl       KL(q || p)                                   mode-seeking (MiniLLM, Gu et al. 2024)
+    skew_kl          KL(p || a p + (1 - a) q)                     DistiLLM's SKL (Ko et al. 2024, a = 0.1)
+    skew_reverse_kl  KL(q || (1 - a) p + a q)                     DistiLLM's SRKL
+    jsd              a KL(p || m) + (1 - a) KL(q || m), m = a p + (1 - a) q   GKD's JSD(beta = a) (Agarwal et al. 2024)
+
+Each gradient wrt z = student logits / T has the closed form q * (f - sum_v q f) with f = dD/dq (forward KL:
+q - p), computed chunk by chunk like the forward KL's; the mixtures m are formed in log space (logaddexp), so
+tokens both models give ~0 probability never produce 0 * log 0.
 `labels` are already aligned with the positions (labels[i] is the token that position i predicts, i.e.
 shifted by the caller), -100 ignored. Token positions with mask == 0 contribute nothing to loss or grads.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -31,7 +44,7 @@ from compactlm.models.head import head_logits, log_softmax_
 IGNORE_INDEX = -100
 
 __all__ = [
-    "IGNORE_INDEX", "cosine_loss", "default_layer_map", "dynamic_alpha", "expert_slots", "head_logits", "kd_loss",
+    "DIVERGENCES", "IGNORE_INDEX", "cosine_loss", "default_layer_map", "dynamic_alpha", "expert_slots", "head_logits", "kd_loss",
     "kd_loss_reference", "load_balancing_loss", "teacher_topk", "topk_kd_loss", "topk_kd_loss_reference",
 ]
 
@@ -62,22 +75,83 @@ def _log_softmax(
     return log_softmax_(logits.div_(temperature) if temperature != 1.0 else logits)
 
 
+def _forward_kl(log_p: Tensor, log_q: Tensor, a: float, need_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """sum over the chunk of KL(p || q) (float64) and its gradient wrt z, q - p (c, V), written into log_p's
+    buffer: three (c, V) buffers in all."""
+    p = log_p.exp()  # (c, V)
+    kl = _row_sums(log_p.sub_(log_q).mul_(p)).sum()  # sum p * (log p - log q), in place: no new buffer
+    return kl, torch.exp(log_q, out=log_p).sub_(p) if need_grad else None
+
+
+def _softmax_grad(q: Tensor, f: Tensor) -> Tensor:
+    """d D / d z = q * (f - sum_v q f) (c, V) from f = d D / d q (c, V): the softmax's Jacobian. Overwrites f."""
+    return f.sub_((q * f).sum(-1, keepdim=True)).mul_(q)
+
+
+def _reverse_kl(log_p: Tensor, log_q: Tensor, a: float, need_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """KL(q || p): sum q (log q - log p); f = log q - log p (+ 1, which the Jacobian cancels)."""
+    q = log_q.exp()
+    f = log_q - log_p  # (c, V)
+    loss = _row_sums(q * f).sum()
+    return loss, _softmax_grad(q, f) if need_grad else None
+
+
+def _mixture(log_p: Tensor, log_q: Tensor, a: float) -> Tensor:
+    """log(a p + (1 - a) q) (c, V), in log space."""
+    return torch.logaddexp(log_p + math.log(a), log_q + math.log1p(-a))
+
+
+def _skew_kl(log_p: Tensor, log_q: Tensor, a: float, need_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """KL(p || m), m = a p + (1 - a) q: f = -(1 - a) p / m."""
+    log_m = _mixture(log_p, log_q, a)
+    loss = _row_sums(log_p.exp() * (log_p - log_m)).sum()
+    if not need_grad:
+        return loss, None
+    return loss, _softmax_grad(log_q.exp(), log_p.sub_(log_m).exp_().mul_(a - 1.0))
+
+
+def _skew_reverse_kl(log_p: Tensor, log_q: Tensor, a: float, need_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """KL(q || m), m = (1 - a) p + a q: f = log q - log m + 1 - a q / m (the 1 cancels)."""
+    log_m = _mixture(log_q, log_p, a)
+    q = log_q.exp()
+    f = log_q - log_m  # (c, V)
+    loss = _row_sums(q * f).sum()
+    if not need_grad:
+        return loss, None
+    return loss, _softmax_grad(q, f.sub_(f.exp().mul_(a)))
+
+
+def _jsd(log_p: Tensor, log_q: Tensor, a: float, need_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """a KL(p || m) + (1 - a) KL(q || m), m = a p + (1 - a) q: f = (1 - a)(log q - log m)."""
+    log_m = _mixture(log_p, log_q, a)
+    q = log_q.exp()
+    f = log_q - log_m  # (c, V)
+    loss = _row_sums(log_p.exp() * (log_p - log_m)).sum() * a + _row_sums(q * f).sum() * (1.0 - a)
+    return loss, _softmax_grad(q, f.mul_(1.0 - a)) if need_grad else None
+
+
+# divergence name -> (log p, log q (c, V) at T, a, need_grad) -> (sum over the chunk, d / d (logits / T) or None)
+DIVERGENCES = {"forward_kl": _forward_kl, "reverse_kl": _reverse_kl, "skew_kl": _skew_kl,
+               "skew_reverse_kl": _skew_reverse_kl, "jsd": _jsd}
+
+
 def _chunk_loss_and_grad(
     hs_c: Tensor, ht_c: Tensor, labels: Tensor | None, student: tuple, teacher: tuple, temperature: float,
-    kl_scale: float, ce_scale: float, need_grad: bool,
+    kl_scale: float, ce_scale: float, need_grad: bool, divergence: tuple[str, float] = ("forward_kl", 0.0),
 ) -> tuple[Tensor, Tensor | None, float]:
     """Loss sum of one chunk (float64) and g, scale with d loss / d student_logits = g * scale (c, V) (capped
-    logits, when capped: `_chunked_forward` carries g through the cap).
+    logits, when capped: `_chunked_forward` carries g through the cap). `divergence`: (name, a).
 
-    At most three (c, V) buffers are alive at once; student/teacher are (head, bias, cap) triples.
+    The forward KL keeps at most three (c, V) buffers alive at once, the others five; student/teacher are
+    (head, bias, cap) triples.
     """
     dtype = _compute_dtype(hs_c.dtype)
     log_q = _log_softmax(hs_c, *student, temperature, dtype)  # (c, V) log q_T
     log_p = _log_softmax(ht_c, *teacher, temperature, dtype)  # (c, V) log p
-    p = log_p.exp()  # (c, V)
-    kl = _row_sums(log_p.sub_(log_q).mul_(p)).sum()  # sum p * (log p - log q), in place: no new buffer
-    loss = kl * (kl_scale * temperature**2)
+    name, a = divergence
+    div, grad = DIVERGENCES[name](log_p, log_q, a, need_grad)  # grad wrt logits / T
     del log_p
+    loss = div * (kl_scale * temperature**2)
     if ce_scale:
         log_q1 = log_q if temperature == 1.0 else _log_softmax(hs_c, *student, 1.0, dtype)  # (c, V)
         valid = labels != IGNORE_INDEX  # (c,)
@@ -85,15 +159,11 @@ def _chunk_loss_and_grad(
         loss = loss - log_q1[rows, labels[rows]].double().sum() * ce_scale
     if not need_grad:
         return loss, None, 1.0
-    coef = kl_scale * temperature  # d(kl_scale * T^2 * KL)/ds = coef * (q_T - p)
-    q = log_q.exp_()  # in place: (c, V) q_T
+    coef = kl_scale * temperature  # d(kl_scale * T^2 * D)/ds = coef * dD/dz
     if not ce_scale:
-        return loss, q.sub_(p), coef
+        return loss, grad, coef
     w_ce = valid.to(dtype).unsqueeze(1) * (ce_scale / coef)  # (c, 1) CE weight in units of coef
-    if temperature == 1.0:  # q is also softmax(s): (q - p) + w_ce * q
-        grad = q.mul_(w_ce + 1.0).sub_(p)
-    else:
-        grad = q.sub_(p).add_(log_q1.exp_().mul_(w_ce))
+    grad.add_(log_q1.exp_().mul_(w_ce))  # + w_ce * softmax(s)
     grad[rows, labels[rows]] -= ce_scale / coef  # d CE / ds = softmax(s) - onehot
     return loss, grad, coef
 
@@ -133,7 +203,8 @@ class _ChunkedKD(torch.autograd.Function):
     """Forward computes loss and grads chunk by chunk; backward scales the stored grads by grad_output."""
 
     @staticmethod
-    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, rows, labels, temperature, ce_weight, chunk, caps):  # noqa: D102
+    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, rows, labels, temperature, ce_weight, chunk, caps,  # noqa: D102
+                divergence):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         need_grad = need_h or need_w or need_b
         dtype = _compute_dtype(h_s.dtype)
@@ -144,14 +215,14 @@ class _ChunkedKD(torch.autograd.Function):
         def chunk_fn(idx: Tensor, hs_c: Tensor) -> tuple[Tensor, Tensor | None, float]:
             return _chunk_loss_and_grad(
                 hs_c, h_t.index_select(0, idx), labels.index_select(0, idx) if ce_weight else None,
-                (w_s, b_s, caps[0]), (w_t, b_t, caps[1]), temperature, kl_scale, ce_scale, need_grad)
+                (w_s, b_s, caps[0]), (w_t, b_t, caps[1]), temperature, kl_scale, ce_scale, need_grad, divergence)
 
         return _chunked_forward(ctx, h_s, w_s, b_s, caps[0], rows, chunk, dtype, chunk_fn)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):  # noqa: D102
-        return (*_scaled_grads(ctx, grad_out), None, None, None, None, None, None, None, None, None)
+        return (*_scaled_grads(ctx, grad_out), None, None, None, None, None, None, None, None, None, None)
 
 
 class _ChunkedTopKKD(torch.autograd.Function):
@@ -245,7 +316,8 @@ def kd_loss(
     student_hidden: Tensor, student_head: Tensor, teacher_hidden: Tensor, teacher_head: Tensor, mask: Tensor,
     *, student_bias: Tensor | None = None, teacher_bias: Tensor | None = None, temperature: float = 1.0,
     ce_weight: float = 0.0, labels: Tensor | None = None, chunk_tokens: int = 256,
-    student_cap: float | None = None, teacher_cap: float | None = None,
+    student_cap: float | None = None, teacher_cap: float | None = None, divergence: str = "forward_kl",
+    skew: float = 0.1,
 ) -> Tensor:
     """Chunked KL(teacher||student)*T^2 (+ ce_weight*CE): hidden (..., H_s)/(..., H_t) after the final norm,
     heads (V, H_s)/(V, H_t), mask and labels (...); scalar in float32 (float64 for float64 inputs). Each model's
@@ -257,7 +329,9 @@ def kd_loss(
     cores); softmax, KL, CE and the head-gradient accumulation run in float32; grads come back in the
     dtype of each input. mask: nonzero = real token, 0 = padding. labels: next-token ids aligned with the
     positions (already shifted), IGNORE_INDEX skipped; CE averages over real tokens with a label.
+    `divergence` (a name in DIVERGENCES, see the module's docstring) replaces the forward KL; `skew` is its a.
     """
+    _check_divergence(divergence, skew)
     hs, ht = student_hidden.shape[-1], teacher_hidden.shape[-1]
     if student_head.shape[0] != teacher_head.shape[0]:
         raise CompactLMError(
@@ -280,7 +354,15 @@ def kd_loss(
     tb = teacher_bias.detach() if teacher_bias is not None else None
     h_s, student_head, student_bias = _value_only(h_s, student_head, student_bias)
     return _ChunkedKD.apply(h_s, student_head, student_bias, h_t, teacher_head.detach(), tb, rows, lab,
-                            float(temperature), float(ce_weight), int(chunk_tokens), (student_cap, teacher_cap))
+                            float(temperature), float(ce_weight), int(chunk_tokens), (student_cap, teacher_cap),
+                            (divergence, float(skew)))
+
+
+def _check_divergence(divergence: str, skew: float) -> None:
+    if divergence not in DIVERGENCES:
+        raise CompactLMError(f"kd_loss: unknown divergence {divergence!r} (one of {', '.join(DIVERGENCES)})")
+    if divergence != "forward_kl" and not 0 < skew < 1:
+        raise CompactLMError(f"kd_loss: {divergence} needs 0 < skew < 1, got {skew}")
 
 
 def teacher_topk(logits: Tensor, k: int, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
@@ -332,18 +414,35 @@ def topk_kd_loss_reference(student_logits: Tensor, teacher_logprobs: Tensor, tea
     return (kl * m).sum() / m.sum().clamp_min(1) * temperature**2
 
 
+def _divergence_reference(log_p: Tensor, log_q: Tensor, divergence: str, a: float) -> Tensor:
+    """Each row's divergence (N,) from log-probabilities (N, V), by the plain formulas in probability space."""
+    p, q = log_p.exp(), log_q.exp()
+    kl = lambda x, log_x, y: (x * (log_x - y.log())).sum(-1)  # noqa: E731  KL(x || y), y a mixture
+    if divergence == "forward_kl":
+        return F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
+    if divergence == "reverse_kl":
+        return F.kl_div(log_p, log_q, reduction="none", log_target=True).sum(-1)
+    if divergence == "skew_kl":
+        return kl(p, log_p, a * p + (1 - a) * q)
+    if divergence == "skew_reverse_kl":
+        return kl(q, log_q, (1 - a) * p + a * q)
+    m = a * p + (1 - a) * q  # jsd
+    return a * kl(p, log_p, m) + (1 - a) * kl(q, log_q, m)
+
+
 def kd_loss_reference(
     student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, temperature: float = 1.0,
-    ce_weight: float = 0.0, labels: Tensor | None = None,
+    ce_weight: float = 0.0, labels: Tensor | None = None, divergence: str = "forward_kl", skew: float = 0.1,
 ) -> Tensor:
     """Plain full-logit `kd_loss` (tests, benchmark): logits (..., V), mask and labels (...); scalar."""
+    _check_divergence(divergence, skew)
     v = student_logits.shape[-1]
     dtype = _compute_dtype(student_logits.dtype)
     s, t = student_logits.reshape(-1, v).to(dtype), teacher_logits.reshape(-1, v).to(dtype)
     m = mask.reshape(-1).to(s.dtype)
     log_q = F.log_softmax(s / temperature, dim=-1)
     log_p = F.log_softmax(t / temperature, dim=-1)
-    kl = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)  # (N,)
+    kl = _divergence_reference(log_p, log_q, divergence, skew)  # (N,)
     loss = (kl * m).sum() / m.sum().clamp_min(1) * temperature**2
     if ce_weight:
         lab = labels.reshape(-1).masked_fill(m == 0, IGNORE_INDEX)

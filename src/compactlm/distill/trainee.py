@@ -39,6 +39,8 @@ class Objective:
     temperature: float = DistillConfig.temperature  # defaults come from the config schema: one source
     ce_weight: float = DistillConfig.ce_weight
     chunk_tokens: int = DistillConfig.chunk_tokens
+    divergence: str = DistillConfig.divergence
+    skew: float = DistillConfig.skew
     layer_map: tuple[tuple[int, int], ...] = ()  # (student, teacher) indices into HF hidden_states
 
 
@@ -51,7 +53,7 @@ def make_objective(tc: TrainConfig, student_layers: int, teacher_layers: int | N
         pairs = default_layer_map(student_layers, teacher_layers, tc.layer_map)
     if tc.embedding_loss and (0, 0) not in pairs:
         pairs.insert(0, (0, 0))
-    return Objective(True, tc.temperature, tc.ce_weight, tc.chunk_tokens, tuple(pairs))
+    return Objective(True, tc.temperature, tc.ce_weight, tc.chunk_tokens, tc.divergence, tc.skew, tuple(pairs))
 
 
 def hidden_map(student_hidden: int, teacher_hidden: int, keep: Tensor | None = None) -> nn.Linear:
@@ -246,7 +248,8 @@ class Trainee(nn.Module):
         t_bias = teacher.bias.to(dt) if teacher.bias is not None else None
         logits = kd_loss(hidden, weight, teacher.hidden.to(dt), teacher.head.to(dt), mask, student_bias=bias,
                          teacher_bias=t_bias, temperature=o.temperature, ce_weight=o.ce_weight, labels=labels,
-                         chunk_tokens=o.chunk_tokens, student_cap=cap, teacher_cap=teacher.cap)
+                         chunk_tokens=o.chunk_tokens, student_cap=cap, teacher_cap=teacher.cap,
+                         divergence=o.divergence, skew=o.skew)
         if not o.layer_map:
             return {"loss": logits}
         inter = self._intermediate(out.hidden_states, teacher.states, mask)
