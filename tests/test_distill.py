@@ -406,6 +406,18 @@ def test_cached_top_k_distillation_runs_and_reuses_its_cache(models, text_file, 
     assert [p.stat().st_mtime_ns for p in shards] == stamps  # the second run read the cache, wrote nothing
 
 
+def test_sampled_teacher_targets_distil_from_their_own_cache(models, text_file, tmp_path):
+    """distill.teacher_targets=sampled: the cache holds K draws' shares (its own key), and training learns."""
+    keys = {"distill.teacher_top_k": 8, "distill.teacher_targets": "sampled", "distill.teacher_cache": tmp_path / "c"}
+    result = run_distill(load_config(None, _args(models, text_file, tmp_path / "a", **keys)))
+    rows = _metrics(tmp_path / "a")
+    assert result["steps"] == 6 and rows[-1]["loss"] < rows[0]["loss"] and "val_kl" in rows[-1]
+    (folder,) = (tmp_path / "c").iterdir()
+    assert folder.name.startswith("s8-t1-")
+    logp = load_file(next(folder.glob("shard-*.safetensors")))["logp"].float()
+    assert (logp.exp() == 0).any() and torch.allclose(logp.exp().sum(-1), torch.ones(()), atol=5e-3)  # float16 shares
+
+
 def test_top_k_with_the_whole_vocabulary_trains_like_dense_kd(models, text_file, tmp_path):
     """K = V: the cached targets are the teacher's whole distribution, rounded to float16 (log-probabilities to
     about 1e-3 nats), so the run follows dense KD up to that rounding."""

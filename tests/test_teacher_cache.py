@@ -39,10 +39,12 @@ def test_cache_holds_the_teachers_top_k_for_every_row(tmp_path):
         cache.get(torch.tensor([10]))
 
 
-def test_a_killed_build_resumes_to_the_same_files(tmp_path, monkeypatch):
+@pytest.mark.parametrize("targets", ["top_k", "sampled"])
+def test_a_killed_build_resumes_to_the_same_files(tmp_path, targets):
+    """Sampled targets too: each shard draws from its own seeded stream, so the resumed shards are the same."""
     _, logits = _teacher()
     rows = _rows()
-    whole = TeacherCache(tmp_path / "whole", len(rows), S, K, rows_per_shard=4)
+    whole = TeacherCache(tmp_path / "whole", len(rows), S, K, rows_per_shard=4, targets=targets, seed=3)
     whole.build(logits, rows, 1.0, progress=False)
     calls = {"n": 0}
 
@@ -52,7 +54,7 @@ def test_a_killed_build_resumes_to_the_same_files(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return logits(ids)
 
-    killed = TeacherCache(tmp_path / "killed", len(rows), S, K, rows_per_shard=4)
+    killed = TeacherCache(tmp_path / "killed", len(rows), S, K, rows_per_shard=4, targets=targets, seed=3)
     with pytest.raises(KeyboardInterrupt):
         killed.build(dies_on_the_third_batch, rows, 1.0, batch_size=2, progress=False)
     assert killed.missing() == [1, 2] and sorted(p.name for p in (tmp_path / "killed").iterdir()) == [
@@ -72,7 +74,8 @@ def test_keys_change_with_teacher_rows_seed_k_and_temperature():
     key = cache_key(fp, rows, 0, K, 1.0)
     assert key == cache_key(fp, rows.clone(), 0, K, 1.0)
     assert len({key, cache_key(fp, _rows(seed=1), 0, K, 1.0), cache_key(fp, rows, 0, K + 1, 1.0),
-                cache_key(fp, rows, 0, K, 2.0), cache_key(fp + "x", rows, 0, K, 1.0), cache_key(fp, rows, 1, K, 1.0)}) == 6
+                cache_key(fp, rows, 0, K, 2.0), cache_key(fp + "x", rows, 0, K, 1.0), cache_key(fp, rows, 1, K, 1.0),
+                cache_key(fp, rows, 0, K, 1.0, "sampled")}) == 7
 
 
 def test_build_rejects_rows_of_another_shape_and_get_needs_the_shards(tmp_path):

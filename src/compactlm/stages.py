@@ -216,7 +216,8 @@ def param_dtype(cfg: Config):
 
 
 def _teacher_cache(cfg: Config, tc, teacher, train_rows, batch: int, d):
-    """Build, or find already built, the teacher's top-K targets of every train row (distill.teacher_top_k)."""
+    """Build, or find already built, the teacher's top-K (or sampled) targets of every train row
+    (distill.teacher_top_k, distill.teacher_targets)."""
     import torch
 
     from compactlm.distill.loop import batch_rows, total_steps
@@ -230,11 +231,12 @@ def _teacher_cache(cfg: Config, tc, teacher, train_rows, batch: int, d):
             return teacher(input_ids=ids.to(d.device).long()).logits
 
     fingerprint = teacher_fingerprint(teacher.config.to_dict(), logits, train_rows[0:1][:, :16])
-    key = cache_key(fingerprint, train_rows, cfg.seed, tc.teacher_top_k, tc.temperature)
+    key = cache_key(fingerprint, train_rows, cfg.seed, tc.teacher_top_k, tc.temperature, tc.teacher_targets)
     per_shard = 64
     positions = -(-total_steps(tc) * tc.batch_size // per_shard) * per_shard  # the rows the run reads, in whole shards
     cache = TeacherCache(Path(tc.teacher_cache or Path(cfg.out_dir) / "teacher_cache") / key, positions,
-                         tc.seq_len, tc.teacher_top_k, rows_per_shard=per_shard)
+                         tc.seq_len, tc.teacher_top_k, rows_per_shard=per_shard, targets=tc.teacher_targets,
+                         seed=cfg.seed)
     order = batch_rows(len(train_rows), 0, positions, cfg.seed)  # (positions,) row indices in order of use
     built = cache.build(logits, train_rows, tc.temperature, batch_size=batch, order=order)
     log.info("teacher cache %s: %d rows, %.1f MB on disk (%d bytes per token), %d shards computed now",

@@ -45,7 +45,7 @@ IGNORE_INDEX = -100
 
 __all__ = [
     "DIVERGENCES", "IGNORE_INDEX", "cosine_loss", "default_layer_map", "dynamic_alpha", "expert_slots", "head_logits", "kd_loss",
-    "kd_loss_reference", "load_balancing_loss", "teacher_topk", "topk_kd_loss", "topk_kd_loss_reference",
+    "kd_loss_reference", "load_balancing_loss", "teacher_sampled", "teacher_topk", "topk_kd_loss", "topk_kd_loss_reference",
 ]
 
 
@@ -183,10 +183,11 @@ def _chunk_topk_loss_and_grad(
     dtype = _compute_dtype(hs_c.dtype)
     log_q = _log_softmax(hs_c, *student, temperature, dtype)  # (c, V) log q_T
     logp = logp_c.to(dtype)  # (c, K)
-    p = logp.exp()
+    p = logp.exp()  # (c, K); 0 at the padding of sampled targets (`teacher_sampled`), whose ids may repeat
+    kept = p > 0
     log_r = torch.log1p(-p.sum(-1).clamp(max=1.0))  # (c,) teacher tail, -inf when the top K hold everything
     q_k = log_q.gather(1, ids_c)  # (c, K)
-    log_q_tail = torch.log1p(-q_k.exp().sum(-1).clamp(max=1.0 - 1e-7))  # (c,)
+    log_q_tail = torch.log1p(-(q_k.exp() * kept).sum(-1).clamp(max=1.0 - 1e-7))  # (c,)
     r = log_r.exp()
     tail = torch.where(r > 0, r * (log_r - log_q_tail), torch.zeros_like(r))  # 0 * log 0 = 0
     kl = _row_sums(p * (logp - q_k)).sum() + tail.double().sum()
@@ -194,8 +195,9 @@ def _chunk_topk_loss_and_grad(
     if not need_grad:
         return loss, None, 1.0
     q = log_q.exp_()  # (c, V)
-    target = q * (r / log_q_tail.exp()).unsqueeze(1)  # (c, V) p~ off the top K: r * q / q_tail
-    target.scatter_(1, ids_c, p)  # p~ on the top K: p
+    target = q * (r / log_q_tail.exp()).unsqueeze(1)  # (c, V) p~ off the kept tokens: r * q / q_tail
+    # p~ on the kept tokens: p. Added as differences, so that a padding entry (p = 0) repeating a kept id adds 0
+    target.scatter_add_(1, ids_c, torch.where(kept, p - target.gather(1, ids_c), 0.0))
     return loss, q.sub_(target), kl_scale * temperature
 
 
@@ -373,6 +375,25 @@ def teacher_topk(logits: Tensor, k: int, temperature: float = 1.0) -> tuple[Tens
     return values.to(torch.float16), ids.to(torch.int32)
 
 
+def teacher_sampled(logits: Tensor, k: int, temperature: float = 1.0,
+                    generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Sparse targets drawn from the teacher instead of its top k (random-sampling KD, Anshumann et al. 2025):
+    k tokens drawn with replacement from softmax(logits / T), kept as each distinct token's share of the draws,
+    log(count / k), as float16, at its id (int32), each (..., k). Distilling from these shares is distilling from
+    an unbiased estimate of the teacher's distribution: the KL's gradient, q - p, is right on average, where
+    the top k leave the tail's shape to the student. Slots beyond the distinct tokens repeat a drawn id with
+    log-probability float16's lowest (-65504, probability exactly 0), which the losses skip."""
+    probs = torch.softmax(logits.float().reshape(-1, logits.shape[-1]) / temperature, dim=-1)  # (N, V)
+    ids = torch.multinomial(probs, k, replacement=True, generator=generator).sort(-1).values  # (N, k)
+    del probs
+    first = torch.ones_like(ids, dtype=torch.bool)
+    first[:, 1:] = ids[:, 1:] != ids[:, :-1]  # (N, k) the first slot of each distinct token
+    counts = (ids.unsqueeze(-1) == ids.unsqueeze(-2)).sum(-1)  # (N, k) draws of each slot's token
+    logp = torch.where(first, (counts.float() / k).log(), torch.finfo(torch.float16).min)
+    shape = (*logits.shape[:-1], k)
+    return logp.to(torch.float16).reshape(shape), ids.to(torch.int32).reshape(shape)
+
+
 def topk_kd_loss(
     student_hidden: Tensor, student_head: Tensor, teacher_logprobs: Tensor, teacher_ids: Tensor, mask: Tensor,
     *, student_bias: Tensor | None = None, temperature: float = 1.0, chunk_tokens: int = 256,
@@ -407,7 +428,7 @@ def topk_kd_loss_reference(student_logits: Tensor, teacher_logprobs: Tensor, tea
     logp = teacher_logprobs.reshape(-1, k).to(log_q.dtype)
     q_k = log_q.gather(1, teacher_ids.reshape(-1, k).long())
     r = (1 - logp.exp().sum(-1)).clamp(min=0)
-    q_tail = (1 - q_k.exp().sum(-1)).clamp(min=1e-7)
+    q_tail = (1 - (q_k.exp() * (logp.exp() > 0)).sum(-1)).clamp(min=1e-7)  # over the kept (p > 0) tokens
     tail = torch.where(r > 0, r * (r.clamp(min=1e-30).log() - q_tail.log()), torch.zeros_like(r))
     kl = (logp.exp() * (logp - q_k)).sum(-1) + tail  # (N,)
     m = mask.reshape(-1).to(kl.dtype)
