@@ -4,9 +4,12 @@
 
 Each run distils the same student (default: the README main command's pruned model; `python
 benchmarks/main_command.py --keep runs/main` leaves it) from the same teacher on the same rows in the same order
-for --steps steps of 8 x 256 tokens (AdamW, LR 1e-3 cosine to 1e-4). Printed side by side: held-out perplexity
-after, median seconds per step (the cached runs do not run the teacher in a step), the cache's build time and
-bytes per token. Run alone: other processes on the cores change the step times.
+for --steps steps of 8 x 256 tokens (AdamW, LR 1e-3 cosine to 1e-4): dense KD, the top-K targets at each --ks,
+the sampled targets (K draws, distill.teacher_targets=sampled) at each --sampled, and a rerun of top---reuse on
+the cache its first run built (what a rerun, a resume or a second size of a cascade pays). Printed side by side:
+held-out perplexity after, median seconds per step (the cached runs do not run the teacher in a step), the whole
+run's wall time (a first cached run includes building its cache) and bytes per token. Run alone: other processes
+on the cores change the times.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import shutil
 import statistics
 import time
 from pathlib import Path
+
+import torch
 
 from common import Table, kd_keys, write_result
 
@@ -40,6 +45,8 @@ def main() -> None:
     parser.add_argument("--run-dir", default="runs/bench/teacher_cache")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--ks", default="16,64,256", help="top-K values to compare with dense KD")
+    parser.add_argument("--sampled", default="64", help="draws K of the sampled targets to compare (empty: none)")
+    parser.add_argument("--reuse", type=int, default=64, help="rerun top-K on the cache its first run built (0: no)")
     parser.add_argument("--eval-sequences", type=int, default=64)
     parser.add_argument("--out", help="write the results here instead of benchmarks/results/teacher_cache.json")
     args = parser.parse_args()
@@ -51,34 +58,55 @@ def main() -> None:
     batches = list(data.batches(inputs.load_splits(cfg, tokenizer, 256).val[: args.eval_sequences], 8))
     del teacher
     budget = kd_keys(steps=args.steps, eval_every=0, save_every=args.steps, eval_sequences=16)
+    runs = [("dense", 0, "top_k")] + [(f"top-{k}", k, "top_k") for k in map(int, args.ks.split(","))]
+    runs += [(f"sampled-{k}", k, "sampled") for k in map(int, filter(None, args.sampled.split(",")))]
+    if args.reuse:
+        runs.append((f"top-{args.reuse}, existing cache", args.reuse, "top_k"))
     rows = []
-    for k in [0, *map(int, args.ks.split(","))]:
-        run = Path(args.run_dir) / (f"top{k}" if k else "dense")
-        shutil.rmtree(run, ignore_errors=True)  # timed from scratch: the cache is built inside the run
+    for name, k, targets in runs:
+        reuse = name.endswith("existing cache")
+        run = Path(args.run_dir) / name.split(",")[0].replace("top-", "top") + ("-reuse" if reuse else "")
+        shutil.rmtree(run, ignore_errors=True)  # timed from scratch: the cache is built inside the run, unless reused
+        cache = [f"distill.teacher_cache={Path(args.run_dir) / f'top{k}' / 'teacher_cache'}"] if reuse else []
         start = time.perf_counter()
-        stages.distill(load_config(None, base + budget + [f"out_dir={run}", f"distill.teacher_top_k={k}"]))
+        stages.distill(load_config(None, base + budget + cache + [
+            f"out_dir={run}", f"distill.teacher_top_k={k}", f"distill.teacher_targets={targets}"]))
         wall = time.perf_counter() - start
         steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         step_s = statistics.median(2048 / r["tokens_per_s"] for r in steps[1:])  # the first step warms up
-        shards = list((run / "teacher_cache").glob("*/shard-*.safetensors")) if k else []
+        folder = Path(args.run_dir) / f"top{k}" / "teacher_cache" if reuse else run / "teacher_cache"
+        shards = list(folder.glob("*/shard-*.safetensors")) if k else []
         cached = sum(_tokens_in(p) for p in shards)  # every train row the run loaded, not only those it used
         after = perplexity(load_model(str(run / "final")), batches)["perplexity"]
-        row = {"kd": f"top-{k}" if k else "dense", "perplexity": after, "step_s": step_s, "wall_s": wall,
+        row = {"kd": name, "perplexity": after, "step_s": step_s, "wall_s": wall, "built_cache": bool(k) and not reuse,
                "cache_bytes": sum(p.stat().st_size for p in shards), "cached_tokens": cached}
         row["cache_bytes_per_token"] = row["cache_bytes"] / cached if cached else 0
+        if targets == "sampled":
+            row["distinct_per_token"] = _distinct_per_token(shards)
         rows.append(row)
         print(row, flush=True)
     dense = rows[0]
     print(f"\n{args.steps} steps of 8 x 256 tokens each; held-out perplexity on "
           f"{sum(len(b['input_ids']) for b in batches)} validation rows")
-    table = Table(["KD", "held-out perplexity", "vs dense", "seconds per step", "speed-up", "run wall, with the cache build",
-                   "cache bytes per token"])
+    table = Table(["KD", "held-out perplexity", "vs dense", "seconds per step", "step speed-up", "run wall",
+                   "run speed-up", "cache bytes per token"])
     for r in rows:
+        wall = f"{r['wall_s']:.0f} s" + (" (builds its cache)" if r["built_cache"] else "")
         table.add(r["kd"], f"{r['perplexity']:.2f}", f"{r['perplexity'] / dense['perplexity'] - 1:+.1%}" if r is not dense else "",
-                  f"{r['step_s']:.2f}", f"{dense['step_s'] / r['step_s']:.2f}x", f"{r['wall_s']:.0f} s",
+                  f"{r['step_s']:.2f}", f"{dense['step_s'] / r['step_s']:.2f}x", wall,
+                  f"{dense['wall_s'] / r['wall_s']:.2f}x",
                   f"{r['cache_bytes_per_token']:,.0f}" if r["cache_bytes_per_token"] else "")
     write_result("teacher_cache", figures={"steps": args.steps, "rows": rows}, tables={"kd": table}, out=args.out,
                  inputs={"student": args.student, "teacher": "smollm2-135m", "data": "python-docs"})
+
+
+def _distinct_per_token(shards: list[Path]) -> float:
+    """The mean number of distinct tokens that sampled targets keep per position (slots with probability > 0)."""
+    from safetensors.torch import load_file
+
+    kept = [(load_file(str(p))["logp"].float() > torch.finfo(torch.float16).min).sum(-1).float() for p in shards]
+    return float(torch.cat([k.reshape(-1) for k in kept]).mean())
+
 
 if __name__ == "__main__":
     main()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -39,12 +39,25 @@ class Plan:
             experts=len(self.experts[first]) if self.experts else 0, top_k=source.top_k,
         )
 
+    def layer_dims(self, source: Dims) -> list[Dims]:
+        """The shape of each kept layer (a per-layer plan's layers differ in ffn, heads and kv_heads)."""
+        return [replace(self.dims(source), ffn=self.ffn[i].shape[-1], heads=len(self.heads[i]),
+                        kv_heads=len(self.kv_heads[i])) for i in self.layers.tolist()]
+
+    @property
+    def per_layer(self) -> bool:
+        """Its kept layers differ in shape (heterogeneous widths, `pruning.per_layer`)."""
+        return len({(self.ffn[i].shape, len(self.heads[i]), len(self.kv_heads[i])) for i in self.layers.tolist()}) > 1
+
     def validate(self, source: Dims) -> None:
-        """Check indices are sorted, in range, homogeneous across kept layers and consistent with GQA."""
+        """Check indices are sorted, in range, consistent with GQA and, unless the plan is per-layer (dense
+        models only), homogeneous across kept layers."""
         _check_keep("hidden", self.hidden, source.hidden)
         _check_keep("layers", self.layers, source.layers)
         if len(self.layers) == 0:
             raise CompactLMError("plan keeps no layers")
+        if self.per_layer and source.experts:
+            raise CompactLMError("a per-layer plan needs a dense model: a mixture of experts keeps one shape")
         new = self.dims(source)
         if bool(self.experts) != bool(source.experts):
             raise CompactLMError("plan.experts must list the kept experts of a mixture-of-experts model, and only then")
@@ -56,9 +69,12 @@ class Plan:
                 for e, neurons in enumerate(self.ffn[layer]):
                     _check_keep(f"ffn[{layer}][{e}]", neurons, source.ffn, size=new.ffn)
             else:
-                _check_keep(f"ffn[{layer}]", self.ffn[layer], source.ffn, size=new.ffn)
-            _check_keep(f"heads[{layer}]", self.heads[layer], source.heads, size=new.heads)
-            _check_keep(f"kv_heads[{layer}]", self.kv_heads[layer], source.kv_heads, size=new.kv_heads)
+                _check_keep(f"ffn[{layer}]", self.ffn[layer], source.ffn, size=None if self.per_layer else new.ffn)
+            if not len(self.heads[layer]) or not len(self.ffn[layer]):
+                raise CompactLMError(f"plan layer {layer} keeps no attention head or no MLP neuron")
+            _check_keep(f"heads[{layer}]", self.heads[layer], source.heads, size=None if self.per_layer else new.heads)
+            _check_keep(f"kv_heads[{layer}]", self.kv_heads[layer], source.kv_heads,
+                        size=None if self.per_layer else new.kv_heads)
             groups_of_heads = torch.div(self.heads[layer], source.groups, rounding_mode="floor")
             per_group = torch.bincount(groups_of_heads, minlength=source.kv_heads)[self.kv_heads[layer]]
             if set(groups_of_heads.tolist()) - set(self.kv_heads[layer].tolist()) or len(set(per_group.tolist())) != 1:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import copy
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+from torch import nn
 
 from compactlm.errors import CompactLMError
 from compactlm.models.family import Dims, Family, family_of
@@ -154,9 +155,14 @@ def prune_state_dict(
 
 
 def prune_config(config, family: Family, plan: Plan):
-    """A new config of the same class describing the pruned shape (head_dim explicit where the family has it)."""
+    """A new config of the same class describing the pruned shape (head_dim explicit where the family has it);
+    a per-layer plan's config names its widest layer (the model it builds is then re-shaped per layer)."""
     dims = family.dims(config)
     new_dims = plan.dims(dims)
+    if plan.per_layer:
+        layer_dims = plan.layer_dims(dims)
+        new_dims = replace(new_dims, ffn=max(d.ffn for d in layer_dims), heads=max(d.heads for d in layer_dims),
+                           kv_heads=max(d.kv_heads for d in layer_dims))
     family.check(new_dims)
     new = copy.deepcopy(config)
     for key, value in family.config_updates(new_dims).items():
@@ -186,7 +192,31 @@ def prune_model(model, plan: Plan):
     # parameters on the meta device (no memory, no random init), buffers computed for the new shape
     with torch.device(param.device), init_empty_weights(include_buffers=False):
         new = AutoModelForCausalLM.from_config(new_config, dtype=param.dtype)
+    if plan.per_layer:
+        _assign_per_layer(new, family, plan, dims, state_dict)
     new.load_state_dict(state_dict, strict=True, assign=True)  # the sliced tensors become the parameters
     if getattr(new_config, "tie_word_embeddings", False):
         new.tie_weights()
     return new.eval()
+
+
+def _assign_per_layer(new, family: Family, plan: Plan, dims: Dims, state_dict: dict[str, torch.Tensor]) -> None:
+    """Give each layer of `new` (built at the widest layer's shape, on the meta device) its own shapes: every
+    layer weight whose shape differs is replaced by a meta parameter of the sliced tensor's shape (which
+    `load_state_dict(assign=True)` then fills), and each attention's query heads per KV group follow its layer.
+    Such a model runs, trains and is measured in memory; a Hugging Face class cannot save and reload it."""
+    if any(isinstance(m, nn.Module) and type(m).__name__ == "Conv1D" for m in new.modules()):
+        raise CompactLMError(f"{family.name}: per-layer widths need nn.Linear projections")
+    for key, tensor in state_dict.items():
+        owner, _, name = key.rpartition(".")
+        module = new.get_submodule(owner)
+        if getattr(module, name).shape != tensor.shape:
+            setattr(module, name, nn.Parameter(torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")))
+            if isinstance(module, nn.Linear):
+                module.out_features, module.in_features = tensor.shape
+    attention = family.attn_out_path.rpartition(".")[0]
+    layers = new.get_submodule(family.layers_path)
+    for j, d in enumerate(plan.layer_dims(dims)):
+        attn = layers[j].get_submodule(attention)
+        if hasattr(attn, "num_key_value_groups"):
+            attn.num_key_value_groups = d.heads // d.kv_heads
