@@ -65,7 +65,7 @@ def main() -> None:
     rows = []
     for name, k, targets in runs:
         reuse = name.endswith("existing cache")
-        run = Path(args.run_dir) / name.split(",")[0].replace("top-", "top") + ("-reuse" if reuse else "")
+        run = Path(args.run_dir) / (name.split(",")[0].replace("top-", "top") + ("-reuse" if reuse else ""))
         shutil.rmtree(run, ignore_errors=True)  # timed from scratch: the cache is built inside the run, unless reused
         cache = [f"distill.teacher_cache={Path(args.run_dir) / f'top{k}' / 'teacher_cache'}"] if reuse else []
         start = time.perf_counter()

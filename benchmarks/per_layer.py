@@ -11,7 +11,7 @@ perplexity are then distilled as the main command does (4 rows a step, LR 1e-3 c
 tokens. Held-out perplexity, KL and top-1 agreement on the main command's 32 validation rows. Per-layer models
 are trained in memory (no Hugging Face class can reload them).
 
-    python benchmarks/per_layer.py [--tokens 65536] [--scores runs/main/prune/scores.safetensors]
+    python benchmarks/per_layer.py [--tokens 32768] [--scores runs/main/prune/scores.safetensors]
 
 Resumes: a (size, shape) whose result is in --run-dir is not run again. Writes benchmarks/results/per_layer.json.
 """
@@ -82,7 +82,7 @@ def distil(student, plan, cfg, teacher, tokenizer, out: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=65_536)
+    parser.add_argument("--tokens", type=int, default=32_768)
     parser.add_argument("--scores", type=Path, default=Path("runs/main/prune/scores.safetensors"),
                         help="the main command's importance scores (`python benchmarks/main_command.py --keep runs/main`)")
     parser.add_argument("--run-dir", type=Path, default=Path("runs/bench/per_layer"))

@@ -55,6 +55,8 @@ RECIPES = {
                     ["distill.batch_size=4", "distill.divergence=skew_reverse_kl", "distill.skew=0.1"]),
     "batch4-jsd": ("4 sequences per step, Jensen-Shannon, beta 0.5 (GKD)",
                    ["distill.batch_size=4", "distill.divergence=jsd", "distill.skew=0.5"]),
+    "batch2-ce0.5": ("2 sequences per step + 0.5 x cross-entropy on the data",
+                     ["distill.batch_size=2", "distill.ce_weight=0.5"]),
     "batch4-floor0": ("4 sequences per step, cosine to 0 (floor 0)", ["distill.batch_size=4", "distill.min_lr=0"]),
 }
 
