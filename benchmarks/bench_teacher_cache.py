@@ -92,7 +92,8 @@ def main() -> None:
                    "run speed-up", "cache bytes per token"])
     for r in rows:
         wall = f"{r['wall_s']:.0f} s" + (" (builds its cache)" if r["built_cache"] else "")
-        table.add(r["kd"], f"{r['perplexity']:.2f}", f"{r['perplexity'] / dense['perplexity'] - 1:+.1%}" if r is not dense else "",
+        versus = f"{r['perplexity'] / dense['perplexity'] - 1:+.1%}" if r is not dense else ""
+        table.add(r["kd"], f"{r['perplexity']:.2f}", versus,
                   f"{r['step_s']:.2f}", f"{dense['step_s'] / r['step_s']:.2f}x", wall,
                   f"{dense['wall_s'] / r['wall_s']:.2f}x",
                   f"{r['cache_bytes_per_token']:,.0f}" if r["cache_bytes_per_token"] else "")

@@ -44,8 +44,9 @@ from compactlm.models.head import head_logits, log_softmax_
 IGNORE_INDEX = -100
 
 __all__ = [
-    "DIVERGENCES", "IGNORE_INDEX", "cosine_loss", "default_layer_map", "dynamic_alpha", "expert_slots", "head_logits", "kd_loss",
-    "kd_loss_reference", "load_balancing_loss", "teacher_sampled", "teacher_topk", "topk_kd_loss", "topk_kd_loss_reference",
+    "DIVERGENCES", "IGNORE_INDEX", "cosine_loss", "default_layer_map", "dynamic_alpha", "expert_slots", "head_logits",
+    "kd_loss", "kd_loss_reference", "load_balancing_loss", "teacher_sampled", "teacher_topk", "topk_kd_loss",
+    "topk_kd_loss_reference",
 ]
 
 
