@@ -28,7 +28,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 # The README's shape and the KD recipe the benchmarks' tables were measured with, declared once: SmolLM2-135M
 # (134.5M parameters) cut to 67.6M, distilled 8 x 256 tokens a step with AdamW, LR 1e-3 cosine to 1e-4 after 5
-# warm-up steps. (configs/smollm2-135m.yaml now takes 4 rows a step: benchmarks/recipe.py.)
+# warm-up steps. (configs/smollm2-135m.yaml now takes 2 rows a step and half the data's CE: benchmarks/recipe.py.)
 README_SHAPE = {"hidden_size": 384, "num_attention_heads": 6, "intermediate_size": 1024}
 TARGET = [f"target.{key}={value}" for key, value in README_SHAPE.items()]  # as `key=value` overrides
 KD_RECIPE = {"batch_size": 8, "seq_len": 256, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 5}

@@ -7,8 +7,8 @@ MLP width (50%: the README's shape, hidden 384, 6 heads in 3 KV groups, MLP 1024
 the most into the residual stream across layers, as written ("write") or relative to the stream's size where
 each layer reads it ("relative"). Each student is refitted as `prune` does (prune.reconstruct=all on the main
 config's calibration rows) and measured zero-shot; uniform and the per-layer rule with the better zero-shot
-perplexity are then distilled as the main command does (4 rows a step, LR 1e-3 cosine to 1e-4) for --tokens
-tokens. Held-out perplexity, KL and top-1 agreement on the main command's 32 validation rows. Per-layer models
+perplexity are then distilled as the main command does (its distill section: 2 rows a step, + half the data's
+cross-entropy, LR 1e-3 cosine to 1e-4) for --tokens tokens. Held-out perplexity, KL and top-1 agreement on the main command's 32 validation rows. Per-layer models
 are trained in memory (no Hugging Face class can reload them).
 
     python benchmarks/per_layer.py [--tokens 32768] [--scores runs/main/prune/scores.safetensors]

@@ -1,8 +1,8 @@
 """The recipe table: distillation recipes side by side at the same tokens, from the same pruned student.
 
 Each recipe is the main command's distillation (configs/smollm2-135m.yaml: SmolLM2-135M teaching its 67.6M
-pruned student, LR 1e-3 cosine to 1e-4) with the keys it names set; the batch is always named, since this
-table chose the config's. Every recipe reads
+pruned student, LR 1e-3 cosine to 1e-4) with the forward KL alone (distill.ce_weight=0) and the keys it names
+set; the batch is always named, since this table chose the config's (as the CE weight). Every recipe reads
 the same training rows in the same order (the store's prefix) and is measured on the main command's own
 held-out rows (eval.sequences x eval.seq_len): perplexity, KL to the teacher, top-1 agreement. Wall times
 are printed but only comparable when the run had the machine to itself; the table's speed column is each run's
@@ -68,7 +68,7 @@ def run_recipe(name: str, overrides: list[str], pruned: Path, run_dir: Path, tok
         return json.loads(done.read_text())
     cfg = load_config(MAIN, [f"distill.tokens={tokens}", "distill.eval_every=0", "distill.save_every=8",
                              "teacher=smollm2-135m", f"student={pruned}", f"out_dir={run_dir / name}",
-                             "resume=true", *overrides])
+                             "resume=true", "distill.ce_weight=0", *overrides])
     start = time.perf_counter()
     stages.distill(cfg)
     seconds = time.perf_counter() - start
