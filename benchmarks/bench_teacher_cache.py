@@ -5,8 +5,9 @@
 Each run distils the same student (default: the README main command's pruned model; `python
 benchmarks/main_command.py --keep runs/main` leaves it) from the same teacher on the same rows in the same order
 for --steps steps of 8 x 256 tokens (AdamW, LR 1e-3 cosine to 1e-4): dense KD, the top-K targets at each --ks,
-the sampled targets (K draws, distill.teacher_targets=sampled) at each --sampled, and a rerun of top---reuse on
-the cache its first run built (what a rerun, a resume or a second size of a cascade pays). Printed side by side:
+the sampled targets (K draws, distill.teacher_targets=sampled) at each --sampled, and a rerun of each --reuse on
+the cache its first run built (what a rerun, a resume or a second size of a cascade pays). Resumes: a run whose
+row is in --run-dir is not timed again (--fresh times them all). Printed side by side:
 held-out perplexity after, median seconds per step (the cached runs do not run the teacher in a step), the whole
 run's wall time (a first cached run includes building its cache) and bytes per token. Run alone: other processes
 on the cores change the times.
@@ -46,7 +47,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--ks", default="16,64,256", help="top-K values to compare with dense KD")
     parser.add_argument("--sampled", default="64", help="draws K of the sampled targets to compare (empty: none)")
-    parser.add_argument("--reuse", type=int, default=64, help="rerun top-K on the cache its first run built (0: no)")
+    parser.add_argument("--reuse", default="top-64,sampled-64",
+                        help="runs to repeat on the cache their first run built (empty: none)")
+    parser.add_argument("--fresh", action="store_true", help="time every run again (default: resume finished ones)")
     parser.add_argument("--eval-sequences", type=int, default=64)
     parser.add_argument("--out", help="write the results here instead of benchmarks/results/teacher_cache.json")
     args = parser.parse_args()
@@ -60,21 +63,26 @@ def main() -> None:
     budget = kd_keys(steps=args.steps, eval_every=0, save_every=args.steps, eval_sequences=16)
     runs = [("dense", 0, "top_k")] + [(f"top-{k}", k, "top_k") for k in map(int, args.ks.split(","))]
     runs += [(f"sampled-{k}", k, "sampled") for k in map(int, filter(None, args.sampled.split(",")))]
-    if args.reuse:
-        runs.append((f"top-{args.reuse}, existing cache", args.reuse, "top_k"))
+    for first in filter(None, args.reuse.split(",")):  # a rerun on the cache that run built
+        runs.append((f"{first}, existing cache", int(first.rpartition("-")[2]), first.rpartition("-")[0].replace("-", "_")))
     rows = []
     for name, k, targets in runs:
         reuse = name.endswith("existing cache")
-        run = Path(args.run_dir) / (name.split(",")[0].replace("top-", "top") + ("-reuse" if reuse else ""))
+        run = Path(args.run_dir) / (name.split(",")[0] + ("-reuse" if reuse else ""))
+        done = run / "row.json"
+        if done.is_file() and not args.fresh:  # resumes: a finished run is not timed again
+            rows.append(json.loads(done.read_text()))
+            print(rows[-1], flush=True)
+            continue
         shutil.rmtree(run, ignore_errors=True)  # timed from scratch: the cache is built inside the run, unless reused
-        cache = [f"distill.teacher_cache={Path(args.run_dir) / f'top{k}' / 'teacher_cache'}"] if reuse else []
+        folder = Path(args.run_dir) / name.split(",")[0] / "teacher_cache" if reuse else run / "teacher_cache"
         start = time.perf_counter()
-        stages.distill(load_config(None, base + budget + cache + [
-            f"out_dir={run}", f"distill.teacher_top_k={k}", f"distill.teacher_targets={targets}"]))
+        stages.distill(load_config(None, base + budget + [
+            f"out_dir={run}", f"distill.teacher_top_k={k}", f"distill.teacher_targets={targets}",
+            f"distill.teacher_cache={folder}"]))
         wall = time.perf_counter() - start
         steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         step_s = statistics.median(2048 / r["tokens_per_s"] for r in steps[1:])  # the first step warms up
-        folder = Path(args.run_dir) / f"top{k}" / "teacher_cache" if reuse else run / "teacher_cache"
         shards = list(folder.glob("*/shard-*.safetensors")) if k else []
         cached = sum(_tokens_in(p) for p in shards)  # every train row the run loaded, not only those it used
         after = perplexity(load_model(str(run / "final")), batches)["perplexity"]
@@ -83,6 +91,7 @@ def main() -> None:
         row["cache_bytes_per_token"] = row["cache_bytes"] / cached if cached else 0
         if targets == "sampled":
             row["distinct_per_token"] = _distinct_per_token(shards)
+        done.write_text(json.dumps(row, indent=1) + "\n")
         rows.append(row)
         print(row, flush=True)
     dense = rows[0]

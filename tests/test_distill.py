@@ -393,7 +393,7 @@ def test_hidden_map_starts_as_the_pruning_plan(tiny_checkpoint, text_file, tmp_p
 def test_cached_top_k_distillation_runs_and_reuses_its_cache(models, text_file, tmp_path):
     """distill.teacher_top_k: the teacher's targets are cached once per row (then reused by a second run with
     the same teacher and rows), training learns, and validation still measures KL against the teacher."""
-    keys = {"distill.teacher_top_k": 8, "distill.teacher_cache": tmp_path / "cache"}
+    keys = {"distill.teacher_top_k": 8, "distill.teacher_targets": "top_k", "distill.teacher_cache": tmp_path / "cache"}
     result = run_distill(load_config(None, _args(models, text_file, tmp_path / "a", **keys)))
     rows = _metrics(tmp_path / "a")
     assert result["steps"] == 6 and rows[-1]["loss"] < rows[0]["loss"] and "val_kl" in rows[-1]
@@ -407,8 +407,9 @@ def test_cached_top_k_distillation_runs_and_reuses_its_cache(models, text_file, 
 
 
 def test_sampled_teacher_targets_distil_from_their_own_cache(models, text_file, tmp_path):
-    """distill.teacher_targets=sampled: the cache holds K draws' shares (its own key), and training learns."""
-    keys = {"distill.teacher_top_k": 8, "distill.teacher_targets": "sampled", "distill.teacher_cache": tmp_path / "c"}
+    """distill.teacher_targets=sampled (the default): the cache holds K draws' shares (its own key), and training
+    learns."""
+    keys = {"distill.teacher_top_k": 8, "distill.teacher_cache": tmp_path / "c"}
     result = run_distill(load_config(None, _args(models, text_file, tmp_path / "a", **keys)))
     rows = _metrics(tmp_path / "a")
     assert result["steps"] == 6 and rows[-1]["loss"] < rows[0]["loss"] and "val_kl" in rows[-1]
@@ -424,7 +425,7 @@ def test_top_k_with_the_whole_vocabulary_trains_like_dense_kd(models, text_file,
     vocab = AutoConfig.from_pretrained(models["teacher"]).vocab_size
     dense = run_distill(load_config(None, _args(models, text_file, tmp_path / "dense")))
     cached = run_distill(load_config(None, _args(models, text_file, tmp_path / "cached",
-                                                 **{"distill.teacher_top_k": vocab})))
+                                                 **{"distill.teacher_top_k": vocab, "distill.teacher_targets": "top_k"})))
     got, want = _metrics(tmp_path / "cached"), _metrics(tmp_path / "dense")
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(got, want)) < 5e-4  # KL of about 0.01 here
     assert cached["val_loss"] == pytest.approx(dense["val_loss"], rel=1e-5)  # measured 4e-6
