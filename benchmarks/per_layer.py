@@ -73,6 +73,7 @@ def distil(student, plan, cfg, teacher, tokenizer, out: Path) -> float:
     tc = cfg.distill
     splits = inputs.load_splits(cfg, tokenizer, tc.seq_len, calib=False, train_tokens=tc.tokens,
                                 val_rows=tc.eval_sequences)
+    out.mkdir(parents=True, exist_ok=True)  # the loop's metrics.jsonl
     start = time.perf_counter()
     fit(student.train(), splits.train, splits.val[: tc.eval_sequences], tc,
         Session(out, setup("cpu"), tokenizer, cfg.seed, save=False, progress=True), teacher=teacher,
