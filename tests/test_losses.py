@@ -86,7 +86,7 @@ def test_every_divergence_is_zero_for_identical_distributions_and_positive_other
     assert same.abs() < 1e-12  # the same logits: every divergence is exactly 0 up to rounding (float64)
     (grad,) = torch.autograd.grad(same, h_s)
     assert grad.abs().max() < 1e-12  # ...and at its minimum: zero gradient
-    assert float(kd_loss(h_s, w_s, h_t, w_t, mask, divergence=divergence)) > 0.01
+    assert float(kd_loss(h_s, w_s, h_t, w_t, mask, divergence=divergence).detach()) > 0.01
 
 
 def test_divergences_at_far_apart_logits_stay_finite():
