@@ -2,8 +2,8 @@
 dequantized) cut to about 50% and 25% of its parameters, zero-shot (after the refit) and after distillation.
 
 Every shape keeps the same hidden channels and all 30 layers. Uniform: every layer keeps the target's heads and
-MLP width (50%: the README's shape, hidden 384, 6 heads in 3 KV groups, MLP 1024; 25%: hidden 256, 6 heads, MLP
-512). Per-layer (`pruning.per_layer`): the same parameters, spent on the neurons and whole KV groups that write
+MLP width (50%: the README's shape, hidden 384, 6 heads in 3 KV groups, MLP 1024; 25%: hidden 256, 4 heads in 2
+KV groups, MLP 640). Per-layer (`pruning.per_layer`): the same parameters, spent on the neurons and whole KV groups that write
 the most into the residual stream across layers, as written ("write") or relative to the stream's size where
 each layer reads it ("relative"). Each student is refitted as `prune` does (prune.reconstruct=all on the main
 config's calibration rows) and measured zero-shot; uniform and the per-layer rule with the better zero-shot
@@ -41,7 +41,7 @@ from compactlm.pruning.reconstruct import reconstruct
 
 MAIN = ROOT / "configs" / "smollm2-135m.yaml"
 SHAPES = ("uniform", "write", "relative")  # uniform first; the others are per-layer rules
-SIZES = {"50%": dict(hidden=384, heads=6, kv_heads=3, ffn=1024), "25%": dict(hidden=256, heads=6, kv_heads=3, ffn=512)}
+SIZES = {"50%": dict(hidden=384, heads=6, kv_heads=3, ffn=1024), "25%": dict(hidden=256, heads=4, kv_heads=2, ffn=640)}
 
 
 def held_out(student, teacher, batches) -> dict:
@@ -89,7 +89,12 @@ def main() -> None:
     parser.add_argument("--run-dir", type=Path, default=Path("runs/bench/per_layer"))
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--out", help="write the results here instead of benchmarks/results/per_layer.json")
+    parser.add_argument("--only-done", action="store_true",
+                        help="write the results of the finished runs in --run-dir, computing nothing")
     args = parser.parse_args()
+    if args.only_done:
+        return write(args, [json.loads(p.read_text()) for size in args.sizes for shape in SHAPES
+                            if (p := args.run_dir / f"{args.tokens}" / f"{size.rstrip('%')}-{shape}.json").is_file()])
     torch.manual_seed(0)
     teacher, tokenizer = inputs.load(load_config(MAIN, []))
     scores = Scores.load(args.scores)
@@ -129,6 +134,11 @@ def main() -> None:
             after = f"{r['distilled']['perplexity']:7.2f}" if "distilled" in r else "      -"
             print(f"{size} {shape:<9} {r['params'] / 1e6:.1f}M  zero-shot {r['zero_shot']['perplexity']:9.1f}  "
                   f"distilled {after}", flush=True)
+    write(args, rows)
+
+
+def write(args, rows: list[dict]) -> None:
+    """The results file: one row per (size, shape) measured."""
     table = Table(["size", "shape", "parameters", "zero-shot perplexity (refitted)",
                    f"after {args.tokens:,} KD tokens", "KL to teacher", "top-1 agreement", "MLP widths (min-max)",
                    "KV groups (min-max)"])

@@ -155,14 +155,13 @@ def prune_state_dict(
 
 
 def prune_config(config, family: Family, plan: Plan):
-    """A new config of the same class describing the pruned shape (head_dim explicit where the family has it);
-    a per-layer plan's config names its widest layer (the model it builds is then re-shaped per layer)."""
+    """A new config of the same class describing the pruned shape (head_dim explicit where the family has it).
+    A per-layer plan's config is a container: the widest MLP and a head count its class accepts (the model it
+    builds is then re-shaped layer by layer, `_assign_per_layer`)."""
     dims = family.dims(config)
     new_dims = plan.dims(dims)
     if plan.per_layer:
-        layer_dims = plan.layer_dims(dims)
-        new_dims = replace(new_dims, ffn=max(d.ffn for d in layer_dims), heads=max(d.heads for d in layer_dims),
-                           kv_heads=max(d.kv_heads for d in layer_dims))
+        new_dims = _container(family, replace(new_dims, ffn=max(d.ffn for d in plan.layer_dims(dims))))
     family.check(new_dims)
     new = copy.deepcopy(config)
     for key, value in family.config_updates(new_dims).items():
@@ -172,6 +171,20 @@ def prune_config(config, family: Family, plan: Plan):
         if isinstance(getattr(new, key, None), list):
             setattr(new, key, [getattr(config, key)[i] for i in kept])
     return new
+
+
+def _container(family: Family, dims: Dims) -> Dims:
+    """`dims` with the most query heads (in one KV group) up to its own that the family's config class accepts
+    (Llama's rejects a hidden size that the head count does not divide, e.g. 384 and 9)."""
+    for heads in [*range(dims.heads, 0, -1), dims.hidden // dims.head_dim]:
+        candidate = replace(dims, heads=heads, kv_heads=1)
+        try:
+            family.check(candidate)
+            return candidate
+        except CompactLMError:
+            continue
+    family.check(dims)  # raises the error that names the constraint
+    return dims
 
 
 def prune_model(model, plan: Plan):
