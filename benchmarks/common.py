@@ -203,3 +203,13 @@ def peak(device: str, baseline: int) -> int:
     hwm = _rss_kib("VmHWM")
     high = hwm * 1024 if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return high - baseline
+
+
+def held_out(student, teacher, batches) -> dict:
+    """A student's perplexity, KL and top-1 agreement to `teacher` on held-out `batches`; the count of tokens
+    measured as eval_tokens (a result's "tokens" are its training tokens)."""
+    from compactlm.metrics import perplexity, teacher_agreement
+
+    out = {**perplexity(student, batches), **teacher_agreement(student, teacher, batches)}
+    out["eval_tokens"] = out.pop("tokens")
+    return out

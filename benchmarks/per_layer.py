@@ -25,14 +25,13 @@ import time
 from pathlib import Path
 
 import torch
-from common import ROOT, Table, write_result
+from common import ROOT, Table, held_out, write_result
 
 from compactlm import data, inputs
 from compactlm.config import load_config
 from compactlm.distill.distributed import setup
 from compactlm.distill.loop import Session, fit
 from compactlm.importance.scores import Scores
-from compactlm.metrics import perplexity, teacher_agreement
 from compactlm.models.family import family_of
 from compactlm.models.params import param_count
 from compactlm.pruning import make_plan, prune_model
@@ -42,12 +41,6 @@ from compactlm.pruning.reconstruct import reconstruct
 MAIN = ROOT / "configs" / "smollm2-135m.yaml"
 SHAPES = ("uniform", "write", "relative")  # uniform first; the others are per-layer rules
 SIZES = {"50%": dict(hidden=384, heads=6, kv_heads=3, ffn=1024), "25%": dict(hidden=256, heads=4, kv_heads=2, ffn=640)}
-
-
-def held_out(student, teacher, batches) -> dict:
-    out = {**perplexity(student, batches), **teacher_agreement(student, teacher, batches)}
-    out["eval_tokens"] = out.pop("tokens")
-    return out
 
 
 def build(size: str, shape: str, cfg, teacher, tokenizer, scores: Scores, streams: torch.Tensor):

@@ -20,11 +20,10 @@ import json
 import time
 from pathlib import Path
 
-from common import ROOT, Table, write_result
+from common import ROOT, Table, held_out, write_result
 
 from compactlm import data, inputs, stages
 from compactlm.config import load_config
-from compactlm.metrics import perplexity, teacher_agreement
 from compactlm.models.loading import load_model
 
 MAIN = ROOT / "configs" / "smollm2-135m.yaml"
@@ -77,9 +76,8 @@ def run_recipe(name: str, overrides: list[str], pruned: Path, run_dir: Path, tok
                              val_rows=cfg.eval.sequences).val[: cfg.eval.sequences]
     batches = list(data.batches(val, cfg.eval.batch_size))
     student = load_model(str(run_dir / name / "final"))
-    held_out = {**perplexity(student, batches), **teacher_agreement(student, teacher, batches)}
-    held_out["eval_tokens"] = held_out.pop("tokens")
-    result = {"recipe": name, "overrides": overrides, **held_out, "tokens": tokens, "seconds": seconds}
+    result = {"recipe": name, "overrides": overrides, **held_out(student, teacher, batches), "tokens": tokens,
+              "seconds": seconds}
     done.write_text(json.dumps(result, indent=1) + "\n")
     return result
 

@@ -27,7 +27,7 @@ from torch import Tensor
 from compactlm.errors import CompactLMError
 from compactlm.importance.scores import Scores
 from compactlm.models.family import Dims, Family, get_module
-from compactlm.models.params import param_count
+from compactlm.models.params import named_shapes, param_count
 from compactlm.pruning.plan import Plan, top_k
 
 
@@ -73,7 +73,7 @@ def per_layer_plan(model, scores: Scores, family: Family, source: Dims, target: 
     `stream_norms` for the "relative" rule, None for "write"."""
     if source.experts:
         raise CompactLMError("per-layer widths: a mixture of experts keeps one shape")
-    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    shapes = named_shapes(model)
     ffn_norm, head_norm = write_norms(model, family, source)
     kept = layers.tolist()
     scale = torch.ones(source.layers) if streams is None else 1.0 / streams.float()  # (layers,)
@@ -116,7 +116,7 @@ def _allocate(scores: Tensor, n: int) -> Tensor:
 
 def plan_params(model, family: Family, source: Dims, plan: Plan) -> int:
     """Exact parameters of `model` pruned by a (per-layer or uniform) `plan`."""
-    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    shapes = named_shapes(model)
     layer_dims = plan.layer_dims(source)
     return param_count(shapes, family, replace(layer_dims[0], layers=0)) + sum(
         _layer_params(shapes, family, d) for d in layer_dims)
