@@ -9,7 +9,7 @@ each layer reads it ("relative"). Each student is refitted as `prune` does (prun
 config's calibration rows) and measured zero-shot; uniform and the per-layer rule with the better zero-shot
 perplexity are then distilled as the main command does (its distill section: 2 rows a step, + half the data's
 cross-entropy, LR 1e-3 cosine to 1e-4) for --tokens tokens. Held-out perplexity, KL and top-1 agreement on the main command's 32 validation rows. Per-layer models
-are trained in memory (no Hugging Face class can reload them).
+are trained in memory here (`prune.per_layer` saves them: models/layer_shapes.py).
 
     python benchmarks/per_layer.py [--tokens 32768] [--scores runs/main/prune/scores.safetensors]
 

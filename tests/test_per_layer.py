@@ -122,3 +122,40 @@ def test_a_per_layer_student_distils_in_memory(tmp_path):
     assert all(not torch.equal(p, before[n]) for n, p in student.named_parameters())
     assert [p.shape[0] for n, p in student.named_parameters() if n.endswith("mlp.up_proj.weight")] == [
         len(plan.ffn[i]) for i in range(3)]  # the loop kept each layer's own shape
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3", "phi3"])
+def test_a_per_layer_model_saves_and_reloads_with_its_logits(family, tmp_path, token_batch):
+    """config.json records each layer's heads, KV groups and MLP width; `load_model` rebuilds the model from them
+    and the tensors (no checkpoint code), with the same logits; plain from_pretrained refuses it."""
+    from transformers import AutoModelForCausalLM
+
+    from compactlm.models.layer_shapes import LAYERS_KEY
+    from compactlm.models.loading import load_model, write_checkpoint
+
+    model = tiny_model(family, 4, 2, layers=3)
+    _, source, _, plan = _plan(model)
+    pruned = prune_model(model, plan)
+    write_checkpoint(pruned, None, tmp_path)
+    records = json.loads((tmp_path / "config.json").read_text())[LAYERS_KEY]
+    assert [r["ffn"] for r in records] == [len(plan.ffn[i]) for i in range(source.layers)]
+    assert [r["kv_heads"] for r in records] == [len(plan.kv_heads[i]) for i in range(source.layers)]
+    again = load_model(str(tmp_path))
+    assert {n: p.shape for n, p in again.named_parameters()} == {n: p.shape for n, p in pruned.named_parameters()}
+    torch.testing.assert_close(logits(again, token_batch), logits(pruned, token_batch), rtol=0, atol=0)
+    with pytest.raises(Exception, match="(?i)size|shape"):  # never a silently different model
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_a_per_layer_checkpoint_missing_a_tensor_is_one_line(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from compactlm.models.loading import load_model, write_checkpoint
+
+    model = tiny_model("llama", 4, 2, layers=3)
+    write_checkpoint(prune_model(model, _plan(model)[3]), None, tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    save_file({k: v for k, v in tensors.items() if "layers.1.mlp.down_proj" not in k}, tmp_path / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(CompactLMError, match="layers.1.mlp.down_proj"):
+        load_model(str(tmp_path))

@@ -267,3 +267,30 @@ def test_run_end_to_end_for_each_newer_family(family, bpe_tokenizer, text_file, 
     results = json.loads((run_dir / "evaluate" / "eval.json").read_text())
     assert math.isfinite(results["distilled"]["perplexity"]) and results["distilled"]["kl"] >= 0
     assert results["distilled"]["params"] < results["teacher"]["params"]
+
+
+def test_run_with_per_layer_widths(tiny_checkpoint, text_file, tmp_path, capsys):
+    """prune.per_layer=relative: the pruned model has a width of its own in each layer, at most the uniform
+    target's parameters; distillation and evaluation load it through compactlm's loader, the distilled model
+    keeps those shapes, and the GGUF export refuses it in one line."""
+    from compactlm.models.layer_shapes import LAYERS_KEY
+
+    run_dir = tmp_path / "run"
+    args = tiny_run_args(tiny_checkpoint, text_file, run_dir) + [
+        "target.hidden_size=24", "target.intermediate_size=0.5", "prune.per_layer=relative", "distill.steps=2",
+        "eval.speed=false"]
+    assert main(["run", *args]) == 0, capsys.readouterr().err
+    records = json.loads((run_dir / "prune" / "config.json").read_text())[LAYERS_KEY]
+    assert len({r["ffn"] for r in records}) > 1
+    distilled = load_model(str(run_dir / "distill" / "final"))
+    assert [p.shape[0] for n, p in distilled.named_parameters() if n.endswith("mlp.up_proj.weight")] == [
+        r["ffn"] for r in records]
+    results = json.loads((run_dir / "evaluate" / "eval.json").read_text())
+    uniform = load_model(str(tiny_checkpoint)).config.intermediate_size // 2
+    assert results["pruned"]["params"] == results["distilled"]["params"] < results["teacher"]["params"]
+    assert sum(r["ffn"] for r in records) <= uniform * len(records) + 24 * 4  # spent no more than uniform's
+    capsys.readouterr()
+    assert main(["export", f"model={run_dir / 'distill' / 'final'}", f"out={tmp_path / 'student.gguf'}"]) != 0
+    err = capsys.readouterr().err
+    assert "differ in width" in err, err
+    assert not (tmp_path / "student.gguf").exists()  # nothing half-written

@@ -43,6 +43,7 @@ import torch
 from compactlm.errors import CompactLMError
 from compactlm.files import as_if_created
 from compactlm.models.family import FAMILIES, Family, family_of
+from compactlm.models.layer_shapes import layer_records
 from compactlm.models.loading import check_finite
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,10 @@ def gguf_arch(family: Family, config) -> str:
         supported = ", ".join(f.name for f in FAMILIES if f.gguf_arch)
         raise CompactLMError(f"export: GGUF is written for {supported}, not yet for {family.name}; the Hugging Face "
                              "checkpoint loads with transformers and converts with llama.cpp's convert_hf_to_gguf.py")
+    if layer_records(config):
+        raise CompactLMError("export: this model's layers differ in width (prune.per_layer); GGUF is written for "
+                             "one width in every layer (llama.cpp's deci architecture, which reads per-layer "
+                             "widths, is not written yet)")
     d = family.dims(config)
     if family.gguf_arch == "qwen2" and d.heads * d.head_dim != d.hidden:
         log.warning("export: llama.cpp's qwen2 needs heads x head_dim == hidden (%d x %d != %d): written as llama",

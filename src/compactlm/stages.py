@@ -76,18 +76,22 @@ def prune(cfg: Config) -> dict:
     scores = inputs.saved_scores(cfg, source)
     # (a mixture of experts' checkpoint stores each expert apart, the model fuses them: it is cut in memory)
     if (scores is not None and all(n in scores.layers for n in needed) and record.local
-            and cfg.prune.reconstruct == "none" and not record.family.moe):
+            and cfg.prune.reconstruct == "none" and cfg.prune.per_layer == "off" and not record.family.moe):
         return _prune_streamed(cfg, record, scores, target)  # nothing to compute: the model never loads
     model, tokenizer = inputs.load_within(cfg)
     for name in needed if scores is None else [n for n in needed if n not in scores.layers]:
         check_layerwise(model, name)  # before the slow passes
     scores = scores_for(cfg, model, tokenizer, needed, saved=scores)  # the file is read once
     if isinstance(model, Layerwise):  # scored one layer at a time: cut tensor by tensor too
+        if cfg.prune.per_layer != "off":
+            raise CompactLMError("prune.per_layer needs the whole model in memory (memory_gb)")
         if cfg.prune.reconstruct != "none":
             log.warning("prune: prune.reconstruct needs the whole model in memory (memory_gb): skipped")
         return _prune_streamed(cfg, record, scores, target)
     drop = layers_to_drop(cfg.target, source, target.layers, scores)
     plan = make_plan(scores, source, target, drop, cfg.target.expert_metric)
+    if cfg.prune.per_layer != "off":
+        plan = _per_layer(cfg, model, tokenizer, scores, record.family, source, target, plan.layers)
     pruned = prune_model(model, plan)
     if cfg.prune.reconstruct != "none":
         from compactlm.pruning.reconstruct import reconstruct
@@ -100,6 +104,21 @@ def prune(cfg: Config) -> dict:
         write_checkpoint(pruned, tokenizer, out)
         _write_plan(cfg, out, plan, scores, source, target, drop, params)
     return {"out_dir": str(cfg.out_dir), "target_shape": vars(target), "params": params}
+
+
+def _per_layer(cfg: Config, model, tokenizer, scores, family, source, target, layers):
+    """The per-layer plan of prune.per_layer over the kept `layers`, at the uniform target's parameters."""
+    from compactlm.pruning.per_layer import per_layer_plan, stream_norms
+
+    streams = None
+    if cfg.prune.per_layer == "relative":
+        streams = stream_norms(model, family, inputs.calibration_batches(cfg, tokenizer, model))
+    plan = per_layer_plan(model, scores, family, source, target, layers, streams)
+    widths = [len(plan.ffn[i]) for i in layers.tolist()]
+    groups = [len(plan.kv_heads[i]) for i in layers.tolist()]
+    log.info("prune.per_layer=%s: MLP widths %d-%d, KV groups %d-%d", cfg.prune.per_layer, min(widths), max(widths),
+             min(groups), max(groups))
+    return plan
 
 
 def _prune_streamed(cfg: Config, record: inputs.ModelRecord, scores, target) -> dict:

@@ -107,6 +107,10 @@ class PruneConfig:
     reconstruct: str = choice("all", "none", "outputs", "all")  # refit projections by ridge least squares (none: plain slicing)
     reconstruct_inputs: str = choice("sequential", "sequential", "teacher")  # the student's own inputs, or the teacher's
     ridge: float = 1e-3  # ridge penalty, relative to the mean diagonal of the Gram matrix
+    # per-layer widths (pruning/per_layer.py): off keeps the target's shape in every layer; relative or write give
+    # each layer its own MLP width and KV groups at the target's parameters (dense families; saved with
+    # compactlm_layers in config.json, loaded by compactlm's own loader, not by plain transformers)
+    per_layer: str = choice("off", "off", "relative", "write")
 
     def __post_init__(self) -> None:
         if self.ridge < 0:

@@ -157,8 +157,13 @@ def export(config, state_dict: dict, tokenizer, out: str | Path) -> Path:
     """Save a full state dict of `config`'s architecture as a plain Hugging Face checkpoint (atomic)."""
     from transformers import AutoModelForCausalLM
 
+    from compactlm.models.family import family_of
+    from compactlm.models.layer_shapes import assign_shapes, layer_records
+
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
+    if layer_records(config):  # layers of their own widths (prune.per_layer)
+        assign_shapes(model, family_of(model), layer_records(config), state_dict)
     model.load_state_dict(state_dict, strict=True, assign=True)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()

@@ -20,7 +20,9 @@ import torch
 from compactlm.cache import cache_dir
 from compactlm.errors import CompactLMError, read_json
 from compactlm.files import as_if_created
+from compactlm.models import layer_shapes
 from compactlm.models.family import family_of
+from compactlm.models.layer_shapes import LAYERS_KEY
 from compactlm.models.params import params_of_config
 
 log = logging.getLogger(__name__)
@@ -247,7 +249,13 @@ def load_model(spec: str, *, dtype: str = "float32", device: str | torch.device 
     try:
         if gguf:
             kwargs |= {"gguf_file": gguf, "config": _auto_config(path, gguf)}
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        per_layer = not gguf and Path(path, "config.json").is_file() and LAYERS_KEY in read_json(Path(path, "config.json"))
+        if per_layer:  # layers of their own shapes: built by compactlm's own loader, no checkpoint code runs
+            model, device_map = layer_shapes.load(path, _auto_config(path, None), kwargs["dtype"]), None
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except CompactLMError:
+        raise
     except Exception as e:  # corrupt files surface as OSError, ValueError, SafetensorError, RuntimeError...
         raise _load_error("model", spec, e) from None
     family_of(model)  # unsupported families fail here, before any work

@@ -14,10 +14,10 @@ import re
 from dataclasses import dataclass, replace
 
 import torch
-from torch import nn
 
 from compactlm.errors import CompactLMError
 from compactlm.models.family import Dims, Family, family_of
+from compactlm.models.layer_shapes import LAYERS_KEY, assign_shapes, layer_records
 from compactlm.models.params import PER_EXPERT
 from compactlm.pruning.plan import Plan
 
@@ -157,7 +157,7 @@ def prune_state_dict(
 def prune_config(config, family: Family, plan: Plan):
     """A new config of the same class describing the pruned shape (head_dim explicit where the family has it).
     A per-layer plan's config is a container: the widest MLP and a head count its class accepts (the model it
-    builds is then re-shaped layer by layer, `_assign_per_layer`)."""
+    builds is then re-shaped layer by layer, models/layer_shapes.py)."""
     dims = family.dims(config)
     new_dims = plan.dims(dims)
     if plan.per_layer:
@@ -166,6 +166,9 @@ def prune_config(config, family: Family, plan: Plan):
     new = copy.deepcopy(config)
     for key, value in family.config_updates(new_dims).items():
         setattr(new, key, value)
+    if plan.per_layer:  # each layer's own shape, read back by models/layer_shapes.py
+        setattr(new, LAYERS_KEY, [{"heads": d.heads, "kv_heads": d.kv_heads, "ffn": d.ffn}
+                                  for d in plan.layer_dims(dims)])
     kept = plan.layers.tolist()
     for key in family.per_layer_keys:  # per-layer lists (attention kinds, RoPE flags) follow their layers
         if isinstance(getattr(new, key, None), list):
@@ -206,30 +209,8 @@ def prune_model(model, plan: Plan):
     with torch.device(param.device), init_empty_weights(include_buffers=False):
         new = AutoModelForCausalLM.from_config(new_config, dtype=param.dtype)
     if plan.per_layer:
-        _assign_per_layer(new, family, plan, dims, state_dict)
+        assign_shapes(new, family, layer_records(new_config), state_dict)
     new.load_state_dict(state_dict, strict=True, assign=True)  # the sliced tensors become the parameters
     if getattr(new_config, "tie_word_embeddings", False):
         new.tie_weights()
     return new.eval()
-
-
-def _assign_per_layer(new, family: Family, plan: Plan, dims: Dims, state_dict: dict[str, torch.Tensor]) -> None:
-    """Give each layer of `new` (built at the widest layer's shape, on the meta device) its own shapes: every
-    layer weight whose shape differs is replaced by a meta parameter of the sliced tensor's shape (which
-    `load_state_dict(assign=True)` then fills), and each attention's query heads per KV group follow its layer.
-    Such a model runs, trains and is measured in memory; a Hugging Face class cannot save and reload it."""
-    if any(isinstance(m, nn.Module) and type(m).__name__ == "Conv1D" for m in new.modules()):
-        raise CompactLMError(f"{family.name}: per-layer widths need nn.Linear projections")
-    for key, tensor in state_dict.items():
-        owner, _, name = key.rpartition(".")
-        module = new.get_submodule(owner)
-        if getattr(module, name).shape != tensor.shape:
-            setattr(module, name, nn.Parameter(torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")))
-            if isinstance(module, nn.Linear):
-                module.out_features, module.in_features = tensor.shape
-    attention = family.attn_out_path.rpartition(".")[0]
-    layers = new.get_submodule(family.layers_path)
-    for j, d in enumerate(plan.layer_dims(dims)):
-        attn = layers[j].get_submodule(attention)
-        if hasattr(attn, "num_key_value_groups"):
-            attn.num_key_value_groups = d.heads // d.kv_heads
