@@ -289,6 +289,10 @@ def test_run_with_per_layer_widths(tiny_checkpoint, text_file, tmp_path, capsys)
     uniform = load_model(str(tiny_checkpoint)).config.intermediate_size // 2
     assert results["pruned"]["params"] == results["distilled"]["params"] < results["teacher"]["params"]
     assert sum(r["ffn"] for r in records) <= uniform * len(records) + 24 * 4  # spent no more than uniform's
+    widths = [r["ffn"] for r in records]
+    assert results["distilled"]["dims"]["ffn"] == f"{min(widths)}-{max(widths)}"  # not the container's width
+    assert f"| ffn | {load_model(str(tiny_checkpoint)).config.intermediate_size} | {min(widths)}-{max(widths)} |" in (
+        run_dir / "report.md").read_text()
     capsys.readouterr()
     assert main(["export", f"model={run_dir / 'distill' / 'final'}", f"out={tmp_path / 'student.gguf'}"]) != 0
     err = capsys.readouterr().err

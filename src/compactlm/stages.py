@@ -30,6 +30,7 @@ from compactlm.config import Config, TrainConfig, check_one_size, check_resume
 from compactlm.errors import CompactLMError, read_json
 from compactlm.importance.layers import LAYERWISE_METRICS, check_layerwise
 from compactlm.inputs import CONFIG_FILE, load, load_splits, scores_for, staged_output
+from compactlm.models import layer_shapes
 from compactlm.models.family import family_of
 from compactlm.models.layerwise import Layerwise
 from compactlm.models.loading import load_model, write_checkpoint
@@ -340,7 +341,7 @@ def _measure(cfg: Config, model, tokenizer, batches: list, teacher=None, sample:
                              progress=True, teacher_cache=teacher_cache, speed_modes=cfg.eval.speed_modes,
                              speed_batches=cfg.eval.speed_batches)
     if sample:
-        metrics |= {"dims": vars(family_of(model).dims(model.config)),
+        metrics |= {"dims": layer_shapes.describe(model.config, family_of(model).dims(model.config)),
                     "sample": sample_text(model, tokenizer, cfg.eval.prompt, new_tokens=cfg.eval.gen_tokens)}
     if tasks is not None:
         from compactlm.tasks import run_tasks

@@ -82,3 +82,13 @@ def load(path: str | Path, config, dtype: torch.dtype):
     if tied:
         model.tie_weights()
     return model
+
+
+def describe(config, dims) -> dict:
+    """`dims` as a dict for reports; a per-layer model's heads, KV heads and MLP width as "min-max" ranges over
+    its layers (the config's own values are only the container's)."""
+    out = vars(dims).copy()
+    for key in ("heads", "kv_heads", "ffn") if layer_records(config) else ():
+        values = [r[key] for r in layer_records(config)]
+        out[key] = f"{min(values)}-{max(values)}"
+    return out
