@@ -218,3 +218,18 @@ def run_killed_at_checkpoint(args: list[str], step: int, log) -> int:
     with open(log, "w") as err:
         return subprocess.run([sys.executable, "-c", KILL_AFTER_CHECKPOINT, *args], env=env,
                               stdout=subprocess.DEVNULL, stderr=err).returncode
+
+
+def per_layer_plan_of(model, ffn_fraction=0.5, heads=2, seed=0):
+    """(family, source dims, uniform target, per-layer plan) for `model`: half its MLP and `heads` query heads
+    as the uniform target, spent per layer by the "write" rule on random positive scores."""
+    import dataclasses
+
+    from compactlm.models.family import family_of
+    from compactlm.pruning.per_layer import per_layer_plan
+
+    fam = family_of(model)
+    source = fam.dims(model.config)
+    target = dataclasses.replace(source, ffn=int(source.ffn * ffn_fraction), heads=heads, kv_heads=heads // source.groups)
+    scores = positive_scores(model, seed=seed)
+    return fam, source, target, per_layer_plan(model, scores, fam, source, target, torch.arange(source.layers))

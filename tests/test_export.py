@@ -407,3 +407,42 @@ def test_families_without_a_gguf_writer_are_refused_before_writing(family, tmp_p
     with pytest.raises(CompactLMError, match=f"not yet for {family}"):
         export_gguf(model, None, tmp_path / "out" / "model.gguf", "f16")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_per_layer_llama_is_written_as_llama_cpps_deci(bpe_tokenizer, tmp_path):
+    """Per-layer widths (prune.per_layer) go to llama.cpp's deci architecture: head, KV-head and MLP-width
+    arrays, one value per layer, and each layer's tensors in their own shapes (q and k permuted for RoPE with
+    that layer's heads). A family deci cannot hold is refused in one line, with no file left."""
+    from conftest import per_layer_plan_of
+
+    from compactlm.models.layer_shapes import layer_records
+    from compactlm.pruning import prune_model
+
+    config = tiny_config("llama", 4, 2)
+    config.vocab_size = len(bpe_tokenizer)
+    torch.manual_seed(0)
+    source = AutoModelForCausalLM.from_config(config).eval()
+    model = prune_model(source, per_layer_plan_of(source)[3])
+    records = layer_records(model.config)
+    path = tmp_path / "m.gguf"
+    export_gguf(model, bpe_tokenizer, path, "f32")
+    reader = GGUFReader(path)
+    fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.")}
+    assert fields["general.architecture"] == "deci"
+    assert fields["deci.feed_forward_length"] == [r["ffn"] for r in records]
+    assert fields["deci.attention.head_count"] == [r["heads"] for r in records]
+    assert fields["deci.attention.head_count_kv"] == [r["kv_heads"] for r in records]
+    tensors = {t.name: tuple(int(n) for n in reversed(t.shape)) for t in reader.tensors}  # GGUF lists dims reversed
+    head_dim = model.config.head_dim
+    for i, r in enumerate(records):
+        assert tensors[f"blk.{i}.ffn_up.weight"] == (r["ffn"], config.hidden_size)
+        assert tensors[f"blk.{i}.attn_k.weight"] == (r["kv_heads"] * head_dim, config.hidden_size)
+    q = next(t for t in reader.tensors if t.name == "blk.0.attn_q.weight")
+    want = permute_rope(model.model.layers[0].self_attn.q_proj.weight.detach(), records[0]["heads"])
+    assert torch.equal(torch.from_numpy(q.data.copy()).reshape(want.shape), want)
+
+    qwen3 = tiny_config("qwen3", 4, 2)
+    qwen3 = AutoModelForCausalLM.from_config(qwen3).eval()
+    with pytest.raises(CompactLMError, match="deci"):
+        export_gguf(prune_model(qwen3, per_layer_plan_of(qwen3)[3]), bpe_tokenizer, tmp_path / "q.gguf", "f32")
+    assert not (tmp_path / "q.gguf").exists()

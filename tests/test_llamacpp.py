@@ -99,3 +99,24 @@ def test_llama_cpp_splits_mixed_case_identifiers_like_transformers_with_a_tekken
     text = "getValue HTTPServer myXMLParser parseJSONString iPhone ABCdef x2Y3z __init__ camelCase_snake\n"
     text += corpus_text(1000)
     assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok(text)["input_ids"]
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_llama_cpp_runs_a_per_layer_model_written_as_deci(tied, bpe_tokenizer, tmp_path):
+    """Per-layer widths (each layer its own MLP width and KV groups) run in llama.cpp's deci architecture with
+    transformers' logits; the same tolerance as the uniform models above."""
+    from conftest import per_layer_plan_of
+
+    from compactlm.pruning import prune_model
+
+    source = pruned_like("llama", tied)
+    model = prune_model(source, per_layer_plan_of(source)[3])
+    assert len({layer.mlp.up_proj.out_features for layer in model.model.layers}) > 1
+    path = tmp_path / "m.gguf"
+    export_gguf(model, bpe_tokenizer, path, "f32")
+    ids = torch.randint(0, 300, (24,), generator=torch.Generator().manual_seed(1)).tolist()
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].numpy()
+    got = llama_cpp_logits(path, ids)
+    assert np.abs(got - want).max() / np.abs(want).max() < TOL["f32"]
+    assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.9

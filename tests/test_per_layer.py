@@ -3,19 +3,19 @@ every layer is exact (pruning units that were zeroed changes nothing), and the r
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 
 import pytest
 import torch
-from conftest import FAMILIES, MOE, positive_scores, tiny_model
+from conftest import FAMILIES, MOE, tiny_model
+from conftest import per_layer_plan_of as _plan
 
 from compactlm.errors import CompactLMError
-from compactlm.models.family import family_of, get_module
+from compactlm.models.family import get_module
 from compactlm.models.params import param_count
 from compactlm.pruning import head_channels, prune_model
-from compactlm.pruning.per_layer import _allocate, per_layer_plan, plan_params
+from compactlm.pruning.per_layer import _allocate, plan_params
 from compactlm.pruning.reconstruct import reconstruct
 
 # OLMo 2 normalises q and k over all heads of a layer at once: a pruned head changes the kept ones' scale, so
@@ -26,14 +26,6 @@ DENSE = [f for f in FAMILIES if f not in MOE and f not in ("gpt2", "olmo2")]
 def logits(model, batch):
     with torch.no_grad():
         return model(**batch).logits
-
-
-def _plan(model, ffn_fraction=0.5, heads=2, seed=0):
-    fam = family_of(model)
-    source = fam.dims(model.config)
-    target = dataclasses.replace(source, ffn=int(source.ffn * ffn_fraction), heads=heads, kv_heads=heads // source.groups)
-    scores = positive_scores(model, seed=seed)
-    return fam, source, target, per_layer_plan(model, scores, fam, source, target, torch.arange(source.layers))
 
 
 @pytest.mark.parametrize("family", DENSE)

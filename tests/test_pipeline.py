@@ -298,3 +298,12 @@ def test_run_with_per_layer_widths(tiny_checkpoint, text_file, tmp_path, capsys)
     err = capsys.readouterr().err
     assert "differ in width" in err, err
     assert not (tmp_path / "student.gguf").exists()  # nothing half-written
+    final = run_dir / "distill" / "final"
+    for command in ("score", "prune"):  # a per-layer model is not cut again: one line, no output
+        out = tmp_path / command
+        assert main([command, f"model={final}", f"out_dir={out}", f"data={text_file}", "target.hidden_size=16"]) != 0
+        assert "differ in width" in capsys.readouterr().err and not out.exists()
+    cascade = [a for a in args if not a.startswith("target.intermediate_size")] + [
+        "target.intermediate_size=[0.5,0.25]", f"out_dir={tmp_path / 'cascade'}"]
+    assert main(["run", *cascade]) != 0
+    assert "prune.per_layer cannot be used in a cascade" in capsys.readouterr().err

@@ -81,10 +81,12 @@ def gguf_arch(family: Family, config) -> str:
         supported = ", ".join(f.name for f in FAMILIES if f.gguf_arch)
         raise CompactLMError(f"export: GGUF is written for {supported}, not yet for {family.name}; the Hugging Face "
                              "checkpoint loads with transformers and converts with llama.cpp's convert_hf_to_gguf.py")
-    if layer_records(config):
-        raise CompactLMError("export: this model's layers differ in width (prune.per_layer); GGUF is written for "
-                             "one width in every layer (llama.cpp's deci architecture, which reads per-layer "
-                             "widths, is not written yet)")
+    if layer_records(config):  # per-layer widths: llama.cpp's deci (Llama with per-layer head and MLP arrays)
+        if family.gguf_arch != "llama" or getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+            raise CompactLMError(f"export: this model's layers differ in width (prune.per_layer); GGUF holds that "
+                                 f"as llama.cpp's deci architecture, written for Llama-architecture families without "
+                                 f"biases, not for {family.name}")
+        return "deci"
     d = family.dims(config)
     if family.gguf_arch == "qwen2" and d.heads * d.head_dim != d.hidden:
         log.warning("export: llama.cpp's qwen2 needs heads x head_dim == hidden (%d x %d != %d): written as llama",
@@ -100,6 +102,7 @@ def gguf_tensors(model, family: Family, arch: str):
 
     d = family.dims(model.config)
     names = gguf.get_tensor_name_map(_arch(arch), d.layers)
+    records = layer_records(model.config) or [{"heads": d.heads, "kv_heads": d.kv_heads}] * d.layers
     conv1d = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, Conv1D)}
     for name, p in model.named_parameters():  # a tied lm_head is not listed again: llama.cpp reuses token_embd
         w = p.detach().float().cpu()
@@ -107,10 +110,10 @@ def gguf_tensors(model, family: Family, arch: str):
             w = w.T
         if family.norm_offset and name.endswith("norm.weight"):  # Gemma: the stored w of a (offset + w) gain
             w = w + family.norm_offset
-        if arch == "llama" and ".self_attn.q_proj." in name:
-            w = permute_rope(w, d.heads)
-        elif arch == "llama" and ".self_attn.k_proj." in name:
-            w = permute_rope(w, d.kv_heads)
+        if arch in ("llama", "deci") and ".self_attn.q_proj." in name:
+            w = permute_rope(w, records[_layer_index(name)]["heads"])
+        elif arch in ("llama", "deci") and ".self_attn.k_proj." in name:
+            w = permute_rope(w, records[_layer_index(name)]["kv_heads"])
         new = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if new is None:
             raise CompactLMError(f"export: no llama.cpp name for tensor {name} of a {family.name} model")
@@ -180,6 +183,11 @@ def check_gemma3(config, d) -> None:
             raise CompactLMError(f"export: llama.cpp's gemma3 has no {key}; this model sets it")
 
 
+def _layer_index(name: str) -> int:
+    """The layer of a parameter name (`model.layers.<i>.`...)."""
+    return int(re.search(r"\.layers\.(\d+)\.", name).group(1))
+
+
 def write_hparams(writer, family: Family, config, arch: str) -> list[tuple[str, np.ndarray]]:
     """The architecture's keys; returns extra tensors the settings need (Llama 3's rope_freqs)."""
     import gguf
@@ -188,8 +196,13 @@ def write_hparams(writer, family: Family, config, arch: str) -> list[tuple[str, 
     writer.add_context_length(getattr(config, "max_position_embeddings", None) or config.n_positions)
     writer.add_embedding_length(d.hidden)
     writer.add_block_count(d.layers)
-    writer.add_feed_forward_length(d.ffn)
-    writer.add_head_count(d.heads)
+    records = layer_records(config)
+    if records:  # deci: one value per layer
+        writer.add_feed_forward_length([r["ffn"] for r in records])
+        writer.add_head_count([r["heads"] for r in records])
+    else:
+        writer.add_feed_forward_length(d.ffn)
+        writer.add_head_count(d.heads)
     writer.add_vocab_size(d.vocab)
     if arch == "gpt2":
         if getattr(config, family.layer_index_scale_flag, False) or getattr(config, "reorder_and_upcast_attn", False):
@@ -200,7 +213,7 @@ def write_hparams(writer, family: Family, config, arch: str) -> list[tuple[str, 
     if arch == "gemma3":
         check_gemma3(config, d)
         writer.add_sliding_window(config.sliding_window)
-    writer.add_head_count_kv(d.kv_heads)
+    writer.add_head_count_kv([r["kv_heads"] for r in records] if records else d.kv_heads)
     writer.add_key_length(d.head_dim)
     writer.add_value_length(d.head_dim)
     writer.add_rope_dimension_count(d.head_dim)

@@ -48,6 +48,7 @@ EVAL_FILE = "eval.json"
 def score(cfg: Config) -> dict:
     """Importance scores of `model` on the calibration split (+ `importance.layer_metrics`)."""
     inputs.check_out_dir(cfg.out_dir)
+    layer_shapes.check_uniform(inputs.resolve(cfg.model).config, cfg.model, "scoring")
     model, tokenizer = inputs.load_within(cfg)
     names = cfg.importance.layer_metrics
     if isinstance(model, Layerwise):  # the LM-loss metrics run the whole model once per skipped layer
@@ -70,6 +71,7 @@ def prune(cfg: Config) -> dict:
     if cfg.importance.scores and not Path(cfg.importance.scores).is_file():
         raise CompactLMError(f"importance.scores: file {cfg.importance.scores} does not exist")
     record = inputs.resolve(cfg.model)  # config, family and shape, read once for the whole stage
+    layer_shapes.check_uniform(record.config, cfg.model, "pruning")
     source = record.dims
     target = resolve_target(cfg.target, source, record.family)  # every shape error before loading any weights
     inputs.check_seq_len(record.config, cfg.calib.seq_len, "calib.seq_len")

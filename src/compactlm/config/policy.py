@@ -33,6 +33,8 @@ def cascade_length(cfg: Config) -> int:
         raise CompactLMError(f"a cascade's size lists differ in length: {', '.join(f'{k} has {n}' for k, n in lists.items())}")
     if cfg.target.drop_layers is not None:
         raise CompactLMError("target.drop_layers cannot be used in a cascade (its indices are the teacher's layers)")
+    if cfg.prune.per_layer != "off":
+        raise CompactLMError("prune.per_layer cannot be used in a cascade (a per-layer model is not cut again)")
     return next(iter(lists.values()))
 
 

@@ -29,6 +29,13 @@ def layer_records(config) -> list[dict] | None:
     return getattr(config, LAYERS_KEY, None)
 
 
+def check_uniform(config, spec: str, what: str) -> None:
+    """One line when `spec` is a per-layer model and `what` (scoring, pruning) needs one width in every layer."""
+    if layer_records(config):
+        raise CompactLMError(f"{spec}: its layers differ in width (prune.per_layer); {what} needs one width in "
+                             "every layer (such a model distils, evaluates and reloads, but is not cut again)")
+
+
 def assign_shapes(model, family: Family, records: list[dict], state_dict: dict[str, torch.Tensor]) -> None:
     """Give each layer of `model` (built at the container shape, on the meta device) its own shapes: every
     weight whose shape differs from the tensor in `state_dict` becomes a meta parameter of the tensor's shape
