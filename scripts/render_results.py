@@ -65,13 +65,16 @@ def render_table(name: str, table_id: str, document: str) -> str:
 
 def render_value(name: str, key: str) -> str:
     """A value of the result's `values`, or a number inside its `figures` by dotted path with a format spec
-    (`stages_s.distill:.0f`)."""
+    (`stages_s.distill:.0f`; a list's items by index, `rows.2.perplexity`)."""
     result = load(name)
     path, _, spec = key.partition(":")
     if path in result.get("values", {}) and not spec:
         return result["values"][path]
     value = result.get("figures", {})
     for part in path.split("."):
+        if isinstance(value, list) and part.isdigit() and int(part) < len(value):  # a row of a list
+            value = value[int(part)]
+            continue
         if not isinstance(value, dict) or part not in value:
             raise Missing(f"benchmarks/results/{name}.json has no value '{path}'")
         value = value[part]
