@@ -134,6 +134,7 @@ def test_a_per_layer_model_saves_and_reloads_with_its_logits(family, tmp_path, t
     assert [r["kv_heads"] for r in records] == [len(plan.kv_heads[i]) for i in range(source.layers)]
     again = load_model(str(tmp_path))
     assert {n: p.shape for n, p in again.named_parameters()} == {n: p.shape for n, p in pruned.named_parameters()}
+    # exact: the same tensors through the same class and kernels in one process
     torch.testing.assert_close(logits(again, token_batch), logits(pruned, token_batch), rtol=0, atol=0)
     with pytest.raises(Exception, match="(?i)size|shape"):  # never a silently different model
         AutoModelForCausalLM.from_pretrained(tmp_path)
