@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 from common import RESULTS, Table, write_result
@@ -85,31 +84,32 @@ def train(name: str, arch: Path, steps: int, tokenizer: Path, run_dir: Path) -> 
     return out / "final"
 
 
-def held_out(model_dir: Path, tokenizer: Path, cache: dict) -> float:
-    """Mean next-token CE (nats) of the model in `model_dir` on the benchmark's VAL_ROWS validation rows."""
+def splits(tokenizer: Path):
+    """The data layer's train and validation rows of SEQ tokens under the benchmark's tokenizer."""
+    from compactlm.models.loading import load_tokenizer
+
+    return inputs.load_splits(load_config(None, common_keys(tokenizer)), load_tokenizer(str(tokenizer)), SEQ,
+                              calib=False, val_rows=VAL_ROWS)
+
+
+def measure(model_dir: Path, batches: list) -> dict:
+    """Parameters and mean next-token CE (nats) on the held-out `batches` of the model in `model_dir`."""
     from compactlm.metrics import perplexity
-    from compactlm.models.loading import load_model, load_tokenizer
-
-    if "batches" not in cache:
-        cfg = load_config(None, common_keys(tokenizer))
-        tok = load_tokenizer(str(tokenizer))
-        val = inputs.load_splits(cfg, tok, SEQ, calib=False, val_rows=VAL_ROWS).val[:VAL_ROWS]
-        cache["batches"] = list(data.batches(val, 16))
-    return perplexity(load_model(str(model_dir)), cache["batches"])["loss"]
-
-
-def params_of(model_dir: Path) -> int:
     from compactlm.models.loading import load_model
+    from compactlm.models.params import num_params
 
-    return sum(p.numel() for p in load_model(str(model_dir)).parameters())
+    model = load_model(str(model_dir))
+    return {"params": num_params(model), "loss": perplexity(model, batches)["loss"]}
 
 
 def recorded(path: Path, compute) -> dict:
-    """The JSON at `path`, or `compute()` written there first (the benchmark resumes run by run)."""
+    """The JSON at `path`, or `compute()` (a training and its measurement) written there first: the benchmark
+    resumes run by run."""
     if path.is_file():
-        return json.loads(path.read_text())
-    start = time.perf_counter()
-    result = compute() | {"wall_s": round(time.perf_counter() - start, 1)}
+        result = json.loads(path.read_text())
+        result.pop("wall_s", None)  # the first runs timed only the measurement: not a figure
+        return result
+    result = compute()
     path.write_text(json.dumps(result, indent=1) + "\n")
     return result
 
@@ -125,14 +125,14 @@ def main() -> None:
     run_dir = args.run_dir / f"T{args.teacher_steps}-N{args.kd_steps}"
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(args.run_dir / "tokenizer")
-    cache: dict = {}
+    data_rows = splits(tokenizer)
+    batches = list(data.batches(data_rows.val[:VAL_ROWS], 16))
     step_tokens = BATCH * SEQ
 
-    teacher_dir = train("teacher", architecture(run_dir / "arch" / "teacher", TEACHER), args.teacher_steps,
-                        tokenizer, run_dir)
-    teacher = recorded(run_dir / "teacher.json", lambda: {
-        "params": params_of(teacher_dir), "tokens": args.teacher_steps * step_tokens,
-        "loss": held_out(teacher_dir, tokenizer, cache)})
+    teacher_dir = run_dir / "teacher" / "final"
+    teacher = recorded(run_dir / "teacher.json", lambda: {"tokens": args.teacher_steps * step_tokens, **measure(
+        train("teacher", architecture(run_dir / "arch" / "teacher", TEACHER), args.teacher_steps, tokenizer, run_dir),
+        batches)})
     print(f"teacher {teacher['params'] / 1e6:.2f}M, {teacher['tokens']:,} tokens: held-out loss {teacher['loss']:.4f}")
 
     derived_dir = run_dir / "derived"
@@ -147,16 +147,14 @@ def main() -> None:
     for i, size in enumerate(SIZES, start=1):
         distilled = derived_dir / f"size-{i}" / "distill" / "final"
         derived = recorded(run_dir / f"derived-{i}.json", lambda d=distilled: {
-            "params": params_of(d), "tokens": args.kd_steps * step_tokens, "loss": held_out(d, tokenizer, cache)})
+            "tokens": args.kd_steps * step_tokens, **measure(d, batches)})
         arch = architecture(run_dir / "arch" / f"size-{i}",
                             json.loads((distilled / "config.json").read_text()) | {"torch_dtype": "float32"})
         scratch, factor = [], 1
         while factor <= args.max_factor:
-            steps = factor * args.kd_steps
-            model = None if (run_dir / f"scratch-{i}-x{factor}.json").is_file() else \
-                train(f"scratch-{i}-x{factor}", arch, steps, tokenizer, run_dir)
-            result = recorded(run_dir / f"scratch-{i}-x{factor}.json", lambda m=model, s=steps: {
-                "factor": s // args.kd_steps, "tokens": s * step_tokens, "loss": held_out(m, tokenizer, cache)})
+            name, steps = f"scratch-{i}-x{factor}", factor * args.kd_steps
+            result = recorded(run_dir / f"{name}.json", lambda: {"factor": factor, "tokens": steps * step_tokens,
+                                                                 **measure(train(name, arch, steps, tokenizer, run_dir), batches)})
             scratch.append(result)
             print(f"size {size}: from scratch x{factor} ({result['tokens']:,} tokens) loss {result['loss']:.4f} "
                   f"against derived {derived['loss']:.4f}", flush=True)
@@ -164,7 +162,7 @@ def main() -> None:
                 break
             factor *= 2
         rows.append({"size": size, "derived": derived, "scratch": scratch})
-    report(args, teacher, rows)
+    report(args, teacher, rows, train_tokens=len(data_rows.train) * SEQ)
 
 
 def family_compute(teacher: dict, rows: list[dict]) -> dict:
@@ -183,7 +181,8 @@ def family_compute(teacher: dict, rows: list[dict]) -> dict:
     return {"teacher": base, "derived": derived, "scratch": scratch, "ratio": scratch / derived}
 
 
-def report(args, teacher: dict, rows: list[dict]) -> None:
+def report(args, teacher: dict, rows: list[dict], train_tokens: int) -> None:
+    """family_cost.json (train_tokens: the training split's tokens, how often each run repeats it) and its plot."""
     table = Table(["model", "parameters", "training tokens", "held-out loss", "from scratch to match",
                    "tokens against derived"])
     table.add("teacher (from scratch)", f"{teacher['params'] / 1e6:.2f}M", f"{teacher['tokens']:,}",
@@ -202,7 +201,9 @@ def report(args, teacher: dict, rows: list[dict]) -> None:
         if not matched:
             table.rows[-1][-1] = f"> {last['factor']}x (budget spent)"
     compute = family_compute(teacher, rows)
-    values = {"family_compute_ratio": f"{compute['ratio']:.2f}x"}
+    longest = max(s["tokens"] for r in rows for s in r["scratch"])
+    values = {"family_compute_ratio": f"{compute['ratio']:.2f}x", "train_tokens": f"{train_tokens:,}",
+              "teacher_epochs": f"{teacher['tokens'] / train_tokens:.1f}", "longest_epochs": f"{longest / train_tokens:.1f}"}
     for r in rows:
         key = r["size"].replace("/", "_")
         ratio = ratios[r["size"]]
@@ -210,7 +211,8 @@ def report(args, teacher: dict, rows: list[dict]) -> None:
     print(f"family compute from scratch / derived: {compute['ratio']:.2f}x (a lower bound when a size never matched)")
     out = write_result("family_cost", figures={"teacher": teacher, "sizes": rows, "compute_flops": compute,
                                                "teacher_steps": args.teacher_steps, "kd_steps": args.kd_steps,
-                                               "tokens_per_step": BATCH * SEQ, "max_factor": args.max_factor},
+                                               "tokens_per_step": BATCH * SEQ, "max_factor": args.max_factor,
+                                               "train_tokens": train_tokens},
                        tables={"main": table}, values=values, inputs={"data": "python-docs"}, out=args.out)
     plot(teacher, rows, out.with_suffix(".png"))
 

@@ -152,3 +152,7 @@ def test_a_per_layer_checkpoint_missing_a_tensor_is_one_line(tmp_path):
               metadata={"format": "pt"})
     with pytest.raises(CompactLMError, match="layers.1.mlp.down_proj"):
         load_model(str(tmp_path))
+    save_file(tensors | {"model.layers.0.mlp.extra": torch.zeros(3)}, tmp_path / "model.safetensors",
+              metadata={"format": "pt"})  # a tensor the family's class has no place for: refused, not added
+    with pytest.raises(CompactLMError, match="unexpected tensor model.layers.0.mlp.extra"):
+        load_model(str(tmp_path))

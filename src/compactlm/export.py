@@ -196,13 +196,10 @@ def write_hparams(writer, family: Family, config, arch: str) -> list[tuple[str, 
     writer.add_context_length(getattr(config, "max_position_embeddings", None) or config.n_positions)
     writer.add_embedding_length(d.hidden)
     writer.add_block_count(d.layers)
-    records = layer_records(config)
-    if records:  # deci: one value per layer
-        writer.add_feed_forward_length([r["ffn"] for r in records])
-        writer.add_head_count([r["heads"] for r in records])
-    else:
-        writer.add_feed_forward_length(d.ffn)
-        writer.add_head_count(d.heads)
+    records = layer_records(config)  # deci: one value per layer
+    each = lambda key, uniform: [r[key] for r in records] if records else uniform  # noqa: E731
+    writer.add_feed_forward_length(each("ffn", d.ffn))
+    writer.add_head_count(each("heads", d.heads))
     writer.add_vocab_size(d.vocab)
     if arch == "gpt2":
         if getattr(config, family.layer_index_scale_flag, False) or getattr(config, "reorder_and_upcast_attn", False):
@@ -213,7 +210,7 @@ def write_hparams(writer, family: Family, config, arch: str) -> list[tuple[str, 
     if arch == "gemma3":
         check_gemma3(config, d)
         writer.add_sliding_window(config.sliding_window)
-    writer.add_head_count_kv([r["kv_heads"] for r in records] if records else d.kv_heads)
+    writer.add_head_count_kv(each("kv_heads", d.kv_heads))
     writer.add_key_length(d.head_dim)
     writer.add_value_length(d.head_dim)
     writer.add_rope_dimension_count(d.head_dim)

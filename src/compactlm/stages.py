@@ -92,9 +92,10 @@ def prune(cfg: Config) -> dict:
             log.warning("prune: prune.reconstruct needs the whole model in memory (memory_gb): skipped")
         return _prune_streamed(cfg, record, scores, target)
     drop = layers_to_drop(cfg.target, source, target.layers, scores)
-    plan = make_plan(scores, source, target, drop, cfg.target.expert_metric)
     if cfg.prune.per_layer != "off":
-        plan = _per_layer(cfg, model, tokenizer, scores, record.family, source, target, plan.layers)
+        plan = _per_layer(cfg, model, tokenizer, scores, record.family, source, target, drop)
+    else:
+        plan = make_plan(scores, source, target, drop, cfg.target.expert_metric)
     pruned = prune_model(model, plan)
     if cfg.prune.reconstruct != "none":
         from compactlm.pruning.reconstruct import reconstruct
@@ -109,10 +110,12 @@ def prune(cfg: Config) -> dict:
     return {"out_dir": str(cfg.out_dir), "target_shape": vars(target), "params": params}
 
 
-def _per_layer(cfg: Config, model, tokenizer, scores, family, source, target, layers):
-    """The per-layer plan of prune.per_layer over the kept `layers`, at the uniform target's parameters."""
+def _per_layer(cfg: Config, model, tokenizer, scores, family, source, target, drop: list[int]):
+    """The per-layer plan of prune.per_layer over the layers not in `drop`, at the uniform target's parameters."""
     from compactlm.pruning.per_layer import per_layer_plan, stream_norms
+    from compactlm.pruning.plan import kept_layers
 
+    layers = kept_layers(source.layers, drop)
     streams = None
     if cfg.prune.per_layer == "relative":
         streams = stream_norms(model, family, inputs.calibration_batches(cfg, tokenizer, model))

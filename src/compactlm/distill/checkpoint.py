@@ -162,8 +162,9 @@ def export(config, state_dict: dict, tokenizer, out: str | Path) -> Path:
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    if layer_records(config):  # layers of their own widths (prune.per_layer)
-        assign_shapes(model, family_of(model), layer_records(config), state_dict)
+    records = layer_records(config)
+    if records:  # layers of their own widths (prune.per_layer)
+        assign_shapes(model, family_of(model), records, state_dict)
     model.load_state_dict(state_dict, strict=True, assign=True)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()

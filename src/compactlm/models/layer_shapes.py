@@ -51,8 +51,10 @@ def assign_shapes(model, family: Family, records: list[dict], state_dict: dict[s
         try:
             module = model.get_submodule(owner)
         except AttributeError:
-            raise CompactLMError(f"per-layer checkpoint: unexpected tensor {key}") from None
-        if getattr(module, name, None) is None or getattr(module, name).shape != tensor.shape:
+            module = None
+        if module is None or getattr(module, name, None) is None:  # no place for it in the family's class
+            raise CompactLMError(f"per-layer checkpoint: unexpected tensor {key}")
+        if getattr(module, name).shape != tensor.shape:
             setattr(module, name, nn.Parameter(torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")))
             if isinstance(module, nn.Linear):
                 module.out_features, module.in_features = tensor.shape

@@ -22,7 +22,6 @@ from compactlm.errors import CompactLMError, read_json
 from compactlm.files import as_if_created
 from compactlm.models import layer_shapes
 from compactlm.models.family import family_of
-from compactlm.models.layer_shapes import LAYERS_KEY
 from compactlm.models.params import params_of_config
 
 log = logging.getLogger(__name__)
@@ -249,7 +248,7 @@ def load_model(spec: str, *, dtype: str = "float32", device: str | torch.device 
     try:
         if gguf:
             kwargs |= {"gguf_file": gguf, "config": _auto_config(path, gguf)}
-        per_layer = not gguf and Path(path, "config.json").is_file() and LAYERS_KEY in read_json(Path(path, "config.json"))
+        per_layer = not gguf and Path(path, "config.json").is_file() and layer_shapes.LAYERS_KEY in read_json(Path(path, "config.json"))
         if per_layer:  # layers of their own shapes: built by compactlm's own loader, no checkpoint code runs
             model, device_map = layer_shapes.load(path, _auto_config(path, None), kwargs["dtype"]), None
         else:

@@ -169,10 +169,15 @@ def select_experts(scores: Scores, source: Dims, target: Dims, metric: str) -> t
     return experts, ffn
 
 
+def kept_layers(layers: int, drop_layers: list[int]) -> torch.Tensor:
+    """The indices of the `layers` a plan keeps when it drops `drop_layers`, in order."""
+    return torch.tensor(sorted(set(range(layers)) - set(drop_layers)), dtype=torch.long)
+
+
 def make_plan(scores: Scores, source: Dims, target: Dims, drop_layers: list[int], expert_metric: str = "reap_sum") -> Plan:
     """Choose keep indices for `target` from `scores`; `drop_layers` lists the original layers to remove;
     `expert_metric` ranks the experts of a mixture-of-experts model (`Scores.experts`)."""
-    layers = torch.tensor(sorted(set(range(source.layers)) - set(drop_layers)), dtype=torch.long)
+    layers = kept_layers(source.layers, drop_layers)
     heads, kv_heads = [], []
     for layer in range(source.layers):
         q, kv = select_heads(scores.heads[layer], source, target.heads, target.kv_heads)
