@@ -6,7 +6,7 @@ side by side in one run, and the matrix-product rate of each dtype on this CPU.
 The teacher is SmolLM2-135M's shape (30 layers, hidden 576, 9 heads in 3 KV groups, ffn 1536, vocab 49,152) and
 the student the README's cut (hidden 384, 6 heads, ffn 1024), both with random weights: speed does not depend on
 the values. One step: the teacher's forward without gradients, the student's forward and backward, compactlm's
-chunked KD loss, AdamW. bf16 pays where the CPU multiplies bf16 natively (AVX512-BF16 or AMX); elsewhere torch
+chunked KD loss (its head products in float32, or in bf16 as on CUDA), AdamW. bf16 pays where the CPU multiplies bf16 natively (AVX512-BF16 or AMX); elsewhere torch
 converts, and it can be slower than float32. Writes benchmarks/results/cpu_bf16.json.
 """
 
@@ -43,8 +43,9 @@ def matmul_rate(dtype: torch.dtype, n: int = 1024, repeats: int = 5) -> float:
     return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
-def steps(teacher, student, ids, n: int, bf16: bool) -> tuple[list[float], float]:
-    """Seconds of each of `n` steps after one warm-up, and the last step's loss."""
+def steps(teacher, student, ids, n: int, bf16: bool, bf16_head: bool = False) -> tuple[list[float], float]:
+    """Seconds of each of `n` steps after one warm-up, and the last step's loss. `bf16_head`: the chunked loss's
+    head products in bf16 too (hidden states and head weights cast, the softmax in float32), as on CUDA."""
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
     cast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     seconds, loss = [], torch.zeros(())
@@ -54,8 +55,9 @@ def steps(teacher, student, ids, n: int, bf16: bool) -> tuple[list[float], float
             with torch.no_grad():
                 t_hidden = teacher.model(input_ids=ids).last_hidden_state
             s_hidden = student.model(input_ids=ids).last_hidden_state
-        loss = kd_loss(s_hidden[:, :-1], student.lm_head.weight, t_hidden[:, :-1], teacher.lm_head.weight,
-                       torch.ones(ids.shape[0], ids.shape[1] - 1))
+        dt = torch.bfloat16 if bf16_head else torch.float32
+        loss = kd_loss(s_hidden[:, :-1].to(dt), student.lm_head.weight.to(dt), t_hidden[:, :-1].to(dt),
+                       teacher.lm_head.weight.to(dt), torch.ones(ids.shape[0], ids.shape[1] - 1))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -73,9 +75,10 @@ def main() -> None:
     rates = {str(d).removeprefix("torch."): matmul_rate(d) for d in (torch.float32, torch.bfloat16)}
     teacher, ids = model("teacher").eval(), torch.randint(0, 49152, (args.batch, args.seq_len))
     rows = {}
-    for variant, bf16 in (("float32", False), ("bf16 autocast", True)):
+    variants = (("float32", False, False), ("bf16 autocast", True, False), ("bf16 autocast + bf16 loss head", True, True))
+    for variant, bf16, bf16_head in variants:
         student = model("student").train()
-        seconds, loss = steps(teacher, student, ids, args.steps, bf16)
+        seconds, loss = steps(teacher, student, ids, args.steps, bf16, bf16_head)
         rows[variant] = {"step_s": statistics.median(seconds), "seconds": seconds, "loss": loss}
         print(variant, rows[variant], flush=True)
     table = Table(["variant", "median seconds per step", "tokens/s", "vs float32", "KD loss after the steps"])

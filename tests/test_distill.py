@@ -492,3 +492,51 @@ def test_losses_use_the_logits_the_model_computes(family, token_batch):
     torch.testing.assert_close(ce, want_ce, rtol=1e-5, atol=1e-5)
     sums = Trainee(student, objective)(ids, mask, t_out, evaluate=True)["sums"]
     torch.testing.assert_close(sums[0] / sums[1], want_ce.double(), rtol=1e-5, atol=1e-5)  # as above
+
+
+# ---------------------------------------------------------------- compute precision and threads
+
+def test_autocast_key_resolves_per_device(monkeypatch):
+    from compactlm.distill import precision
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert precision.autocast_dtype("off", cuda) is None and precision.autocast_dtype("bf16", cpu) == torch.bfloat16
+    assert precision.autocast_dtype("auto", cuda) == torch.bfloat16
+    for native in (True, False):  # auto on a CPU: bf16 only where it multiplies bf16 natively
+        monkeypatch.setattr(precision, "native_bf16_cpu", lambda native=native: native)
+        assert precision.autocast_dtype("auto", cpu) == (torch.bfloat16 if native else None)
+    with pytest.raises(CompactLMError, match="autocast: 'fp8' is not one of auto, bf16, off"):
+        load_config(None, ["autocast=fp8"])
+
+
+def test_bf16_autocast_reaches_both_forwards_and_keeps_the_loss(models):
+    student, teacher = _pair(models)
+    tc = load_config(None, ["distill.ce_weight=0.5"]).distill
+    ids = torch.randint(1, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    losses, hidden = {}, {}
+    for dtype in (None, torch.bfloat16):
+        trainee, teacher_mod = build(student, teacher, tc, CPU, autocast=dtype)
+        out = teacher_mod(ids, mask)
+        hidden[dtype], losses[dtype] = out.hidden, trainee(ids, mask, out)["loss"]
+        losses[dtype].backward()
+        assert all(p.dtype == torch.float32 and (p.grad is None or p.grad.dtype == torch.float32)
+                   for p in trainee.parameters())  # weights and gradients stay float32 (autocast, not a cast)
+    assert not torch.equal(hidden[None], hidden[torch.bfloat16])  # the teacher's forward ran in bf16
+    assert losses[torch.bfloat16].item() != losses[None].item()  # and the student's
+    # bf16 rounds each product's inputs to 8 significant bits (2^-9 = 0.2% relative); through 3 tiny layers the
+    # loss moved 0.1% (measured): 2% bounds it with room and still fails a forward that is not bf16-like at all
+    assert losses[torch.bfloat16].item() == pytest.approx(losses[None].item(), rel=2e-2)
+
+
+def test_compactlm_leaves_torch_threads_as_it_finds_them(distilled, models, text_file, tmp_path):
+    """compactlm never sets torch's thread count (the README says why a shared core slows a run): importing it
+    keeps torch's default, and a whole distill run keeps what the caller set (this module's fixture: 1)."""
+    code = ("import torch; n = torch.get_num_threads(); "
+            "import compactlm.cli, compactlm.pipeline, compactlm.stages, compactlm.distill.loop; "
+            "assert torch.get_num_threads() == n, (n, torch.get_num_threads())")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env | {"PYTHONPATH": SRC})
+    assert torch.get_num_threads() == 1
+    run_distill(load_config(None, _args(models, text_file, tmp_path / "run", **{"distill.steps": 2})))
+    assert torch.get_num_threads() == 1

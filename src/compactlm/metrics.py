@@ -237,14 +237,16 @@ def generation_speed(model, tokenizer, *, prompt: str = "The", new_tokens: int =
     return {"tokens_per_s": produced / max(elapsed, 1e-9)}
 
 
-def generation_speeds(model, tokenizer, modes: Iterable[str] = ("dynamic",), batches: Iterable[int] = (1,)) -> dict:
+def generation_speeds(model, tokenizer, modes: Iterable[str] = ("dynamic",), batches: Iterable[int] = (1,),
+                      new_tokens: int = 64) -> dict:
     """{"tokens_per_s": dynamic cache at batch 1 (when measured), "speeds": {"<mode> b<batch>": tokens/s}}; a
     mode that fails here (torch.compile without a working compiler) is None, with a warning."""
     speeds = {}
     for mode in modes:
         for batch in batches:
             try:
-                speeds[f"{mode} b{batch}"] = generation_speed(model, tokenizer, batch=batch, mode=mode)["tokens_per_s"]
+                speeds[f"{mode} b{batch}"] = generation_speed(model, tokenizer, batch=batch, mode=mode,
+                                                               new_tokens=new_tokens)["tokens_per_s"]
             except CompactLMError:
                 raise
             except Exception as e:  # compile errors come from many places
@@ -265,9 +267,10 @@ def sample_text(model, tokenizer, prompt: str, *, new_tokens: int = 40) -> str:
 
 def evaluate(model, batches: Iterable[Batch], *, teacher=None, tokenizer=None, speed: bool = True,
              progress: bool = False, teacher_cache: dict[int, Tensor] | None = None,
-             speed_modes: Iterable[str] = ("dynamic",), speed_batches: Iterable[int] = (1,)) -> dict:
+             speed_modes: Iterable[str] = ("dynamic",), speed_batches: Iterable[int] = (1,),
+             speed_tokens: int = 64) -> dict:
     """params, loss, perplexity, tokens; + kl, top1_agreement (teacher); + tokens_per_s and speeds (speed,
-    tokenizer; every mode of `speed_modes` at every batch size of `speed_batches`).
+    tokenizer; every mode of `speed_modes` at every batch size of `speed_batches`, `speed_tokens` a run).
 
     `teacher_cache` (a dict shared between calls on the same batches) keeps the teacher's hidden states."""
     params = params_of_config(model.model.config) if isinstance(model, Layerwise) else num_params(model)
@@ -275,6 +278,6 @@ def evaluate(model, batches: Iterable[Batch], *, teacher=None, tokenizer=None, s
     if speed and tokenizer is not None and isinstance(model, Layerwise):
         log.info("evaluation: no generation speed layer by layer (the model does not fit in memory_gb)")
     elif speed and tokenizer is not None:
-        out |= generation_speeds(model, tokenizer, speed_modes, speed_batches)
+        out |= generation_speeds(model, tokenizer, speed_modes, speed_batches, speed_tokens)
     log.info("evaluation: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()})
     return out

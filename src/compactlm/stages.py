@@ -185,12 +185,13 @@ def _check_training_out_dir(cfg: Config, section: str) -> None:
     if found is not None:  # what a training depends on: its models, data, seed and its own section
         models = ("teacher", "student") if section == "distill" else ("model",)
         check_resume(cfg, Path(cfg.out_dir) / CONFIG_FILE,
-                     only=(*models, "tokenizer", "data", "seed", "dtype", "init", "dataset.", f"{section}."))
+                     only=(*models, "tokenizer", "data", "seed", "dtype", "autocast", "init", "dataset.", f"{section}."))
 
 
 def _fit(cfg: Config, tc: TrainConfig, section: str, student_spec: str, teacher_spec: str | None) -> dict:
     from compactlm.distill.distributed import setup, teardown
     from compactlm.distill.loop import Session, fit, micro_batch, total_steps
+    from compactlm.distill.precision import autocast_dtype
     from compactlm.pruning.plan import read_hidden_keep
 
     inputs.check_out_dir(cfg.out_dir)
@@ -217,7 +218,8 @@ def _fit(cfg: Config, tc: TrainConfig, section: str, student_spec: str, teacher_
         log.info("%s: %d train, %d validation rows of %d tokens; %d steps of %d sequences on %d process(es)",
                  section, len(splits.train), len(val), tc.seq_len, total_steps(tc), tc.batch_size, d.world)
         params = num_params(student)
-        session = Session(out, d, tokenizer, cfg.seed, cfg.resume, progress=True, param_dtype=param_dtype(cfg))
+        session = Session(out, d, tokenizer, cfg.seed, cfg.resume, progress=True, param_dtype=param_dtype(cfg),
+                          autocast=autocast_dtype(cfg.autocast, d.device))
         keep = read_hidden_keep(student_spec) if teacher is not None else None  # hidden map starts as the plan
         cache = None
         if teacher is not None and getattr(tc, "teacher_top_k", 0):
@@ -309,6 +311,7 @@ def _brief_distill(cfg: Config, students: list, teacher, rows: data.Splits) -> l
     after another."""
     from compactlm.distill.distributed import setup
     from compactlm.distill.loop import Session, fit
+    from compactlm.distill.precision import autocast_dtype
 
     tc = dataclasses.replace(cfg.distill, steps=cfg.search.distill_steps, eval_every=None, save_every=None,
                              warmup_steps=1)
@@ -317,8 +320,9 @@ def _brief_distill(cfg: Config, students: list, teacher, rows: data.Splits) -> l
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.search.", dir=out.parent))  # only metrics.jsonl lands here
     val = rows.val[: tc.eval_sequences]
     try:
-        session = Session(scratch, setup(cfg.device), None, cfg.seed, save=False, progress=True,
-                          param_dtype=param_dtype(cfg))
+        d = setup(cfg.device)
+        session = Session(scratch, d, None, cfg.seed, save=False, progress=True, param_dtype=param_dtype(cfg),
+                          autocast=autocast_dtype(cfg.autocast, d.device))
         if cfg.search.distill_together:
             results = fit(students, rows.train, val, tc, session, teacher)
         else:
@@ -344,7 +348,7 @@ def _measure(cfg: Config, model, tokenizer, batches: list, teacher=None, sample:
 
     metrics = evaluate_model(model, batches, teacher=teacher, tokenizer=tokenizer, speed=cfg.eval.speed,
                              progress=True, teacher_cache=teacher_cache, speed_modes=cfg.eval.speed_modes,
-                             speed_batches=cfg.eval.speed_batches)
+                             speed_batches=cfg.eval.speed_batches, speed_tokens=cfg.eval.gen_tokens)
     if sample:
         metrics |= {"dims": layer_shapes.describe(model.config, family_of(model).dims(model.config)),
                     "sample": sample_text(model, tokenizer, cfg.eval.prompt, new_tokens=cfg.eval.gen_tokens)}
@@ -444,11 +448,18 @@ def report(cfg: Config) -> dict:
         run_dir, teacher=arch("teacher"), student=arch("distilled"),
         stages={name: results[name] for name in MODELS}, plots=plots,
         samples={name: prompt + results[name]["sample"] for name in MODELS},
-        notes=[f"config: {run_dir / CONFIG_FILE}", f"distillation metrics: {run_dir / 'distill' / 'metrics.jsonl'}"],
+        notes=[f"config: {run_dir / CONFIG_FILE}", f"distillation metrics: {run_dir / 'distill' / 'metrics.jsonl'}",
+               *_compute_note(run_dir / "distill" / "stage.json")],
         exported=read_json(exported) if exported.is_file() else None,
         inputs=provenance.recorded(run_dir / CONFIG_FILE),
     )
     return {"report": str(path)}
+
+
+def _compute_note(stage_file: Path) -> list[str]:
+    """The distillation's compute (`precision.describe`) as the stage recorded it; none for a run before it did."""
+    compute = read_json(stage_file).get("compute") if stage_file.is_file() else None
+    return [f"distillation computed in {compute} (the autocast key)"] if compute else []
 
 
 def cascade_report(cfg: Config) -> dict:

@@ -17,8 +17,9 @@ A mixture of experts whose config sets output_router_logits adds its load-balanc
 the global batch too. Those two terms are not sums over tokens: when the global batch is split (micro-batches,
 ranks), a forward without gradients over all of it fixes them first (`Trainee` with `sums=True`), and then every
 objective is the same function of the global batch however it is divided; only the gradient's rounding differs.
-The objectives themselves live in trainee.py. bf16 autocast on CUDA, float32
-on CPU; the chunked losses get bf16 inputs explicitly on CUDA.
+The objectives themselves live in trainee.py. The forwards autocast to bf16 as the `autocast` key resolves
+(`precision.py`: on CUDA, and on a CPU that multiplies bf16 natively); the chunked losses then get bf16
+inputs explicitly (their softmax and sums stay float32).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from tqdm.auto import tqdm
 
 from compactlm.config import TrainConfig
 from compactlm.distill import checkpoint as ckpt
+from compactlm.distill import precision
 from compactlm.distill.distributed import Dist, all_reduce_sum, resident_params, shard_
 from compactlm.distill.trainee import CachedTeacher, Teacher, Trainee, batch_terms, hidden_map, make_objective
 from compactlm.errors import CompactLMError
@@ -181,6 +183,7 @@ class Session:
     progress: bool = False  # tqdm bar (rank 0 only)
     save: bool = True  # write checkpoints, best/ and final/ (off for the search's brief trial runs)
     param_dtype: torch.dtype | None = None  # bfloat16: a sharded student gathers and computes in it (`shard_`)
+    autocast: torch.dtype | None = None  # the models' forwards autocast to it (`precision.autocast_dtype`)
 
 
 class MetricsLog:
@@ -240,11 +243,13 @@ def make_schedule(optimizer: torch.optim.Optimizer, total: int, tc: TrainConfig)
 
 
 def build(student: nn.Module, teacher: nn.Module | None, tc: TrainConfig, d: Dist,
-          hidden_keep: Tensor | None = None, param_dtype: torch.dtype | None = None) -> tuple[Trainee, Teacher | None]:
+          hidden_keep: Tensor | None = None, param_dtype: torch.dtype | None = None,
+          autocast: torch.dtype | None = None) -> tuple[Trainee, Teacher | None]:
     """The trainee (student + map) and the teacher, on the device, sharded with FSDP2 under torchrun.
 
     `hidden_keep` (H_s,): the teacher channel each student channel was pruned from (plan.json's "hidden").
     `param_dtype`: the sharded student's gathered parameters and compute in this dtype (`shard_`).
+    `autocast`: both models' forwards autocast to this dtype (None: float32 compute).
     """
     s_family = family_of(student)
     s_dims = s_family.dims(student.config)
@@ -258,11 +263,11 @@ def build(student: nn.Module, teacher: nn.Module | None, tc: TrainConfig, d: Dis
     if tc.activation_checkpointing:  # transformers 5 renamed gradient_checkpointing_enable
         enable = getattr(student, "activation_checkpointing_enable", student.gradient_checkpointing_enable)
         enable({"use_reentrant": False})
-    trainee = shard_(Trainee(student, objective, mapping).to(d.device).train(),
+    trainee = shard_(Trainee(student, objective, mapping, autocast).to(d.device).train(),
                      get_module(student, s_family.layers_path), d, param_dtype=param_dtype)
     if teacher is None:
         return trainee, None
-    wrapped = Teacher(teacher, tuple(t for _, t in objective.layer_map))
+    wrapped = Teacher(teacher, tuple(t for _, t in objective.layer_map), autocast)
     if tc.teacher_sharded and d.sharded:  # loaded on the CPU: each rank moves only its shards (or none: offload)
         t_family = family_of(teacher)
         embed, head = get_module(teacher, t_family.embed_path), get_module(teacher, t_family.lm_head_path)
@@ -300,7 +305,7 @@ def fit(students: nn.Module | list[nn.Module], train_rows: Tensor, val_rows: Ten
     micro, total = micro_batch(tc, d), total_steps(tc)
     runs = []
     for model in models:
-        trainee, teacher_mod = build(model, teacher, tc, d, hidden_keep, session.param_dtype)
+        trainee, teacher_mod = build(model, teacher, tc, d, hidden_keep, session.param_dtype, session.autocast)
         optimizer = make_optimizer(trainee, tc)
         runs.append(_Run(trainee, optimizer, make_schedule(optimizer, total, tc)))
     resident = resident_params(teacher_mod) if teacher_mod is not None else 0  # this rank's, before any forward
@@ -357,7 +362,7 @@ def fit(students: nn.Module | list[nn.Module], train_rows: Tensor, val_rows: Ten
         metrics.close()
     best = None if math.isinf(progress.best_val_loss) else progress.best_val_loss
     out = {"steps": progress.step, "tokens": progress.tokens, **val, "best_val_loss": best,
-           "wall_s": time.perf_counter() - start}
+           "wall_s": time.perf_counter() - start, "compute": precision.describe(session.autocast)}
     if teacher_mod is not None:  # the teacher's parameters this rank holds before the first step and after the last
         out["teacher_resident_params"] = [resident, resident_params(teacher_mod)]
     if d.device.type == "cuda":  # this rank's peak, for the GPU check and the README's sizes

@@ -88,15 +88,16 @@ def chunked_ce(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tens
     return total / max(rows.numel(), 1)
 
 
-def _autocast(device: torch.device):
-    """bf16 autocast on CUDA; nothing on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to `dtype` on the device (`precision.autocast_dtype`); nothing when None."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
-def _compute_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+def _loss_dtype(autocast: torch.dtype | None) -> torch.dtype:
+    """The dtype of the chunked loss's head products: the autocast dtype (its softmax and sums stay float32),
+    else float32. At a 49,152 vocabulary the head products are a third of a CPU KD step's work: in bf16 with the
+    models' forwards (`benchmarks/bench_cpu_bf16.py`, "bf16 autocast + bf16 loss head")."""
+    return autocast if autocast is not None else torch.float32
 
 
 class TeacherOut(NamedTuple):
@@ -128,17 +129,18 @@ class CachedTeacher:
 
 
 class Teacher(nn.Module):
-    """A frozen teacher in eval mode: forward(ids, mask) -> TeacherOut, without gradients."""
+    """A frozen teacher in eval mode: forward(ids, mask) -> TeacherOut, without gradients; its forward autocast
+    to `autocast` (None: float32)."""
 
-    def __init__(self, model: nn.Module, layers: tuple[int, ...] = ()):
+    def __init__(self, model: nn.Module, layers: tuple[int, ...] = (), autocast: torch.dtype | None = None):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
-        self.layers = layers
+        self.layers, self.autocast = layers, autocast
         self.family = family_of(model)
 
     @torch.no_grad()
     def forward(self, ids: Tensor, mask: Tensor, rows: Tensor | None = None) -> TeacherOut:  # noqa: D102
-        with _autocast(ids.device):
+        with _autocast(ids.device, self.autocast):
             out = get_module(self.model, self.family.base_path)(
                 input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=bool(self.layers))
         head = get_module(self.model, self.family.lm_head_path)
@@ -165,11 +167,13 @@ class BatchTerms(NamedTuple):
 
 
 class Trainee(nn.Module):
-    """The student (+ hidden-state map): forward -> loss parts, or validation sums with `evaluate=True`."""
+    """The student (+ hidden-state map): forward -> loss parts, or validation sums with `evaluate=True`; its
+    forward autocast to `autocast` (None: float32)."""
 
-    def __init__(self, model: nn.Module, objective: Objective, hidden_map: nn.Linear | None = None):
+    def __init__(self, model: nn.Module, objective: Objective, hidden_map: nn.Linear | None = None,
+                 autocast: torch.dtype | None = None):
         super().__init__()
-        self.model, self.hidden_map, self.objective = model, hidden_map, objective
+        self.model, self.hidden_map, self.objective, self.autocast = model, hidden_map, objective, autocast
         self.family = family_of(model)
         # a mixture of experts whose config asks for it (output_router_logits) trains with the load-balancing loss
         self.router = self.family.moe and bool(getattr(model.config, "output_router_logits", False))
@@ -211,7 +215,7 @@ class Trainee(nn.Module):
 
     def _run(self, ids: Tensor, mask: Tensor, states: bool, router: bool):
         """The student's base model (no LM head) on one micro-batch, with the hidden states / router logits."""
-        with _autocast(ids.device):
+        with _autocast(ids.device, self.autocast):
             return get_module(self.model, self.family.base_path)(
                 input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=states,
                 **({"output_router_logits": True} if router else {}))
@@ -234,7 +238,7 @@ class Trainee(nn.Module):
                 teacher.hidden, (teacher.head, teacher.bias, teacher.cap))
             return {"sums": token_sums(out.last_hidden_state, (head.weight, head.bias, cap), ids, mask, t_hidden,
                                        t_head, self.objective.chunk_tokens)}
-        dt, labels = _compute_dtype(ids.device), next_token_labels(ids, mask)  # (B, S) labels
+        dt, labels = _loss_dtype(self.autocast), next_token_labels(ids, mask)  # (B, S) labels
         hidden, weight = out.last_hidden_state.to(dt), head.weight.to(dt)  # (B, S, H_s), (V, H_s)
         bias = head.bias.to(dt) if head.bias is not None else None
         o = self.objective
