@@ -1,13 +1,14 @@
 """bf16 on the CPU, measured: a KD training step of the main command's shapes in float32 against bf16 autocast,
 side by side in one run, and the matrix-product rate of each dtype on this CPU.
 
-    python benchmarks/bench_cpu_bf16.py [--steps 3] [--batch 4]
+    python benchmarks/bench_cpu_bf16.py [--steps 3] [--batch 4] [--result-name cpu_bf16]
 
 The teacher is SmolLM2-135M's shape (30 layers, hidden 576, 9 heads in 3 KV groups, ffn 1536, vocab 49,152) and
 the student the README's cut (hidden 384, 6 heads, ffn 1024), both with random weights: speed does not depend on
 the values. One step: the teacher's forward without gradients, the student's forward and backward, compactlm's
 chunked KD loss (its head products in float32, or in bf16 as on CUDA), AdamW. bf16 pays where the CPU multiplies bf16 natively (AVX512-BF16 or AMX); elsewhere torch
-converts, and it can be slower than float32. Writes benchmarks/results/cpu_bf16.json.
+converts, and it can be slower than float32. Writes benchmarks/results/cpu_bf16.json (or NAME.json: the README
+keeps a CPU without native bf16 as cpu_bf16_avx2.json beside one with it).
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--result-name", default="cpu_bf16", help="benchmarks/results/NAME.json")
     args = parser.parse_args()
     rates = {str(d).removeprefix("torch."): matmul_rate(d) for d in (torch.float32, torch.bfloat16)}
     teacher, ids = model("teacher").eval(), torch.randint(0, 49152, (args.batch, args.seq_len))
@@ -90,7 +92,7 @@ def main() -> None:
     for dtype, rate in rates.items():
         mm.add(dtype, f"{rate / 1e9:.1f}")
     flags = open("/proc/cpuinfo").read()
-    write_result("cpu_bf16", figures={"rows": rows, "matmul_flops": rates, "batch": args.batch, "seq_len": args.seq_len,
+    write_result(args.result_name, figures={"rows": rows, "matmul_flops": rates, "batch": args.batch, "seq_len": args.seq_len,
                                       "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags},
                  tables={"kd_step": table, "matmul": mm},
                  values={"native_bf16": "yes" if "avx512_bf16" in flags or "amx_bf16" in flags else "no"})

@@ -2,10 +2,14 @@
 
     python benchmarks/recovery_curve.py            # about an hour alone on 2 CPU cores; resumes when rerun
     python benchmarks/recovery_curve.py --report-only   # the curve so far, while a run is in progress
+    python benchmarks/recovery_curve.py --recipe main --run-dir runs/bench/recovery-main \
+        --out benchmarks/results/recovery_curve_main.json     # the main command's recipe instead
 
 Prunes the README's shape (hidden 384, 6 heads, ffn 1024, all 30 layers; 67.6M of 134.5M parameters) with the
-default recipe, then distils it from the teacher for --tokens tokens (8 x 256 per step, AdamW, LR 1e-3 cosine to
-1e-4), validating every --eval-every steps on the same held-out python-docs rows. Writes
+default recipe, then distils it from the teacher for --tokens tokens, validating every --eval-every-tokens on the
+same held-out python-docs rows. The recipe: the benchmarks' KD recipe (8 x 256 per step, AdamW, LR 1e-3 cosine
+to 1e-4), or with --recipe main configs/smollm2-135m.yaml's distill section (2 x 256 per step, half the data's
+cross-entropy mixed in, the autocast default) with only the budget, validation and saving changed. Writes
 benchmarks/results/recovery_curve.json and .png (committed: this one is run once, not by run_all).
 """
 
@@ -16,7 +20,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from common import RESULTS, TARGET, Table, kd_keys, write_result
+from common import KD_RECIPE, RESULTS, ROOT, TARGET, Table, kd_keys, write_result
 
 from compactlm import data, inputs, stages
 from compactlm.config import load_config
@@ -29,7 +33,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", default="runs/bench/recovery")
     parser.add_argument("--tokens", type=int, default=1_048_576)
-    parser.add_argument("--eval-every", type=int, default=32, help="steps (of 2,048 tokens) between validations")
+    parser.add_argument("--eval-every-tokens", type=int, default=65_536, help="training tokens between validations")
+    parser.add_argument("--recipe", choices=("bench", "main"), default="bench",
+                        help="bench: common.KD_RECIPE; main: configs/smollm2-135m.yaml's distill section")
     parser.add_argument("--eval-sequences", type=int, default=32)
     parser.add_argument("--out", default=str(RESULTS / "recovery_curve.json"))  # its plot: the same name, .png
     parser.add_argument("--report-only", action="store_true",
@@ -41,10 +47,14 @@ def main() -> None:
     pruned = run / "prune"
     if not (pruned / "config.json").is_file():
         stages.prune(load_config(None, base + TARGET + ["model=smollm2-135m", f"out_dir={pruned}"]))
-    distill = kd_keys(tokens=args.tokens, eval_every=args.eval_every, save_every=args.eval_every,
-                      eval_sequences=args.eval_sequences)
-    cfg = load_config(None, base + distill + ["teacher=smollm2-135m", f"student={pruned}",
-                                              f"out_dir={run / 'distill'}", "resume=true"])
+    main_config = ROOT / "configs" / "smollm2-135m.yaml" if args.recipe == "main" else None
+    recipe = load_config(main_config, []).distill if main_config else None
+    per_step = recipe.batch_size * recipe.seq_len if recipe else KD_RECIPE["batch_size"] * KD_RECIPE["seq_len"]
+    every = max(args.eval_every_tokens // per_step, 1)
+    budget = dict(tokens=args.tokens, eval_every=every, save_every=every, eval_sequences=args.eval_sequences)
+    distill = [f"distill.{k}={v}" for k, v in budget.items()] if main_config else kd_keys(**budget)
+    cfg = load_config(main_config, base + distill + ["teacher=smollm2-135m", f"student={pruned}",
+                                                     f"out_dir={run / 'distill'}", "resume=true", "export.type=null"])
     if not args.report_only:
         stages.distill(cfg)
 
@@ -60,10 +70,11 @@ def main() -> None:
             points.append({"tokens": row["step"] * tokens_per_step, "perplexity": row["val_ppl"]})
     used = load_config(str(pruned / "compactlm.yaml"), [])  # the recipe the student was pruned with
     result = {"teacher_perplexity": perplexity(teacher, batches)["perplexity"], "points": points,
-              "tokens_planned": args.tokens, "shape": TARGET,
+              "tokens_planned": args.tokens, "shape": TARGET, "distill": dataclasses.asdict(cfg.distill),
+              "autocast": cfg.autocast,
               "recipe": {"importance": used.importance.method, "aggregation": used.importance.aggregation,
                          **{f"prune.{k}": v for k, v in dataclasses.asdict(used.prune).items()}}}
-    out = write_result("recovery_curve", figures=result, tables={"curve": curve_table(result)}, out=args.out,
+    out = write_result(Path(args.out).stem, figures=result, tables={"curve": curve_table(result)}, out=args.out,
                        inputs={"model": "smollm2-135m", "data": "python-docs"})
     plot(result, out.with_suffix(".png"))
     print(f"teacher: {result['teacher_perplexity']:.2f}")

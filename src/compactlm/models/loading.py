@@ -108,12 +108,15 @@ def _assembled(name: str, package: str, filename: str, hint: str) -> Path:
 
 
 def resolve(spec: str) -> tuple[str, str | None]:
-    """Turn a model spec into (from_pretrained path or id, gguf file name or None)."""
+    """Turn a model spec into (from_pretrained path or id, gguf file name or None). A built-in model is converted
+    into the cache at its first use (`_cache_builtin`), so that every later read is a plain folder's."""
     if spec in BUILTINS:
         cached = cache_dir() / spec
+        if not (cached / "config.json").is_file():
+            _cache_builtin(spec)
         if (cached / "config.json").is_file():
             return str(cached), None
-        gguf = _builtin_gguf(spec)
+        gguf = _builtin_gguf(spec)  # the cache could not be written: every read parses the GGUF file
         return str(gguf.parent), gguf.name
     path = Path(spec)
     if not path.exists() and _aside(path).is_dir():
@@ -260,8 +263,6 @@ def load_model(spec: str, *, dtype: str = "float32", device: str | torch.device 
     family_of(model)  # unsupported families fail here, before any work
     if gguf:
         _clear_quantizer(model)
-        if spec in BUILTINS:
-            _cache_builtin(model, spec)
     return (model if device_map else model.to(device)).eval()
 
 
@@ -287,13 +288,18 @@ def _clear_quantizer(model) -> None:
         del model.config.quantization_config
 
 
-def _cache_builtin(model, name: str) -> None:
-    """Save the converted built-in model once, so later loads skip the slow GGUF conversion."""
+def _cache_builtin(name: str) -> None:
+    """Convert the built-in model `name` from its GGUF file to a float32 checkpoint in the cache, once: each read
+    of the GGUF file parses its whole vocabulary (seconds), and a command reads a model's config, tokenizer and
+    weights several times. A cache that cannot be written is not an error, only slower."""
+    gguf = _builtin_gguf(name)
+    log.info("converting the built-in %s from %s (once, into the cache)", name, gguf.name)
+    model, tokenizer = load_model(str(gguf)), load_tokenizer(str(gguf))
     target = cache_dir() / name
     try:
-        save_checkpoint(model, load_tokenizer(name), target)
+        save_checkpoint(model, tokenizer, target)
         log.info("cached %s at %s", name, target)
-    except OSError as e:  # a read-only home is not an error, only slower
+    except OSError as e:  # a read-only home
         log.warning("could not cache %s: %s", name, e)
 
 
