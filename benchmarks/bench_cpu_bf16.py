@@ -6,7 +6,8 @@ side by side in one run, and the matrix-product rate of each dtype on this CPU.
 The teacher is SmolLM2-135M's shape (30 layers, hidden 576, 9 heads in 3 KV groups, ffn 1536, vocab 49,152) and
 the student the README's cut (hidden 384, 6 heads, ffn 1024), both with random weights: speed does not depend on
 the values. One step: the teacher's forward without gradients, the student's forward and backward, compactlm's
-chunked KD loss (its head products in float32, or in bf16 as on CUDA), AdamW. bf16 pays where the CPU multiplies bf16 natively (AVX512-BF16 or AMX); elsewhere torch
+chunked KD loss (its head products in float32, or in bf16 as compactlm's `autocast` runs them), AdamW. bf16
+pays where the CPU multiplies bf16 natively (AVX512-BF16 or AMX); elsewhere torch
 converts, and it can be slower than float32. Writes benchmarks/results/cpu_bf16.json (or NAME.json: the README
 keeps a CPU without native bf16 as cpu_bf16_avx2.json beside one with it).
 """

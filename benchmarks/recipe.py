@@ -57,6 +57,16 @@ RECIPES = {
     "batch2-ce0.5": ("2 sequences per step + 0.5 x cross-entropy on the data (the main command's recipe now)",
                      ["distill.batch_size=2", "distill.ce_weight=0.5"]),
     "batch4-floor0": ("4 sequences per step, cosine to 0 (floor 0)", ["distill.batch_size=4", "distill.min_lr=0"]),
+    # the main command's recipe (2 rows a step, half the data's CE) with one more thing changed
+    "batch2-ce0.5-floor0": ("the main recipe, cosine to 0 (floor 0)",
+                            ["distill.batch_size=2", "distill.ce_weight=0.5", "distill.min_lr=0"]),
+    "batch1-ce0.5": ("the main recipe with 1 sequence per step (twice the steps)",
+                     ["distill.batch_size=1", "distill.ce_weight=0.5"]),
+    "batch1-seq512-ce0.5": ("the main recipe with 1 sequence of 512 tokens per step (the same tokens a step)",
+                            ["distill.batch_size=1", "distill.seq_len=512", "distill.ce_weight=0.5"]),
+    "batch2-ce0.5-lr2e-3": ("the main recipe at peak LR 2e-3 (floor 2e-4)",
+                            ["distill.batch_size=2", "distill.ce_weight=0.5", "distill.lr=0.002", "distill.min_lr=0.0002"]),
+    "batch2-ce1": ("2 sequences per step + 1.0 x cross-entropy on the data", ["distill.batch_size=2", "distill.ce_weight=1.0"]),
 }
 
 
@@ -111,7 +121,8 @@ def main() -> None:
         r["fastest_tokens_per_s"] = fastest(run_dir / r["recipe"])
         table.add(r["recipe"], RECIPES[r["recipe"]][0], f"{r['perplexity']:.1f}", f"{r['kl']:.3f}",
                   f"{r['top1_agreement']:.1%}", f"{r['fastest_tokens_per_s']:.0f}")
-    write_result("recipe", figures={"tokens": args.tokens, "rows": rows}, tables={"recipes": table},
+    write_result(Path(args.out).stem if args.out else "recipe", figures={"tokens": args.tokens, "rows": rows},
+                 tables={"recipes": table},
                  inputs={"config": str(MAIN.relative_to(ROOT)), "pruned": str(args.pruned), "teacher": "smollm2-135m",
                          "data": "python-docs"}, out=args.out)
 

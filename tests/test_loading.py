@@ -53,3 +53,43 @@ def test_a_model_bigger_than_one_gpu_spreads_over_several(monkeypatch):
     assert spread_over_gpus(config, "float32", torch.device("cpu")) is None
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert spread_over_gpus(config, "float32", torch.device("cuda", 0)) is None
+
+
+def test_a_built_in_model_is_converted_once_at_its_first_use(tmp_path, monkeypatch, bpe_tokenizer):
+    """A built-in GGUF model converts into the cache at its first resolve (every later config, tokenizer and
+    weights read is a plain folder's); a cache that cannot be written falls back to the GGUF file, and the
+    process does not try the conversion again on every read."""
+    from compactlm.export import export_gguf
+    from compactlm.models import loading
+
+    model = tiny_model("llama", tied=True)
+    model.config.vocab_size = len(bpe_tokenizer)
+    model.resize_token_embeddings(len(bpe_tokenizer))
+    gguf_file = tmp_path / "tiny.gguf"
+    export_gguf(model, bpe_tokenizer, gguf_file, "f32")
+    monkeypatch.setenv("COMPACTLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(loading.BUILTINS, "tiny-builtin", ("unused", "tiny.gguf", "unused"))
+    monkeypatch.setattr(loading, "_builtin_gguf", lambda name: gguf_file)
+    monkeypatch.setattr(loading, "_UNCACHED", set())
+    conversions = []
+    real = loading._cache_builtin
+    monkeypatch.setattr(loading, "_cache_builtin", lambda name: conversions.append(name) or real(name))
+
+    path, gguf = loading.resolve("tiny-builtin")
+    assert (path, gguf) == (str(tmp_path / "cache" / "tiny-builtin"), None) and conversions == ["tiny-builtin"]
+    loading.load_model_config("tiny-builtin")
+    loading.load_tokenizer("tiny-builtin")
+    cached = loading.load_model("tiny-builtin")
+    assert conversions == ["tiny-builtin"]  # converted once, read from the cache since
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():  # f32 GGUF, float32 checkpoint: the same weights bit for bit, the same operations
+        torch.testing.assert_close(cached(ids).logits, load_model(str(gguf_file))(ids).logits, rtol=0, atol=0)
+
+    def read_only(*args, **kwargs):
+        raise OSError("read-only file system")
+
+    monkeypatch.setenv("COMPACTLM_CACHE", str(tmp_path / "other-cache"))
+    monkeypatch.setattr(loading, "save_checkpoint", read_only)
+    assert loading.resolve("tiny-builtin") == (str(tmp_path), "tiny.gguf")
+    assert loading.resolve("tiny-builtin") == (str(tmp_path), "tiny.gguf")
+    assert conversions == ["tiny-builtin"] * 2  # the failed conversion is not repeated by the next read

@@ -296,7 +296,8 @@ class Config:
     out: str | None = path_key()  # export: the .gguf file to write
     seed: int = 0  # one seed for calibration rows, data order and initialisation: the same seed, the same model
     device: str = "auto"  # auto: cuda when available
-    dtype: str = choice("float32", "float32", "bfloat16", "float16")  # the models' weights (bfloat16: a sharded student computes in it)
+    # the models' weights (bfloat16: a sharded student also gathers and computes in it)
+    dtype: str = choice("float32", "float32", "bfloat16", "float16")
     # training forwards in bf16 autocast: auto = on CUDA and on a CPU with AVX512-BF16/AMX (faster there; slower
     # elsewhere); bf16 = always; off = float32. Weights, optimizer and the loss's softmax stay float32
     autocast: str = choice("auto", "auto", "bf16", "off")

@@ -112,7 +112,7 @@ def resolve(spec: str) -> tuple[str, str | None]:
     into the cache at its first use (`_cache_builtin`), so that every later read is a plain folder's."""
     if spec in BUILTINS:
         cached = cache_dir() / spec
-        if not (cached / "config.json").is_file():
+        if not (cached / "config.json").is_file() and spec not in _UNCACHED:
             _cache_builtin(spec)
         if (cached / "config.json").is_file():
             return str(cached), None
@@ -288,6 +288,9 @@ def _clear_quantizer(model) -> None:
         del model.config.quantization_config
 
 
+_UNCACHED: set[str] = set()  # built-in models this process could not cache: not converted again on every read
+
+
 def _cache_builtin(name: str) -> None:
     """Convert the built-in model `name` from its GGUF file to a float32 checkpoint in the cache, once: each read
     of the GGUF file parses its whole vocabulary (seconds), and a command reads a model's config, tokenizer and
@@ -300,7 +303,8 @@ def _cache_builtin(name: str) -> None:
         save_checkpoint(model, tokenizer, target)
         log.info("cached %s at %s", name, target)
     except OSError as e:  # a read-only home
-        log.warning("could not cache %s: %s", name, e)
+        _UNCACHED.add(name)
+        log.warning("could not cache %s (%s): every read parses its GGUF file", name, e)
 
 
 def check_finite(tensors, where: str) -> None:
