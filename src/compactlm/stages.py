@@ -191,7 +191,6 @@ def _check_training_out_dir(cfg: Config, section: str) -> None:
 def _fit(cfg: Config, tc: TrainConfig, section: str, student_spec: str, teacher_spec: str | None) -> dict:
     from compactlm.distill.distributed import setup, teardown
     from compactlm.distill.loop import Session, fit, micro_batch, total_steps
-    from compactlm.distill.precision import autocast_dtype
     from compactlm.pruning.plan import read_hidden_keep
 
     inputs.check_out_dir(cfg.out_dir)
@@ -218,8 +217,7 @@ def _fit(cfg: Config, tc: TrainConfig, section: str, student_spec: str, teacher_
         log.info("%s: %d train, %d validation rows of %d tokens; %d steps of %d sequences on %d process(es)",
                  section, len(splits.train), len(val), tc.seq_len, total_steps(tc), tc.batch_size, d.world)
         params = num_params(student)
-        session = Session(out, d, tokenizer, cfg.seed, cfg.resume, progress=True, param_dtype=param_dtype(cfg),
-                          autocast=autocast_dtype(cfg.autocast, d.device))
+        session = Session(out, d, tokenizer, cfg.seed, cfg.resume, progress=True, **precision(cfg, d))
         keep = read_hidden_keep(student_spec) if teacher is not None else None  # hidden map starts as the plan
         cache = None
         if teacher is not None and getattr(tc, "teacher_top_k", 0):
@@ -235,11 +233,15 @@ def _fit(cfg: Config, tc: TrainConfig, section: str, student_spec: str, teacher_
     return {"out_dir": str(out), "params": params, **result}
 
 
-def param_dtype(cfg: Config):
-    """dtype=bfloat16: a sharded student gathers and computes in bfloat16, reducing its gradients in float32."""
+def precision(cfg: Config, d) -> dict:
+    """A training `Session`'s dtypes: param_dtype (dtype=bfloat16: a sharded student gathers and computes in
+    bfloat16, reducing its gradients in float32) and autocast (the `autocast` key resolved for d's device)."""
     import torch
 
-    return torch.bfloat16 if cfg.dtype == "bfloat16" else None
+    from compactlm.distill.precision import autocast_dtype
+
+    return {"param_dtype": torch.bfloat16 if cfg.dtype == "bfloat16" else None,
+            "autocast": autocast_dtype(cfg.autocast, d.device)}
 
 
 def _teacher_cache(cfg: Config, tc, teacher, train_rows, batch: int, d):
@@ -311,7 +313,6 @@ def _brief_distill(cfg: Config, students: list, teacher, rows: data.Splits) -> l
     after another."""
     from compactlm.distill.distributed import setup
     from compactlm.distill.loop import Session, fit
-    from compactlm.distill.precision import autocast_dtype
 
     tc = dataclasses.replace(cfg.distill, steps=cfg.search.distill_steps, eval_every=None, save_every=None,
                              warmup_steps=1)
@@ -321,8 +322,7 @@ def _brief_distill(cfg: Config, students: list, teacher, rows: data.Splits) -> l
     val = rows.val[: tc.eval_sequences]
     try:
         d = setup(cfg.device)
-        session = Session(scratch, d, None, cfg.seed, save=False, progress=True, param_dtype=param_dtype(cfg),
-                          autocast=autocast_dtype(cfg.autocast, d.device))
+        session = Session(scratch, d, None, cfg.seed, save=False, progress=True, **precision(cfg, d))
         if cfg.search.distill_together:
             results = fit(students, rows.train, val, tc, session, teacher)
         else:
