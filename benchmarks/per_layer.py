@@ -11,6 +11,12 @@ perplexity are then distilled as the main command does (its distill section: 2 r
 cross-entropy, LR 1e-3 cosine to 1e-4) for --tokens tokens. Held-out perplexity, KL and top-1 agreement on the main command's 32 validation rows. Per-layer models
 are trained in memory here (`prune.per_layer` saves them: models/layer_shapes.py).
 
+The budget search (`prune.per_layer_strength`): the relative rule at strengths 0, 0.25, 0.5 and 0.75 too (each
+layer's counts moved that far from the uniform target's toward the global ranking's; 1 is "relative"), every one
+refitted and measured like the rest. The search's own criterion, the language-model loss of the plainly sliced
+model on the calibration rows, is recorded for every shape; the strength it picks ("searched") is distilled
+too when it is not 1.
+
     python benchmarks/per_layer.py [--tokens 32768] [--scores runs/main/prune/scores.safetensors]
 
 Resumes: a (size, shape) whose result is in --run-dir is not run again. Writes benchmarks/results/per_layer.json.
@@ -32,6 +38,7 @@ from compactlm.config import load_config
 from compactlm.distill.distributed import setup
 from compactlm.distill.loop import Session, fit
 from compactlm.importance.scores import Scores
+from compactlm.metrics import perplexity
 from compactlm.models.family import family_of
 from compactlm.models.params import param_count
 from compactlm.pruning import make_plan, prune_model
@@ -39,23 +46,29 @@ from compactlm.pruning.per_layer import per_layer_plan, plan_params, stream_norm
 from compactlm.pruning.reconstruct import reconstruct
 
 MAIN = ROOT / "configs" / "smollm2-135m.yaml"
-SHAPES = ("uniform", "write", "relative")  # uniform first; the others are per-layer rules
+STRENGTHS = (0.0, 0.25, 0.5, 0.75)  # the relative rule's budgets between uniform's (0) and the ranking's (1)
+SHAPES = ("uniform", "write", "relative", *(f"relative@{s}" for s in STRENGTHS))  # uniform first
 SIZES = {"50%": dict(hidden=384, heads=6, kv_heads=3, ffn=1024), "25%": dict(hidden=256, heads=4, kv_heads=2, ffn=640)}
 
 
 def build(size: str, shape: str, cfg, teacher, tokenizer, scores: Scores, streams: torch.Tensor):
-    """The student of `size` and `shape` (uniform, or per-layer by the "write" or "relative" rule), refitted."""
+    """The student of `size` and `shape` (uniform, or per-layer by the "write" or "relative" rule, "relative@s"
+    at strength s), refitted."""
     family = family_of(teacher)
     source = family.dims(teacher.config)
     target = dataclasses.replace(source, **SIZES[size])
     layers = torch.arange(source.layers)
+    rule, _, strength = shape.partition("@")
     if shape == "uniform":
         plan = make_plan(scores, source, target, drop_layers=[])
     else:
-        plan = per_layer_plan(teacher, scores, family, source, target, layers, streams if shape == "relative" else None)
+        plan = per_layer_plan(teacher, scores, family, source, target, layers, streams if rule == "relative" else None,
+                              float(strength or 1.0))
     student = prune_model(teacher, plan)
-    reconstruct(teacher, student, plan, inputs.calibration_batches(cfg, tokenizer, teacher), progress=True)
-    info = {"size": size, "shape": shape, "params": plan_params(teacher, family, source, plan),
+    calib = inputs.calibration_batches(cfg, tokenizer, teacher)
+    search_loss = perplexity(student, calib)["loss"]  # the budget search's criterion: before the refit
+    reconstruct(teacher, student, plan, calib, progress=True)
+    info = {"size": size, "shape": shape, "search_loss": search_loss, "params": plan_params(teacher, family, source, plan),
             "uniform_params": param_count(teacher, family, target),
             "ffn": [len(plan.ffn[i]) for i in layers.tolist()], "kv_groups": [len(plan.kv_heads[i]) for i in layers.tolist()]}
     return student, plan, info
@@ -111,8 +124,11 @@ def main() -> None:
             built[shape] = student, plan
             results[shape] = info | {"zero_shot": held_out(student, teacher, batches)}
             path.write_text(json.dumps(results[shape], indent=1) + "\n")
-        best = min(SHAPES[1:], key=lambda shape: results[shape]["zero_shot"]["perplexity"])
-        for shape in ("uniform", best):  # distilled: uniform and the better per-layer rule
+        best = min(("write", "relative"), key=lambda shape: results[shape]["zero_shot"]["perplexity"])
+        searched = min(("relative", *SHAPES[3:]), key=lambda shape: results[shape]["search_loss"])
+        results[searched]["searched"] = True
+        # distilled: uniform, the better per-layer rule, and the strength the search picks
+        for shape in dict.fromkeys(("uniform", best, searched)):
             path = run_dir / f"{size.rstrip('%')}-{shape}.json"
             if "distilled" in results[shape]:
                 continue
@@ -125,19 +141,21 @@ def main() -> None:
             r = results[shape]
             rows.append(r)
             after = f"{r['distilled']['perplexity']:7.2f}" if "distilled" in r else "      -"
-            print(f"{size} {shape:<9} {r['params'] / 1e6:.1f}M  zero-shot {r['zero_shot']['perplexity']:9.1f}  "
+            print(f"{size} {shape:<14} {r['params'] / 1e6:.1f}M  zero-shot {r['zero_shot']['perplexity']:9.1f}  "
                   f"distilled {after}", flush=True)
     write(args, rows)
 
 
 def write(args, rows: list[dict]) -> None:
     """The results file: one row per (size, shape) measured."""
-    table = Table(["size", "shape", "parameters", "zero-shot perplexity (refitted)",
-                   f"after {args.tokens:,} KD tokens", "KL to teacher", "top-1 agreement", "MLP widths (min-max)",
-                   "KV groups (min-max)"])
+    table = Table(["size", "shape", "parameters", "search loss (calibration, not refitted)",
+                   "zero-shot perplexity (refitted)", f"after {args.tokens:,} KD tokens", "KL to teacher",
+                   "top-1 agreement", "MLP widths (min-max)", "KV groups (min-max)"])
     for r in rows:
         d = r.get("distilled")
-        table.add(r["size"], r["shape"], f"{r['params'] / 1e6:.1f}M", f"{r['zero_shot']['perplexity']:,.1f}",
+        shape = r["shape"] + (" (searched)" if r.get("searched") else "")
+        table.add(r["size"], shape, f"{r['params'] / 1e6:.1f}M", f"{r['search_loss']:.3f}" if "search_loss" in r else "",
+                  f"{r['zero_shot']['perplexity']:,.1f}",
                   f"{d['perplexity']:.1f}" if d else "not distilled", f"{d['kl']:.3f}" if d else "",
                   f"{d['top1_agreement']:.1%}" if d else "", f"{min(r['ffn'])}-{max(r['ffn'])}",
                   f"{min(r['kv_groups'])}-{max(r['kv_groups'])}")

@@ -67,6 +67,8 @@ CASES = [  # id, command, arguments, what the one line must say
     ("memory-gb-not-positive", "prune", ["memory_gb=0"], "memory_gb=0.0: must be > 0"),
     ("reconstruct-not-a-choice", "prune", ["prune.reconstruct=everything"], "prune.reconstruct: 'everything' is not one of"),
     ("ridge-negative", "prune", ["prune.ridge=-1"], "prune.ridge=-1.0: must be >= 0"),
+    ("strength-out-of-range", "prune", ["prune.per_layer_strength=[0.5,2]"],
+     "prune.per_layer_strength=[0.5, 2.0]: needs distinct values in [0, 1]"),
     ("taylor-layer-by-layer", "score", ["memory_gb=0.00001", "importance.method=taylor"],
      "importance.method=taylor needs gradients through the whole model"),
     ("memory-gb-needs-safetensors", "score", ["memory_gb=0.00001", "model={config_only}"],

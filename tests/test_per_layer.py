@@ -8,14 +8,15 @@ import math
 
 import pytest
 import torch
-from conftest import FAMILIES, MOE, tiny_model
+from conftest import FAMILIES, MOE, positive_scores, tiny_model
 from conftest import per_layer_plan_of as _plan
 
 from compactlm.errors import CompactLMError
+from compactlm.metrics import perplexity
 from compactlm.models.family import get_module
 from compactlm.models.params import param_count
 from compactlm.pruning import head_channels, prune_model
-from compactlm.pruning.per_layer import _allocate, plan_params
+from compactlm.pruning.per_layer import _allocate, _budgets, per_layer_plan, plan_params, search_strength
 from compactlm.pruning.reconstruct import reconstruct
 
 # OLMo 2 normalises q and k over all heads of a layer at once: a pruned head changes the kept ones' scale, so
@@ -69,6 +70,44 @@ def test_allocate_keeps_each_layers_best_then_the_global_best():
     assert keep.tolist() == [[False, True, True], [True, True, False], [False, True, False]]
     with pytest.raises(CompactLMError, match="cannot keep 2 of 3 x 3"):
         _allocate(scores, 2)
+
+
+def test_strength_moves_each_layers_budget_from_uniform_to_the_ranking():
+    """Strength 1 is the global ranking (each layer's best, then the best of the rest); 0 gives every layer the
+    same count; in between each layer's count lies between its two ends, the total never changes, and a layer
+    always keeps its own best units."""
+    scores = torch.tensor([[0.1, 0.2, 0.3, 0.0], [5.0, 4.0, 0.0, 3.0], [0.0, 0.05, 0.01, 0.02]])
+    assert torch.equal(_allocate(scores, 6, 1.0), _allocate(scores, 6))
+    assert _allocate(scores, 6).sum(dim=1).tolist() == [2, 3, 1]
+    assert _allocate(scores, 6, 0.0).sum(dim=1).tolist() == [2, 2, 2]
+    assert _allocate(scores, 6, 0.0).tolist() == [[False, True, True, False], [True, True, False, False],
+                                                  [False, True, False, True]]
+    ranked = torch.tensor([1, 3, 2, 9, 5])
+    for strength in (0.0, 0.25, 0.5, 0.7, 1.0):
+        counts = _budgets(ranked, 20, strength)
+        assert int(counts.sum()) == 20 and counts.dtype == torch.long
+        exact = 4 + strength * (ranked - 4.0)
+        assert ((counts - exact).abs() < 1).all()  # rounding moves a count by less than one unit
+    assert _budgets(ranked, 20, 1.0).tolist() == ranked.tolist() and _budgets(ranked, 20, 0.0).tolist() == [4] * 5
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_every_strength_spends_the_same_parameters_and_the_search_keeps_the_lowest_loss(family, token_batch):
+    model = tiny_model(family, 4, 2, layers=4)
+    fam, source, target, _ = _plan(model)
+    scores, layers = positive_scores(model, seed=0), torch.arange(source.layers)
+    plans = {s: per_layer_plan(model, scores, fam, source, target, layers, strength=s) for s in (0.0, 0.5, 1.0)}
+    assert len({plan_params(model, fam, source, p) for p in plans.values()}) == 1
+    assert {len(plans[0.0].kv_heads[i]) for i in range(source.layers)} == {target.kv_heads}  # uniform counts
+    assert len({len(plans[1.0].ffn[i]) for i in range(source.layers)}) > 1
+    assert not plans[0.0].per_layer  # the same shape in every layer: an ordinary checkpoint
+    for plan in plans.values():
+        plan.validate(source)
+    best, losses = search_strength(model, plans, [token_batch])
+    direct = {s: perplexity(prune_model(model, p), [token_batch])["loss"] for s, p in plans.items()}
+    assert losses == pytest.approx(direct, rel=1e-6) and best == min(direct, key=direct.get)
+    with pytest.raises(CompactLMError, match="strength 1.5 must lie in"):
+        per_layer_plan(model, scores, fam, source, target, layers, strength=1.5)
 
 
 def test_refit_runs_on_a_per_layer_model_and_brings_it_closer(token_batch):

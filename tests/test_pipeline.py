@@ -278,9 +278,12 @@ def test_run_with_per_layer_widths(tiny_checkpoint, text_file, tmp_path, capsys)
     run_dir = tmp_path / "run"
     args = tiny_run_args(tiny_checkpoint, text_file, run_dir) + [
         "target.hidden_size=24", "target.intermediate_size=0.5", "prune.per_layer=relative", "distill.steps=2",
-        "eval.speed=false"]
+        "eval.speed=false", "prune.per_layer_strength=[0.5,1]"]
     assert main(["run", *args]) == 0, capsys.readouterr().err
     records = json.loads((run_dir / "prune" / "config.json").read_text())[LAYERS_KEY]
+    chosen = json.loads((run_dir / "prune" / "plan.json").read_text())["per_layer"]  # the searched budgets
+    assert chosen["rule"] == "relative" and set(chosen["search"]) == {"0.5", "1.0"}
+    assert chosen["search"][str(chosen["strength"])] == min(chosen["search"].values())
     assert len({r["ffn"] for r in records}) > 1
     distilled = load_model(str(run_dir / "distill" / "final"))
     assert [p.shape[0] for n, p in distilled.named_parameters() if n.endswith("mlp.up_proj.weight")] == [

@@ -92,8 +92,9 @@ def prune(cfg: Config) -> dict:
             log.warning("prune: prune.reconstruct needs the whole model in memory (memory_gb): skipped")
         return _prune_streamed(cfg, record, scores, target)
     drop = layers_to_drop(cfg.target, source, target.layers, scores)
+    per_layer = None
     if cfg.prune.per_layer != "off":
-        plan = _per_layer(cfg, model, tokenizer, scores, record.family, source, target, drop)
+        plan, per_layer = _per_layer(cfg, model, tokenizer, scores, record.family, source, target, drop)
     else:
         plan = make_plan(scores, source, target, drop, cfg.target.expert_metric)
     pruned = prune_model(model, plan)
@@ -106,25 +107,33 @@ def prune(cfg: Config) -> dict:
     log.info("pruned %s: %d -> %d parameters", cfg.model, params["source"], params["pruned"])
     with staged_output(cfg.out_dir) as out:
         write_checkpoint(pruned, tokenizer, out)
-        _write_plan(cfg, out, plan, scores, source, target, drop, params)
+        _write_plan(cfg, out, plan, scores, source, target, drop, params, per_layer=per_layer)
     return {"out_dir": str(cfg.out_dir), "target_shape": vars(target), "params": params}
 
 
 def _per_layer(cfg: Config, model, tokenizer, scores, family, source, target, drop: list[int]):
-    """The per-layer plan of prune.per_layer over the layers not in `drop`, at the uniform target's parameters."""
-    from compactlm.pruning.per_layer import per_layer_plan, stream_norms
+    """(the per-layer plan of prune.per_layer over the layers not in `drop`, at the uniform target's parameters;
+    its rule and strength, and each searched strength's calibration loss, for plan.json)."""
+    from compactlm.pruning.per_layer import per_layer_plan, search_strength, stream_norms
     from compactlm.pruning.plan import kept_layers
 
     layers = kept_layers(source.layers, drop)
-    streams = None
-    if cfg.prune.per_layer == "relative":
-        streams = stream_norms(model, family, inputs.calibration_batches(cfg, tokenizer, model))
-    plan = per_layer_plan(model, scores, family, source, target, layers, streams)
+    strengths = cfg.prune.per_layer_strength
+    batches = None
+    if cfg.prune.per_layer == "relative" or len(strengths) > 1:
+        batches = inputs.calibration_batches(cfg, tokenizer, model)
+    streams = stream_norms(model, family, batches) if cfg.prune.per_layer == "relative" else None
+    plans = {s: per_layer_plan(model, scores, family, source, target, layers, streams, s) for s in strengths}
+    strength, losses = (strengths[0], {}) if len(plans) == 1 else search_strength(model, plans, batches)
+    for s, loss in losses.items():
+        log.info("prune.per_layer_strength=%g: calibration loss %.4f%s", s, loss, " (kept)" * (s == strength))
+    plan = plans[strength]
     widths = [len(plan.ffn[i]) for i in layers.tolist()]
     groups = [len(plan.kv_heads[i]) for i in layers.tolist()]
     log.info("prune.per_layer=%s: MLP widths %d-%d, KV groups %d-%d", cfg.prune.per_layer, min(widths), max(widths),
              min(groups), max(groups))
-    return plan
+    return plan, {"rule": cfg.prune.per_layer, "strength": strength,
+                  "search": {str(s): loss for s, loss in losses.items()}}
 
 
 def _prune_streamed(cfg: Config, record: inputs.ModelRecord, scores, target) -> dict:
@@ -147,11 +156,13 @@ def _prune_streamed(cfg: Config, record: inputs.ModelRecord, scores, target) -> 
     return {"out_dir": str(cfg.out_dir), "target_shape": vars(target), "params": params}
 
 
-def _write_plan(cfg: Config, out: Path, plan, scores, source, target, drop: list[int], params: dict) -> None:
+def _write_plan(cfg: Config, out: Path, plan, scores, source, target, drop: list[int], params: dict,
+                per_layer: dict | None = None) -> None:
     """plan.json, the scores used and the resolved config, beside a pruned checkpoint."""
+    extra = {"per_layer": per_layer} if per_layer else {}
     plan.save(
         out / PLAN_FILE, source=cfg.model, source_shape=vars(source), target_shape=vars(target),
-        dropped_layers=drop, params=params, importance=scores.meta)
+        dropped_layers=drop, params=params, importance=scores.meta, **extra)
     scores.save(out / SCORES_FILE)
     provenance.write_config(cfg, out / CONFIG_FILE)
     shape = ", ".join(f"{k} {v}" for k, v in vars(target).items() if v)

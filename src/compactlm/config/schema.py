@@ -111,10 +111,16 @@ class PruneConfig:
     # each layer its own MLP width and KV groups at the target's parameters (dense families; saved with
     # compactlm_layers in config.json, loaded by compactlm's own loader, not by plain transformers)
     per_layer: str = choice("off", "off", "relative", "write")
+    # how far each layer's budget moves from the uniform target's (0) to the rule's global ranking (1); several
+    # values: each is cut and the one with the lowest loss on the calibration rows is kept (OWL-style search)
+    per_layer_strength: tuple[float, ...] = (1.0,)
 
     def __post_init__(self) -> None:
         if self.ridge < 0:
             raise InvalidValue("ridge", self.ridge, "must be >= 0")
+        strengths = self.per_layer_strength
+        if not strengths or len(set(strengths)) != len(strengths) or not all(0.0 <= s <= 1.0 for s in strengths):
+            raise InvalidValue("per_layer_strength", list(strengths), "needs distinct values in [0, 1]")
 
 
 @dataclass(frozen=True)

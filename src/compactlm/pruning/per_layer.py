@@ -15,10 +15,18 @@ Attention is cut in whole KV groups (with every query head of the group) so that
 attention's shape; each layer keeps at least one group and one neuron (no attention block is removed whole).
 The parameters the uniform target spends per layer on attention buy the same parameters' worth of groups; what
 is left over goes to neurons. The hidden size and the layers are the uniform target's.
+
+The per-layer budgets (how many groups and neurons each layer keeps) are searched, after OWL (Yin et al. 2024,
+arXiv 2310.05175), which bounds how far a layer's share may move from the uniform one and tunes that bound on a
+few calibration rows: `strength` s moves each layer's counts from the uniform target's (s = 0) to the global
+ranking's (s = 1) in a straight line, at the same total, and each layer keeps its best units up to its count.
+`search_strength` cuts the model once per strength (plain slicing) and keeps the one whose language-model loss
+on the calibration rows is lowest. Every strength spends the same parameters.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import torch
@@ -67,10 +75,13 @@ def stream_norms(model, family: Family, batches) -> Tensor:
 
 
 def per_layer_plan(model, scores: Scores, family: Family, source: Dims, target: Dims, layers: Tensor,
-                   streams: Tensor | None = None) -> Plan:
+                   streams: Tensor | None = None, strength: float = 1.0) -> Plan:
     """A per-layer plan with the parameters of the uniform `target` over the kept `layers` (see the module's
     docstring). scores: the model's importance scores (heads (layers, heads), ffn (layers, ffn)); streams:
-    `stream_norms` for the "relative" rule, None for "write"."""
+    `stream_norms` for the "relative" rule, None for "write"; strength: 1 the global ranking's budgets per layer,
+    0 the uniform target's, in between a straight line."""
+    if not 0.0 <= strength <= 1.0:
+        raise CompactLMError(f"per-layer widths: strength {strength} must lie in [0, 1]")
     if source.experts:
         raise CompactLMError("per-layer widths: a mixture of experts keeps one shape")
     shapes = named_shapes(model)
@@ -88,8 +99,8 @@ def per_layer_plan(model, scores: Scores, family: Family, source: Dims, target: 
     attention = len(kept) * (cost() - cost(heads=0, kv_heads=0))  # what the uniform target spends on it
     n_groups = max(len(kept), min(len(kept) * source.kv_heads, round(attention / per_group)))
     n_neurons = (len(kept) * (cost() - fixed) - n_groups * per_group) // per_neuron
-    groups = _allocate(group[kept], n_groups)  # (kept, kv_heads) bool
-    neurons = _allocate(neuron[kept], n_neurons)  # (kept, ffn) bool
+    groups = _allocate(group[kept], n_groups, strength)  # (kept, kv_heads) bool
+    neurons = _allocate(neuron[kept], n_neurons, strength)  # (kept, ffn) bool
     heads, kv_heads, ffn = [torch.empty(0, dtype=torch.long)] * source.layers, [torch.empty(0, dtype=torch.long)] * \
         source.layers, [torch.empty(0, dtype=torch.long)] * source.layers
     for j, i in enumerate(kept):
@@ -101,8 +112,9 @@ def per_layer_plan(model, scores: Scores, family: Family, source: Dims, target: 
     return plan
 
 
-def _allocate(scores: Tensor, n: int) -> Tensor:
-    """(layers, units) -> bool mask keeping `n` units: each layer's best, then the best of the rest globally."""
+def _allocate(scores: Tensor, n: int, strength: float = 1.0) -> Tensor:
+    """(layers, units) -> bool mask keeping `n` units. Strength 1: each layer's best, then the best of the rest
+    globally; below 1 each layer's count moves toward n / layers (`_budgets`) and it keeps its best units."""
     layers, units = scores.shape
     if not layers <= n <= layers * units:
         raise CompactLMError(f"per-layer widths: cannot keep {n} of {layers} x {units} units, at least one a layer")
@@ -111,7 +123,39 @@ def _allocate(scores: Tensor, n: int) -> Tensor:
     rest = scores.masked_fill(keep, float("-inf")).reshape(-1)
     order = torch.argsort(rest, descending=True, stable=True)[: n - layers]
     keep.view(-1)[order] = True
-    return keep
+    if strength == 1.0:
+        return keep
+    counts = _budgets(keep.sum(dim=1), n, strength)
+    ranks = torch.argsort(torch.argsort(scores, dim=1, descending=True, stable=True), dim=1)  # 0: the layer's best
+    return ranks < counts[:, None]
+
+
+def _budgets(ranked: Tensor, n: int, strength: float) -> Tensor:
+    """(layers,) integer counts summing to `n`: uniform + strength x (`ranked` - uniform), rounded by largest
+    remainder (each stays within the range its two ends span)."""
+    uniform = n / len(ranked)
+    exact = uniform + strength * (ranked.double() - uniform)
+    counts = exact.floor().long()
+    short = n - int(counts.sum())
+    counts[torch.argsort(exact - counts, descending=True, stable=True)[:short]] += 1
+    return counts
+
+
+def search_strength(model, plans: dict[float, Plan], batches: list) -> tuple[float, dict[float, float]]:
+    """(the strength whose plan, cut from `model` by plain slicing, has the lowest language-model loss on
+    `batches`, each strength's loss). A non-finite loss never wins; on a tie the first strength does."""
+    from compactlm.metrics import perplexity
+    from compactlm.pruning.surgery import prune_model
+
+    losses = {}
+    for strength, plan in plans.items():
+        student = prune_model(model, plan)
+        losses[strength] = perplexity(student, batches)["loss"]
+        del student
+    finite = [s for s in plans if math.isfinite(losses[s])]
+    if not finite:
+        raise CompactLMError("per-layer widths: every strength's cut model gave a non-finite loss")
+    return min(finite, key=lambda s: losses[s]), losses
 
 
 def plan_params(model, family: Family, source: Dims, plan: Plan) -> int:
