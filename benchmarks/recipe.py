@@ -8,6 +8,11 @@ held-out rows (eval.sequences x eval.seq_len): perplexity, KL to the teacher, to
 are printed but only comparable when the run had the machine to itself; the table's speed column is each run's
 fastest step (tokens/s), which another process on the cores slows less often than the median.
 
+Two recipes change the teacher rather than the loss: "-cached" ones distil from the teacher's cache (its
+forward run once per row, `distill.teacher_top_k`), "-2ep" over half the rows twice; "-corrected" first
+fine-tunes the teacher on the recipe's tokens (P2's teacher correction, `correction.enabled` in a run) and
+distils from that one, its KL and top-1 still measured against the original teacher.
+
     python benchmarks/recipe.py [--tokens 65536] [--pruned runs/main/prune] [--recipes baseline batch4]
 
 Resumes: a recipe whose result is in --run-dir is not run again. Writes benchmarks/results/recipe.json.
@@ -24,6 +29,7 @@ from common import ROOT, Table, held_out, write_result
 
 from compactlm import data, inputs, stages
 from compactlm.config import load_config
+from compactlm.metrics import perplexity
 from compactlm.models.loading import load_model
 
 MAIN = ROOT / "configs" / "smollm2-135m.yaml"
@@ -67,7 +73,17 @@ RECIPES = {
     "batch2-ce0.5-lr2e-3": ("the main recipe at peak LR 2e-3 (floor 2e-4)",
                             ["distill.batch_size=2", "distill.ce_weight=0.5", "distill.lr=0.002", "distill.min_lr=0.0002"]),
     "batch2-ce1": ("2 sequences per step + 1.0 x cross-entropy on the data", ["distill.batch_size=2", "distill.ce_weight=1.0"]),
+    "batch2-ce0.5-cached": ("the main recipe from the teacher's cache (64 sampled tokens a position, one epoch)",
+                            ["distill.batch_size=2", "distill.ce_weight=0.5", "distill.teacher_top_k=64"]),
+    "batch2-ce0.5-cached-2ep": ("the main recipe from the teacher's cache, two epochs over half the rows",
+                                ["distill.batch_size=2", "distill.ce_weight=0.5", "distill.teacher_top_k=64",
+                                 "dataset.max_tokens={half}"]),
+    "batch2-ce0.5-corrected": ("the main recipe from a corrected teacher (fine-tuned on the same tokens first, P2)",
+                               ["distill.batch_size=2", "distill.ce_weight=0.5", "teacher={corrected}"]),
 }
+# P2's teacher correction, in miniature: the teacher trained by cross-entropy on the distillation data (the
+# recipe's own tokens, 4 rows a step, the train section's LR 1e-4 cosine to 1e-5) before it teaches
+CORRECTION = ["model=smollm2-135m", "train.batch_size=4", "train.eval_every=0", "train.save_every=16"]
 
 
 def run_recipe(name: str, overrides: list[str], pruned: Path, run_dir: Path, tokens: int) -> dict:
@@ -75,21 +91,35 @@ def run_recipe(name: str, overrides: list[str], pruned: Path, run_dir: Path, tok
     done = run_dir / name / "recipe.json"
     if done.is_file():
         return json.loads(done.read_text())
+    start = time.perf_counter()
+    corrected = corrected_teacher(run_dir, tokens) if any("{corrected}" in o for o in overrides) else None
+    overrides = [o.format(half=tokens // 2, corrected=corrected) for o in overrides]
     cfg = load_config(MAIN, [f"distill.tokens={tokens}", "distill.eval_every=0", "distill.save_every=8",
                              "teacher=smollm2-135m", f"student={pruned}", f"out_dir={run_dir / name}",
                              "resume=true", "distill.ce_weight=0", *overrides])
-    start = time.perf_counter()
     stages.distill(cfg)
-    seconds = time.perf_counter() - start
-    teacher, tokenizer = inputs.load(load_config(MAIN, []))
-    val = inputs.load_splits(cfg, tokenizer, cfg.eval.seq_len, calib=False,
-                             val_rows=cfg.eval.sequences).val[: cfg.eval.sequences]
-    batches = list(data.batches(val, cfg.eval.batch_size))
+    seconds = time.perf_counter() - start  # with the teacher's correction, when the recipe has one
+    main = load_config(MAIN, [])  # the main command's own validation rows, whatever the recipe's data keys
+    teacher, tokenizer = inputs.load(main)
+    val = inputs.load_splits(main, tokenizer, main.eval.seq_len, calib=False,
+                             val_rows=main.eval.sequences).val[: main.eval.sequences]
+    batches = list(data.batches(val, main.eval.batch_size))
     student = load_model(str(run_dir / name / "final"))
     result = {"recipe": name, "overrides": overrides, **held_out(student, teacher, batches), "tokens": tokens,
               "seconds": seconds}
+    if corrected:  # KL and top-1 stay against the original teacher; the corrected one's own perplexity beside
+        result["corrected_teacher_perplexity"] = perplexity(load_model(str(corrected)), batches)["perplexity"]
     done.write_text(json.dumps(result, indent=1) + "\n")
     return result
+
+
+def corrected_teacher(run_dir: Path, tokens: int) -> Path:
+    """The teacher fine-tuned on `tokens` of the distillation data (resumable, shared by every recipe that
+    names it): its final model."""
+    out = run_dir / "corrected-teacher"
+    if not (out / "final" / "config.json").is_file():
+        stages.train(load_config(MAIN, [*CORRECTION, f"train.tokens={tokens}", f"out_dir={out}", "resume=true"]))
+    return out / "final"
 
 
 def fastest(run: Path) -> float:
