@@ -17,7 +17,7 @@ refitted and measured like the rest. The search's own criterion, the language-mo
 model on the calibration rows, is recorded for every shape; the strength it picks ("searched") is distilled
 too when it is not 1.
 
-    python benchmarks/per_layer.py [--tokens 32768] [--scores runs/main/prune/scores.safetensors]
+    python benchmarks/per_layer.py [--tokens 32768] [--scores runs/main/prune/scores.safetensors] [--also relative@0.0]
 
 Resumes: a (size, shape) whose result is in --run-dir is not run again. Writes benchmarks/results/per_layer.json.
 """
@@ -94,6 +94,7 @@ def main() -> None:
                         help="the main command's importance scores (`python benchmarks/main_command.py --keep runs/main`)")
     parser.add_argument("--run-dir", type=Path, default=Path("runs/bench/per_layer"))
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--also", nargs="+", default=[], choices=SHAPES, help="distil these shapes too")
     parser.add_argument("--out", help="write the results here instead of benchmarks/results/per_layer.json")
     parser.add_argument("--only-done", action="store_true",
                         help="write the results of the finished runs in --run-dir, computing nothing")
@@ -128,7 +129,7 @@ def main() -> None:
         searched = min(("relative", *SHAPES[3:]), key=lambda shape: results[shape]["search_loss"])
         results[searched]["searched"] = True
         # distilled: uniform, the better per-layer rule, and the strength the search picks
-        for shape in dict.fromkeys(("uniform", best, searched)):
+        for shape in dict.fromkeys(("uniform", best, searched, *args.also)):
             path = run_dir / f"{size.rstrip('%')}-{shape}.json"
             if "distilled" in results[shape]:
                 continue

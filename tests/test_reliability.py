@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import typing
 from pathlib import Path
 
@@ -28,17 +29,20 @@ def _keys_of_type(cls: type, wanted: type, prefix: str = "") -> list[str]:
 
 
 FLOAT_KEYS = _keys_of_type(Config, float)
+LIST_KEYS = {"prune.per_layer_strength"}  # a list of floats: the non-finite number goes inside the list
 
 
 def test_the_schema_has_float_keys():
     assert {"prune.ridge", "distill.lr", "train.lr", "memory_gb", "distill.temperature"} <= set(FLOAT_KEYS)
+    assert LIST_KEYS <= set(FLOAT_KEYS)
 
 
 @pytest.mark.parametrize("key", FLOAT_KEYS)
 @pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", "1e999"])
 def test_every_float_key_refuses_non_finite_numbers(key, value):
     """Regression: prune.ridge=nan and train.lr=nan were accepted and wrote a model of NaN with exit 0."""
-    with pytest.raises(CompactLMError, match=rf"^{key}.*finite"):
+    value = f"[{value}]" if key in LIST_KEYS else value
+    with pytest.raises(CompactLMError, match=rf"^{re.escape(key)}.*finite"):
         load_config(None, [f"{key}={value}"])
 
 
