@@ -34,9 +34,11 @@ from torch import Tensor
 
 from compactlm.errors import CompactLMError
 from compactlm.importance.scores import Scores
+from compactlm.metrics import perplexity
 from compactlm.models.family import Dims, Family, get_module
 from compactlm.models.params import named_shapes, param_count
 from compactlm.pruning.plan import Plan, top_k
+from compactlm.pruning.surgery import prune_model
 
 
 def write_norms(model, family: Family, source: Dims) -> tuple[Tensor, Tensor]:
@@ -144,9 +146,6 @@ def _budgets(ranked: Tensor, n: int, strength: float) -> Tensor:
 def search_strength(model, plans: dict[float, Plan], batches: list) -> tuple[float, dict[float, float]]:
     """(the strength whose plan, cut from `model` by plain slicing, has the lowest language-model loss on
     `batches`, each strength's loss). A non-finite loss never wins; on a tie the first strength does."""
-    from compactlm.metrics import perplexity
-    from compactlm.pruning.surgery import prune_model
-
     losses = {}
     for strength, plan in plans.items():
         student = prune_model(model, plan)
